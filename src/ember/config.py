@@ -1,0 +1,64 @@
+"""The server's one frozen config object: defaults in one place, `validate()` names key, value and rule.
+
+Only the CLI reads environment variables; everything below it receives a `ServerConfig`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+from ember.errors import UserError
+
+
+class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    home: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    grace_period: float = 30.0  # seconds in-flight invocations get on shutdown
+    queue_depth: int = 100  # waiting requests per revision before 429
+    zygote_keepalive: float = 600.0  # seconds an unused function zygote stays warm
+    max_body_bytes: int = 6 * 1024 * 1024  # request bodies; larger → 413
+    max_bundle_bytes: int = 64 * 1024 * 1024  # compressed upload
+    max_unpacked_bytes: int = 256 * 1024 * 1024
+    max_bundle_files: int = 10_000
+    activation_retention: int = 100_000  # rows kept in the store
+    log_retention: int = 200_000  # log lines kept in the store
+    log_bytes_per_invocation: int = 1024 * 1024  # beyond this, output is dropped with a note
+    flush_interval: float = 0.5  # seconds between telemetry drains to the store
+    use_cgroups: bool = True  # memory limits by cgroup where the host allows it
+    log_level: str = "info"
+
+    def validate(self) -> ServerConfig:
+        rules: list[tuple[str, object, bool, str]] = [
+            ("port", self.port, 0 <= self.port <= 65535, "must be 0-65535"),
+            ("grace_period", self.grace_period, self.grace_period >= 0, "must be >= 0"),
+            ("queue_depth", self.queue_depth, self.queue_depth >= 0, "must be >= 0"),
+            ("zygote_keepalive", self.zygote_keepalive, self.zygote_keepalive >= 0, "must be >= 0"),
+            ("max_body_bytes", self.max_body_bytes, self.max_body_bytes > 0, "must be > 0"),
+            ("flush_interval", self.flush_interval, self.flush_interval > 0, "must be > 0"),
+            ("log_level", self.log_level,
+             self.log_level in ("debug", "info", "warning", "error"),
+             "must be debug, info, warning or error"),
+        ]
+        for key, value, ok, rule in rules:
+            if not ok:
+                raise UserError(f"server config: {key}={value!r} {rule}", code="bad_config")
+        return self
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "ember.db"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.home / "blobs"
+
+    @property
+    def code_dir(self) -> Path:
+        return self.home / "code"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"

@@ -1,0 +1,94 @@
+"""One error hierarchy, split by who is at fault, and the one place that maps it to HTTP and exit codes.
+
+Every error carries a stable machine `code` and a message that says what happened, to what,
+and what to do.
+"""
+
+from __future__ import annotations
+
+
+class EmberError(Exception):
+    """Root of every error Ember raises on purpose."""
+
+    status: int = 500
+    code: str = "internal"
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None,
+                 headers: dict[str, str] | None = None, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.headers = headers or {}
+        self.detail = detail  # e.g. a traceback from user code
+
+    def to_json(self) -> dict[str, object]:
+        body: dict[str, object] = {"code": self.code, "message": self.message}
+        if self.detail:
+            body["detail"] = self.detail
+        return {"error": body}
+
+
+class UserError(EmberError):
+    """The caller sent something wrong: bad names, bad YAML, bad bundles, unknown functions."""
+
+    status = 400
+    code = "bad_request"
+    exit_code = 2
+
+
+class NotFound(UserError):
+    status = 404
+    code = "not_found"
+
+
+class TooLarge(UserError):
+    status = 413
+    code = "too_large"
+
+
+class FunctionError(EmberError):
+    """The function's own code failed: import errors, crashes, timeouts, memory."""
+
+    status = 502
+    code = "function_error"
+    exit_code = 3
+
+
+class DeployRejected(FunctionError):
+    status = 422
+    code = "deploy_rejected"
+
+
+class FunctionTimeout(FunctionError):
+    status = 504
+    code = "timeout"
+
+
+class FunctionMemoryExceeded(FunctionError):
+    status = 502
+    code = "memory_limit"
+
+
+class FunctionCrashed(FunctionError):
+    status = 502
+    code = "crashed"
+
+
+class CapacityError(EmberError):
+    """No room right now: queues full, limits reached. Retrying later may succeed."""
+
+    status = 429
+    code = "capacity"
+    exit_code = 4
+
+
+class PlatformError(EmberError):
+    """Ember itself failed (a zygote died, the store is unreachable)."""
+
+    status = 503
+    code = "platform"
+    exit_code = 5

@@ -1,0 +1,37 @@
+"""The function spec: what `ember.yaml` declares for one function, as the server stores it."""
+
+from __future__ import annotations
+
+import msgspec
+
+MAX_TIMEOUT_S = 15 * 60.0
+
+
+class ScaleSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    min: int = 0
+    max: int = 10
+    idle: float = 60.0  # seconds an idle instance is kept before it is reaped
+
+
+class FunctionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    handler: str = "handler.handle"  # module.function, relative to `source`
+    source: str = "."  # directory inside the bundle, POSIX, relative
+    memory: int = 128  # MB per instance
+    timeout: float = 30.0  # seconds
+    concurrency: int = 1  # requests served at once by one instance
+    scale: ScaleSpec = ScaleSpec()
+    env: dict[str, str] = {}
+
+    @property
+    def module(self) -> str:
+        return self.handler.rpartition(".")[0]
+
+    @property
+    def attribute(self) -> str:
+        return self.handler.rpartition(".")[2]
+
+
+def canonical(spec: FunctionSpec) -> bytes:
+    """Deterministic bytes of a spec, for hashing a revision."""
+    return msgspec.json.encode(msgspec.to_builtins(spec, order="sorted"))
