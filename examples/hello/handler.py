@@ -1,0 +1,2 @@
+def handle(req, ctx):
+    return {"hello": req.query.get("name", "world")}

@@ -1,0 +1,182 @@
+"""The control plane's state machine: deploy, delete, scale, restore; it publishes routes.
+
+The store is the source of truth; the route table and the pool are derived from it and
+pushed to the data plane whenever it changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from ember import bundle, manifest
+from ember.api.schemas import Deployed
+from ember.blobs.base import Blobs
+from ember.config import ServerConfig
+from ember.errors import NotFound, TooLarge, UserError
+from ember.gateway.router import RouteTable
+from ember.pool.manager import Pool
+from ember.pool.target import Target
+from ember.spec import FunctionSpec, canonical
+from ember.store.base import RevisionRecord, Store
+
+log = logging.getLogger("ember.api")
+
+
+def revision_hash(source_tree: str, spec: FunctionSpec) -> str:
+    return hashlib.sha256(source_tree.encode() + b"\0" + canonical(spec)).hexdigest()
+
+
+class Control:
+    def __init__(self, config: ServerConfig, store: Store, blobs: Blobs, pool: Pool,
+                 routes: RouteTable) -> None:
+        self.config = config
+        self.store = store
+        self.blobs = blobs
+        self.pool = pool
+        self.routes = routes
+        self._targets: dict[str, Target] = {}
+        self._deploying = asyncio.Lock()
+        self.stopping = asyncio.Event()
+
+    def url(self, name: str) -> str:
+        return f"http://{self.config.host}:{self.config.port}/fn/{name}"
+
+    # ---- routes ----
+    def target(self, rec: RevisionRecord) -> Target:
+        code_dir = self.config.code_dir / rec.bundle
+        return Target(function=rec.function, number=rec.number, sha256=rec.sha256,
+                      code_dir=str(code_dir), spec=rec.spec)
+
+    def publish(self) -> None:
+        self.routes.publish(self._targets)
+        self.pool.retire_all_but(t.key for t in self._targets.values())
+
+    def require(self, name: str) -> Target:
+        target = self._targets.get(name)
+        if target is None:
+            raise NotFound(f"no function named '{name}'; list functions with `ember ls`")
+        return target
+
+    async def restore(self) -> None:
+        """After a restart: route every function's serving revision again; code from blobs."""
+        for fn in await self.store.functions():
+            rec = await self.store.revision(fn.name, fn.revision)
+            if rec is None:
+                log.error("function %s points at missing revision %d", fn.name, fn.revision)
+                continue
+            self._ensure_code(rec.bundle)
+            self._targets[fn.name] = self.target(rec)
+        self.publish()
+        for target in self._targets.values():
+            if target.spec.scale.min > 0:
+                await self.pool.scale(target, target.spec.scale.min)
+        log.info("restored %d function(s)", len(self._targets))
+
+    def _ensure_code(self, digest: str) -> Path:
+        path = self.config.code_dir / digest
+        if not path.exists():
+            tmp = Path(tempfile.mkdtemp(dir=self.config.code_dir, prefix=".tmp-"))
+            shutil.rmtree(tmp)
+            bundle.unpack(self.blobs.get(digest), tmp)
+            tmp.rename(path)
+        return path
+
+    # ---- deploy ----
+    async def deploy(self, data: bytes, default_name: str) -> list[Deployed]:
+        if len(data) > self.config.max_bundle_bytes:
+            raise TooLarge(f"bundle of {len(data)} bytes exceeds the "
+                           f"{self.config.max_bundle_bytes // (1024 * 1024)} MB limit; list "
+                           "what to leave out in .emberignore", code="bundle_too_large")
+        async with self._deploying:
+            return await self._deploy(data, default_name)
+
+    async def _deploy(self, data: bytes, default_name: str) -> list[Deployed]:
+        self.config.code_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.config.code_dir, prefix=".tmp-"))
+        shutil.rmtree(staging)
+        try:
+            await asyncio.to_thread(bundle.unpack, data, staging,
+                                    max_unpacked_bytes=self.config.max_unpacked_bytes,
+                                    max_files=self.config.max_bundle_files)
+            specs = manifest.load_manifest(bundle.read_manifest(staging), default_name)
+            plans = [await self._plan(staging, spec) for spec in specs]
+            digest = await asyncio.to_thread(self.blobs.put, data)
+            code_dir = self.config.code_dir / digest
+            created_dir = not code_dir.exists()
+            if created_dir:
+                staging.rename(code_dir)
+            try:
+                return await self._commit(plans, digest)
+            except BaseException:
+                if created_dir:
+                    shutil.rmtree(code_dir, ignore_errors=True)
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    async def _plan(self, staging: Path, spec: FunctionSpec) -> tuple[FunctionSpec, str]:
+        source = staging / spec.source
+        if not source.is_dir():
+            raise UserError(f"function '{spec.name}': source '{spec.source}' is not a directory "
+                            "in the bundle", code="bad_manifest")
+        module_file = source / (spec.module.replace(".", "/") + ".py")
+        package_init = source / spec.module.replace(".", "/") / "__init__.py"
+        if not module_file.is_file() and not package_init.is_file():
+            raise UserError(
+                f"function '{spec.name}': handler module '{spec.module}' not found: no "
+                f"{spec.source.rstrip('/')}/{spec.module.replace('.', '/')}.py in the bundle; "
+                "add it or set handler: in ember.yaml", code="bad_manifest")
+        tree = await asyncio.to_thread(bundle.tree_hash, source)
+        return spec, revision_hash(tree, spec)
+
+    async def _commit(self, plans: list[tuple[FunctionSpec, str]], digest: str) -> list[Deployed]:
+        probes: list[tuple[FunctionSpec, str, Target | None, float | None, list[str]]] = []
+        for spec, sha in plans:
+            current = self._targets.get(spec.name)
+            if current is not None and current.sha256 == sha:
+                probes.append((spec, sha, None, None, []))
+                continue
+            last = await self.store.revisions(spec.name)
+            number = (last[-1].number + 1) if last else 1
+            target = Target(function=spec.name, number=number, sha256=sha,
+                            code_dir=str(self.config.code_dir / digest), spec=spec)
+            try:
+                ready = await self.pool.prepare(target)  # import + init: DeployRejected
+            except BaseException:
+                for _s, _h, prepared, _m, _w in probes:
+                    if prepared is not None:
+                        self.pool.discard(prepared)
+                raise
+            probes.append((spec, sha, target, ready.import_ms, ready.warnings))
+        results: list[Deployed] = []
+        now = time.time()
+        for spec, sha, target, import_ms, warnings in probes:
+            rec, created = await self.store.add_revision(spec, sha, digest, now)
+            if created:
+                self._targets[spec.name] = self.target(rec)
+            results.append(Deployed(name=spec.name, revision=rec.number, created=created,
+                                    sha256=sha, url=self.url(spec.name), import_ms=import_ms,
+                                    warnings=warnings))
+        self.publish()
+        for spec, _sha, target, _ms, _w in probes:
+            if target is not None and spec.scale.min > 0:
+                await self.pool.scale(self._targets[spec.name], spec.scale.min)
+        return results
+
+    # ---- other commands ----
+    async def delete(self, name: str) -> None:
+        self.require(name)
+        await self.store.delete_function(name)
+        del self._targets[name]
+        self.publish()
+
+    async def scale(self, name: str, instances: int) -> int:
+        if instances < 0:
+            raise UserError(f"instances={instances} must be >= 0", code="bad_request")
+        return await self.pool.scale(self.require(name), instances)

@@ -1,0 +1,1 @@
+"""Scaling and keep-alive decisions: pure functions of (spec, observed state, now)."""

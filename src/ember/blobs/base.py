@@ -1,0 +1,13 @@
+"""The `Blobs` protocol: bytes in, sha256 out; same bytes, same name."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Blobs(Protocol):
+    def put(self, data: bytes) -> str: ...
+
+    def get(self, digest: str) -> bytes: ...
+
+    def has(self, digest: str) -> bool: ...

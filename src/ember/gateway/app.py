@@ -1,0 +1,121 @@
+"""ASGI handler for `ANY /fn/{name}/{path…}`: body in, pool, response out, records appended."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import msgspec
+
+from ember.errors import EmberError, FunctionMemoryExceeded, NotFound, PlatformError, TooLarge
+from ember.pool.manager import Pool
+from ember.pool.target import Target
+from ember.telemetry.buffer import TelemetryBuffer, billed_ms
+from ember.telemetry.metrics import Metrics
+from ember.telemetry.records import ActivationRecord
+from ember.wire.messages import Invoke, Result
+
+Scope = dict[str, Any]
+PREFIX = "/fn/"
+_json = msgspec.json.Encoder()
+
+
+class Gateway:
+    def __init__(self, routes: Any, pool: Pool, telemetry: TelemetryBuffer, metrics: Metrics,
+                 max_body_bytes: int) -> None:
+        self.routes = routes
+        self.pool = pool
+        self.telemetry = telemetry
+        self.metrics = metrics
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        started, t0 = time.time(), time.perf_counter()
+        rid = uuid.uuid4().hex
+        name, _, rest = scope["path"][len(PREFIX):].partition("/")
+        target = self.routes.get(name)
+        tier, instance, result, peak = "none", "", None, 0
+        try:
+            if target is None:
+                raise NotFound(f"no function named '{name}'; deploy it with `ember deploy` "
+                               "or list functions with `ember ls`")
+            body = await self._body(scope, receive)
+            msg = Invoke(id=rid, method=scope["method"], path="/" + rest,
+                         query=scope.get("query_string", b""), headers=scope["headers"],
+                         body=body, deadline=started + target.spec.timeout,
+                         revision=target.number)
+            loop_deadline = asyncio.get_running_loop().time() + target.spec.timeout
+            result, tier, inst = await self.pool.revision(target).invoke(msg, loop_deadline)
+            instance, peak = inst.id, result.max_rss_kb
+            if result.error is not None and result.error.kind == "memory":
+                raise _memory_error(target, result)
+            status = result.status
+            await _respond(send, status, result.headers, result.body, rid, target, tier)
+            error = result.error.error_type if result.error is not None else None
+        except EmberError as exc:
+            status, error = exc.status, exc.code
+            await self._error(send, exc, rid, target, tier)
+        elapsed = time.perf_counter() - t0
+        if target is not None:
+            self._record(target, rid, started, elapsed, status, tier, instance, peak, error)
+
+    async def _body(self, scope: Scope, receive: Any) -> bytes:
+        for key, value in scope["headers"]:
+            if key == b"content-length" and value.isdigit() and int(value) > self.max_body:
+                raise _too_large(int(value), self.max_body)
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise PlatformError("client disconnected", code="client_closed", status=499)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise _too_large(size, self.max_body)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+    async def _error(self, send: Any, exc: EmberError, rid: str, target: Target | None,
+                     tier: str) -> None:
+        headers = [(b"content-type", b"application/json")]
+        headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+        await _respond(send, exc.status, headers, _json.encode(
+            {"error": {"code": exc.code, "message": exc.message, "requestId": rid}}),
+            rid, target, tier)
+
+    def _record(self, target: Target, rid: str, started: float, elapsed: float, status: int,
+                tier: str, instance: str, peak: int, error: str | None) -> None:
+        ms = elapsed * 1000.0
+        self.telemetry.activation(ActivationRecord(
+            id=rid, function=target.function, revision=target.number, start=started,
+            duration_ms=ms, status=status, tier=tier, instance=instance, peak_memory_kb=peak,
+            billed_ms=billed_ms(ms), error=error))
+        self.metrics.observe(target.function, status, elapsed, tier)
+
+
+async def _respond(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+                   rid: str, target: Target | None, tier: str) -> None:
+    extra = [(b"x-ember-request-id", rid.encode())]
+    if target is not None:
+        extra.append((b"x-ember-revision", str(target.number).encode()))
+    if tier != "none":
+        extra.append((b"x-ember-start", tier.encode()))
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, *extra, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _too_large(size: int, limit: int) -> TooLarge:
+    return TooLarge(f"request body of {size} bytes exceeds the {limit // (1024 * 1024)} MB limit; "
+                    "send large payloads by reference (e.g. a URL)", code="body_too_large")
+
+
+def _memory_error(target: Target, result: Result) -> FunctionMemoryExceeded:
+    return FunctionMemoryExceeded(
+        f"function '{target.function}' exceeded its memory limit of {target.spec.memory} MB "
+        f"(peak {result.max_rss_kb // 1024} MB RSS) and its instance was stopped; "
+        "raise memory: in ember.yaml")

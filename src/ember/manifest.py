@@ -1,0 +1,302 @@
+"""Parse `ember.yaml` into function specs.
+
+Pure: the text comes in, `FunctionSpec`s go out. Every error is `UserError(code="bad_manifest")`
+whose message names the file, the key path, the value and what to write instead:
+``ember.yaml: functions.hello.memory: 'abc' is not a whole number of MB; write e.g. memory: 256``.
+"""
+
+from __future__ import annotations
+
+import keyword
+import math
+import re
+from collections.abc import Callable, Mapping
+
+import msgspec
+import yaml
+
+from ember.errors import UserError
+from ember.spec import MAX_TIMEOUT_S, FunctionSpec, ScaleSpec
+
+NAME_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+NAME_RULE = (
+    "use 1-63 lowercase letters, digits and '-', starting with a letter, not ending with '-'"
+)
+
+_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"  # ASCII only, on purpose
+_HANDLER_RE = re.compile(rf"{_IDENTIFIER}(?:\.{_IDENTIFIER})+")
+_ENV_KEY_RE = re.compile(_IDENTIFIER)
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)?")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION_RULE = "a number of seconds, or with a unit: 500ms, 30s, 15m, 1h"
+_FUNCTIONS_EXAMPLE = "functions: {hello: {handler: handler.handle}}"
+_EXAMPLES = {
+    "handler": "handler.handle",
+    "source": "src",
+    "memory": "256",
+    "timeout": "30s",
+    "concurrency": "4",
+    "scale": "{min: 0, max: 10, idle: 60s}",
+    "env": "{LOG_LEVEL: debug}",
+    "min": "0",
+    "max": "10",
+    "idle": "60s",
+}
+
+_Parser = Callable[[object, str], object]
+
+
+def validate_name(name: str) -> str:
+    """Return `name` if it is a valid function name (a DNS label), else raise `bad_name`."""
+    if not NAME_RE.match(name):
+        raise UserError(f"function name {name!r} is invalid: {NAME_RULE}", code="bad_name")
+    return name
+
+
+def parse_duration(value: object, key: str) -> float:
+    """Seconds from a number (seconds) or a string such as "500ms", "30s", "15m", "1h", "90"."""
+    seconds = _seconds(value)
+    if seconds is None:
+        example = f"{_leaf(key)}: {_EXAMPLES.get(_leaf(key), '30s')}"
+        raise UserError(
+            f"{key}: {value!r} is not a duration; write e.g. {example} ({_DURATION_RULE})",
+            code="bad_manifest",
+        )
+    return seconds
+
+
+def load_manifest(text: str | None, default_name: str) -> list[FunctionSpec]:
+    """The functions `ember.yaml` declares; without a manifest, one function with defaults."""
+    if text is None:
+        return [FunctionSpec(name=validate_name(default_name))]
+    document = _parse_yaml(text)
+    if document is not None and not isinstance(document, dict):
+        raise _error(
+            f"expected a mapping with a functions: key at the top level, got {_kind(document)}"
+        )
+    top = _fields(document or {}, "", ("functions",))
+    if "functions" not in top:
+        raise _fail(
+            "functions", f"is missing; declare at least one function, e.g. {_FUNCTIONS_EXAMPLE}"
+        )
+    functions = top["functions"]
+    if functions is None or functions == {}:
+        raise _fail(
+            "functions", f"is empty; declare at least one function, e.g. {_FUNCTIONS_EXAMPLE}"
+        )
+    if not isinstance(functions, dict):
+        raise _fail(
+            "functions",
+            f"expected a mapping of names to settings, got {_kind(functions)}; "
+            f"write e.g. {_FUNCTIONS_EXAMPLE}",
+        )
+    return [_function(name, body) for name, body in functions.items()]
+
+
+def _parse_yaml(text: str) -> object:
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = exc.problem or exc.context or "syntax error"
+        raise UserError(
+            f"ember.yaml is not valid YAML: {problem}{where}", code="bad_manifest"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"ember.yaml is not valid YAML: {exc}", code="bad_manifest") from None
+
+
+def _function(key: object, body: object) -> FunctionSpec:
+    if not isinstance(key, str) or not NAME_RE.match(key):
+        raise _fail("functions", f"function name {key!r} is invalid: {NAME_RULE}")
+    changes = _parse_fields({} if body is None else body, f"functions.{key}", _FUNCTION_PARSERS)
+    return msgspec.structs.replace(FunctionSpec(name=key), **changes)
+
+
+def _parse_fields(value: object, path: str, parsers: Mapping[str, _Parser]) -> dict[str, object]:
+    fields = _fields(value, path, tuple(parsers))
+    return {key: _field(parsers[key], item, _join(path, key)) for key, item in fields.items()}
+
+
+def _fields(value: object, path: str, allowed: tuple[str, ...]) -> dict[str, object]:
+    """`value` as a mapping whose keys are all in `allowed`."""
+    if not isinstance(value, dict):
+        raise _fail(path, f"expected a mapping of {', '.join(allowed)}, got {_kind(value)}")
+    for key in value:
+        if key not in allowed:
+            raise _fail(_join(path, key), f"unknown key; valid keys are {', '.join(allowed)}")
+    return {str(key): item for key, item in value.items()}
+
+
+def _field(parser: _Parser, value: object, path: str) -> object:
+    if value is None:
+        example = f"{_leaf(path)}: {_EXAMPLES[_leaf(path)]}"
+        raise _fail(path, f"has no value; write e.g. {example}, or remove the key for the default")
+    return parser(value, path)
+
+
+def _handler(value: object, path: str) -> str:
+    if (
+        not isinstance(value, str)
+        or not _HANDLER_RE.fullmatch(value)
+        or any(keyword.iskeyword(part) for part in value.split("."))
+    ):
+        raise _fail(
+            path,
+            f"{value!r} is not module.function; write e.g. handler: handler.handle "
+            "(the function handle in handler.py)",
+        )
+    return value
+
+
+def _source(value: object, path: str) -> str:
+    if not isinstance(value, str) or "\\" in value or "\0" in value:
+        raise _fail(path, f"{value!r} is not a directory path; write e.g. source: src (use '/')")
+    parts = [part for part in value.split("/") if part not in ("", ".")]
+    if value.startswith("/") or ".." in parts:
+        raise _fail(
+            path,
+            f"{value!r} must be a directory inside the one holding ember.yaml, "
+            "relative to it, without '..'; write e.g. source: src",
+        )
+    return "/".join(parts) or "."
+
+
+def _whole(value: object, path: str, low: int, high: int, unit: str = "") -> int:
+    example = f"{_leaf(path)}: {_EXAMPLES[_leaf(path)]}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        of_unit = f" of {unit}" if unit else ""
+        raise _fail(path, f"{value!r} is not a whole number{of_unit}; write e.g. {example}")
+    if not low <= value <= high:
+        in_unit = f" {unit}" if unit else ""
+        raise _fail(path, f"{value} is out of range; use {low} to {high}{in_unit}, e.g. {example}")
+    return value
+
+
+def _memory(value: object, path: str) -> int:
+    return _whole(value, path, 16, 16384, "MB")
+
+
+def _concurrency(value: object, path: str) -> int:
+    return _whole(value, path, 1, 1000)
+
+
+def _duration(value: object, path: str) -> float:
+    try:
+        return parse_duration(value, path)
+    except UserError as exc:
+        raise _error(exc.message) from None
+
+
+def _timeout(value: object, path: str) -> float:
+    seconds = _duration(value, path)
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise _fail(
+            path,
+            f"{value!r} is out of range; use more than 0 and at most "
+            f"{MAX_TIMEOUT_S / 60:g}m, e.g. timeout: 30s",
+        )
+    return seconds
+
+
+def _scale(value: object, path: str) -> ScaleSpec:
+    changes = _parse_fields(value, path, _SCALE_PARSERS)
+    scale = msgspec.structs.replace(ScaleSpec(), **changes)
+    if scale.min > scale.max:
+        raise _fail(
+            path, f"min ({scale.min}) is greater than max ({scale.max}); lower min or raise max"
+        )
+    return scale
+
+
+def _env(value: object, path: str) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise _fail(
+            path,
+            f"expected a mapping of variable names to values, got {_kind(value)}; "
+            f"write e.g. env: {_EXAMPLES['env']}",
+        )
+    return {_env_key(key, path): _env_value(item, _join(path, key)) for key, item in value.items()}
+
+
+def _env_key(key: object, path: str) -> str:
+    if not isinstance(key, str) or not _ENV_KEY_RE.fullmatch(key):
+        raise _fail(
+            _join(path, key),
+            f"{key!r} is not a valid variable name; "
+            "use letters, digits and '_', not starting with a digit",
+        )
+    return key
+
+
+def _env_value(value: object, path: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str) and "\0" not in value:
+        return value
+    if value is None:
+        raise _fail(path, f"has no value; write e.g. {_leaf(path)}: '' for an empty one")
+    raise _fail(
+        path,
+        f"{value!r} is not a valid value; use a string, a number or true/false "
+        "(quote anything else)",
+    )
+
+
+def _seconds(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        if isinstance(value, int | float):
+            seconds = float(value)
+        elif isinstance(value, str) and (match := _DURATION_RE.fullmatch(value.strip())):
+            seconds = float(match[1]) * _UNIT_SECONDS[match[2]]
+        else:
+            return None
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "true/false"
+    kinds = {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _leaf(path: str) -> str:
+    return path.rpartition(".")[2]
+
+
+def _error(message: str) -> UserError:
+    return UserError(f"ember.yaml: {message}", code="bad_manifest")
+
+
+def _fail(path: str, problem: str) -> UserError:
+    return _error(f"{path}: {problem}")
+
+
+_SCALE_PARSERS: dict[str, _Parser] = {
+    "min": lambda value, path: _whole(value, path, 0, 1000),
+    "max": lambda value, path: _whole(value, path, 1, 1000),
+    "idle": _duration,
+}
+_FUNCTION_PARSERS: dict[str, _Parser] = {
+    "handler": _handler,
+    "source": _source,
+    "memory": _memory,
+    "timeout": _timeout,
+    "concurrency": _concurrency,
+    "scale": _scale,
+    "env": _env,
+}

@@ -1,0 +1,1 @@
+"""The server's side of the process tree: root zygote, function zygotes, instances, pools."""

@@ -1,0 +1,119 @@
+"""The server's handle on one instance: its socket, its in-flight invocations, its fate."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import cast
+
+import msgspec
+
+from ember.errors import EmberError
+from ember.wire.frames import FrameDecoder, frame
+from ember.wire.messages import InstanceMessage, Invoke, Log, Result, Shutdown
+
+IDLE, BUSY, DEAD = "idle", "busy", "dead"
+
+
+class Instance(asyncio.Protocol):
+    """Speaks frames with one instance process over a stream socket."""
+
+    def __init__(self, instance_id: str, concurrency: int, cgroup: str,
+                 on_log: Callable[[Instance, Log], None],
+                 on_lost: Callable[[Instance], None]) -> None:
+        self.id = instance_id
+        self.concurrency = concurrency
+        self.cgroup = cgroup
+        self.pid = 0
+        self.inflight: dict[str, asyncio.Future[Result]] = {}
+        self.idle_since = time.monotonic()
+        self.started = time.monotonic()
+        self.served = 0
+        self.reserved = 0  # handed out by the pool, call() not made yet
+        self.listed = False  # in its pool's idle list
+        self.dead = False
+        self.death: EmberError | None = None  # set when the pool killed it on purpose
+        self.exit_status: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._on_log = on_log
+        self._on_lost = on_lost
+        self._transport: asyncio.Transport | None = None
+        self._frames = FrameDecoder()
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(InstanceMessage)
+        self._pending_kill = False
+
+    # -- asyncio.Protocol --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            raws = self._frames.feed(data)
+        except Exception:
+            self.kill()
+            return
+        for raw in raws:
+            msg = self._decoder.decode(raw)
+            if isinstance(msg, Result):
+                fut = self.inflight.pop(msg.id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            elif isinstance(msg, Log):
+                self._on_log(self, msg)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.dead = True
+        self._on_lost(self)
+
+    # -- used by the pool --
+    @property
+    def state(self) -> str:
+        if self.dead:
+            return DEAD
+        return BUSY if self.inflight or self.reserved else IDLE
+
+    @property
+    def has_room(self) -> bool:
+        return not self.dead and len(self.inflight) + self.reserved < self.concurrency
+
+    def call(self, msg: Invoke) -> asyncio.Future[Result]:
+        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self.inflight[msg.id] = fut
+        self.reserved -= 1
+        self.served += 1
+        assert self._transport is not None
+        self._transport.write(frame(self._encoder.encode(msg)))
+        return fut
+
+    def set_pid(self, pid: int) -> None:
+        self.pid = pid
+        if self._pending_kill:
+            self.kill()
+
+    def kill(self, reason: EmberError | None = None) -> None:
+        if reason is not None and self.death is None:
+            self.death = reason
+        self.dead = True
+        if not self.pid:
+            self._pending_kill = True
+            return
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        """Polite stop: the instance exits after the frame; used when it is idle."""
+        self.dead = True
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(frame(self._encoder.encode(Shutdown())))
+            self._transport.close()
+
+    def fail_all(self, error: EmberError) -> None:
+        for fut in self.inflight.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self.inflight.clear()

@@ -1,0 +1,136 @@
+"""The node's pool: a RevisionPool per revision, the root zygote, cgroups, and the keep-alive loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterable
+
+from ember.autoscaler.keepalive import decide
+from ember.config import ServerConfig
+from ember.errors import NotFound
+from ember.pool.cgroup import Cgroups
+from ember.pool.revision import RevisionPool, RevisionStats
+from ember.pool.root import RootZygote
+from ember.pool.target import Target
+from ember.telemetry.buffer import TelemetryBuffer
+from ember.telemetry.records import LogRecord
+from ember.wire.messages import Log, ZygoteReady
+
+log = logging.getLogger("ember.pool")
+TICK = 0.25  # seconds between keep-alive decisions
+
+
+class Pool:
+    def __init__(self, config: ServerConfig, telemetry: TelemetryBuffer) -> None:
+        self.config = config
+        self.telemetry = telemetry
+        self.root = RootZygote()
+        self.cgroups: Cgroups | None = None
+        self.revisions: dict[tuple[str, int], RevisionPool] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.config.use_cgroups:
+            self.cgroups = Cgroups.detect(f"server-{os.getpid()}")
+        await self.root.ensure()
+        self._loop_task = asyncio.get_running_loop().create_task(self._keepalive_loop())
+
+    # ---- revisions ----
+    def revision(self, target: Target) -> RevisionPool:
+        rp = self.revisions.get(target.key)
+        if rp is None or rp.target.sha256 != target.sha256:
+            rp = self.revisions[target.key] = RevisionPool(target, self)
+        rp.retired = False
+        return rp
+
+    def retire_all_but(self, live: Iterable[tuple[str, int]]) -> None:
+        keep = set(live)
+        for key, rp in self.revisions.items():
+            rp.retired = key not in keep
+
+    async def prepare(self, target: Target) -> ZygoteReady:
+        """Start the revision's zygote (import + init); raises DeployRejected on failure."""
+        rp = self.revision(target)  # not routed until the control plane publishes it
+        try:
+            await rp.ensure_zygote()
+        except BaseException:
+            rp.stop()
+            self.revisions.pop(target.key, None)
+            raise
+        assert rp.zygote is not None
+        return rp.zygote.ready.result()
+
+    def discard(self, target: Target) -> None:
+        rp = self.revisions.pop(target.key, None)
+        if rp is not None:
+            rp.stop()
+
+    async def scale(self, target: Target, instances: int) -> int:
+        return await self.revision(target).scale_to(instances)
+
+    def find(self, function: str, number: int) -> RevisionPool:
+        rp = self.revisions.get((function, number))
+        if rp is None:
+            raise NotFound(f"no pool for {function}@{number}")
+        return rp
+
+    # ---- limits ----
+    def limits_for(self, instance_id: str, memory_mb: int) -> tuple[str, int]:
+        if self.cgroups is not None:
+            try:
+                return self.cgroups.create(instance_id, memory_mb), 0
+            except OSError as exc:
+                log.warning("cgroup for %s failed (%s); using RLIMIT_AS", instance_id, exc)
+        return "", memory_mb * 1024 * 1024
+
+    def release_cgroup(self, procs: str) -> None:
+        if procs and self.cgroups is not None:
+            self.cgroups.remove(procs)
+
+    def oom_killed(self, procs: str) -> bool:
+        return bool(procs) and self.cgroups is not None and self.cgroups.oom_killed(procs)
+
+    def peak_kb(self, procs: str) -> int:
+        return self.cgroups.peak_kb(procs) if procs and self.cgroups is not None else 0
+
+    # ---- logs ----
+    def instance_log(self, target: Target, instance: str, msg: Log) -> None:
+        self.telemetry.log(LogRecord(ts=msg.ts, function=target.function, revision=target.number,
+                                     request_id=msg.id, instance=instance, stream=msg.stream,
+                                     message=msg.data))
+
+    def system_log(self, target: Target, text: str) -> None:
+        self.telemetry.log(LogRecord(ts=time.time(), function=target.function,
+                                     revision=target.number, request_id="", instance="",
+                                     stream="system", message=text))
+
+    # ---- keep-alive ----
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            self.tick(time.monotonic())
+
+    def tick(self, now: float) -> None:
+        for key, rp in list(self.revisions.items()):
+            decision = decide(rp.spec.scale, rp.view(now), now, self.config.zygote_keepalive)
+            rp.apply(decision)
+            if rp.retired and not rp.instances and rp.zygote is None and not rp.starting:
+                del self.revisions[key]
+
+    def statistics(self) -> list[RevisionStats]:
+        return [rp.statistics() for rp in self.revisions.values()]
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for rp in self.revisions.values():
+            rp.stop()
+        await self.root.stop()
+        if self.cgroups is not None:
+            self.cgroups.cleanup()

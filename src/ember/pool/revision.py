@@ -1,0 +1,305 @@
+"""One revision's pool: idle instances, a FIFO of waiting requests, starts within `scale.max`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from ember.autoscaler.keepalive import Decision, PoolView
+from ember.errors import (
+    CapacityError,
+    EmberError,
+    FunctionCrashed,
+    FunctionMemoryExceeded,
+    FunctionTimeout,
+    PlatformError,
+)
+from ember.pool.instance import Instance
+from ember.pool.target import Target
+from ember.pool.zygote import FunctionZygote
+from ember.wire.messages import Invoke, Log, Result
+
+if TYPE_CHECKING:
+    from ember.pool.manager import Pool
+
+log = logging.getLogger("ember.pool")
+WARM, FORK, SPECIALIZE, FRESH = "warm", "fork", "specialize", "fresh"
+
+
+class RevisionStats(msgspec.Struct, frozen=True):
+    function: str
+    revision: int
+    idle: int
+    busy: int
+    starting: int
+    waiting: int
+    zygote: str  # none | starting | ready
+    retired: bool
+    starts: dict[str, int]
+
+
+class RevisionPool:
+    def __init__(self, target: Target, pool: Pool) -> None:
+        self.target = target
+        self.spec = target.spec
+        self.pool = pool
+        self.instances: dict[str, Instance] = {}
+        self.idle: list[Instance] = []
+        self.waiters: deque[asyncio.Future[Instance | None]] = deque()
+        self.starting = 0
+        self.zygote: FunctionZygote | None = None
+        self._zygote_task: asyncio.Task[str] | None = None
+        self.retired = False
+        self.starts = {WARM: 0, FORK: 0, SPECIALIZE: 0, FRESH: 0}
+
+    # ---- the hot path ----
+    async def invoke(self, msg: Invoke, loop_deadline: float) -> tuple[Result, str, Instance]:
+        inst, tier = await self.acquire(loop_deadline)
+        try:
+            fut = inst.call(msg)
+            timer = asyncio.get_running_loop().call_at(loop_deadline, self._timed_out, inst, msg)
+            try:
+                result = await fut
+            finally:
+                timer.cancel()
+        finally:
+            self.release(inst)
+        self.starts[tier] += 1
+        return result, tier, inst
+
+    async def acquire(self, loop_deadline: float) -> tuple[Instance, str]:
+        inst = self._take_idle()
+        if inst is not None:
+            return inst, WARM
+        if self.count < self.spec.scale.max:
+            return await self._start()
+        got = await self._wait(loop_deadline)
+        if got is None:
+            return await self._start()
+        return got, WARM
+
+    @property
+    def count(self) -> int:
+        return len(self.instances) + self.starting
+
+    def _take_idle(self) -> Instance | None:
+        while self.idle:
+            inst = self.idle[-1]
+            if not inst.has_room:
+                self.idle.pop()
+                inst.listed = False
+                continue
+            inst.reserved += 1
+            if not inst.has_room:
+                self.idle.pop()
+                inst.listed = False
+            return inst
+        return None
+
+    async def _wait(self, loop_deadline: float) -> Instance | None:
+        if len(self.waiters) >= self.pool.config.queue_depth:
+            raise CapacityError(
+                f"function '{self.target.function}' is at scale.max={self.spec.scale.max} "
+                f"with {len(self.waiters)} requests waiting; retry later or raise scale.max",
+                headers={"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Instance | None] = loop.create_future()
+        self.waiters.append(fut)
+        timer = loop.call_at(loop_deadline, _expire, fut, self.target.function, self.spec.timeout)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            if fut in self.waiters:
+                self.waiters.remove(fut)
+
+    def release(self, inst: Instance) -> None:
+        if not inst.has_room:
+            return
+        while self.waiters and inst.has_room:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                inst.reserved += 1
+                waiter.set_result(inst)
+        if inst.has_room and not inst.listed:
+            self.idle.append(inst)
+            inst.listed = True
+        if not inst.inflight and not inst.reserved:
+            inst.idle_since = time.monotonic()
+
+    # ---- starting instances ----
+    async def _start(self) -> tuple[Instance, str]:
+        self.starting += 1
+        try:
+            tier = await self.ensure_zygote()
+            assert self.zygote is not None
+            inst = await self._fork(self.zygote)
+        finally:
+            self.starting -= 1
+        inst.reserved += 1
+        self.instances[inst.id] = inst
+        return inst, tier
+
+    async def _fork(self, zygote: FunctionZygote) -> Instance:
+        iid = f"{self.target.function}-{self.target.number}-{secrets.token_hex(3)}"
+        cgroup, rlimit = self.pool.limits_for(iid, self.spec.memory)
+        try:
+            return await zygote.fork(iid, cgroup, rlimit, self._on_log, self._on_lost)
+        except BaseException:
+            self.pool.release_cgroup(cgroup)
+            raise
+
+    async def ensure_zygote(self) -> str:
+        """Have a ready zygote; the tier says what it took: fork, specialize or fresh."""
+        if self.zygote is not None and not self.zygote.dead and self.zygote.ready.done():
+            self.zygote.ready.result()
+            return FORK
+        if self._zygote_task is None or self._zygote_task.done():
+            self._zygote_task = asyncio.get_running_loop().create_task(self._spawn_zygote())
+        return await asyncio.shield(self._zygote_task)
+
+    async def _spawn_zygote(self) -> str:
+        fresh = await self.pool.root.ensure()
+        zygote = self.pool.root.spawn(self.target)
+        self.zygote = zygote
+        try:
+            ready = await zygote.ready
+        except EmberError:
+            self.zygote = None
+            zygote.stop()
+            raise
+        for warning in ready.warnings:
+            self.pool.system_log(self.target, f"[ember] warning: {warning}\n")
+        if ready.output:
+            self.pool.system_log(self.target, ready.output)
+        log.info("zygote of %s ready in %.1f ms", self.target.label, ready.import_ms)
+        return FRESH if fresh else SPECIALIZE
+
+    async def warm_one(self) -> None:
+        inst, _tier = await self._start()
+        inst.reserved -= 1
+        self.release(inst)
+
+    # ---- instance events ----
+    def _on_log(self, inst: Instance, msg: Log) -> None:
+        self.pool.instance_log(self.target, inst.id, msg)
+
+    def _on_lost(self, inst: Instance) -> None:
+        self.instances.pop(inst.id, None)
+        if inst.listed:
+            self.idle.remove(inst)
+            inst.listed = False
+        asyncio.get_running_loop().create_task(self._bury(inst))
+        while self.waiters and self.count < self.spec.scale.max:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # room for one more: the waiter starts it
+                break
+
+    async def _bury(self, inst: Instance) -> None:
+        try:
+            status: int | None = await asyncio.wait_for(asyncio.shield(inst.exit_status), 2.0)
+        except TimeoutError:
+            status = None
+        if inst.inflight:
+            inst.fail_all(inst.death or self._cause(inst, status))
+        self.pool.release_cgroup(inst.cgroup)
+
+    def _cause(self, inst: Instance, status: int | None) -> EmberError:
+        name, mb = self.target.function, self.spec.memory
+        if self.pool.oom_killed(inst.cgroup):
+            peak = self.pool.peak_kb(inst.cgroup) // 1024
+            return FunctionMemoryExceeded(
+                f"function '{name}' exceeded its memory limit of {mb} MB (peak {peak} MB) and "
+                "was killed; raise memory: in ember.yaml")
+        if status is not None and status < 0:
+            what = f"was killed by {signal.Signals(-status).name}"
+        elif status is not None:
+            what = f"exited with code {status}"
+        else:
+            what = "exited"
+        return FunctionCrashed(
+            f"function '{name}' instance {what} while handling the request (a crash, os._exit "
+            "or sys.exit); the next request gets a new instance")
+
+    def _timed_out(self, inst: Instance, msg: Invoke) -> None:
+        fut = inst.inflight.pop(msg.id, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(FunctionTimeout(
+                f"function '{self.target.function}' timed out after {self.spec.timeout:g} s "
+                "and its instance was killed; raise timeout: in ember.yaml (at most 15m)"))
+        inst.kill(FunctionCrashed(
+            f"function '{self.target.function}' instance was killed because another request "
+            "on it timed out"))
+
+    # ---- keep-alive and scale ----
+    def view(self, now: float) -> PoolView:
+        zygote = self.zygote is not None and not self.zygote.dead
+        return PoolView(
+            idle=[(i.id, i.idle_since) for i in self.instances.values()
+                  if not i.inflight and not i.reserved],
+            busy=sum(1 for i in self.instances.values() if i.inflight or i.reserved),
+            starting=self.starting, waiting=len(self.waiters), zygote=zygote,
+            zygote_last_used=self.zygote.last_used if self.zygote else now,
+            retired=self.retired)
+
+    def apply(self, decision: Decision) -> None:
+        for iid in decision.reap:
+            inst = self.instances.get(iid)
+            if inst is not None and not inst.inflight and not inst.reserved:
+                inst.stop()
+        loop = asyncio.get_running_loop()
+        for _ in range(decision.start):
+            loop.create_task(self._warm_quietly())
+        if decision.reap_zygote and self.zygote is not None:
+            self.zygote.stop()
+            self.zygote = None
+
+    async def _warm_quietly(self) -> None:
+        try:
+            await self.warm_one()
+        except EmberError as exc:
+            log.warning("could not keep %s warm: %s", self.target.label, exc)
+
+    async def scale_to(self, n: int) -> int:
+        """`ember scale`: stop idle instances down to n, or start up to n (within scale.max)."""
+        n = min(n, self.spec.scale.max)
+        idle = [i for i in self.instances.values() if not i.inflight and not i.reserved]
+        for inst in idle[: max(0, self.count - n)]:
+            inst.stop()
+        extra = max(0, n - self.count)
+        await asyncio.gather(*(self.warm_one() for _ in range(extra)))
+        return self.count
+
+    def statistics(self) -> RevisionStats:
+        busy = sum(1 for i in self.instances.values() if i.inflight or i.reserved)
+        if self.zygote is None or self.zygote.dead:
+            zstate = "none"
+        else:
+            zstate = "ready" if self.zygote.ready.done() else "starting"
+        return RevisionStats(
+            function=self.target.function, revision=self.target.number,
+            idle=len(self.instances) - busy, busy=busy, starting=self.starting,
+            waiting=len(self.waiters), zygote=zstate, retired=self.retired,
+            starts=dict(self.starts))
+
+    def stop(self) -> None:
+        for inst in list(self.instances.values()):
+            inst.kill()
+        if self.zygote is not None:
+            self.zygote.stop()
+            self.zygote = None
+
+
+def _expire(fut: asyncio.Future[Instance | None], function: str, timeout: float) -> None:
+    if not fut.done():
+        fut.set_exception(FunctionTimeout(
+            f"function '{function}' timed out after {timeout:g} s waiting for a free instance "
+            "(all were busy at scale.max); raise scale.max or timeout: in ember.yaml"))

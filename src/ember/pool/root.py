@@ -1,0 +1,80 @@
+"""The root zygote supervisor: launches `python -m ember.runtime.root` and asks it for zygotes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+from ember.pool.channel import AsyncChannel
+from ember.pool.target import Target
+from ember.pool.zygote import FunctionZygote
+from ember.wire.messages import Shutdown, SpawnZygote
+
+log = logging.getLogger("ember.pool")
+
+# The only variables of the server's environment that reach user code.
+PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "HOME", "TMPDIR", "PYTHONPATH",
+              "VIRTUAL_ENV", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+class RootZygote:
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+        self.channel: AsyncChannel[object] | None = None
+        self.starts = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.channel is not None and not self.channel.closed
+
+    async def ensure(self) -> bool:
+        """Start the root zygote if it is not running; True if it had to be started."""
+        if self.alive:
+            return False
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {k: v for k, v in os.environ.items() if k in PASSED_ENV}
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ember.runtime.root", str(child.fileno()),
+            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
+        child.close()
+        self.channel = AsyncChannel(parent, Shutdown, lambda _msg: None, self._lost)
+        self.starts += 1
+        log.info("root zygote started (pid %d)", self.proc.pid)
+        return True
+
+    def _lost(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            log.warning("root zygote channel closed; it will be restarted on the next start")
+
+    def spawn(self, target: Target) -> FunctionZygote:
+        assert self.channel is not None
+        spec = target.spec
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        msg = SpawnZygote(
+            revision=target.label, code_dir=target.code_dir, source=spec.source,
+            module=spec.module, attribute=spec.attribute, env=dict(spec.env),
+            function=target.function, number=target.number, memory_mb=spec.memory,
+            concurrency=spec.concurrency)
+        try:
+            self.channel.send(msg, fd=child.fileno())
+        finally:
+            child.close()
+        return FunctionZygote(parent, target)
+
+    async def stop(self) -> None:
+        if self.channel is not None and not self.channel.closed:
+            try:
+                self.channel.send(Shutdown())
+            except OSError:
+                pass
+            self.channel.close()
+        if self.proc is not None:
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()

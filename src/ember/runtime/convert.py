@@ -1,0 +1,81 @@
+"""Turn what a handler returns, or raises, into a wire `Result`."""
+
+from __future__ import annotations
+
+import traceback
+
+import msgspec
+
+from ember.runtime.api import Response
+from ember.wire.messages import ErrorInfo, Headers, Result
+
+_json = msgspec.json.Encoder()
+JSON = b"application/json"
+TEXT = b"text/plain; charset=utf-8"
+BINARY = b"application/octet-stream"
+
+
+class BadReturn(TypeError):
+    pass
+
+
+def _body(value: object, content_type: str | None) -> tuple[bytes, bytes]:
+    if isinstance(value, bytes | bytearray | memoryview):
+        body, kind = bytes(value), BINARY
+    elif isinstance(value, str):
+        body, kind = value.encode(), TEXT
+    elif value is None:
+        body, kind = b"", TEXT
+    else:
+        try:
+            body, kind = _json.encode(value), JSON
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise BadReturn(
+                f"the handler returned a {type(value).__name__} that is not JSON-serialisable "
+                f"({exc}); return a dict, list, str, bytes, a (body, status) tuple or "
+                "ember.Response") from None
+    return body, (content_type.encode("latin-1") if content_type else kind)
+
+
+def _headers(extra: object, content_type: bytes, length: int) -> Headers:
+    out: Headers = [(b"content-type", content_type)]
+    if isinstance(extra, dict):
+        for k, v in extra.items():
+            key = str(k).lower().encode("latin-1")
+            if key == b"content-type":
+                out[0] = (key, str(v).encode("latin-1"))
+            elif key != b"content-length":
+                out.append((key, str(v).encode("latin-1")))
+    elif extra is not None:
+        raise BadReturn("response headers must be a dict of str to str")
+    return out
+
+
+def to_result(request_id: str, value: object) -> Result:
+    status, extra, ctype = 200, None, None
+    if isinstance(value, Response):
+        status, extra, ctype, value = value.status, value.headers, value.content_type, value.body
+    elif isinstance(value, tuple):
+        if not 2 <= len(value) <= 3 or not isinstance(value[1], int):
+            raise BadReturn("a tuple return must be (body, status) or (body, status, headers)")
+        status, extra = value[1], (value[2] if len(value) == 3 else None)
+        value = value[0]
+    if not 100 <= status <= 599:
+        raise BadReturn(f"status {status} is not an HTTP status code (100-599)")
+    body, kind = _body(value, ctype)
+    if value is None and status == 200:
+        status = 204
+    return Result(id=request_id, status=status, headers=_headers(extra, kind, len(body)), body=body)
+
+
+def error_result(request_id: str, exc: BaseException, *, kind: str = "exception") -> Result:
+    stack = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    info = ErrorInfo(error_type=type(exc).__name__, message=str(exc), stack_trace=stack, kind=kind)
+    body = _json.encode({
+        "errorType": info.error_type,
+        "errorMessage": info.message,
+        "stackTrace": stack,
+        "requestId": request_id,
+    })
+    return Result(id=request_id, status=500, headers=[(b"content-type", JSON)], body=body,
+                  error=info)

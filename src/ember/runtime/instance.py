@@ -1,0 +1,168 @@
+"""An instance: one forked process serving `Invoke` frames on its socket.
+
+A synchronous handler is called inline by a blocking loop (or by `concurrency` worker threads);
+an async handler runs on the instance's own event loop, created after the fork.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import msgspec
+
+from ember.runtime import convert, limits
+from ember.runtime.api import Context, Request, fork_hooks
+from ember.runtime.capture import Capture, current_request
+from ember.wire.frames import FrameDecoder, frame
+from ember.wire.messages import InstanceCommand, Invoke, Log, Result, Shutdown, SpawnZygote
+
+Handler = Callable[[Request, Context], Any]
+
+
+class Instance:
+    def __init__(self, sock: socket.socket, handler: Handler, spec: SpawnZygote) -> None:
+        self.sock = sock
+        self.handler = handler
+        self.spec = spec
+        self.log = logging.getLogger(f"ember.function.{spec.function}")
+        self.encoder = msgspec.msgpack.Encoder()
+        self.decoder = msgspec.msgpack.Decoder(InstanceCommand)
+        self.frames = FrameDecoder()
+        self.send_lock = threading.Lock()
+        self.capture = Capture(self.send)
+        self.hook_error: BaseException | None = None
+
+    def send(self, msg: Result | Log) -> None:
+        data = frame(self.encoder.encode(msg))
+        with self.send_lock:
+            self.sock.sendall(data)
+
+    def run_hooks(self) -> None:
+        limits.reseed()
+        try:
+            for hook in fork_hooks():
+                hook()
+        except Exception as exc:  # reported on every request this instance gets
+            self.hook_error = exc
+
+    def context(self, msg: Invoke) -> tuple[Request, Context]:
+        req = Request(msg.method, msg.path, msg.query, msg.headers, msg.body)
+        ctx = Context(msg.id, self.spec.function, msg.revision, self.spec.memory_mb, msg.deadline,
+                      self.log)
+        return req, ctx
+
+    def finish(self, msg: Invoke, result: Result, started: float) -> None:
+        self.capture.finish(msg.id)
+        self.send(msgspec.structs.replace(
+            result, duration_ms=(time.perf_counter() - started) * 1000.0,
+            max_rss_kb=limits.peak_rss_kb()))
+        if result.error is not None and result.error.kind == "memory":
+            os._exit(70)  # the heap may be corrupt; the server forks a fresh one
+
+    def outcome(self, msg: Invoke, call: Callable[[], Any]) -> Result:
+        if self.hook_error is not None:
+            return convert.error_result(msg.id, self.hook_error)
+        try:
+            return convert.to_result(msg.id, call())
+        except MemoryError as exc:
+            return convert.error_result(msg.id, exc, kind="memory")
+        except Exception as exc:
+            return convert.error_result(msg.id, exc)
+
+    def run_sync(self, msg: Invoke) -> None:
+        started = time.perf_counter()
+        token = current_request.set(msg.id)
+        try:
+            req, ctx = self.context(msg)
+            result = self.outcome(msg, lambda: self.handler(req, ctx))
+            self.finish(msg, result, started)
+        except BaseException:  # sys.exit() in a handler, even on a worker thread: a crash
+            os._exit(1)
+        finally:
+            current_request.reset(token)
+
+    async def run_async(self, msg: Invoke) -> None:
+        started = time.perf_counter()
+        current_request.set(msg.id)  # each task has its own context
+        req, ctx = self.context(msg)
+        if self.hook_error is not None:
+            result = convert.error_result(msg.id, self.hook_error)
+        else:
+            try:
+                result = convert.to_result(msg.id, await self.handler(req, ctx))
+            except MemoryError as exc:
+                result = convert.error_result(msg.id, exc, kind="memory")
+            except Exception as exc:
+                result = convert.error_result(msg.id, exc)
+        self.finish(msg, result, started)
+
+    def commands(self, data: bytes) -> list[InstanceCommand]:
+        return [self.decoder.decode(raw) for raw in self.frames.feed(data)]
+
+    def serve_blocking(self) -> None:
+        workers = ThreadPoolExecutor(self.spec.concurrency) if self.spec.concurrency > 1 else None
+        while data := self.sock.recv(1 << 20):
+            for msg in self.commands(data):
+                if isinstance(msg, Shutdown):
+                    return
+                if workers is not None:
+                    workers.submit(self.run_sync, msg)
+                else:
+                    self.run_sync(msg)
+
+    async def serve_async(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.sock.setblocking(False)
+        tasks: set[asyncio.Task[None]] = set()
+        while data := await loop.sock_recv(self.sock, 1 << 20):
+            for msg in self.commands(data):
+                if isinstance(msg, Shutdown):
+                    return
+                task = loop.create_task(self.run_async(msg))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+    def send_async_safe(self, msg: Result | Log) -> None:
+        # Sends from the loop's thread block briefly on a full socket; frames are whole either way.
+        self.sock.setblocking(True)
+        try:
+            Instance.send(self, msg)
+        finally:
+            self.sock.setblocking(False)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def run(fd: int, handler: Handler, spec: SpawnZygote) -> None:
+    """Entry point in the forked child; never returns."""
+    code = 0
+    try:
+        sock = socket.socket(fileno=fd)
+        instance = Instance(sock, handler, spec)
+        instance.run_hooks()
+        if inspect.iscoroutinefunction(handler):
+            instance.send = instance.send_async_safe  # type: ignore[method-assign]
+            loop = _new_loop()
+            loop.run_until_complete(instance.serve_async())
+        else:
+            instance.serve_blocking()
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)

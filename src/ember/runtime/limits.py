@@ -1,0 +1,70 @@
+"""Process hygiene after a fork: die with the parent, default signals, limits, fresh randomness."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import resource
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+_libc: ctypes.CDLL | None = None
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    global _libc
+    if _libc is None and sys.platform.startswith("linux"):
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc
+
+
+def die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: nothing may outlive the server, even after a kill -9."""
+    libc = _load_libc()
+    if libc is not None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+def default_signals() -> None:
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def close_fds_except(*keep: int) -> None:
+    keep_set = sorted({0, 1, 2, *keep})
+    low = 3
+    for fd in keep_set:
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, 65536)
+
+
+def join_cgroup(procs_path: str) -> None:
+    with open(procs_path, "w") as f:
+        f.write("0")
+
+
+def limit_address_space(extra_bytes: int) -> None:
+    """Fallback memory limit: allow `extra_bytes` of address space beyond what is mapped now."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[0])
+    limit = pages * os.sysconf("SC_PAGE_SIZE") + extra_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def reseed() -> None:
+    """`random` reseeds itself after fork; generators it does not know are reseeded here."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
+
+
+def peak_rss_kb() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

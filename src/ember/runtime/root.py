@@ -1,0 +1,57 @@
+"""The root zygote: a fresh interpreter with the runtime imported, forking function zygotes.
+
+Started by the server as `python -m ember.runtime.root FD`. It never runs user code itself.
+"""
+
+from __future__ import annotations
+
+import asyncio  # noqa: F401  (pre-imported so instances do not pay for it)
+import json  # noqa: F401
+import os
+import signal
+import socket
+import sys
+
+from ember.runtime import instance, zygote  # noqa: F401
+from ember.runtime.channel import Channel
+from ember.wire.messages import RootMessage, Shutdown, SpawnZygote
+
+try:
+    import uvloop  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+
+def _reap(*_: object) -> None:
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def serve(fd: int) -> None:
+    from ember.runtime import limits
+
+    limits.die_with_parent()
+    signal.signal(signal.SIGCHLD, _reap)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
+    channel: Channel[RootMessage] = Channel(socket.socket(fileno=fd), RootMessage)
+    while True:
+        try:
+            got = channel.recv()
+        except InterruptedError:
+            continue
+        if got is None or isinstance(got[0], Shutdown):
+            return
+        msg, fds = got
+        if isinstance(msg, SpawnZygote) and fds:
+            if os.fork() == 0:
+                zygote.run(msg, fds[0])
+            os.close(fds[0])
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))

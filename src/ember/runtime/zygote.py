@@ -1,0 +1,168 @@
+"""A function zygote: forked from the root, imports the user's module once, forks instances.
+
+It is a plain blocking loop (no event loop, no threads), so forking it is safe and cheap.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import io
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from ember.runtime import instance, limits
+from ember.runtime.channel import Channel
+from ember.wire.messages import (
+    Forked,
+    ForkInstance,
+    InstanceExited,
+    Shutdown,
+    SpawnZygote,
+    ZygoteCommand,
+    ZygoteFailed,
+    ZygoteReady,
+)
+
+MAX_OUTPUT = 64 * 1024
+
+
+def _prepare(spec: SpawnZygote) -> None:
+    workdir = os.path.join(spec.code_dir, spec.source)
+    os.chdir(workdir)
+    sys.path.insert(0, workdir)
+    os.environ.update(spec.env)
+    os.environ.update({
+        "EMBER_FUNCTION": spec.function,
+        "EMBER_REVISION": str(spec.number),
+        "EMBER_MEMORY_MB": str(spec.memory_mb),
+    })
+
+
+def _load(spec: SpawnZygote) -> Callable[..., Any]:
+    module = importlib.import_module(spec.module)
+    handler = getattr(module, spec.attribute, None)
+    if not callable(handler):
+        raise AttributeError(
+            f"module '{spec.module}' has no function '{spec.attribute}'; define "
+            f"def {spec.attribute}(req, ctx) or set handler: in ember.yaml")
+    return handler  # type: ignore[no-any-return]
+
+
+def _user_traceback(exc: BaseException) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "importlib" not in f.filename and "/ember/runtime/" not in f.filename]
+    lines = traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)
+    return "Traceback (most recent call last):\n" + "".join(lines)
+
+
+class Zygote:
+    def __init__(self, channel: Channel[ZygoteCommand], spec: SpawnZygote,
+                 handler: Callable[..., Any]) -> None:
+        self.channel = channel
+        self.spec = spec
+        self.handler = handler
+        self.children: set[int] = set()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+
+    def fork(self, cmd: ForkInstance, fd: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            self.channel.sock.detach()  # closed below with every other inherited fd
+            limits.close_fds_except(fd)
+            limits.die_with_parent()
+            limits.default_signals()
+            if cmd.cgroup:
+                limits.join_cgroup(cmd.cgroup)
+            elif cmd.rlimit_as:
+                limits.limit_address_space(cmd.rlimit_as)
+            instance.run(fd, self.handler, self.spec)
+        os.close(fd)
+        self.children.add(pid)
+        self.channel.send(Forked(instance=cmd.instance, pid=pid))
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            code = os.waitstatus_to_exitcode(status)
+            self.channel.send(InstanceExited(pid=pid, status=code))
+
+    def on_command(self) -> bool:
+        got = self.channel.recv()
+        if got is None or isinstance(got[0], Shutdown):
+            return False
+        cmd, fds = got
+        if isinstance(cmd, ForkInstance) and fds:
+            self.fork(cmd, fds[0])
+        return True
+
+    def serve(self) -> None:
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        selector = selectors.DefaultSelector()
+        selector.register(self.channel.sock, selectors.EVENT_READ, "cmd")
+        selector.register(self.wake_r, selectors.EVENT_READ, "chld")
+        running = True
+        while running:
+            for key, _ in selector.select():
+                if key.data == "chld":
+                    os.read(self.wake_r, 4096)
+                    self.reap()
+                elif not self.on_command():
+                    running = False
+        for pid in self.children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def run(spec: SpawnZygote, fd: int) -> None:
+    """Entry point in the child of the root zygote; never returns."""
+    limits.close_fds_except(fd)
+    limits.die_with_parent()
+    limits.default_signals()
+    sock = socket.socket(fileno=fd)
+    channel: Channel[ZygoteCommand] = Channel(sock, ZygoteCommand)
+    output = io.StringIO()
+    saved = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = output
+    started = time.perf_counter()
+    try:
+        _prepare(spec)
+        handler = _load(spec)
+    except BaseException as exc:
+        sys.stdout, sys.stderr = saved
+        channel.send(ZygoteFailed(error_type=type(exc).__name__, message=str(exc),
+                                  traceback=_user_traceback(exc),
+                                  output=output.getvalue()[-MAX_OUTPUT:]))
+        os._exit(1)
+    sys.stdout, sys.stderr = saved
+    warnings = []
+    if threading.active_count() > 1:
+        warnings.append(
+            f"the module started {threading.active_count() - 1} thread(s) at import; threads do "
+            "not survive fork: start them in an @ember.on_fork hook instead")
+    gc.collect()
+    gc.freeze()
+    channel.send(ZygoteReady(pid=os.getpid(), import_ms=(time.perf_counter() - started) * 1000,
+                             warnings=warnings, output=output.getvalue()[-MAX_OUTPUT:]))
+    try:
+        Zygote(channel, spec, handler).serve()
+    finally:
+        os._exit(0)

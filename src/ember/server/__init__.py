@@ -1,0 +1,1 @@
+"""Glue: builds every component from one `ServerConfig` and runs them under uvicorn."""

@@ -1,0 +1,143 @@
+"""`ember up`: open the store, start the pool, restore functions, serve until a signal, clean up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from ember import bundle
+from ember.api.app import build
+from ember.api.control import Control
+from ember.blobs.local import LocalBlobs
+from ember.config import ServerConfig
+from ember.errors import EmberError
+from ember.gateway.app import Gateway
+from ember.gateway.router import RouteTable
+from ember.pool.manager import Pool
+from ember.server.app import EmberApp
+from ember.store.sqlite import SQLiteStore
+from ember.telemetry.buffer import TelemetryBuffer
+from ember.telemetry.metrics import Metrics
+
+log = logging.getLogger("ember")
+PRUNE_EVERY = 60.0
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.telemetry = TelemetryBuffer(config.log_bytes_per_invocation)
+        self.store = SQLiteStore(config.db_path)
+        self.pool = Pool(config, self.telemetry)
+        self.routes = RouteTable()
+        self.metrics = Metrics(self.pool.statistics)
+        self.control = Control(config, self.store, LocalBlobs(config.blob_dir), self.pool,
+                               self.routes)
+        gateway = Gateway(self.routes, self.pool, self.telemetry, self.metrics,
+                          config.max_body_bytes)
+        self.app = EmberApp(gateway, build(self.control, self.metrics))
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        for path in (self.config.home, self.config.code_dir, self.config.blob_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        await self.store.open()
+        await self.pool.start()
+        await self.control.restore()
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        last_prune = time.monotonic()
+        while True:
+            await asyncio.sleep(self.config.flush_interval)
+            await self.flush()
+            if time.monotonic() - last_prune > PRUNE_EVERY:
+                await self.store.prune(self.config.activation_retention,
+                                       self.config.log_retention)
+                last_prune = time.monotonic()
+
+    async def flush(self) -> None:
+        activations, logs = self.telemetry.drain()
+        try:
+            await self.store.write_telemetry(activations, logs)
+        except Exception:
+            log.exception("writing %d activations and %d log lines failed",
+                          len(activations), len(logs))
+
+    async def stop(self) -> None:
+        self.control.stopping.set()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self.pool.shutdown()
+        await self.flush()
+        await self.store.close()
+
+
+class _Uvicorn(uvicorn.Server):
+    """Ends log-follow streams as soon as a signal arrives, so shutdown is not held up by them."""
+
+    def __init__(self, config: uvicorn.Config, stopping: asyncio.Event) -> None:
+        super().__init__(config)
+        self._stopping = stopping
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._stopping.set()
+        super().handle_exit(sig, frame)
+
+
+async def _deploy_dirs(server: Server, dirs: list[Path]) -> None:
+    for directory in dirs:
+        data = await asyncio.to_thread(bundle.pack, directory)
+        name = directory.resolve().name.lower().replace("_", "-").replace(" ", "-")
+        for d in await server.control.deploy(data, name):
+            log.info("deployed %s revision %d", d.name, d.revision)
+            print(f"ember: deployed {d.name}; try:\n  curl '{d.url}'", flush=True)
+
+
+async def run(config: ServerConfig, deploy: list[Path]) -> int:
+    server = Server(config)
+    await server.start()
+    uv = _Uvicorn(uvicorn.Config(
+        server.app, host=config.host, port=config.port, http="httptools", lifespan="off",
+        access_log=False, log_level=config.log_level, timeout_graceful_shutdown=int(
+            config.grace_period) or None, server_header=False), server.control.stopping)
+    serving = asyncio.get_running_loop().create_task(uv.serve())
+    try:
+        while not uv.started and not serving.done():
+            await asyncio.sleep(0.01)
+        if uv.started:
+            log.info("ember serving on http://%s:%d (home %s)", config.host, config.port,
+                     config.home)
+            print(f"ember: listening on http://{config.host}:{config.port}", flush=True)
+            await _deploy_dirs(server, deploy)
+        await serving
+    except SystemExit:  # uvicorn exits when it cannot bind; it has logged why
+        return 1
+    except EmberError as exc:
+        print(f"ember: {exc.message}", file=sys.stderr, flush=True)
+        uv.should_exit = True
+        await serving
+        return exc.exit_code
+    finally:
+        await server.stop()
+    return 0 if uv.started else 1
+
+
+def serve(config: ServerConfig, deploy: list[Path]) -> int:
+    """Run the server in the foreground until SIGTERM or SIGINT; returns the exit code."""
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(run(config, deploy))
+    return uvloop.run(run(config, deploy))  # type: ignore[no-any-return]

@@ -1,0 +1,1 @@
+"""Metadata: functions, revisions, activation records, logs. SQLite now; PostgreSQL later."""

@@ -1,0 +1,30 @@
+"""Records the data plane produces and the store keeps."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ActivationRecord(msgspec.Struct, frozen=True):
+    id: str  # the request id
+    function: str
+    revision: int
+    start: float  # unix time the request arrived
+    duration_ms: float
+    status: int
+    tier: str  # warm | fork | specialize | fresh | none (never reached an instance)
+    instance: str
+    peak_memory_kb: int
+    billed_ms: int
+    error: str | None = None
+
+
+class LogRecord(msgspec.Struct, frozen=True):
+    ts: float
+    function: str
+    revision: int
+    request_id: str
+    instance: str
+    stream: str  # stdout | stderr | log | system
+    message: str
+    id: int = 0  # assigned by the store

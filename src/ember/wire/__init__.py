@@ -1,0 +1,1 @@
+"""Messages that cross process boundaries, and their framing. Types only, no I/O."""

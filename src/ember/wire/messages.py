@@ -1,0 +1,119 @@
+"""Every message between the server, the root zygote, function zygotes and instances.
+
+Three tagged unions, one per channel. New fields get defaults so old and new peers interoperate.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class _Msg(msgspec.Struct, frozen=True, tag_field="t", array_like=False):
+    pass
+
+
+# ---- server → root zygote (control channel), fd of the new zygote's channel rides along ----
+
+
+class SpawnZygote(_Msg, tag="spawn"):
+    revision: str  # "name@number", for logs and process titles
+    code_dir: str
+    source: str  # directory inside code_dir that is put on sys.path and made cwd
+    module: str
+    attribute: str
+    env: dict[str, str] = {}
+    function: str = ""
+    number: int = 0
+    memory_mb: int = 128
+    concurrency: int = 1
+
+
+class Shutdown(_Msg, tag="shutdown"):
+    pass
+
+
+# ---- function zygote → server ----
+
+
+class ZygoteReady(_Msg, tag="ready"):
+    pid: int
+    import_ms: float
+    warnings: list[str] = []
+    output: str = ""  # what the module printed while it was imported
+
+
+class ZygoteFailed(_Msg, tag="failed"):
+    error_type: str
+    message: str
+    traceback: str
+    output: str = ""
+
+
+class Forked(_Msg, tag="forked"):
+    instance: str
+    pid: int
+
+
+class InstanceExited(_Msg, tag="exited"):
+    pid: int
+    status: int  # os.waitstatus_to_exitcode: negative = killed by that signal
+
+
+# ---- server → function zygote; fd of the instance's socket rides along with ForkInstance ----
+
+
+class ForkInstance(_Msg, tag="fork"):
+    instance: str
+    cgroup: str = ""  # cgroup.procs path to join; "" = no cgroup
+    rlimit_as: int = 0  # bytes of address space beyond the zygote's; 0 = none
+
+
+# ---- server ↔ instance ----
+
+
+class Invoke(_Msg, tag="invoke"):
+    id: str
+    method: str
+    path: str
+    query: bytes
+    headers: Headers
+    body: bytes
+    deadline: float  # unix time
+    revision: int = 0
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    error_type: str
+    message: str
+    stack_trace: list[str]
+    kind: str = "exception"  # exception | memory
+
+
+class Result(_Msg, tag="result"):
+    id: str
+    status: int
+    headers: Headers
+    body: bytes
+    error: ErrorInfo | None = None
+    duration_ms: float = 0.0
+    max_rss_kb: int = 0
+
+
+class Log(_Msg, tag="log"):
+    id: str  # request id, "" when outside any invocation
+    stream: str  # stdout | stderr | log
+    ts: float
+    data: str
+
+
+class Exiting(_Msg, tag="exiting"):
+    reason: str  # why the instance ends itself, e.g. memory
+
+
+RootMessage = SpawnZygote | Shutdown
+ZygoteMessage = ZygoteReady | ZygoteFailed | Forked | InstanceExited
+ZygoteCommand = ForkInstance | Shutdown
+InstanceMessage = Result | Log | Exiting
+InstanceCommand = Invoke | Shutdown
