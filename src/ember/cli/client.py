@@ -1,0 +1,270 @@
+"""The CLI's HTTP side: requests built from command-line input, answers turned into errors.
+
+Every failure leaves this module as an `EmberError` whose class (and so exit code) follows the
+HTTP status: 4xx → `UserError` (2), 422/502/504 → `FunctionError` (3), 429 → `CapacityError`
+(4), other 5xx and an unreachable server → `PlatformError` (5).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, TypeVar
+from urllib.parse import quote
+
+import httpx
+import msgspec
+
+from ember.errors import CapacityError, EmberError, FunctionError, PlatformError, UserError
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 5.0
+UNREACHABLE = "no Ember server at {url}; start one with 'ember up' or set EMBER_URL"
+
+
+# Errors.
+
+
+class _ErrorBody(msgspec.Struct, frozen=True):
+    message: str
+    code: str | None = None
+    detail: str | None = None
+
+
+class _ErrorEnvelope(msgspec.Struct, frozen=True):
+    error: _ErrorBody
+
+
+def error_class(status: int) -> type[EmberError]:
+    """The error class (and so the exit code) for an HTTP status from the server."""
+    if status in (422, 502, 504):
+        return FunctionError
+    if status == 429:
+        return CapacityError
+    if 400 <= status < 500:
+        return UserError
+    return PlatformError
+
+
+def ember_error(body: bytes) -> tuple[str | None, str, str | None] | None:
+    """`(code, message, detail)` when `body` is Ember's JSON error envelope, else None."""
+    try:
+        err = msgspec.json.decode(body, type=_ErrorEnvelope).error
+    except msgspec.DecodeError:
+        return None
+    return err.code, err.message, err.detail
+
+
+def error_from_response(status: int, body: bytes) -> EmberError:
+    fields = ember_error(body)
+    if fields is None:
+        text = body.decode("utf-8", "replace").strip()[:500]
+        fields = (None, f"server answered HTTP {status}" + (f": {text}" if text else ""), None)
+    code, message, detail = fields
+    return error_class(status)(message, code=code, status=status, detail=detail)
+
+
+def invoke_exit_code(status: int, body: bytes) -> int:
+    """0 below 400; Ember's own errors as for the API; a function's own 4xx → 2, 5xx → 3."""
+    if status < 400:
+        return 0
+    if ember_error(body) is not None:
+        return error_class(status).exit_code
+    return UserError.exit_code if status < 500 else FunctionError.exit_code
+
+
+def decode(raw: bytes | str, type_: type[T]) -> T:
+    try:
+        return msgspec.json.decode(raw, type=type_)
+    except msgspec.DecodeError as exc:
+        raise PlatformError(
+            f"unexpected answer from the Ember server ({exc}); is the CLI as new as the server?",
+            code="bad_response",
+        ) from None
+
+
+# Building requests from command-line input: pure, tested in tests/unit/test_cli_parsing.py.
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+
+
+def parse_duration(text: str) -> float:
+    """'250ms', '30s', '10m', '1h30m', '2d' → seconds."""
+    text = text.strip()
+    parts = list(_DURATION_PART.finditer(text))
+    if not parts or "".join(part.group(0) for part in parts) != text:
+        raise UserError(
+            f"duration {text!r} is not valid; use numbers with ms, s, m, h or d, e.g. 10m or 1h30m",
+            code="bad_duration",
+        )
+    return sum(float(part.group(1)) * _UNITS[part.group(2)] for part in parts)
+
+
+def parse_since(text: str, now: float) -> float:
+    """A duration back from `now`, or a unix timestamp (a plain number above 1e9)."""
+    try:
+        number = float(text)
+    except ValueError:
+        return now - parse_duration(text)
+    if math.isfinite(number) and number > 1e9:
+        return number
+    raise UserError(
+        f"--since {text!r} is neither a duration (30s, 10m, 2h) nor a unix timestamp (above 1e9)",
+        code="bad_since",
+    )
+
+
+def parse_data(value: str | None, stdin: IO[bytes]) -> bytes | None:
+    """--data: a literal string, '@FILE' for a file's bytes, or '@-' for standard input."""
+    if value is None:
+        return None
+    if value == "@-":
+        return stdin.read()
+    if value.startswith("@"):
+        path = Path(value[1:]).expanduser()
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise UserError(
+                f"cannot read --data file '{path}': {reason}; give an existing file after '@'",
+                code="bad_data",
+            ) from None
+    return value.encode()
+
+
+def default_name(directory: Path) -> str:
+    """The function name a directory deploys as: its basename, lowercased, '_'/' ' → '-'."""
+    return re.sub(r"[_ ]", "-", directory.resolve().name.lower())
+
+
+def log_params(since: str | None, follow: bool, limit: int | None, now: float) -> dict[str, str]:
+    params = {"follow": "true" if follow else "false"}
+    if since is not None:
+        params["since"] = repr(parse_since(since, now))
+    if limit is not None:
+        params["limit"] = str(limit)
+    return params
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    """-H 'Name: value' → ('Name', 'value')."""
+    name, colon, value = text.partition(":")
+    name = name.strip()
+    if not colon or not name or any(char.isspace() for char in name):
+        raise UserError(f"header {text!r} must look like 'Name: value'", code="bad_header")
+    return name, value.strip()
+
+
+def choose_method(method: str | None, has_body: bool) -> str:
+    if method is None:
+        return "POST" if has_body else "GET"
+    if not method.isalpha():
+        raise UserError(f"--method {method!r} is not an HTTP method like GET or POST")
+    return method.upper()
+
+
+def function_path(name: str, sub: str = "") -> str:
+    """/fn/NAME plus a sub-path (and query), with a '/' added when the sub-path lacks one."""
+    if sub and sub[0] not in "/?":
+        sub = "/" + sub
+    return f"/fn/{quote(name, safe='')}{sub}"
+
+
+def api_path(name: str, *rest: str) -> str:
+    return "/".join(("/api/v1/functions", quote(name, safe=""), *rest))
+
+
+# The client.
+
+
+class Client:
+    """One connection pool to one Ember server; every failure surfaces as an `EmberError`."""
+
+    def __init__(self, base_url: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT)
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._http.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        json: object = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> httpx.Response:
+        """Send one request and return the response whatever its status."""
+        with self._transport_errors():
+            return self._http.request(
+                method, path, params=params, content=content, json=json, headers=list(headers)
+            )
+
+    def fetch(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        json: object = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> bytes:
+        """The body of a successful answer; an error status raises the matching `EmberError`."""
+        resp = self.request(
+            method, path, params=params, content=content, json=json, headers=headers
+        )
+        if resp.is_error:
+            raise error_from_response(resp.status_code, resp.content)
+        return resp.content
+
+    @contextmanager
+    def stream_lines(self, path: str, *, params: Mapping[str, str]) -> Iterator[Iterator[str]]:
+        """GET `path` and yield an iterator over the lines of the body as they arrive."""
+        with self._transport_errors(), self._http.stream("GET", path, params=params) as resp:
+            if resp.is_error:
+                resp.read()
+                raise error_from_response(resp.status_code, resp.content)
+            yield resp.iter_lines()
+
+    @contextmanager
+    def _transport_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            raise PlatformError(UNREACHABLE.format(url=self.base_url), code="unreachable") from None
+        except httpx.TimeoutException as exc:
+            kind = type(exc).__name__
+            raise PlatformError(
+                f"the Ember server at {self.base_url} did not answer in time ({kind})",
+                code="timeout",
+            ) from None
+        except httpx.HTTPError as exc:
+            raise PlatformError(
+                f"talking to the Ember server at {self.base_url} failed: {exc}", code="transport"
+            ) from None
+
+
+def probe(base_url: str, timeout: float = 1.0) -> tuple[bool, str]:
+    """Whether anything answers GET /healthz at `base_url`, and what it said."""
+    try:
+        resp = httpx.get(f"{base_url.rstrip('/')}/healthz", timeout=timeout)
+    except httpx.HTTPError as exc:
+        return False, UNREACHABLE.format(url=base_url) + f" ({type(exc).__name__})"
+    return True, f"{base_url} answers /healthz with HTTP {resp.status_code}"

@@ -1,0 +1,318 @@
+"""The `ember` command: a Typer app that talks HTTP to an Ember server.
+
+This is the only place in Ember that reads environment variables: `EMBER_URL` (the server to
+talk to) and `EMBER_HOME` (the state directory of `ember up`). httpx, the server and the bundler
+are imported inside the commands so that `ember --help` stays fast.
+"""
+
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
+
+import msgspec
+import typer
+from rich.console import RenderableType
+
+from ember.cli import render
+from ember.config import ServerConfig
+from ember.errors import EmberError
+
+if TYPE_CHECKING:
+    from ember.cli import client
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_HOME = "~/.ember"
+API_TIMEOUT = 30.0
+DEPLOY_TIMEOUT = 120.0
+
+app = typer.Typer(
+    name="ember",
+    help="Ember: Python functions on your own machine that start from zero in milliseconds.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+Name = Annotated[str, typer.Argument(help="Function name.", show_default=False)]
+
+
+def main() -> None:
+    """Entry point of the `ember` script."""
+    app(prog_name="ember")
+
+
+def command(fn: Callable[P, None]) -> Callable[P, None]:
+    """Register `fn` as a subcommand; an `EmberError` becomes 'error: …' and its exit code."""
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except EmberError as exc:
+            render.print_error(exc)
+            raise typer.Exit(exc.exit_code) from None
+
+    app.command()(run)
+    return run
+
+
+# Environment.
+
+
+def server_url() -> str:
+    return os.environ.get("EMBER_URL") or DEFAULT_URL
+
+
+def ember_home() -> Path:
+    return Path(os.environ.get("EMBER_HOME") or DEFAULT_HOME).expanduser()
+
+
+def server_default(field: str) -> Any:
+    """`ServerConfig`'s default for `field`, so defaults live in one place."""
+    return next(f.default for f in msgspec.structs.fields(ServerConfig) if f.name == field)
+
+
+# Commands.
+
+
+def _connect(timeout: float | None = API_TIMEOUT) -> "client.Client":
+    from ember.cli import client
+
+    return client.Client(server_url(), timeout=timeout)
+
+
+def _show(raw: bytes, as_json: bool, type_: type[T], view: Callable[[T], RenderableType]) -> None:
+    from ember.cli import client
+
+    if as_json:
+        render.write_bytes(raw, newline=True)
+    else:
+        render.out().print(view(client.decode(raw, type_)))
+
+
+@command
+def up(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = server_default("host"),
+    port: Annotated[int, typer.Option(help="Port (0 picks a free one).")] = server_default("port"),
+    home: Annotated[
+        Path | None,
+        typer.Option(help="State directory. Default: $EMBER_HOME or ~/.ember.", show_default=False),
+    ] = None,
+    deploy: Annotated[
+        list[Path] | None,
+        typer.Option(help="Deploy this directory once started; repeatable.", file_okay=False),
+    ] = None,
+    queue_depth: Annotated[
+        int, typer.Option(help="Waiting requests per revision before 429.")
+    ] = server_default("queue_depth"),
+    grace: Annotated[
+        float, typer.Option(help="Seconds in-flight requests get on shutdown.")
+    ] = server_default("grace_period"),
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = server_default(
+        "log_level"
+    ),
+) -> None:
+    """Run an Ember server in the foreground until Ctrl-C or SIGTERM."""
+    from ember.server.main import serve
+
+    config = ServerConfig(
+        home=home or ember_home(),
+        host=host,
+        port=port,
+        queue_depth=queue_depth,
+        grace_period=grace,
+        log_level=log_level,
+    ).validate()
+    raise typer.Exit(serve(config, list(deploy or [])))
+
+
+@command
+def deploy(
+    directory: Annotated[
+        Path, typer.Argument(help="Directory to pack and deploy.", exists=True, file_okay=False)
+    ],
+    name: Annotated[
+        str | None, typer.Option(help="Function name. Default: the directory's name.")
+    ] = None,
+) -> None:
+    """Pack a directory (honouring .emberignore) and deploy the functions in it."""
+    from ember.bundle import pack, read_manifest
+    from ember.cli import client
+    from ember.manifest import load_manifest
+
+    name = name or client.default_name(directory)
+    load_manifest(read_manifest(directory), name)  # a bad ember.yaml fails before the upload
+    bundle = pack(directory)
+    with _connect(DEPLOY_TIMEOUT) as api:
+        raw = api.fetch(
+            "POST",
+            "/api/v1/deploy",
+            params={"name": name},
+            content=bundle,
+            headers=[("Content-Type", "application/gzip")],
+        )
+    console = render.out()
+    for fn in client.decode(raw, render.DeployResult).functions:
+        console.print(render.deployed(fn))
+
+
+@command
+def invoke(
+    name: Name,
+    data: Annotated[
+        str | None, typer.Option("--data", "-d", help="Body: a string, @FILE, or @- for stdin.")
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option("--method", "-X", help="Default: POST with --data, else GET.")
+    ] = None,
+    path: Annotated[str, typer.Option(help="Sub-path (and query) after /fn/NAME.")] = "",
+    header: Annotated[
+        list[str] | None, typer.Option("--header", "-H", help="'Name: value'; repeatable.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print status, headers, body and Ember headers as JSON.")
+    ] = False,
+) -> None:
+    """Call a function over HTTP and print its response body."""
+    from ember.cli import client
+
+    body = client.parse_data(data, sys.stdin.buffer)
+    verb = client.choose_method(method, body is not None)
+    headers = [client.parse_header(h) for h in header or []]
+    with _connect(timeout=None) as api:  # the server enforces the function's own timeout
+        resp = api.request(verb, client.function_path(name, path), content=body, headers=headers)
+    code = client.invoke_exit_code(resp.status_code, resp.content)
+    if as_json:
+        render.write_json(render.invocation_summary(resp.status_code, resp.headers, resp.content))
+    elif code == 0:
+        render.write_bytes(resp.content)
+    elif client.ember_error(resp.content) is not None:
+        raise client.error_from_response(resp.status_code, resp.content)
+    else:
+        render.write_bytes(resp.content, stderr=True)
+    raise typer.Exit(code)
+
+
+@command
+def ls(as_json: JsonFlag = False) -> None:
+    """List deployed functions."""
+
+    with _connect() as api:
+        raw = api.fetch("GET", "/api/v1/functions")
+    _show(
+        raw,
+        as_json,
+        render.FunctionList,
+        lambda r: render.functions_table(r.functions, time.time()),
+    )
+
+
+@command
+def describe(name: Name, as_json: JsonFlag = False) -> None:
+    """Show a function's spec, instances and revisions."""
+    from ember.cli import client
+
+    with _connect() as api:
+        raw = api.fetch("GET", client.api_path(name))
+    _show(raw, as_json, render.FunctionDetail, lambda fn: render.describe(fn, time.time()))
+
+
+@command
+def rm(name: Name) -> None:
+    """Delete a function and all its revisions."""
+    from ember.cli import client
+
+    with _connect() as api:
+        api.fetch("DELETE", client.api_path(name))
+    render.out().print(f"deleted {name}", markup=False)
+
+
+@command
+def logs(
+    name: Name,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming.")] = False,
+    since: Annotated[
+        str | None, typer.Option(help="A duration back (30s, 10m, 1h) or a unix timestamp.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many lines.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print raw JSON lines.")] = False,
+) -> None:
+    """Print a function's log lines; with -f, keep streaming until Ctrl-C."""
+    from ember.cli import client
+
+    params = client.log_params(since, follow, limit, time.time())
+    console = render.out()
+    try:
+        with (
+            _connect(timeout=None if follow else API_TIMEOUT) as api,
+            api.stream_lines(client.api_path(name, "logs"), params=params) as lines,
+        ):
+            for line in lines:
+                if not line.strip():
+                    continue
+                if as_json:
+                    render.write_bytes(line.encode(), newline=True)
+                else:
+                    entry = client.decode(line, render.LogEntry)
+                    console.print(render.log_line(entry), soft_wrap=True)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+@command
+def activations(
+    name: Name,
+    limit: Annotated[int, typer.Option(min=1, help="Most recent activations to show.")] = 20,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show a function's recent invocations: status, tier, duration, memory."""
+    from ember.cli import client
+
+    with _connect() as api:
+        raw = api.fetch("GET", client.api_path(name, "activations"), params={"limit": str(limit)})
+    _show(raw, as_json, render.ActivationList, lambda r: render.activations_table(r.activations))
+
+
+@command
+def scale(
+    name: Name,
+    instances: Annotated[
+        int, typer.Option("--instances", "-n", min=0, help="Instances to keep.", show_default=False)
+    ],
+) -> None:
+    """Set how many instances a function keeps running."""
+    from ember.cli import client
+
+    with _connect() as api:
+        raw = api.fetch("POST", client.api_path(name, "scale"), json={"instances": instances})
+    scaled = client.decode(raw, render.Scaled)
+    render.out().print(f"{scaled.name} scaled to {scaled.instances} instances", markup=False)
+
+
+@command
+def doctor(as_json: JsonFlag = False) -> None:
+    """Check this host's isolation features and whether an Ember server is reachable."""
+    from ember.cli import client
+    from ember.pool.capabilities import detect
+
+    checks = [(check.name, check.ok, check.detail) for check in detect()]
+    url = server_url()
+    reachable, detail = client.probe(url)
+    if as_json:
+        rows = [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks]
+        server = {"url": url, "reachable": reachable, "detail": detail}
+        render.write_json({"checks": rows, "server": server})
+        return
+    render.out().print(render.doctor_table([*checks, ("server", reachable, detail)]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""Output for the CLI: Rich tables and lines for people, raw bytes and JSON for programs.
+
+The builders are pure (they return renderables and take `now` where time matters); only
+`write_*` and `print_error` touch the terminal. Text from the server is never parsed as markup.
+"""
+
+from __future__ import annotations
+
+import base64
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+import msgspec
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from ember.errors import EmberError
+
+# What the server answers. Unknown fields are ignored: an older CLI still reads a newer server.
+
+
+class Scale(msgspec.Struct, frozen=True):
+    min: int = 0
+    max: int = 0
+    idle: float = 0.0
+
+
+class Spec(msgspec.Struct, frozen=True):
+    handler: str = ""
+    source: str = "."
+    memory: int = 0
+    timeout: float = 0.0
+    concurrency: int = 1
+    scale: Scale = Scale()
+    env: dict[str, str] = {}
+
+
+class Instances(msgspec.Struct, frozen=True):
+    idle: int = 0
+    busy: int = 0
+    starting: int = 0
+
+
+class RevisionInfo(msgspec.Struct, frozen=True):
+    number: int
+    sha256: str
+    created_at: float
+    spec: Spec = Spec()
+
+
+class FunctionInfo(msgspec.Struct, frozen=True):
+    name: str
+    revision: int
+    sha256: str
+    created_at: float
+    updated_at: float
+    spec: Spec = Spec()
+    instances: Instances = Instances()
+    zygote: bool = False
+    url: str = ""
+
+
+class FunctionDetail(FunctionInfo, frozen=True):
+    revisions: list[RevisionInfo] = []
+
+
+class FunctionList(msgspec.Struct, frozen=True):
+    functions: list[FunctionInfo]
+
+
+class Deployed(msgspec.Struct, frozen=True):
+    name: str
+    revision: int
+    created: bool
+    sha256: str = ""
+    url: str = ""
+
+
+class DeployResult(msgspec.Struct, frozen=True):
+    functions: list[Deployed]
+
+
+class LogEntry(msgspec.Struct, frozen=True):
+    ts: float
+    message: str
+    stream: str = "log"
+    id: int = 0
+    function: str = ""
+    revision: int = 0
+    request_id: str | None = None
+    instance: str | None = None
+
+
+class Activation(msgspec.Struct, frozen=True):
+    id: str | int
+    start: float
+    duration_ms: float
+    status: int
+    function: str = ""
+    revision: int = 0
+    tier: str = ""
+    instance: str | None = None
+    peak_memory_kb: int | None = None
+    billed_ms: int | None = None
+    error: str | None = None
+
+
+class ActivationList(msgspec.Struct, frozen=True):
+    activations: list[Activation]
+
+
+class Scaled(msgspec.Struct, frozen=True):
+    name: str
+    instances: int
+
+
+_STREAM_STYLES = {"stderr": "red", "log": "cyan"}
+
+
+def out() -> Console:
+    return Console(highlight=False)
+
+
+def err() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def write_bytes(data: bytes, *, stderr: bool = False, newline: bool = False) -> None:
+    """Write bytes untouched (a response body may be binary); `newline` ends a text line."""
+    stream = sys.stderr if stderr else sys.stdout
+    stream.flush()
+    stream.buffer.write(data)
+    if newline and not data.endswith(b"\n"):
+        stream.buffer.write(b"\n")
+    stream.buffer.flush()
+
+
+def write_json(value: object) -> None:
+    write_bytes(msgspec.json.encode(value), newline=True)
+
+
+def error_text(exc: EmberError) -> Text:
+    text = Text.assemble(("error: ", "bold red"), exc.message)
+    if exc.detail:
+        text.append("\n" + exc.detail.rstrip(), style="dim")
+    return text
+
+
+def print_error(exc: EmberError) -> None:
+    err().print(error_text(exc), soft_wrap=True)
+
+
+# Time.
+
+
+def clock(ts: float) -> str:
+    """Local wall-clock time with milliseconds: 'HH:MM:SS.mmm'."""
+    moment = datetime.fromtimestamp(ts)
+    return moment.strftime("%H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
+
+
+def stamp(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def ago(ts: float, now: float) -> str:
+    delta = max(0.0, now - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if delta >= size:
+            return f"{int(delta // size)}{unit} ago"
+    return f"{int(delta)}s ago"
+
+
+def seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+# Commands.
+
+
+def deployed(fn: Deployed) -> Text:
+    if not fn.created:
+        return Text(f"{fn.name} unchanged (revision {fn.revision})", style="dim")
+    return Text.assemble(
+        "deployed ", (fn.name, "bold"), f" revision {fn.revision} → ", (fn.url, "cyan")
+    )
+
+
+def functions_table(functions: Sequence[FunctionInfo], now: float) -> RenderableType:
+    if not functions:
+        return Text("no functions deployed; try 'ember deploy DIR'", style="dim")
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "REVISION", "MEMORY", "TIMEOUT", "CONCURRENCY", "SCALE"):
+        table.add_column(column)
+    table.add_column("INSTANCES(idle/busy)")
+    table.add_column("UPDATED")
+    for fn in functions:
+        spec = fn.spec
+        table.add_row(
+            Text(fn.name, style="bold"),
+            str(fn.revision),
+            f"{spec.memory} MB",
+            seconds(spec.timeout),
+            str(spec.concurrency),
+            f"{spec.scale.min}-{spec.scale.max}",
+            f"{fn.instances.idle}/{fn.instances.busy}",
+            ago(fn.updated_at, now),
+        )
+    return table
+
+
+def _spec_rows(spec: Spec) -> list[tuple[str, str]]:
+    scale = spec.scale
+    env = ", ".join(f"{key}={value}" for key, value in sorted(spec.env.items()))
+    return [
+        ("handler", f"{spec.handler} (source {spec.source})"),
+        ("memory", f"{spec.memory} MB"),
+        ("timeout", seconds(spec.timeout)),
+        ("concurrency", str(spec.concurrency)),
+        ("scale", f"min {scale.min}, max {scale.max}, idle {seconds(scale.idle)}"),
+        ("env", env or "-"),
+    ]
+
+
+def describe(fn: FunctionDetail, now: float) -> RenderableType:
+    inst = fn.instances
+    rows = [
+        ("url", fn.url),
+        ("revision", f"{fn.revision} (sha256 {fn.sha256[:12]})"),
+        ("created", f"{stamp(fn.created_at)} ({ago(fn.created_at, now)})"),
+        ("updated", f"{stamp(fn.updated_at)} ({ago(fn.updated_at, now)})"),
+        *_spec_rows(fn.spec),
+        ("instances", f"{inst.idle} idle, {inst.busy} busy, {inst.starting} starting"),
+        ("zygote", "warm" if fn.zygote else "none"),
+    ]
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for key, value in rows:
+        grid.add_row(key, Text(value))
+    revisions = Table(box=None, header_style="bold", title="revisions", title_justify="left")
+    for column in ("REVISION", "SHA256", "CREATED", "MEMORY", "TIMEOUT", "HANDLER"):
+        revisions.add_column(column)
+    for rev in sorted(fn.revisions, key=lambda r: r.number, reverse=True):
+        revisions.add_row(
+            str(rev.number),
+            rev.sha256[:12],
+            stamp(rev.created_at),
+            f"{rev.spec.memory} MB",
+            seconds(rev.spec.timeout),
+            Text(rev.spec.handler),
+        )
+    return Group(Text(fn.name, style="bold"), grid, Text(), revisions)
+
+
+def log_line(entry: LogEntry) -> Text:
+    """'HH:MM:SS.mmm request_id[:8] stream message'."""
+    request = (entry.request_id or "-")[:8].ljust(8)
+    return Text.assemble(
+        (clock(entry.ts), "dim"),
+        " ",
+        (request, "magenta"),
+        " ",
+        (entry.stream.ljust(6), _STREAM_STYLES.get(entry.stream, "")),
+        " ",
+        entry.message.rstrip("\n"),
+    )
+
+
+def activations_table(activations: Sequence[Activation]) -> RenderableType:
+    if not activations:
+        return Text("no activations yet", style="dim")
+    table = Table(box=None, header_style="bold")
+    columns = ("START", "ID", "REV", "STATUS", "TIER", "DURATION", "BILLED", "PEAK MEM")
+    for column in (*columns, "INSTANCE", "ERROR"):
+        table.add_column(column, no_wrap=column != "ERROR")
+    for act in activations:
+        table.add_row(
+            clock(act.start),
+            str(act.id)[:8],
+            str(act.revision),
+            Text(str(act.status), style="green" if act.status < 400 else "red"),
+            act.tier,
+            f"{act.duration_ms:.1f} ms",
+            "-" if act.billed_ms is None else f"{act.billed_ms} ms",
+            "-" if act.peak_memory_kb is None else f"{act.peak_memory_kb / 1024:.1f} MB",
+            Text(act.instance or "-"),
+            Text(act.error or "", style="red"),
+        )
+    return table
+
+
+def doctor_table(rows: Sequence[tuple[str, bool, str]]) -> Table:
+    table = Table(box=None, show_header=False)
+    for _ in range(3):
+        table.add_column()
+    for name, ok, detail in rows:
+        mark = Text("✓", style="green") if ok else Text("✗", style="red")
+        table.add_row(mark, Text(name, style="bold"), Text(detail))
+    return table
+
+
+def invocation_summary(status: int, headers: Mapping[str, str], body: bytes) -> dict[str, object]:
+    """What `ember invoke --json` prints: status, headers, body (text or base64), Ember headers."""
+    lower = {key.lower(): value for key, value in headers.items()}
+    revision = lower.get("x-ember-revision", "")
+    try:
+        text, is_base64 = body.decode("utf-8"), False
+    except UnicodeDecodeError:
+        text, is_base64 = base64.b64encode(body).decode("ascii"), True
+    return {
+        "status": status,
+        "headers": dict(headers),
+        "body": text,
+        "body_base64": is_base64,
+        "request_id": lower.get("x-ember-request-id"),
+        "revision": int(revision) if revision.isdigit() else None,
+        "start": lower.get("x-ember-start"),
+    }

@@ -1,0 +1,143 @@
+"""A real `ember up` in a subprocess, on a free port with a temporary home, driven over HTTP and the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ember_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("ember")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ember.cli.main"]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class EmberServer:
+    def __init__(self, home: Path, extra: list[str]) -> None:
+        self.home = home
+        self.extra = extra
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = home / "server.log"
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+
+    def start(self) -> EmberServer:
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [*ember_cmd(), "up", "--home", str(self.home), "--port", str(self.port),
+                 "--log-level", "warning", *self.extra],
+                stdout=out, stderr=subprocess.STDOUT, env=self.env())
+        wait_for(self.healthy, 20, "the server to answer /healthz")
+        return self
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "EMBER_URL": self.url, "EMBER_HOME": str(self.home)}
+
+    def healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"ember up exited with {self.proc.returncode}:\n{self.output()}")
+        try:
+            return self.http.get("/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError("ember up did not exit after the signal") from None
+        return self.proc.returncode
+
+    def cli(self, *args: str, input: bytes | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        done = subprocess.run([*ember_cmd(), *args], input=input, capture_output=True,
+                              env=self.env(), timeout=120)
+        if check and done.returncode != 0:
+            raise AssertionError(f"ember {' '.join(args)} exited {done.returncode}:\n"
+                                 f"{done.stdout.decode()}\n{done.stderr.decode()}")
+        return done
+
+    def deploy(self, directory: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+        return self.cli("deploy", str(directory), *args)
+
+
+def make_function(root: Path, name: str, code: str, manifest: str | None = None,
+                  files: dict[str, bytes] | None = None) -> Path:
+    directory = root / name
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "handler.py").write_text(textwrap.dedent(code))
+    if manifest is not None:
+        (directory / "ember.yaml").write_text(textwrap.dedent(manifest))
+    for rel, data in (files or {}).items():
+        (directory / rel).write_bytes(data)
+    return directory
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., EmberServer]]:
+    servers: list[EmberServer] = []
+
+    def start(*extra: str, home: Path | None = None) -> EmberServer:
+        srv = EmberServer(home or tmp_path / f"home{len(servers)}", list(extra))
+        servers.append(srv)
+        return srv.start()
+
+    yield start
+    for srv in servers:
+        if srv.proc is not None and srv.proc.poll() is None:
+            srv.stop(signal.SIGKILL)
+        srv.http.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmberServer]:
+    srv = EmberServer(tmp_path_factory.mktemp("ember-home"), []).start()
+    yield srv
+    code = srv.stop()
+    srv.http.close()
+    assert code == 0, srv.output()
+
+
+@pytest.fixture
+def fn_dir(tmp_path: Path) -> Callable[..., Path]:
+    def make(name: str, code: str, manifest: str | None = None,
+             files: dict[str, bytes] | None = None) -> Path:
+        return make_function(tmp_path / "src", name, code, manifest, files)
+    return make
