@@ -1,4 +1,4 @@
-"""The server's one frozen config object: defaults in one place, `validate()` names key, value and rule.
+"""The server's one frozen config: defaults in one place; `validate()` names key, value and rule.
 
 Only the CLI reads environment variables; everything below it receives a `ServerConfig`.
 """
@@ -38,9 +38,12 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
             ("zygote_keepalive", self.zygote_keepalive, self.zygote_keepalive >= 0, "must be >= 0"),
             ("max_body_bytes", self.max_body_bytes, self.max_body_bytes > 0, "must be > 0"),
             ("flush_interval", self.flush_interval, self.flush_interval > 0, "must be > 0"),
-            ("log_level", self.log_level,
-             self.log_level in ("debug", "info", "warning", "error"),
-             "must be debug, info, warning or error"),
+            (
+                "log_level",
+                self.log_level,
+                self.log_level in ("debug", "info", "warning", "error"),
+                "must be debug, info, warning or error",
+            ),
         ]
         for key, value, ok, rule in rules:
             if not ok:

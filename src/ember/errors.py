@@ -1,4 +1,4 @@
-"""One error hierarchy, split by who is at fault, and the one place that maps it to HTTP and exit codes.
+"""One error hierarchy, split by who is at fault; the one place that maps it to HTTP and exit codes.
 
 Every error carries a stable machine `code` and a message that says what happened, to what,
 and what to do.
@@ -14,8 +14,15 @@ class EmberError(Exception):
     code: str = "internal"
     exit_code: int = 1
 
-    def __init__(self, message: str, *, code: str | None = None, status: int | None = None,
-                 headers: dict[str, str] | None = None, detail: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+        detail: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:

@@ -1,4 +1,4 @@
-"""A real `ember up` in a subprocess, on a free port with a temporary home, driven over HTTP and the CLI."""
+"""A real `ember up` in a subprocess (free port, temporary home), driven over HTTP and the CLI."""
 
 from __future__ import annotations
 
@@ -52,9 +52,21 @@ class EmberServer:
         self.home.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [*ember_cmd(), "up", "--home", str(self.home), "--port", str(self.port),
-                 "--log-level", "warning", *self.extra],
-                stdout=out, stderr=subprocess.STDOUT, env=self.env())
+                [
+                    *ember_cmd(),
+                    "up",
+                    "--home",
+                    str(self.home),
+                    "--port",
+                    str(self.port),
+                    "--log-level",
+                    "warning",
+                    *self.extra,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env(),
+            )
         wait_for(self.healthy, 20, "the server to answer /healthz")
         return self
 
@@ -85,21 +97,30 @@ class EmberServer:
                 raise AssertionError("ember up did not exit after the signal") from None
         return self.proc.returncode
 
-    def cli(self, *args: str, input: bytes | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        done = subprocess.run([*ember_cmd(), *args], input=input, capture_output=True,
-                              env=self.env(), timeout=120)
+    def cli(
+        self, *args: str, input: bytes | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[bytes]:
+        done = subprocess.run(
+            [*ember_cmd(), *args], input=input, capture_output=True, env=self.env(), timeout=120
+        )
         if check and done.returncode != 0:
-            raise AssertionError(f"ember {' '.join(args)} exited {done.returncode}:\n"
-                                 f"{done.stdout.decode()}\n{done.stderr.decode()}")
+            raise AssertionError(
+                f"ember {' '.join(args)} exited {done.returncode}:\n"
+                f"{done.stdout.decode()}\n{done.stderr.decode()}"
+            )
         return done
 
     def deploy(self, directory: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
         return self.cli("deploy", str(directory), *args)
 
 
-def make_function(root: Path, name: str, code: str, manifest: str | None = None,
-                  files: dict[str, bytes] | None = None) -> Path:
+def make_function(
+    root: Path,
+    name: str,
+    code: str,
+    manifest: str | None = None,
+    files: dict[str, bytes] | None = None,
+) -> Path:
     directory = root / name
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "handler.py").write_text(textwrap.dedent(code))
@@ -137,7 +158,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmberServer]:
 
 @pytest.fixture
 def fn_dir(tmp_path: Path) -> Callable[..., Path]:
-    def make(name: str, code: str, manifest: str | None = None,
-             files: dict[str, bytes] | None = None) -> Path:
+    def make(
+        name: str, code: str, manifest: str | None = None, files: dict[str, bytes] | None = None
+    ) -> Path:
         return make_function(tmp_path / "src", name, code, manifest, files)
+
     return make

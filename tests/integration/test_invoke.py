@@ -39,8 +39,11 @@ def handle(req, ctx):
 
 
 def test_hello_first_request_forks_then_warm(server: EmberServer, fn_dir: Callable[..., Path]):
-    server.deploy(fn_dir("hello", "def handle(req, ctx):\n"
-                                  "    return {'hello': req.query.get('name', 'world')}\n"))
+    server.deploy(
+        fn_dir(
+            "hello", "def handle(req, ctx):\n    return {'hello': req.query.get('name', 'world')}\n"
+        )
+    )
     first = server.http.get("/fn/hello", params={"name": "ada"})
     assert first.status_code == 200
     assert first.json() == {"hello": "ada"}
@@ -52,13 +55,15 @@ def test_hello_first_request_forks_then_warm(server: EmberServer, fn_dir: Callab
     assert second.headers["x-ember-start"] == "warm"
 
 
-def test_request_reaches_the_function_byte_exact(server: EmberServer,
-                                                 fn_dir: Callable[..., Path]):
+def test_request_reaches_the_function_byte_exact(server: EmberServer, fn_dir: Callable[..., Path]):
     server.deploy(fn_dir("echo", ECHO))
     body = bytes(range(256)) * 40
     resp = server.http.put(
-        "/fn/echo/ünï/cødé/a%2Fb", params=[("a", "1"), ("a", "2"), ("b", "")],
-        content=body, headers={"X-Custom": "Value", "Content-Type": "application/x-bin"})
+        "/fn/echo/ünï/cødé/a%2Fb",
+        params=[("a", "1"), ("a", "2"), ("b", "")],
+        content=body,
+        headers={"X-Custom": "Value", "Content-Type": "application/x-bin"},
+    )
     assert resp.status_code == 200, resp.text
     got = resp.json()
     assert got["method"] == "PUT"
@@ -117,8 +122,7 @@ def test_return_values_become_responses(server: EmberServer, fn_dir: Callable[..
     assert bad.json()["errorType"] == "BadReturn"
 
 
-def test_exception_becomes_500_with_stack_trace(server: EmberServer,
-                                                fn_dir: Callable[..., Path]):
+def test_exception_becomes_500_with_stack_trace(server: EmberServer, fn_dir: Callable[..., Path]):
     server.deploy(fn_dir("returns", RETURNS))
     resp = server.http.get("/fn/returns", params={"kind": "boom"})
     assert resp.status_code == 500
@@ -139,7 +143,8 @@ def test_unknown_function_is_404_json(server: EmberServer):
 
 
 def test_async_handler_serves_concurrent_requests_in_one_instance(
-        server: EmberServer, fn_dir: Callable[..., Path]):
+    server: EmberServer, fn_dir: Callable[..., Path]
+):
     code = """
     import asyncio, os
     async def handle(req, ctx):
@@ -186,8 +191,9 @@ def test_large_response_and_large_output(server: EmberServer, fn_dir: Callable[.
     assert server.http.get("/healthz").status_code == 200
 
 
-def _logs(server: EmberServer, name: str, done: Callable[[list[dict[str, object]]], bool]
-          ) -> list[dict[str, object]]:
+def _logs(
+    server: EmberServer, name: str, done: Callable[[list[dict[str, object]]], bool]
+) -> list[dict[str, object]]:
     from tests.integration.conftest import wait_for
 
     rows: list[dict[str, object]] = []

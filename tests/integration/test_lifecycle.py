@@ -24,7 +24,8 @@ def _tree(server: EmberServer) -> list[psutil.Process]:
 
 
 def test_restart_keeps_functions_and_they_serve_without_redeploy(
-        server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path], tmp_path: Path):
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path], tmp_path: Path
+):
     home = tmp_path / "home"
     first = server_factory(home=home)
     first.deploy(fn_dir("keep", HELLO))
@@ -35,26 +36,36 @@ def test_restart_keeps_functions_and_they_serve_without_redeploy(
     assert resp.status_code == 200 and resp.json() == {"v": 1}
     assert resp.headers["x-ember-start"] == "specialize"
     assert resp.headers["x-ember-revision"] == "1"
-    wait_for(lambda: len(second.http.get("/api/v1/functions/keep/activations")
-                         .json()["activations"]) == 2, 5, "both servers' activation records")
+    wait_for(
+        lambda: (
+            len(second.http.get("/api/v1/functions/keep/activations").json()["activations"]) == 2
+        ),
+        5,
+        "both servers' activation records",
+    )
 
 
-def test_tiers_fresh_after_the_root_zygote_dies(server_factory: Callable[..., EmberServer],
-                                                fn_dir: Callable[..., Path]):
+def test_tiers_fresh_after_the_root_zygote_dies(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+):
     server = server_factory()
     server.deploy(fn_dir("tiers", HELLO))
     assert server.http.get("/fn/tiers").headers["x-ember-start"] == "fork"
     root = next(p for p in _tree(server) if "ember.runtime.root" in " ".join(p.cmdline()))
     root.kill()
     root.wait(5)
-    wait_for(lambda: all(p.pid == root.pid or not p.is_running() for p in _tree(server)), 5,
-             "zygotes and instances to die with the root zygote")
+    wait_for(
+        lambda: all(p.pid == root.pid or not p.is_running() for p in _tree(server)),
+        5,
+        "zygotes and instances to die with the root zygote",
+    )
     resp = server.http.get("/fn/tiers")
     assert resp.status_code == 200 and resp.headers["x-ember-start"] == "fresh"
 
 
-def test_scale_to_zero_and_back(server_factory: Callable[..., EmberServer],
-                                fn_dir: Callable[..., Path]):
+def test_scale_to_zero_and_back(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+):
     server = server_factory()
     server.deploy(fn_dir("zero", HELLO, "functions:\n  zero:\n    scale: {idle: 500ms}\n"))
     assert server.http.get("/fn/zero").headers["x-ember-start"] == "fork"
@@ -71,19 +82,21 @@ def test_scale_to_zero_and_back(server_factory: Callable[..., EmberServer],
     assert server.http.get("/fn/zero").headers["x-ember-start"] == "fork"
 
 
-def test_scale_min_keeps_instances_warm(server_factory: Callable[..., EmberServer],
-                                        fn_dir: Callable[..., Path]):
+def test_scale_min_keeps_instances_warm(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+):
     server = server_factory()
     server.deploy(fn_dir("warm", HELLO, "functions:\n  warm:\n    scale: {min: 2, idle: 0.2}\n"))
     info = lambda: server.http.get("/api/v1/functions/warm").json()  # noqa: E731
     wait_for(lambda: info()["instances"]["idle"] == 2, 5, "two warm instances")
     assert server.http.get("/fn/warm").headers["x-ember-start"] == "warm"
-    time.sleep(0.5)  # longer than scale.idle: min still holds  # noqa: ASYNC251
+    time.sleep(0.5)  # longer than scale.idle: min still holds
     assert info()["instances"]["idle"] == 2
 
 
-def test_failed_deploy_keeps_the_previous_revision(server_factory: Callable[..., EmberServer],
-                                                   fn_dir: Callable[..., Path]):
+def test_failed_deploy_keeps_the_previous_revision(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+):
     server = server_factory()
     directory = fn_dir("safe", HELLO)
     server.deploy(directory)
@@ -92,8 +105,11 @@ def test_failed_deploy_keeps_the_previous_revision(server_factory: Callable[...,
     assert bad.returncode == 3
     assert b"nonexistent_module_xyz" in bad.stderr
     (directory / "handler.py").write_text("raise RuntimeError('init failed')\n")
-    resp = server.http.post("/api/v1/deploy", params={"name": "safe"},
-                            content=_tar({"handler.py": b"raise RuntimeError('init failed')\n"}))
+    resp = server.http.post(
+        "/api/v1/deploy",
+        params={"name": "safe"},
+        content=_tar({"handler.py": b"raise RuntimeError('init failed')\n"}),
+    )
     assert resp.status_code == 422
     assert "init failed" in resp.json()["error"]["detail"]
     assert server.http.get("/fn/safe").json() == {"v": 1}
@@ -102,7 +118,8 @@ def test_failed_deploy_keeps_the_previous_revision(server_factory: Callable[...,
 
 
 def test_redeploy_identical_makes_no_revision_and_new_code_does(
-        server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]):
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+):
     server = server_factory()
     directory = fn_dir("rev", HELLO)
     server.deploy(directory)
@@ -117,18 +134,21 @@ def test_redeploy_identical_makes_no_revision_and_new_code_does(
     assert server.http.get("/fn/rev").headers["x-ember-revision"] == "3"
 
 
-def test_stack_file_deploys_several_functions(server_factory: Callable[..., EmberServer],
-                                              tmp_path: Path):
+def test_stack_file_deploys_several_functions(
+    server_factory: Callable[..., EmberServer], tmp_path: Path
+):
     server = server_factory()
     root = tmp_path / "stack"
     for name in ("a", "b"):
         (root / name).mkdir(parents=True)
         (root / name / "main.py").write_text(
-            f"import os\ndef run(req, ctx):\n    return [{name!r}, os.environ['GREETING']]\n")
+            f"import os\ndef run(req, ctx):\n    return [{name!r}, os.environ['GREETING']]\n"
+        )
     (root / "ember.yaml").write_text(
         "functions:\n"
         "  fn-a: {source: a, handler: main.run, env: {GREETING: hi}}\n"
-        "  fn-b: {source: b, handler: main.run, env: {GREETING: yo}, timeout: 2m}\n")
+        "  fn-b: {source: b, handler: main.run, env: {GREETING: yo}, timeout: 2m}\n"
+    )
     server.deploy(root)
     assert server.http.get("/fn/fn-a").json() == ["a", "hi"]
     assert server.http.get("/fn/fn-b").json() == ["b", "yo"]
@@ -136,47 +156,62 @@ def test_stack_file_deploys_several_functions(server_factory: Callable[..., Embe
     assert spec["timeout"] == 120.0
 
 
-def test_graceful_shutdown_finishes_in_flight_requests(server_factory: Callable[..., EmberServer],
-                                                       fn_dir: Callable[..., Path]):
+def test_graceful_shutdown_finishes_in_flight_requests(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+):
     server = server_factory()
-    server.deploy(fn_dir("slow", "import time\ndef handle(req, ctx):\n"
-                                 "    time.sleep(1)\n    return 'done'\n"))
+    server.deploy(
+        fn_dir("slow", "import time\ndef handle(req, ctx):\n    time.sleep(1)\n    return 'done'\n")
+    )
     with cf.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(server.http.get, "/fn/slow")
-        wait_for(lambda: server.http.get("/api/v1/functions/slow").json()["instances"]["busy"]
-                 == 1, 5, "the request to be in flight")
+        wait_for(
+            lambda: server.http.get("/api/v1/functions/slow").json()["instances"]["busy"] == 1,
+            5,
+            "the request to be in flight",
+        )
         children = _tree(server)
         assert server.stop(signal.SIGTERM) == 0
         resp = pending.result()
     assert resp.status_code == 200 and resp.text == "done"
-    wait_for(lambda: not any(p.is_running() and p.status() != "zombie" for p in children), 5,
-             "zygotes and instances to exit")
+    wait_for(
+        lambda: not any(p.is_running() and p.status() != "zombie" for p in children),
+        5,
+        "zygotes and instances to exit",
+    )
 
 
-def test_nothing_outlives_a_killed_server(server_factory: Callable[..., EmberServer],
-                                          fn_dir: Callable[..., Path]):
+def test_nothing_outlives_a_killed_server(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+):
     server = server_factory()
     server.deploy(fn_dir("orphan", HELLO))
     server.http.get("/fn/orphan")
     children = _tree(server)
     assert len(children) >= 3  # root zygote, function zygote, instance
     server.stop(signal.SIGKILL)
-    wait_for(lambda: not any(p.is_running() and p.status() != "zombie" for p in children), 5,
-             "every zygote and instance to die with the server")
+    wait_for(
+        lambda: not any(p.is_running() and p.status() != "zombie" for p in children),
+        5,
+        "every zygote and instance to die with the server",
+    )
 
 
 def test_bad_input_is_refused_with_4xx_and_nothing_stored(
-        server_factory: Callable[..., EmberServer]):
+    server_factory: Callable[..., EmberServer],
+):
     server = server_factory()
     cases = {
         "garbage": b"not a tarball",
         "traversal": _tar({"../evil.py": b"x"}),
         "bad yaml": _tar({"handler.py": HELLO.encode(), "ember.yaml": b"functions: [\n"}),
         "no handler": _tar({"other.py": b"x = 1\n"}),
-        "bad name": _tar({"handler.py": HELLO.encode(),
-                          "ember.yaml": b"functions:\n  Bad_Name: {}\n"}),
-        "unknown key": _tar({"handler.py": HELLO.encode(),
-                             "ember.yaml": b"functions:\n  ok:\n    memroy: 1\n"}),
+        "bad name": _tar(
+            {"handler.py": HELLO.encode(), "ember.yaml": b"functions:\n  Bad_Name: {}\n"}
+        ),
+        "unknown key": _tar(
+            {"handler.py": HELLO.encode(), "ember.yaml": b"functions:\n  ok:\n    memroy: 1\n"}
+        ),
         "link": _tar({"handler.py": HELLO.encode()}, link=("escape", "/etc/passwd")),
     }
     for case, body in cases.items():
@@ -189,16 +224,18 @@ def test_bad_input_is_refused_with_4xx_and_nothing_stored(
     assert server.http.post("/api/v1/deploy", content=b"").status_code == 400
     resp = server.http.post("/api/v1/functions/nope/scale", json={"instances": 1})
     assert resp.status_code == 404
-    resp = server.http.post("/api/v1/deploy", params={"name": "x"}, content=_tar(
-        {"handler.py": HELLO.encode()}))
+    resp = server.http.post(
+        "/api/v1/deploy", params={"name": "x"}, content=_tar({"handler.py": HELLO.encode()})
+    )
     assert resp.status_code == 201
     bad_scale = server.http.post("/api/v1/functions/x/scale", content=b"{nope")
     assert bad_scale.status_code == 400
     assert server.http.get("/api/v1/nothing").status_code == 404
 
 
-def test_api_documents_itself_and_exports_metrics(server_factory: Callable[..., EmberServer],
-                                                  fn_dir: Callable[..., Path]):
+def test_api_documents_itself_and_exports_metrics(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+):
     server = server_factory()
     server.deploy(fn_dir("metered", HELLO))
     server.http.get("/fn/metered")
@@ -228,5 +265,3 @@ def _tar(files: dict[str, bytes], link: tuple[str, str] | None = None) -> bytes:
             info.linkname = link[1]
             tar.addfile(info)
     return buf.getvalue()
-
-

@@ -52,8 +52,9 @@ def test_timeout_kills_the_instance_with_504(server: EmberServer, fn_dir: Callab
     assert after.json()["pid"] != before
 
 
-def test_memory_limit_kills_with_502_naming_the_limit(server: EmberServer,
-                                                       fn_dir: Callable[..., Path]):
+def test_memory_limit_kills_with_502_naming_the_limit(
+    server: EmberServer, fn_dir: Callable[..., Path]
+):
     _deploy(server, fn_dir)
     resp = server.http.get("/fn/limits", params={"do": "hog"})
     assert resp.status_code == 502, resp.text
@@ -63,8 +64,9 @@ def test_memory_limit_kills_with_502_naming_the_limit(server: EmberServer,
     assert server.http.get("/fn/limits").status_code == 200
 
 
-def test_crash_is_502_and_next_request_gets_a_new_instance(server: EmberServer,
-                                                           fn_dir: Callable[..., Path]):
+def test_crash_is_502_and_next_request_gets_a_new_instance(
+    server: EmberServer, fn_dir: Callable[..., Path]
+):
     _deploy(server, fn_dir)
     first = server.http.get("/fn/limits").json()["pid"]
     for action, words in (("exit", "exited with code 3"), ("abort", "killed by SIGABRT")):
@@ -108,8 +110,9 @@ def test_scale_max_queues_excess_requests(server: EmberServer, fn_dir: Callable[
     assert len({r.json()["pid"] for r in results}) <= 2
 
 
-def test_queue_overflow_is_429_with_retry_after(server_factory: Callable[..., EmberServer],
-                                                fn_dir: Callable[..., Path]):
+def test_queue_overflow_is_429_with_retry_after(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+):
     server = server_factory("--queue-depth", "1")
     code = """
     import time

@@ -30,8 +30,9 @@ def _ok(body: object, status: int = 200) -> Response:
 
 
 def _error(exc: EmberError) -> Response:
-    return Response(_json.encode(exc.to_json()), exc.status, headers=exc.headers,
-                    media_type="application/json")
+    return Response(
+        _json.encode(exc.to_json()), exc.status, headers=exc.headers, media_type="application/json"
+    )
 
 
 class Api:
@@ -45,30 +46,45 @@ class Api:
         zygote = False
         for st in self.control.pool.statistics():
             if st.function == name:
-                counts = s.InstanceCounts(idle=counts.idle + st.idle, busy=counts.busy + st.busy,
-                                          starting=counts.starting + st.starting,
-                                          waiting=counts.waiting + st.waiting)
+                counts = s.InstanceCounts(
+                    idle=counts.idle + st.idle,
+                    busy=counts.busy + st.busy,
+                    starting=counts.starting + st.starting,
+                    waiting=counts.waiting + st.waiting,
+                )
                 zygote = zygote or (st.zygote == "ready" and st.revision == target.number)
         return s.FunctionInfo(
-            name=name, revision=target.number, sha256=target.sha256, created_at=0.0,
-            updated_at=0.0, spec=target.spec, instances=counts, zygote=zygote,
-            url=self.control.url(name))
+            name=name,
+            revision=target.number,
+            sha256=target.sha256,
+            created_at=0.0,
+            updated_at=0.0,
+            spec=target.spec,
+            instances=counts,
+            zygote=zygote,
+            url=self.control.url(name),
+        )
 
     async def functions(self, request: Request) -> Response:
         out = []
         for rec in await self.control.store.functions():
             if rec.name in self.control.routes.all():
                 info = self.info(rec.name)
-                out.append(msgspec.structs.replace(info, created_at=rec.created_at,
-                                                   updated_at=rec.updated_at))
+                out.append(
+                    msgspec.structs.replace(
+                        info, created_at=rec.created_at, updated_at=rec.updated_at
+                    )
+                )
         return _ok(s.FunctionList(functions=out))
 
     async def function(self, request: Request) -> Response:
         name = request.path_params["name"]
         info = self.info(name)
         rec = await self.control.store.function(name)
-        revs = [s.RevisionInfo(number=r.number, sha256=r.sha256, created_at=r.created_at,
-                               spec=r.spec) for r in await self.control.store.revisions(name)]
+        revs = [
+            s.RevisionInfo(number=r.number, sha256=r.sha256, created_at=r.created_at, spec=r.spec)
+            for r in await self.control.store.revisions(name)
+        ]
         fields = msgspec.structs.asdict(info)
         if rec is not None:
             fields.update(created_at=rec.created_at, updated_at=rec.updated_at)
@@ -82,8 +98,10 @@ class Api:
     async def revisions(self, request: Request) -> Response:
         name = request.path_params["name"]
         self.control.require(name)
-        revs = [s.RevisionInfo(number=r.number, sha256=r.sha256, created_at=r.created_at,
-                               spec=r.spec) for r in await self.control.store.revisions(name)]
+        revs = [
+            s.RevisionInfo(number=r.number, sha256=r.sha256, created_at=r.created_at, spec=r.spec)
+            for r in await self.control.store.revisions(name)
+        ]
         return _ok(s.RevisionList(revisions=revs))
 
     async def deploy(self, request: Request) -> Response:
@@ -94,11 +112,15 @@ class Api:
             if len(data) > self.control.config.max_bundle_bytes:
                 break
         if not data:
-            raise UserError("the deploy request has no body; send a tar.gz bundle "
-                            "(`ember deploy DIR` does it for you)", code="bad_bundle")
+            raise UserError(
+                "the deploy request has no body; send a tar.gz bundle "
+                "(`ember deploy DIR` does it for you)",
+                code="bad_bundle",
+            )
         deployed = await self.control.deploy(bytes(data), name or "function")
-        return _ok(s.DeployResponse(functions=deployed),
-                   201 if any(d.created for d in deployed) else 200)
+        return _ok(
+            s.DeployResponse(functions=deployed), 201 if any(d.created for d in deployed) else 200
+        )
 
     async def scale(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -110,8 +132,7 @@ class Api:
         name = request.path_params["name"]
         self.control.require(name)
         limit = _int(request, "limit", 50, 1, 10_000)
-        return _ok(s.ActivationList(
-            activations=await self.control.store.activations(name, limit)))
+        return _ok(s.ActivationList(activations=await self.control.store.activations(name, limit)))
 
     async def logs(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -119,11 +140,13 @@ class Api:
         since = _float(request, "since", 0.0)
         limit = _int(request, "limit", 1000, 1, 100_000)
         follow = request.query_params.get("follow", "false").lower() in ("1", "true", "yes")
-        return StreamingResponse(self._tail(name, since, limit, follow),
-                                 media_type="application/x-ndjson")
+        return StreamingResponse(
+            self._tail(name, since, limit, follow), media_type="application/x-ndjson"
+        )
 
-    async def _tail(self, name: str, since: float, limit: int,
-                    follow: bool) -> AsyncIterator[bytes]:
+    async def _tail(
+        self, name: str, since: float, limit: int, follow: bool
+    ) -> AsyncIterator[bytes]:
         after = 0
         store = self.control.store
         while True:
@@ -135,8 +158,9 @@ class Api:
                 return
             if len(rows) < limit:
                 try:
-                    await asyncio.wait_for(self.control.stopping.wait(),
-                                           self.control.config.flush_interval)
+                    await asyncio.wait_for(
+                        self.control.stopping.wait(), self.control.config.flush_interval
+                    )
                     return
                 except TimeoutError:
                     pass
@@ -210,10 +234,26 @@ def build(control: Control, metrics: Metrics) -> Starlette:
 
     async def not_found(request: Request, exc: Exception) -> Response:
         code = getattr(exc, "status_code", 404)
-        return Response(_json.encode({"error": {
-            "code": "not_found" if code == 404 else "method_not_allowed",
-            "message": f"{request.method} {request.url.path} is not an Ember endpoint; "
-                       "see /api/v1/openapi.json"}}), code, media_type="application/json")
+        return Response(
+            _json.encode(
+                {
+                    "error": {
+                        "code": "not_found" if code == 404 else "method_not_allowed",
+                        "message": f"{request.method} {request.url.path} is not an Ember endpoint; "
+                        "see /api/v1/openapi.json",
+                    }
+                }
+            ),
+            code,
+            media_type="application/json",
+        )
 
-    return Starlette(routes=routes, exception_handlers={
-        EmberError: ember_error, Exception: unexpected, 404: not_found, 405: not_found})
+    return Starlette(
+        routes=routes,
+        exception_handlers={
+            EmberError: ember_error,
+            Exception: unexpected,
+            404: not_found,
+            405: not_found,
+        },
+    )

@@ -33,8 +33,9 @@ def revision_hash(source_tree: str, spec: FunctionSpec) -> str:
 
 
 class Control:
-    def __init__(self, config: ServerConfig, store: Store, blobs: Blobs, pool: Pool,
-                 routes: RouteTable) -> None:
+    def __init__(
+        self, config: ServerConfig, store: Store, blobs: Blobs, pool: Pool, routes: RouteTable
+    ) -> None:
         self.config = config
         self.store = store
         self.blobs = blobs
@@ -50,8 +51,13 @@ class Control:
     # ---- routes ----
     def target(self, rec: RevisionRecord) -> Target:
         code_dir = self.config.code_dir / rec.bundle
-        return Target(function=rec.function, number=rec.number, sha256=rec.sha256,
-                      code_dir=str(code_dir), spec=rec.spec)
+        return Target(
+            function=rec.function,
+            number=rec.number,
+            sha256=rec.sha256,
+            code_dir=str(code_dir),
+            spec=rec.spec,
+        )
 
     def publish(self) -> None:
         self.routes.publish(self._targets)
@@ -90,9 +96,12 @@ class Control:
     # ---- deploy ----
     async def deploy(self, data: bytes, default_name: str) -> list[Deployed]:
         if len(data) > self.config.max_bundle_bytes:
-            raise TooLarge(f"bundle of {len(data)} bytes exceeds the "
-                           f"{self.config.max_bundle_bytes // (1024 * 1024)} MB limit; list "
-                           "what to leave out in .emberignore", code="bundle_too_large")
+            raise TooLarge(
+                f"bundle of {len(data)} bytes exceeds the "
+                f"{self.config.max_bundle_bytes // (1024 * 1024)} MB limit; list "
+                "what to leave out in .emberignore",
+                code="bundle_too_large",
+            )
         async with self._deploying:
             return await self._deploy(data, default_name)
 
@@ -101,41 +110,54 @@ class Control:
         staging = Path(tempfile.mkdtemp(dir=self.config.code_dir, prefix=".tmp-"))
         shutil.rmtree(staging)
         try:
-            await asyncio.to_thread(bundle.unpack, data, staging,
-                                    max_unpacked_bytes=self.config.max_unpacked_bytes,
-                                    max_files=self.config.max_bundle_files)
+            await asyncio.to_thread(
+                bundle.unpack,
+                data,
+                staging,
+                max_unpacked_bytes=self.config.max_unpacked_bytes,
+                max_files=self.config.max_bundle_files,
+            )
             specs = manifest.load_manifest(bundle.read_manifest(staging), default_name)
             plans = [await self._plan(staging, spec) for spec in specs]
-            digest = await asyncio.to_thread(self.blobs.put, data)
+            digest = hashlib.sha256(data).hexdigest()
             code_dir = self.config.code_dir / digest
             created_dir = not code_dir.exists()
             if created_dir:
                 staging.rename(code_dir)
             try:
-                return await self._commit(plans, digest)
+                results = await self._commit(plans, digest, data)
             except BaseException:
                 if created_dir:
                     shutil.rmtree(code_dir, ignore_errors=True)
                 raise
+            if created_dir and not any(d.created for d in results):
+                shutil.rmtree(code_dir, ignore_errors=True)  # same code under another bundle
+            return results
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
     async def _plan(self, staging: Path, spec: FunctionSpec) -> tuple[FunctionSpec, str]:
         source = staging / spec.source
         if not source.is_dir():
-            raise UserError(f"function '{spec.name}': source '{spec.source}' is not a directory "
-                            "in the bundle", code="bad_manifest")
+            raise UserError(
+                f"function '{spec.name}': source '{spec.source}' is not a directory in the bundle",
+                code="bad_manifest",
+            )
         module_file = source / (spec.module.replace(".", "/") + ".py")
         package_init = source / spec.module.replace(".", "/") / "__init__.py"
         if not module_file.is_file() and not package_init.is_file():
             raise UserError(
                 f"function '{spec.name}': handler module '{spec.module}' not found: no "
                 f"{spec.source.rstrip('/')}/{spec.module.replace('.', '/')}.py in the bundle; "
-                "add it or set handler: in ember.yaml", code="bad_manifest")
+                "add it or set handler: in ember.yaml",
+                code="bad_manifest",
+            )
         tree = await asyncio.to_thread(bundle.tree_hash, source)
         return spec, revision_hash(tree, spec)
 
-    async def _commit(self, plans: list[tuple[FunctionSpec, str]], digest: str) -> list[Deployed]:
+    async def _commit(
+        self, plans: list[tuple[FunctionSpec, str]], digest: str, data: bytes
+    ) -> list[Deployed]:
         probes: list[tuple[FunctionSpec, str, Target | None, float | None, list[str]]] = []
         for spec, sha in plans:
             current = self._targets.get(spec.name)
@@ -144,8 +166,13 @@ class Control:
                 continue
             last = await self.store.revisions(spec.name)
             number = (last[-1].number + 1) if last else 1
-            target = Target(function=spec.name, number=number, sha256=sha,
-                            code_dir=str(self.config.code_dir / digest), spec=spec)
+            target = Target(
+                function=spec.name,
+                number=number,
+                sha256=sha,
+                code_dir=str(self.config.code_dir / digest),
+                spec=spec,
+            )
             try:
                 ready = await self.pool.prepare(target)  # import + init: DeployRejected
             except BaseException:
@@ -154,18 +181,28 @@ class Control:
                         self.pool.discard(prepared)
                 raise
             probes.append((spec, sha, target, ready.import_ms, ready.warnings))
+        if any(target is not None for _s, _h, target, _m, _w in probes):
+            await asyncio.to_thread(self.blobs.put, data)  # only once every probe passed
         results: list[Deployed] = []
         now = time.time()
-        for spec, sha, target, import_ms, warnings in probes:
+        for spec, sha, _target, import_ms, warnings in probes:
             rec, created = await self.store.add_revision(spec, sha, digest, now)
             if created:
                 self._targets[spec.name] = self.target(rec)
-            results.append(Deployed(name=spec.name, revision=rec.number, created=created,
-                                    sha256=sha, url=self.url(spec.name), import_ms=import_ms,
-                                    warnings=warnings))
+            results.append(
+                Deployed(
+                    name=spec.name,
+                    revision=rec.number,
+                    created=created,
+                    sha256=sha,
+                    url=self.url(spec.name),
+                    import_ms=import_ms,
+                    warnings=warnings,
+                )
+            )
         self.publish()
-        for spec, _sha, target, _ms, _w in probes:
-            if target is not None and spec.scale.min > 0:
+        for spec, _sha, prepared, _ms, _w in probes:
+            if prepared is not None and spec.scale.min > 0:
                 await self.pool.scale(self._targets[spec.name], spec.scale.min)
         return results
 

@@ -38,6 +38,11 @@ def decide(scale: ScaleSpec, view: PoolView, now: float, zygote_keepalive: float
     reap = [iid for _, iid in expired[:removable]]
     start = max(0, floor - total) if view.waiting == 0 else 0
     remaining = total - len(reap) + start
-    reap_zygote = (view.zygote and remaining == 0 and floor == 0 and view.waiting == 0
-                   and now - view.zygote_last_used >= zygote_keepalive)
+    reap_zygote = (
+        view.zygote
+        and remaining == 0
+        and floor == 0
+        and view.waiting == 0
+        and now - view.zygote_last_used >= zygote_keepalive
+    )
     return Decision(reap=reap, start=start, reap_zygote=reap_zygote)

@@ -120,11 +120,18 @@ _STREAM_STYLES = {"stderr": "red", "log": "cyan"}
 
 
 def out() -> Console:
-    return Console(highlight=False)
+    return _console(stderr=False)
 
 
 def err() -> Console:
-    return Console(stderr=True, highlight=False)
+    return _console(stderr=True)
+
+
+def _console(*, stderr: bool) -> Console:
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:
+        console.width = 1000  # piped: never truncate a column to 80 characters
+    return console
 
 
 def write_bytes(data: bytes, *, stderr: bool = False, newline: bool = False) -> None:
@@ -177,6 +184,13 @@ def seconds(value: float) -> str:
     return f"{value:g}s"
 
 
+def millis(value: float) -> str:
+    """A duration in ms, short: '0.42 ms', '87 ms', '30.0 s'."""
+    if value >= 1000:
+        return f"{value / 1000:.1f} s"
+    return f"{value:.2f} ms" if value < 10 else f"{value:.0f} ms"
+
+
 # Commands.
 
 
@@ -191,7 +205,7 @@ def deployed(fn: Deployed) -> Text:
 def functions_table(functions: Sequence[FunctionInfo], now: float) -> RenderableType:
     if not functions:
         return Text("no functions deployed; try 'ember deploy DIR'", style="dim")
-    table = Table(box=None, header_style="bold")
+    table = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("NAME", "REVISION", "MEMORY", "TIMEOUT", "CONCURRENCY", "SCALE"):
         table.add_column(column)
     table.add_column("INSTANCES(idle/busy)")
@@ -240,7 +254,9 @@ def describe(fn: FunctionDetail, now: float) -> RenderableType:
     grid.add_column()
     for key, value in rows:
         grid.add_row(key, Text(value))
-    revisions = Table(box=None, header_style="bold", title="revisions", title_justify="left")
+    revisions = Table(
+        box=None, pad_edge=False, header_style="bold", title="revisions", title_justify="left"
+    )
     for column in ("REVISION", "SHA256", "CREATED", "MEMORY", "TIMEOUT", "HANDLER"):
         revisions.add_column(column)
     for rev in sorted(fn.revisions, key=lambda r: r.number, reverse=True):
@@ -272,28 +288,27 @@ def log_line(entry: LogEntry) -> Text:
 def activations_table(activations: Sequence[Activation]) -> RenderableType:
     if not activations:
         return Text("no activations yet", style="dim")
-    table = Table(box=None, header_style="bold")
-    columns = ("START", "ID", "REV", "STATUS", "TIER", "DURATION", "BILLED", "PEAK MEM")
-    for column in (*columns, "INSTANCE", "ERROR"):
-        table.add_column(column, no_wrap=column != "ERROR")
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("START", "ID", "REV", "STATUS", "TIER", "DURATION", "BILLED", "MEMORY"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("ERROR")
     for act in activations:
         table.add_row(
             clock(act.start),
-            str(act.id)[:8],
+            Text(str(act.id)[:8]),
             str(act.revision),
             Text(str(act.status), style="green" if act.status < 400 else "red"),
-            act.tier,
-            f"{act.duration_ms:.1f} ms",
+            Text(act.tier),
+            millis(act.duration_ms),
             "-" if act.billed_ms is None else f"{act.billed_ms} ms",
             "-" if act.peak_memory_kb is None else f"{act.peak_memory_kb / 1024:.1f} MB",
-            Text(act.instance or "-"),
             Text(act.error or "", style="red"),
         )
     return table
 
 
 def doctor_table(rows: Sequence[tuple[str, bool, str]]) -> Table:
-    table = Table(box=None, show_header=False)
+    table = Table(box=None, pad_edge=False, show_header=False)
     for _ in range(3):
         table.add_column()
     for name, ok, detail in rows:

@@ -23,8 +23,14 @@ _json = msgspec.json.Encoder()
 
 
 class Gateway:
-    def __init__(self, routes: Any, pool: Pool, telemetry: TelemetryBuffer, metrics: Metrics,
-                 max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        routes: Any,
+        pool: Pool,
+        telemetry: TelemetryBuffer,
+        metrics: Metrics,
+        max_body_bytes: int,
+    ) -> None:
         self.routes = routes
         self.pool = pool
         self.telemetry = telemetry
@@ -34,18 +40,26 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         started, t0 = time.time(), time.perf_counter()
         rid = uuid.uuid4().hex
-        name, _, rest = scope["path"][len(PREFIX):].partition("/")
+        name, _, rest = scope["path"][len(PREFIX) :].partition("/")
         target = self.routes.get(name)
         tier, instance, result, peak = "none", "", None, 0
         try:
             if target is None:
-                raise NotFound(f"no function named '{name}'; deploy it with `ember deploy` "
-                               "or list functions with `ember ls`")
+                raise NotFound(
+                    f"no function named '{name}'; deploy it with `ember deploy` "
+                    "or list functions with `ember ls`"
+                )
             body = await self._body(scope, receive)
-            msg = Invoke(id=rid, method=scope["method"], path="/" + rest,
-                         query=scope.get("query_string", b""), headers=scope["headers"],
-                         body=body, deadline=started + target.spec.timeout,
-                         revision=target.number)
+            msg = Invoke(
+                id=rid,
+                method=scope["method"],
+                path="/" + rest,
+                query=scope.get("query_string", b""),
+                headers=scope["headers"],
+                body=body,
+                deadline=started + target.spec.timeout,
+                revision=target.number,
+            )
             loop_deadline = asyncio.get_running_loop().time() + target.spec.timeout
             result, tier, inst = await self.pool.revision(target).invoke(msg, loop_deadline)
             instance, peak = inst.id, result.max_rss_kb
@@ -79,43 +93,87 @@ class Gateway:
             more = message.get("more_body", False)
         return b"".join(chunks)
 
-    async def _error(self, send: Any, exc: EmberError, rid: str, target: Target | None,
-                     tier: str) -> None:
+    async def _error(
+        self, send: Any, exc: EmberError, rid: str, target: Target | None, tier: str
+    ) -> None:
         headers = [(b"content-type", b"application/json")]
         headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
-        await _respond(send, exc.status, headers, _json.encode(
-            {"error": {"code": exc.code, "message": exc.message, "requestId": rid}}),
-            rid, target, tier)
+        await _respond(
+            send,
+            exc.status,
+            headers,
+            _json.encode({"error": {"code": exc.code, "message": exc.message, "requestId": rid}}),
+            rid,
+            target,
+            tier,
+        )
 
-    def _record(self, target: Target, rid: str, started: float, elapsed: float, status: int,
-                tier: str, instance: str, peak: int, error: str | None) -> None:
+    def _record(
+        self,
+        target: Target,
+        rid: str,
+        started: float,
+        elapsed: float,
+        status: int,
+        tier: str,
+        instance: str,
+        peak: int,
+        error: str | None,
+    ) -> None:
         ms = elapsed * 1000.0
-        self.telemetry.activation(ActivationRecord(
-            id=rid, function=target.function, revision=target.number, start=started,
-            duration_ms=ms, status=status, tier=tier, instance=instance, peak_memory_kb=peak,
-            billed_ms=billed_ms(ms), error=error))
+        self.telemetry.activation(
+            ActivationRecord(
+                id=rid,
+                function=target.function,
+                revision=target.number,
+                start=started,
+                duration_ms=ms,
+                status=status,
+                tier=tier,
+                instance=instance,
+                peak_memory_kb=peak,
+                billed_ms=billed_ms(ms),
+                error=error,
+            )
+        )
         self.metrics.observe(target.function, status, elapsed, tier)
 
 
-async def _respond(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
-                   rid: str, target: Target | None, tier: str) -> None:
+async def _respond(
+    send: Any,
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    rid: str,
+    target: Target | None,
+    tier: str,
+) -> None:
     extra = [(b"x-ember-request-id", rid.encode())]
     if target is not None:
         extra.append((b"x-ember-revision", str(target.number).encode()))
     if tier != "none":
         extra.append((b"x-ember-start", tier.encode()))
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*headers, *extra, (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, *extra, (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
 def _too_large(size: int, limit: int) -> TooLarge:
-    return TooLarge(f"request body of {size} bytes exceeds the {limit // (1024 * 1024)} MB limit; "
-                    "send large payloads by reference (e.g. a URL)", code="body_too_large")
+    return TooLarge(
+        f"request body of {size} bytes exceeds the {limit // (1024 * 1024)} MB limit; "
+        "send large payloads by reference (e.g. a URL)",
+        code="body_too_large",
+    )
 
 
 def _memory_error(target: Target, result: Result) -> FunctionMemoryExceeded:
     return FunctionMemoryExceeded(
         f"function '{target.function}' exceeded its memory limit of {target.spec.memory} MB "
         f"(peak {result.max_rss_kb // 1024} MB RSS) and its instance was stopped; "
-        "raise memory: in ember.yaml")
+        "raise memory: in ember.yaml"
+    )

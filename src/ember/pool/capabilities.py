@@ -22,20 +22,29 @@ def _memory() -> Check:
         return Check("memory limit", False, "not Linux: no cgroups; RLIMIT_AS where supported")
     probe = Cgroups.detect(f"doctor-{os.getpid()}")
     if probe is None:
-        return Check("memory limit", True,
-                     "cgroups not writable here: RLIMIT_AS per instance (address space, so "
-                     "allocations fail with MemoryError instead of an OOM kill)")
+        return Check(
+            "memory limit",
+            True,
+            "cgroups not writable here: RLIMIT_AS per instance (address space, so "
+            "allocations fail with MemoryError instead of an OOM kill)",
+        )
     probe.cleanup()
-    return Check("memory limit", True,
-                 f"cgroup v{probe.version} memory controller: a hard limit per instance")
+    return Check(
+        "memory limit",
+        True,
+        f"cgroup v{probe.version} memory controller: a hard limit per instance",
+    )
 
 
 def _userns() -> Check:
     path = Path("/proc/sys/user/max_user_namespaces")
     count = int(path.read_text()) if path.exists() else 0
-    return Check("user namespaces", count > 0,
-                 f"max_user_namespaces={count}; namespace sandboxing is not implemented yet, "
-                 "functions share the server's filesystem view and uid")
+    return Check(
+        "user namespaces",
+        count > 0,
+        f"max_user_namespaces={count}; namespace sandboxing is not implemented yet, "
+        "functions share the server's filesystem view and uid",
+    )
 
 
 def detect() -> list[Check]:
@@ -43,9 +52,13 @@ def detect() -> list[Check]:
     checks = [
         Check("platform", linux, f"{sys.platform}, Python {sys.version.split()[0]}"),
         Check("fork", hasattr(os, "fork"), "zygotes fork instances (≈1-3 ms)"),
-        Check("die with parent", linux,
-              "PR_SET_PDEATHSIG: zygotes and instances die with the server" if linux
-              else "not available: orphans are possible after a server crash"),
+        Check(
+            "die with parent",
+            linux,
+            "PR_SET_PDEATHSIG: zygotes and instances die with the server"
+            if linux
+            else "not available: orphans are possible after a server crash",
+        ),
         Check("privileges", True, f"uid {os.getuid()}" + (" (root)" if os.getuid() == 0 else "")),
         _memory(),
         Check("timeouts", True, "an instance past its timeout is killed with SIGKILL"),
@@ -53,6 +66,7 @@ def detect() -> list[Check]:
     ]
     try:
         import uvloop  # noqa: F401
+
         checks.append(Check("uvloop", True, "fast event loop in the server and instances"))
     except ImportError:
         checks.append(Check("uvloop", False, "not installed: asyncio's default loop is used"))

@@ -19,8 +19,13 @@ class AsyncChannel(Generic[T]):
     `on_close` runs once when the peer goes away.
     """
 
-    def __init__(self, sock: socket.socket, incoming: Any, on_message: Callable[[T], None],
-                 on_close: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        incoming: Any,
+        on_message: Callable[[T], None],
+        on_close: Callable[[], None],
+    ) -> None:
         self.sock = sock
         sock.setblocking(False)
         self._loop = asyncio.get_running_loop()

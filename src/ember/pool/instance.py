@@ -21,9 +21,14 @@ IDLE, BUSY, DEAD = "idle", "busy", "dead"
 class Instance(asyncio.Protocol):
     """Speaks frames with one instance process over a stream socket."""
 
-    def __init__(self, instance_id: str, concurrency: int, cgroup: str,
-                 on_log: Callable[[Instance, Log], None],
-                 on_lost: Callable[[Instance], None]) -> None:
+    def __init__(
+        self,
+        instance_id: str,
+        concurrency: int,
+        cgroup: str,
+        on_log: Callable[[Instance, Log], None],
+        on_lost: Callable[[Instance], None],
+    ) -> None:
         self.id = instance_id
         self.concurrency = concurrency
         self.cgroup = cgroup

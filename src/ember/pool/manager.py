@@ -1,4 +1,4 @@
-"""The node's pool: a RevisionPool per revision, the root zygote, cgroups, and the keep-alive loop."""
+"""The node's pool: a RevisionPool per revision, the root zygote, cgroups, the keep-alive loop."""
 
 from __future__ import annotations
 
@@ -99,14 +99,30 @@ class Pool:
 
     # ---- logs ----
     def instance_log(self, target: Target, instance: str, msg: Log) -> None:
-        self.telemetry.log(LogRecord(ts=msg.ts, function=target.function, revision=target.number,
-                                     request_id=msg.id, instance=instance, stream=msg.stream,
-                                     message=msg.data))
+        self.telemetry.log(
+            LogRecord(
+                ts=msg.ts,
+                function=target.function,
+                revision=target.number,
+                request_id=msg.id,
+                instance=instance,
+                stream=msg.stream,
+                message=msg.data,
+            )
+        )
 
     def system_log(self, target: Target, text: str) -> None:
-        self.telemetry.log(LogRecord(ts=time.time(), function=target.function,
-                                     revision=target.number, request_id="", instance="",
-                                     stream="system", message=text))
+        self.telemetry.log(
+            LogRecord(
+                ts=time.time(),
+                function=target.function,
+                revision=target.number,
+                request_id="",
+                instance="",
+                stream="system",
+                message=text,
+            )
+        )
 
     # ---- keep-alive ----
     async def _keepalive_loop(self) -> None:

@@ -8,7 +8,8 @@ import secrets
 import signal
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -19,7 +20,6 @@ from ember.errors import (
     FunctionCrashed,
     FunctionMemoryExceeded,
     FunctionTimeout,
-    PlatformError,
 )
 from ember.pool.instance import Instance
 from ember.pool.target import Target
@@ -57,6 +57,7 @@ class RevisionPool:
         self.zygote: FunctionZygote | None = None
         self._zygote_task: asyncio.Task[str] | None = None
         self.retired = False
+        self._tasks: set[asyncio.Task[None]] = set()
         self.starts = {WARM: 0, FORK: 0, SPECIALIZE: 0, FRESH: 0}
 
     # ---- the hot path ----
@@ -108,7 +109,8 @@ class RevisionPool:
             raise CapacityError(
                 f"function '{self.target.function}' is at scale.max={self.spec.scale.max} "
                 f"with {len(self.waiters)} requests waiting; retry later or raise scale.max",
-                headers={"Retry-After": "1"})
+                headers={"Retry-After": "1"},
+            )
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Instance | None] = loop.create_future()
         self.waiters.append(fut)
@@ -187,6 +189,11 @@ class RevisionPool:
         inst.reserved -= 1
         self.release(inst)
 
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     # ---- instance events ----
     def _on_log(self, inst: Instance, msg: Log) -> None:
         self.pool.instance_log(self.target, inst.id, msg)
@@ -196,7 +203,7 @@ class RevisionPool:
         if inst.listed:
             self.idle.remove(inst)
             inst.listed = False
-        asyncio.get_running_loop().create_task(self._bury(inst))
+        self._background(self._bury(inst))
         while self.waiters and self.count < self.spec.scale.max:
             waiter = self.waiters.popleft()
             if not waiter.done():
@@ -218,7 +225,8 @@ class RevisionPool:
             peak = self.pool.peak_kb(inst.cgroup) // 1024
             return FunctionMemoryExceeded(
                 f"function '{name}' exceeded its memory limit of {mb} MB (peak {peak} MB) and "
-                "was killed; raise memory: in ember.yaml")
+                "was killed; raise memory: in ember.yaml"
+            )
         if status is not None and status < 0:
             what = f"was killed by {signal.Signals(-status).name}"
         elif status is not None:
@@ -227,37 +235,49 @@ class RevisionPool:
             what = "exited"
         return FunctionCrashed(
             f"function '{name}' instance {what} while handling the request (a crash, os._exit "
-            "or sys.exit); the next request gets a new instance")
+            "or sys.exit); the next request gets a new instance"
+        )
 
     def _timed_out(self, inst: Instance, msg: Invoke) -> None:
         fut = inst.inflight.pop(msg.id, None)
         if fut is not None and not fut.done():
-            fut.set_exception(FunctionTimeout(
-                f"function '{self.target.function}' timed out after {self.spec.timeout:g} s "
-                "and its instance was killed; raise timeout: in ember.yaml (at most 15m)"))
-        inst.kill(FunctionCrashed(
-            f"function '{self.target.function}' instance was killed because another request "
-            "on it timed out"))
+            fut.set_exception(
+                FunctionTimeout(
+                    f"function '{self.target.function}' timed out after {self.spec.timeout:g} s "
+                    "and its instance was killed; raise timeout: in ember.yaml (at most 15m)"
+                )
+            )
+        inst.kill(
+            FunctionCrashed(
+                f"function '{self.target.function}' instance was killed because another request "
+                "on it timed out"
+            )
+        )
 
     # ---- keep-alive and scale ----
     def view(self, now: float) -> PoolView:
         zygote = self.zygote is not None and not self.zygote.dead
         return PoolView(
-            idle=[(i.id, i.idle_since) for i in self.instances.values()
-                  if not i.inflight and not i.reserved],
+            idle=[
+                (i.id, i.idle_since)
+                for i in self.instances.values()
+                if not i.inflight and not i.reserved
+            ],
             busy=sum(1 for i in self.instances.values() if i.inflight or i.reserved),
-            starting=self.starting, waiting=len(self.waiters), zygote=zygote,
+            starting=self.starting,
+            waiting=len(self.waiters),
+            zygote=zygote,
             zygote_last_used=self.zygote.last_used if self.zygote else now,
-            retired=self.retired)
+            retired=self.retired,
+        )
 
     def apply(self, decision: Decision) -> None:
         for iid in decision.reap:
             inst = self.instances.get(iid)
             if inst is not None and not inst.inflight and not inst.reserved:
                 inst.stop()
-        loop = asyncio.get_running_loop()
         for _ in range(decision.start):
-            loop.create_task(self._warm_quietly())
+            self._background(self._warm_quietly())
         if decision.reap_zygote and self.zygote is not None:
             self.zygote.stop()
             self.zygote = None
@@ -285,10 +305,16 @@ class RevisionPool:
         else:
             zstate = "ready" if self.zygote.ready.done() else "starting"
         return RevisionStats(
-            function=self.target.function, revision=self.target.number,
-            idle=len(self.instances) - busy, busy=busy, starting=self.starting,
-            waiting=len(self.waiters), zygote=zstate, retired=self.retired,
-            starts=dict(self.starts))
+            function=self.target.function,
+            revision=self.target.number,
+            idle=len(self.instances) - busy,
+            busy=busy,
+            starting=self.starting,
+            waiting=len(self.waiters),
+            zygote=zstate,
+            retired=self.retired,
+            starts=dict(self.starts),
+        )
 
     def stop(self) -> None:
         for inst in list(self.instances.values()):
@@ -300,6 +326,9 @@ class RevisionPool:
 
 def _expire(fut: asyncio.Future[Instance | None], function: str, timeout: float) -> None:
     if not fut.done():
-        fut.set_exception(FunctionTimeout(
-            f"function '{function}' timed out after {timeout:g} s waiting for a free instance "
-            "(all were busy at scale.max); raise scale.max or timeout: in ember.yaml"))
+        fut.set_exception(
+            FunctionTimeout(
+                f"function '{function}' timed out after {timeout:g} s waiting for a free instance "
+                "(all were busy at scale.max); raise scale.max or timeout: in ember.yaml"
+            )
+        )

@@ -17,8 +17,19 @@ from ember.wire.messages import Shutdown, SpawnZygote
 log = logging.getLogger("ember.pool")
 
 # The only variables of the server's environment that reach user code.
-PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "HOME", "TMPDIR", "PYTHONPATH",
-              "VIRTUAL_ENV", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+PASSED_ENV = (
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "HOME",
+    "TMPDIR",
+    "PYTHONPATH",
+    "VIRTUAL_ENV",
+    "OPENBLAS_CORETYPE",
+    "OPENBLAS_L2_SIZE",
+)
 
 
 class RootZygote:
@@ -38,8 +49,14 @@ class RootZygote:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {k: v for k, v in os.environ.items() if k in PASSED_ENV}
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ember.runtime.root", str(child.fileno()),
-            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
+            sys.executable,
+            "-m",
+            "ember.runtime.root",
+            str(child.fileno()),
+            pass_fds=(child.fileno(),),
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
         child.close()
         self.channel = AsyncChannel(parent, Shutdown, lambda _msg: None, self._lost)
         self.starts += 1
@@ -55,10 +72,17 @@ class RootZygote:
         spec = target.spec
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         msg = SpawnZygote(
-            revision=target.label, code_dir=target.code_dir, source=spec.source,
-            module=spec.module, attribute=spec.attribute, env=dict(spec.env),
-            function=target.function, number=target.number, memory_mb=spec.memory,
-            concurrency=spec.concurrency)
+            revision=target.label,
+            code_dir=target.code_dir,
+            source=spec.source,
+            module=spec.module,
+            attribute=spec.attribute,
+            env=dict(spec.env),
+            function=target.function,
+            number=target.number,
+            memory_mb=spec.memory,
+            concurrency=spec.concurrency,
+        )
         try:
             self.channel.send(msg, fd=child.fileno())
         finally:

@@ -33,7 +33,8 @@ class FunctionZygote:
         self._by_id: dict[str, Instance] = {}
         self._by_pid: dict[int, Instance] = {}
         self.channel: AsyncChannel[ZygoteMessage] = AsyncChannel(
-            sock, ZygoteMessage, self._on_message, self._on_close)
+            sock, ZygoteMessage, self._on_message, self._on_close
+        )
 
     def _on_message(self, msg: ZygoteMessage) -> None:
         if isinstance(msg, Forked):
@@ -49,33 +50,44 @@ class FunctionZygote:
             if not self.ready.done():
                 self.ready.set_result(msg)
         elif isinstance(msg, ZygoteFailed) and not self.ready.done():
-            self.ready.set_exception(DeployRejected(
-                f"function '{self.target.function}' failed to initialise: {msg.error_type}: "
-                f"{msg.message}; fix the module-level code of {self.target.spec.module}.py",
-                detail=msg.traceback + (f"\noutput:\n{msg.output}" if msg.output else "")))
+            self.ready.set_exception(
+                DeployRejected(
+                    f"function '{self.target.function}' failed to initialise: {msg.error_type}: "
+                    f"{msg.message}; fix the module-level code of {self.target.spec.module}.py",
+                    detail=msg.traceback + (f"\noutput:\n{msg.output}" if msg.output else ""),
+                )
+            )
 
     def _on_close(self) -> None:
         self.dead = True
         if not self.ready.done():
-            self.ready.set_exception(PlatformError(
-                f"the zygote of '{self.target.label}' exited before it was ready"))
+            self.ready.set_exception(
+                PlatformError(f"the zygote of '{self.target.label}' exited before it was ready")
+            )
         for inst in [*self._by_id.values(), *self._by_pid.values()]:
             if not inst.exit_status.done():
                 inst.exit_status.set_result(-9)
         self._by_id.clear()
         self._by_pid.clear()
 
-    async def fork(self, instance_id: str, cgroup: str, rlimit_as: int,
-                   on_log: Callable[[Instance, Log], None],
-                   on_lost: Callable[[Instance], None]) -> Instance:
+    async def fork(
+        self,
+        instance_id: str,
+        cgroup: str,
+        rlimit_as: int,
+        on_log: Callable[[Instance, Log], None],
+        on_lost: Callable[[Instance], None],
+    ) -> Instance:
         if self.dead:
             raise PlatformError(f"the zygote of '{self.target.label}' is gone")
         inst = Instance(instance_id, self.target.spec.concurrency, cgroup, on_log, on_lost)
         self._by_id[instance_id] = inst  # before sending: Forked may come back at once
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.channel.send(ForkInstance(instance=instance_id, cgroup=cgroup,
-                                           rlimit_as=rlimit_as), fd=theirs.fileno())
+            self.channel.send(
+                ForkInstance(instance=instance_id, cgroup=cgroup, rlimit_as=rlimit_as),
+                fd=theirs.fileno(),
+            )
         except OSError as exc:
             ours.close()
             self._by_id.pop(instance_id, None)
@@ -85,7 +97,8 @@ class FunctionZygote:
         self.forks += 1
         self.last_used = time.monotonic()
         transport, _ = await asyncio.get_running_loop().create_unix_connection(
-            lambda: inst, sock=ours)
+            lambda: inst, sock=ours
+        )
         inst.connection_made(transport)  # uvloop calls it later, on the next loop turn
         return inst
 

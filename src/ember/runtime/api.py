@@ -28,7 +28,7 @@ def fork_hooks() -> list[Callable[[], object]]:
 class MultiDict(Mapping[str, str]):
     """A read-only multi-valued mapping; `[key]`/`get` give the first value, `getall` every one."""
 
-    __slots__ = ("_items", "_fold")
+    __slots__ = ("_fold", "_items")
 
     def __init__(self, items: list[tuple[str, str]], *, fold: bool = False) -> None:
         self._fold = fold
@@ -64,15 +64,22 @@ class MultiDict(Mapping[str, str]):
 class Request:
     """One HTTP request as the function sees it. `path` is what follows /fn/NAME."""
 
-    __slots__ = ("method", "path", "query_string", "headers", "body", "_query")
+    __slots__ = ("_query", "body", "headers", "method", "path", "query_string")
 
-    def __init__(self, method: str, path: str, query_string: bytes,
-                 headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query_string: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> None:
         self.method = method
         self.path = path
         self.query_string = query_string
         self.headers = MultiDict(
-            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers], fold=True)
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers], fold=True
+        )
         self.body = body
         self._query: MultiDict | None = None
 
@@ -94,10 +101,17 @@ class Request:
 class Context:
     """Facts about the invocation: ids, limits, the deadline, and a logger."""
 
-    __slots__ = ("request_id", "function", "revision", "memory_mb", "deadline", "log")
+    __slots__ = ("deadline", "function", "log", "memory_mb", "request_id", "revision")
 
-    def __init__(self, request_id: str, function: str, revision: int, memory_mb: int,
-                 deadline: float, log: logging.Logger) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        function: str,
+        revision: int,
+        memory_mb: int,
+        deadline: float,
+        log: logging.Logger,
+    ) -> None:
         self.request_id = request_id
         self.function = function
         self.revision = revision
@@ -112,10 +126,15 @@ class Context:
 class Response:
     """An explicit response: body (bytes, str, or JSON-able), status, headers."""
 
-    __slots__ = ("body", "status", "headers", "content_type")
+    __slots__ = ("body", "content_type", "headers", "status")
 
-    def __init__(self, body: object = b"", status: int = 200,
-                 headers: Mapping[str, str] | None = None, content_type: str | None = None) -> None:
+    def __init__(
+        self,
+        body: object = b"",
+        status: int = 200,
+        headers: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> None:
         self.body = body
         self.status = status
         self.headers = dict(headers or {})

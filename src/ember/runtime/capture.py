@@ -35,7 +35,7 @@ class CaptureStream(io.TextIOBase):
         self._sizes: dict[str, int] = {}
 
     @property
-    def encoding(self) -> str:
+    def encoding(self) -> str:  # type: ignore[override]
         return "utf-8"
 
     def writable(self) -> bool:

@@ -33,7 +33,8 @@ def _body(value: object, content_type: str | None) -> tuple[bytes, bytes]:
             raise BadReturn(
                 f"the handler returned a {type(value).__name__} that is not JSON-serialisable "
                 f"({exc}); return a dict, list, str, bytes, a (body, status) tuple or "
-                "ember.Response") from None
+                "ember.Response"
+            ) from None
     return body, (content_type.encode("latin-1") if content_type else kind)
 
 
@@ -71,11 +72,14 @@ def to_result(request_id: str, value: object) -> Result:
 def error_result(request_id: str, exc: BaseException, *, kind: str = "exception") -> Result:
     stack = traceback.format_exception(type(exc), exc, exc.__traceback__)
     info = ErrorInfo(error_type=type(exc).__name__, message=str(exc), stack_trace=stack, kind=kind)
-    body = _json.encode({
-        "errorType": info.error_type,
-        "errorMessage": info.message,
-        "stackTrace": stack,
-        "requestId": request_id,
-    })
-    return Result(id=request_id, status=500, headers=[(b"content-type", JSON)], body=body,
-                  error=info)
+    body = _json.encode(
+        {
+            "errorType": info.error_type,
+            "errorMessage": info.message,
+            "stackTrace": stack,
+            "requestId": request_id,
+        }
+    )
+    return Result(
+        id=request_id, status=500, headers=[(b"content-type", JSON)], body=body, error=info
+    )

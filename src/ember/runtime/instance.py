@@ -56,15 +56,20 @@ class Instance:
 
     def context(self, msg: Invoke) -> tuple[Request, Context]:
         req = Request(msg.method, msg.path, msg.query, msg.headers, msg.body)
-        ctx = Context(msg.id, self.spec.function, msg.revision, self.spec.memory_mb, msg.deadline,
-                      self.log)
+        ctx = Context(
+            msg.id, self.spec.function, msg.revision, self.spec.memory_mb, msg.deadline, self.log
+        )
         return req, ctx
 
     def finish(self, msg: Invoke, result: Result, started: float) -> None:
         self.capture.finish(msg.id)
-        self.send(msgspec.structs.replace(
-            result, duration_ms=(time.perf_counter() - started) * 1000.0,
-            max_rss_kb=limits.peak_rss_kb()))
+        self.send(
+            msgspec.structs.replace(
+                result,
+                duration_ms=(time.perf_counter() - started) * 1000.0,
+                max_rss_kb=limits.peak_rss_kb(),
+            )
+        )
         if result.error is not None and result.error.kind == "memory":
             os._exit(70)  # the heap may be corrupt; the server forks a fresh one
 

@@ -40,11 +40,13 @@ def _prepare(spec: SpawnZygote) -> None:
     os.chdir(workdir)
     sys.path.insert(0, workdir)
     os.environ.update(spec.env)
-    os.environ.update({
-        "EMBER_FUNCTION": spec.function,
-        "EMBER_REVISION": str(spec.number),
-        "EMBER_MEMORY_MB": str(spec.memory_mb),
-    })
+    os.environ.update(
+        {
+            "EMBER_FUNCTION": spec.function,
+            "EMBER_REVISION": str(spec.number),
+            "EMBER_MEMORY_MB": str(spec.memory_mb),
+        }
+    )
 
 
 def _load(spec: SpawnZygote) -> Callable[..., Any]:
@@ -53,20 +55,25 @@ def _load(spec: SpawnZygote) -> Callable[..., Any]:
     if not callable(handler):
         raise AttributeError(
             f"module '{spec.module}' has no function '{spec.attribute}'; define "
-            f"def {spec.attribute}(req, ctx) or set handler: in ember.yaml")
+            f"def {spec.attribute}(req, ctx) or set handler: in ember.yaml"
+        )
     return handler  # type: ignore[no-any-return]
 
 
 def _user_traceback(exc: BaseException) -> str:
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if "importlib" not in f.filename and "/ember/runtime/" not in f.filename]
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if "importlib" not in f.filename and "/ember/runtime/" not in f.filename
+    ]
     lines = traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)
     return "Traceback (most recent call last):\n" + "".join(lines)
 
 
 class Zygote:
-    def __init__(self, channel: Channel[ZygoteCommand], spec: SpawnZygote,
-                 handler: Callable[..., Any]) -> None:
+    def __init__(
+        self, channel: Channel[ZygoteCommand], spec: SpawnZygote, handler: Callable[..., Any]
+    ) -> None:
         self.channel = channel
         self.spec = spec
         self.handler = handler
@@ -148,20 +155,32 @@ def run(spec: SpawnZygote, fd: int) -> None:
         handler = _load(spec)
     except BaseException as exc:
         sys.stdout, sys.stderr = saved
-        channel.send(ZygoteFailed(error_type=type(exc).__name__, message=str(exc),
-                                  traceback=_user_traceback(exc),
-                                  output=output.getvalue()[-MAX_OUTPUT:]))
+        channel.send(
+            ZygoteFailed(
+                error_type=type(exc).__name__,
+                message=str(exc),
+                traceback=_user_traceback(exc),
+                output=output.getvalue()[-MAX_OUTPUT:],
+            )
+        )
         os._exit(1)
     sys.stdout, sys.stderr = saved
     warnings = []
     if threading.active_count() > 1:
         warnings.append(
             f"the module started {threading.active_count() - 1} thread(s) at import; threads do "
-            "not survive fork: start them in an @ember.on_fork hook instead")
+            "not survive fork: start them in an @ember.on_fork hook instead"
+        )
     gc.collect()
     gc.freeze()
-    channel.send(ZygoteReady(pid=os.getpid(), import_ms=(time.perf_counter() - started) * 1000,
-                             warnings=warnings, output=output.getvalue()[-MAX_OUTPUT:]))
+    channel.send(
+        ZygoteReady(
+            pid=os.getpid(),
+            import_ms=(time.perf_counter() - started) * 1000,
+            warnings=warnings,
+            output=output.getvalue()[-MAX_OUTPUT:],
+        )
+    )
     try:
         Zygote(channel, spec, handler).serve()
     finally:

@@ -40,10 +40,12 @@ class Server:
         self.pool = Pool(config, self.telemetry)
         self.routes = RouteTable()
         self.metrics = Metrics(self.pool.statistics)
-        self.control = Control(config, self.store, LocalBlobs(config.blob_dir), self.pool,
-                               self.routes)
-        gateway = Gateway(self.routes, self.pool, self.telemetry, self.metrics,
-                          config.max_body_bytes)
+        self.control = Control(
+            config, self.store, LocalBlobs(config.blob_dir), self.pool, self.routes
+        )
+        gateway = Gateway(
+            self.routes, self.pool, self.telemetry, self.metrics, config.max_body_bytes
+        )
         self.app = EmberApp(gateway, build(self.control, self.metrics))
         self._flusher: asyncio.Task[None] | None = None
 
@@ -61,8 +63,7 @@ class Server:
             await asyncio.sleep(self.config.flush_interval)
             await self.flush()
             if time.monotonic() - last_prune > PRUNE_EVERY:
-                await self.store.prune(self.config.activation_retention,
-                                       self.config.log_retention)
+                await self.store.prune(self.config.activation_retention, self.config.log_retention)
                 last_prune = time.monotonic()
 
     async def flush(self) -> None:
@@ -70,8 +71,9 @@ class Server:
         try:
             await self.store.write_telemetry(activations, logs)
         except Exception:
-            log.exception("writing %d activations and %d log lines failed",
-                          len(activations), len(logs))
+            log.exception(
+                "writing %d activations and %d log lines failed", len(activations), len(logs)
+            )
 
     async def stop(self) -> None:
         self.control.stopping.set()
@@ -116,17 +118,28 @@ async def _deploy_dirs(server: Server, dirs: list[Path]) -> None:
 async def run(config: ServerConfig, deploy: list[Path]) -> int:
     server = Server(config)
     await server.start()
-    uv = _Uvicorn(uvicorn.Config(
-        server.app, host=config.host, port=config.port, http="httptools", lifespan="off",
-        access_log=False, log_level=config.log_level, timeout_graceful_shutdown=int(
-            config.grace_period) or None, server_header=False), server.control.stopping)
+    uv = _Uvicorn(
+        uvicorn.Config(
+            server.app,
+            host=config.host,
+            port=config.port,
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            log_level=config.log_level,
+            timeout_graceful_shutdown=int(config.grace_period) or None,
+            server_header=False,
+        ),
+        server.control.stopping,
+    )
     serving = asyncio.get_running_loop().create_task(uv.serve())
     try:
         while not uv.started and not serving.done():
             await asyncio.sleep(0.01)
         if uv.started:
-            log.info("ember serving on http://%s:%d (home %s)", config.host, config.port,
-                     config.home)
+            log.info(
+                "ember serving on http://%s:%d (home %s)", config.host, config.port, config.home
+            )
             print(f"ember: listening on http://{config.host}:{config.port}", flush=True)
             await _deploy_dirs(server, deploy)
         await serving
@@ -144,10 +157,13 @@ async def run(config: ServerConfig, deploy: list[Path]) -> int:
 
 def serve(config: ServerConfig, deploy: list[Path]) -> int:
     """Run the server in the foreground until SIGTERM or SIGINT; returns the exit code."""
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         import uvloop
     except ImportError:
         return asyncio.run(run(config, deploy))
-    return uvloop.run(run(config, deploy))  # type: ignore[no-any-return]
+    return uvloop.run(run(config, deploy))

@@ -39,15 +39,17 @@ class Store(Protocol):
 
     async def revision(self, name: str, number: int) -> RevisionRecord | None: ...
 
-    async def add_revision(self, spec: FunctionSpec, sha256: str, bundle: str,
-                           now: float) -> tuple[RevisionRecord, bool]:
+    async def add_revision(
+        self, spec: FunctionSpec, sha256: str, bundle: str, now: float
+    ) -> tuple[RevisionRecord, bool]:
         """Make `sha256` the function's serving revision; False if it already was."""
         ...
 
     async def delete_function(self, name: str) -> bool: ...
 
-    async def write_telemetry(self, activations: list[ActivationRecord],
-                              logs: list[LogRecord]) -> None: ...
+    async def write_telemetry(
+        self, activations: list[ActivationRecord], logs: list[LogRecord]
+    ) -> None: ...
 
     async def activations(self, name: str, limit: int) -> list[ActivationRecord]: ...
 

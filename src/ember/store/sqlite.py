@@ -54,6 +54,7 @@ class SQLiteStore:
             assert self._db is not None
             with self._db:  # one transaction
                 return fn(self._db)
+
         return await asyncio.get_running_loop().run_in_executor(self._thread, call)
 
     async def open(self) -> None:
@@ -68,6 +69,7 @@ class SQLiteStore:
                 db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
             db.isolation_level = "DEFERRED"
             self._db = db
+
         await asyncio.get_running_loop().run_in_executor(self._thread, connect)
 
     async def close(self) -> None:
@@ -77,49 +79,77 @@ class SQLiteStore:
         self._thread.shutdown(wait=True)
 
     async def functions(self) -> list[FunctionRecord]:
-        rows = await self._run(lambda db: db.execute(
-            "SELECT name, revision, created_at, updated_at FROM functions ORDER BY name"
-        ).fetchall())
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT name, revision, created_at, updated_at FROM functions ORDER BY name"
+            ).fetchall()
+        )
         return [FunctionRecord(*row) for row in rows]
 
     async def function(self, name: str) -> FunctionRecord | None:
-        row = await self._run(lambda db: db.execute(
-            "SELECT name, revision, created_at, updated_at FROM functions WHERE name = ?", (name,)
-        ).fetchone())
+        row = await self._run(
+            lambda db: db.execute(
+                "SELECT name, revision, created_at, updated_at FROM functions WHERE name = ?",
+                (name,),
+            ).fetchone()
+        )
         return FunctionRecord(*row) if row else None
 
     async def revisions(self, name: str) -> list[RevisionRecord]:
-        rows = await self._run(lambda db: db.execute(
-            "SELECT function, number, sha256, bundle, spec, created_at FROM revisions "
-            "WHERE function = ? ORDER BY number", (name,)).fetchall())
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT function, number, sha256, bundle, spec, created_at FROM revisions "
+                "WHERE function = ? ORDER BY number",
+                (name,),
+            ).fetchall()
+        )
         return [_revision(row) for row in rows]
 
     async def revision(self, name: str, number: int) -> RevisionRecord | None:
-        row = await self._run(lambda db: db.execute(
-            "SELECT function, number, sha256, bundle, spec, created_at FROM revisions "
-            "WHERE function = ? AND number = ?", (name, number)).fetchone())
+        row = await self._run(
+            lambda db: db.execute(
+                "SELECT function, number, sha256, bundle, spec, created_at FROM revisions "
+                "WHERE function = ? AND number = ?",
+                (name, number),
+            ).fetchone()
+        )
         return _revision(row) if row else None
 
-    async def add_revision(self, spec: FunctionSpec, sha256: str, bundle: str,
-                           now: float) -> tuple[RevisionRecord, bool]:
+    async def add_revision(
+        self, spec: FunctionSpec, sha256: str, bundle: str, now: float
+    ) -> tuple[RevisionRecord, bool]:
         def add(db: sqlite3.Connection) -> tuple[RevisionRecord, bool]:
             current = db.execute(
                 "SELECT r.function, r.number, r.sha256, r.bundle, r.spec, r.created_at "
-                "FROM functions f JOIN revisions r ON r.function = f.name AND r.number = f.revision "
-                "WHERE f.name = ?", (spec.name,)).fetchone()
+                "FROM functions f JOIN revisions r "
+                "ON r.function = f.name AND r.number = f.revision "
+                "WHERE f.name = ?",
+                (spec.name,),
+            ).fetchone()
             if current is not None and current[2] == sha256:
                 return _revision(current), False
-            (last,) = db.execute("SELECT COALESCE(MAX(number), 0) FROM revisions WHERE function = ?",
-                                 (spec.name,)).fetchone()
-            rec = RevisionRecord(function=spec.name, number=last + 1, sha256=sha256,
-                                 bundle=bundle, spec=spec, created_at=now)
-            db.execute("INSERT INTO revisions VALUES (?, ?, ?, ?, ?, ?)",
-                       (rec.function, rec.number, sha256, bundle, msgspec.json.encode(spec), now))
+            (last,) = db.execute(
+                "SELECT COALESCE(MAX(number), 0) FROM revisions WHERE function = ?", (spec.name,)
+            ).fetchone()
+            rec = RevisionRecord(
+                function=spec.name,
+                number=last + 1,
+                sha256=sha256,
+                bundle=bundle,
+                spec=spec,
+                created_at=now,
+            )
+            db.execute(
+                "INSERT INTO revisions VALUES (?, ?, ?, ?, ?, ?)",
+                (rec.function, rec.number, sha256, bundle, msgspec.json.encode(spec), now),
+            )
             db.execute(
                 "INSERT INTO functions VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
                 "revision = excluded.revision, updated_at = excluded.updated_at",
-                (spec.name, rec.number, now, now))
+                (spec.name, rec.number, now, now),
+            )
             return rec, True
+
         return await self._run(add)
 
     async def delete_function(self, name: str) -> bool:
@@ -127,44 +157,64 @@ class SQLiteStore:
             gone = db.execute("DELETE FROM functions WHERE name = ?", (name,)).rowcount
             db.execute("DELETE FROM revisions WHERE function = ?", (name,))
             return gone > 0
+
         return await self._run(delete)
 
-    async def write_telemetry(self, activations: list[ActivationRecord],
-                              logs: list[LogRecord]) -> None:
+    async def write_telemetry(
+        self, activations: list[ActivationRecord], logs: list[LogRecord]
+    ) -> None:
         def write(db: sqlite3.Connection) -> None:
             db.executemany(
                 "INSERT OR REPLACE INTO activations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [msgspec.structs.astuple(a) for a in activations])
+                [msgspec.structs.astuple(a) for a in activations],
+            )
             db.executemany(
                 "INSERT INTO logs (ts, function, revision, request_id, instance, stream, message)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [msgspec.structs.astuple(rec)[:7] for rec in logs])
+                [msgspec.structs.astuple(rec)[:7] for rec in logs],
+            )
+
         if activations or logs:
             await self._run(write)
 
     async def activations(self, name: str, limit: int) -> list[ActivationRecord]:
-        rows = await self._run(lambda db: db.execute(
-            "SELECT * FROM activations WHERE function = ? ORDER BY start DESC LIMIT ?",
-            (name, limit)).fetchall())
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT * FROM activations WHERE function = ? ORDER BY start DESC LIMIT ?",
+                (name, limit),
+            ).fetchall()
+        )
         return [ActivationRecord(*row) for row in rows]
 
     async def logs(self, name: str, since: float, after_id: int, limit: int) -> list[LogRecord]:
-        rows = await self._run(lambda db: db.execute(
-            "SELECT ts, function, revision, request_id, instance, stream, message, id FROM logs "
-            "WHERE function = ? AND ts >= ? AND id > ? ORDER BY id LIMIT ?",
-            (name, since, after_id, limit)).fetchall())
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT ts, function, revision, request_id, instance, stream, message, id "
+                "FROM logs "
+                "WHERE function = ? AND ts >= ? AND id > ? ORDER BY id LIMIT ?",
+                (name, since, after_id, limit),
+            ).fetchall()
+        )
         return [LogRecord(*row) for row in rows]
 
     async def prune(self, keep_activations: int, keep_logs: int) -> None:
         def prune(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM activations WHERE rowid <= "
-                       "(SELECT MAX(rowid) FROM activations) - ?", (keep_activations,))
-            db.execute("DELETE FROM logs WHERE id <= (SELECT MAX(id) FROM logs) - ?",
-                       (keep_logs,))
+            db.execute(
+                "DELETE FROM activations WHERE rowid <= (SELECT MAX(rowid) FROM activations) - ?",
+                (keep_activations,),
+            )
+            db.execute("DELETE FROM logs WHERE id <= (SELECT MAX(id) FROM logs) - ?", (keep_logs,))
+
         await self._run(prune)
 
 
 def _revision(row: Any) -> RevisionRecord:
     function, number, sha256, bundle, spec, created_at = row
-    return RevisionRecord(function=function, number=number, sha256=sha256, bundle=bundle,
-                          spec=_spec_decoder.decode(spec), created_at=created_at)
+    return RevisionRecord(
+        function=function,
+        number=number,
+        sha256=sha256,
+        bundle=bundle,
+        spec=_spec_decoder.decode(spec),
+        created_at=created_at,
+    )

@@ -1,1 +1,1 @@
-"""Metrics, activation records and captured logs: appended by the data plane, drained by the server."""
+"""Metrics, activation records and captured logs: the data plane appends, the server drains."""

@@ -40,11 +40,19 @@ class TelemetryBuffer:
         self._used.pop(rec.id, None)
         dropped = self._dropped.pop(rec.id, 0)
         if dropped:
-            self.logs.append(LogRecord(
-                ts=rec.start + rec.duration_ms / 1000, function=rec.function,
-                revision=rec.revision, request_id=rec.id, instance=rec.instance, stream="system",
-                message=f"[ember] {dropped} bytes of output dropped: the per-invocation log cap "
-                        f"is {self.cap} bytes\n"))
+            self.logs.append(
+                LogRecord(
+                    ts=rec.start + rec.duration_ms / 1000,
+                    function=rec.function,
+                    revision=rec.revision,
+                    request_id=rec.id,
+                    instance=rec.instance,
+                    stream="system",
+                    message=f"[ember] {dropped} bytes of output dropped: "
+                    f"the per-invocation log cap "
+                    f"is {self.cap} bytes\n",
+                )
+            )
         self.activations.append(rec)
 
     def drain(self) -> tuple[list[ActivationRecord], list[LogRecord]]:
@@ -55,9 +63,15 @@ class TelemetryBuffer:
 
 
 def _cut(rec: LogRecord, room: int) -> LogRecord:
-    return LogRecord(ts=rec.ts, function=rec.function, revision=rec.revision,
-                     request_id=rec.request_id, instance=rec.instance, stream=rec.stream,
-                     message=rec.message[:room])
+    return LogRecord(
+        ts=rec.ts,
+        function=rec.function,
+        revision=rec.revision,
+        request_id=rec.request_id,
+        instance=rec.instance,
+        stream=rec.stream,
+        message=rec.message[:room],
+    )
 
 
 def billed_ms(duration_ms: float) -> int:

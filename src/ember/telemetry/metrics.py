@@ -10,8 +10,26 @@ from prometheus_client.registry import Collector
 
 from ember.pool.revision import RevisionStats
 
-BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
-           60, 300, 900)
+BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+    900,
+)
 
 
 class _InstanceCollector(Collector):
@@ -19,11 +37,13 @@ class _InstanceCollector(Collector):
         self._stats = stats
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("ember_instances", "Instances by function and state",
-                                   labels=["function", "state"])
+        family = GaugeMetricFamily(
+            "ember_instances", "Instances by function and state", labels=["function", "state"]
+        )
         totals: dict[tuple[str, str], int] = {}
-        waiting = GaugeMetricFamily("ember_waiting_requests",
-                                    "Requests waiting for a free instance", labels=["function"])
+        waiting = GaugeMetricFamily(
+            "ember_waiting_requests", "Requests waiting for a free instance", labels=["function"]
+        )
         queued: dict[str, int] = {}
         for s in self._stats():
             for state, n in (("idle", s.idle), ("busy", s.busy), ("starting", s.starting)):
@@ -40,13 +60,25 @@ class _InstanceCollector(Collector):
 class Metrics:
     def __init__(self, stats: Callable[[], list[RevisionStats]]) -> None:
         self.registry = CollectorRegistry()
-        self.invocations = Counter("ember_invocations", "Invocations by function and HTTP code",
-                                   ["function", "code"], registry=self.registry)
-        self.duration = Histogram("ember_invocation_duration_seconds",
-                                  "Time from request to response, by function", ["function"],
-                                  buckets=BUCKETS, registry=self.registry)
-        self.starts = Counter("ember_starts", "Invocations by the start tier that served them",
-                              ["function", "tier"], registry=self.registry)
+        self.invocations = Counter(
+            "ember_invocations",
+            "Invocations by function and HTTP code",
+            ["function", "code"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "ember_invocation_duration_seconds",
+            "Time from request to response, by function",
+            ["function"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.starts = Counter(
+            "ember_starts",
+            "Invocations by the start tier that served them",
+            ["function", "tier"],
+            registry=self.registry,
+        )
         self.registry.register(_InstanceCollector(stats))
 
     def observe(self, function: str, code: int, seconds: float, tier: str) -> None:

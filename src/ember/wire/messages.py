@@ -17,7 +17,7 @@ class _Msg(msgspec.Struct, frozen=True, tag_field="t", array_like=False):
 # ---- server → root zygote (control channel), fd of the new zygote's channel rides along ----
 
 
-class SpawnZygote(_Msg, tag="spawn"):
+class SpawnZygote(_Msg, tag="spawn", frozen=True):
     revision: str  # "name@number", for logs and process titles
     code_dir: str
     source: str  # directory inside code_dir that is put on sys.path and made cwd
@@ -30,33 +30,33 @@ class SpawnZygote(_Msg, tag="spawn"):
     concurrency: int = 1
 
 
-class Shutdown(_Msg, tag="shutdown"):
+class Shutdown(_Msg, tag="shutdown", frozen=True):
     pass
 
 
 # ---- function zygote → server ----
 
 
-class ZygoteReady(_Msg, tag="ready"):
+class ZygoteReady(_Msg, tag="ready", frozen=True):
     pid: int
     import_ms: float
     warnings: list[str] = []
     output: str = ""  # what the module printed while it was imported
 
 
-class ZygoteFailed(_Msg, tag="failed"):
+class ZygoteFailed(_Msg, tag="failed", frozen=True):
     error_type: str
     message: str
     traceback: str
     output: str = ""
 
 
-class Forked(_Msg, tag="forked"):
+class Forked(_Msg, tag="forked", frozen=True):
     instance: str
     pid: int
 
 
-class InstanceExited(_Msg, tag="exited"):
+class InstanceExited(_Msg, tag="exited", frozen=True):
     pid: int
     status: int  # os.waitstatus_to_exitcode: negative = killed by that signal
 
@@ -64,7 +64,7 @@ class InstanceExited(_Msg, tag="exited"):
 # ---- server → function zygote; fd of the instance's socket rides along with ForkInstance ----
 
 
-class ForkInstance(_Msg, tag="fork"):
+class ForkInstance(_Msg, tag="fork", frozen=True):
     instance: str
     cgroup: str = ""  # cgroup.procs path to join; "" = no cgroup
     rlimit_as: int = 0  # bytes of address space beyond the zygote's; 0 = none
@@ -73,7 +73,7 @@ class ForkInstance(_Msg, tag="fork"):
 # ---- server ↔ instance ----
 
 
-class Invoke(_Msg, tag="invoke"):
+class Invoke(_Msg, tag="invoke", frozen=True):
     id: str
     method: str
     path: str
@@ -91,7 +91,7 @@ class ErrorInfo(msgspec.Struct, frozen=True):
     kind: str = "exception"  # exception | memory
 
 
-class Result(_Msg, tag="result"):
+class Result(_Msg, tag="result", frozen=True):
     id: str
     status: int
     headers: Headers
@@ -101,14 +101,14 @@ class Result(_Msg, tag="result"):
     max_rss_kb: int = 0
 
 
-class Log(_Msg, tag="log"):
+class Log(_Msg, tag="log", frozen=True):
     id: str  # request id, "" when outside any invocation
     stream: str  # stdout | stderr | log
     ts: float
     data: str
 
 
-class Exiting(_Msg, tag="exiting"):
+class Exiting(_Msg, tag="exiting", frozen=True):
     reason: str  # why the instance ends itself, e.g. memory
 
 

@@ -1,0 +1,111 @@
+"""The Store contract, run against every implementation (SQLite today)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ember.spec import FunctionSpec
+from ember.store.base import Store
+from ember.store.sqlite import SQLiteStore
+from ember.telemetry.records import ActivationRecord, LogRecord
+
+IMPLEMENTATIONS: dict[str, Callable[[Path], Store]] = {
+    "sqlite": lambda tmp: SQLiteStore(tmp / "ember.db"),
+}
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
+    return lambda: IMPLEMENTATIONS[request.param](tmp_path)
+
+
+def run(factory: Callable[[], Store], body: Callable[[Store], Coroutine[Any, Any, None]]) -> None:
+    async def main() -> None:
+        store = factory()
+        await store.open()
+        try:
+            await body(store)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def _act(i: int, fn: str = "f") -> ActivationRecord:
+    return ActivationRecord(
+        id=f"r{i}",
+        function=fn,
+        revision=1,
+        start=float(i),
+        duration_ms=1.0,
+        status=200,
+        tier="warm",
+        instance="x",
+        peak_memory_kb=10,
+        billed_ms=1,
+    )
+
+
+def test_revisions_number_up_and_identical_is_unchanged(make_store: Callable[[], Store]) -> None:
+    async def body(store: Store) -> None:
+        spec = FunctionSpec(name="f")
+        r1, c1 = await store.add_revision(spec, "h1", "b1", 1.0)
+        r1b, c1b = await store.add_revision(spec, "h1", "b1", 2.0)
+        r2, c2 = await store.add_revision(FunctionSpec(name="f", memory=256), "h2", "b1", 3.0)
+        assert (r1.number, c1, r1b.number, c1b, r2.number, c2) == (1, True, 1, False, 2, True)
+        fn = await store.function("f")
+        assert fn is not None and fn.revision == 2 and fn.created_at == 1.0
+        assert [r.number for r in await store.revisions("f")] == [1, 2]
+        rev = await store.revision("f", 2)
+        assert rev is not None and rev.spec.memory == 256
+        back, created = await store.add_revision(spec, "h1", "b1", 4.0)
+        assert (back.number, created) == (3, True), "going back to old code is a new revision"
+        assert await store.delete_function("f")
+        assert await store.function("f") is None and await store.revisions("f") == []
+        assert not await store.delete_function("f")
+
+    run(make_store, body)
+
+
+def test_state_survives_reopening(make_store: Callable[[], Store]) -> None:
+    async def write(store: Store) -> None:
+        await store.add_revision(FunctionSpec(name="keep"), "h", "b", 1.0)
+
+    async def read(store: Store) -> None:
+        assert [f.name for f in await store.functions()] == ["keep"]
+
+    run(make_store, write)
+    run(make_store, read)
+
+
+def test_telemetry_is_queried_and_pruned(make_store: Callable[[], Store]) -> None:
+    async def body(store: Store) -> None:
+        logs = [
+            LogRecord(
+                ts=float(i),
+                function="f",
+                revision=1,
+                request_id=f"r{i}",
+                instance="x",
+                stream="stdout",
+                message=f"line {i}\n",
+            )
+            for i in range(10)
+        ]
+        await store.write_telemetry([_act(i) for i in range(10)] + [_act(99, "g")], logs)
+        newest = await store.activations("f", 3)
+        assert [a.id for a in newest] == ["r9", "r8", "r7"]
+        since = await store.logs("f", since=5.0, after_id=0, limit=100)
+        assert [r.message for r in since] == [f"line {i}\n" for i in range(5, 10)]
+        after = await store.logs("f", since=0.0, after_id=since[-2].id, limit=100)
+        assert [r.message for r in after] == ["line 9\n"]
+        await store.prune(keep_activations=4, keep_logs=2)
+        assert len(await store.activations("f", 100)) == 3
+        assert len(await store.logs("f", 0.0, 0, 100)) == 2
+
+    run(make_store, body)
