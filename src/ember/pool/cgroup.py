@@ -26,6 +26,7 @@ class Cgroups:
         for version, base in _candidates():
             parent = base / "ember" / name
             try:
+                _remove_stale(parent.parent)
                 parent.mkdir(parents=True, exist_ok=True)
                 if version == 2:
                     _enable_memory_v2(parent)
@@ -73,15 +74,39 @@ class Cgroups:
         except OSError:
             pass
 
-    def cleanup(self) -> None:
+    def cleanup(self) -> bool:
+        """Remove every leaf and the parent; False while some are still in use."""
         if self.parent.exists():
             for leaf in self.parent.iterdir():
                 if leaf.is_dir():
                     self.remove(str(leaf / "cgroup.procs"))
         try:
             self.parent.rmdir()
+        except FileNotFoundError:
+            return True
         except OSError:
-            pass
+            return False
+        return True
+
+
+def _remove_stale(root: Path) -> None:
+    """Leftovers of servers that were killed: `server-PID` directories of dead processes."""
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        pid = entry.name.removeprefix("server-")
+        if entry.name.startswith("server-") and pid.isdigit() and not _alive(int(pid)):
+            Cgroups(entry, 1).cleanup()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _candidates() -> list[tuple[int, Path]]:

@@ -149,4 +149,6 @@ class Pool:
             rp.stop()
         await self.root.stop()
         if self.cgroups is not None:
-            self.cgroups.cleanup()
+            deadline = time.monotonic() + 2.0  # killed instances take a moment to leave
+            while not self.cgroups.cleanup() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)

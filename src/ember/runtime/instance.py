@@ -42,9 +42,18 @@ class Instance:
         self.hook_error: BaseException | None = None
 
     def send(self, msg: Result | Log) -> None:
+        """Write one whole frame. In async mode the socket is non-blocking for the loop's reads,
+        so a send blocks it briefly: a frame is never interleaved with another."""
         data = frame(self.encoder.encode(msg))
         with self.send_lock:
-            self.sock.sendall(data)
+            if self.sock.getblocking():
+                self.sock.sendall(data)
+                return
+            self.sock.setblocking(True)
+            try:
+                self.sock.sendall(data)
+            finally:
+                self.sock.setblocking(False)
 
     def run_hooks(self) -> None:
         limits.reseed()
@@ -136,14 +145,6 @@ class Instance:
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
 
-    def send_async_safe(self, msg: Result | Log) -> None:
-        # Sends from the loop's thread block briefly on a full socket; frames are whole either way.
-        self.sock.setblocking(True)
-        try:
-            Instance.send(self, msg)
-        finally:
-            self.sock.setblocking(False)
-
 
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:
@@ -162,7 +163,6 @@ def run(fd: int, handler: Handler, spec: SpawnZygote) -> None:
         instance = Instance(sock, handler, spec)
         instance.run_hooks()
         if inspect.iscoroutinefunction(handler):
-            instance.send = instance.send_async_safe  # type: ignore[method-assign]
             loop = _new_loop()
             loop.run_until_complete(instance.serve_async())
         else:
