@@ -1,0 +1,1 @@
+"""Ember's benchmark suite: each module measures Ember against bare Starlette + uvicorn."""

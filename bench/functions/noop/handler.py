@@ -1,0 +1,2 @@
+def handle(req, ctx):
+    return {"ok": True}

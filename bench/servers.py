@@ -1,0 +1,223 @@
+"""The two servers under test: a real `ember up` and the bare Starlette + uvicorn baseline."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+import psutil
+import yaml
+
+from bench.common import FUNCTIONS, PYTHON, ROOT, free_port, wait_for
+
+
+def route_name(function: str) -> str:
+    """The name bench/functions/DIR is served under (what `ember deploy DIR` picks)."""
+    return function.replace("_", "-")
+
+
+def bench_env(**extra: str) -> dict[str, str]:
+    path = os.pathsep.join(
+        p for p in (str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")) if p
+    )
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+class _Process:
+    """A server subprocess on a free port, logging to a file, stopped on exit."""
+
+    name = "server"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"ember-bench-{self.name}-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return bench_env()
+
+    def start(self) -> Self:
+        with open(self.tmp / "server.log", "ab") as out:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=out, stderr=subprocess.STDOUT, env=self.env()
+            )
+        wait_for(self._healthy, 30, f"{self.name} to answer")
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited:\n{self.output()}")
+        try:
+            return self.http.get("/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def output(self) -> str:
+        log = self.tmp / "server.log"
+        return log.read_text(errors="replace") if log.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.http.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class Baseline(_Process):
+    """`uvicorn bench.baseline_app:app` (httptools, uvloop, 1 worker, no access log)."""
+
+    name = "uvicorn"
+
+    def __init__(self, *functions: str) -> None:
+        super().__init__()
+        self.functions = functions
+
+    def command(self) -> list[str]:
+        return [
+            PYTHON,
+            "-m",
+            "uvicorn",
+            "bench.baseline_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--http",
+            "httptools",
+            "--loop",
+            "uvloop",
+            "--workers",
+            "1",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
+
+    def env(self) -> dict[str, str]:
+        return bench_env(BENCH_FUNCTIONS=",".join(self.functions))
+
+
+class Ember(_Process):
+    """`ember up` with a temporary home; deploys bench/functions/* with a chosen ember.yaml."""
+
+    name = "ember"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bundles: dict[str, str] = {}  # function name -> digest of its code directory
+
+    def command(self) -> list[str]:
+        home = self.tmp / "home"
+        return [
+            PYTHON,
+            "-m",
+            "ember.cli.main",
+            "up",
+            "--home",
+            str(home),
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
+
+    def deploy(self, function: str, name: str | None = None, **config: Any) -> dict[str, Any]:
+        """Deploy bench/functions/FUNCTION as NAME with `config` as its ember.yaml entry."""
+        from ember.bundle import pack
+
+        name = name or route_name(function)
+        src = self.tmp / "src" / name
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.copytree(FUNCTIONS / function, src, ignore=shutil.ignore_patterns("__pycache__"))
+        if config:
+            (src / "ember.yaml").write_text(yaml.safe_dump({"functions": {name: config}}))
+        bundle = pack(src)
+        resp = self.http.post(
+            "/api/v1/deploy",
+            params={"name": name},
+            content=bundle,
+            headers={"Content-Type": "application/gzip"},
+        )
+        if resp.status_code >= 400:
+            raise RuntimeError(f"deploy of {name} failed: {resp.status_code} {resp.text}")
+        self.bundles[name] = hashlib.sha256(bundle).hexdigest()
+        deployed: dict[str, Any] = resp.json()["functions"][0]
+        return deployed
+
+    def info(self, name: str) -> dict[str, Any]:
+        resp = self.http.get(f"/api/v1/functions/{name}")
+        resp.raise_for_status()
+        info: dict[str, Any] = resp.json()
+        return info
+
+    def scale(self, name: str, instances: int) -> int:
+        resp = self.http.post(f"/api/v1/functions/{name}/scale", json={"instances": instances})
+        resp.raise_for_status()
+        return int(resp.json()["instances"])
+
+    # ---- the process tree ----
+    def root_zygote(self) -> psutil.Process:
+        for child in psutil.Process(self.pid).children():
+            if "ember.runtime.root" in child.cmdline():
+                return child
+        raise LookupError("no root zygote")
+
+    def function_zygote(self, name: str) -> psutil.Process | None:
+        """The zygote of the last deploy: the root's child whose cwd is code/<bundle digest>."""
+        digest = self.bundles[name]
+        for child in self.root_zygote().children():
+            try:
+                if digest in child.cwd():
+                    return child
+            except psutil.NoSuchProcess:
+                continue
+        return None
+
+    def instances(self, name: str) -> list[psutil.Process]:
+        zygote = self.function_zygote(name)
+        return zygote.children() if zygote is not None else []
+
+    def drain(self, name: str, timeout: float = 10.0) -> None:
+        """Scale to zero and wait until no instance process is left (the zygote stays warm)."""
+        self.scale(name, 0)
+        zygote = self.function_zygote(name)
+
+        def empty() -> bool:
+            counts = self.info(name)["instances"]
+            if counts["idle"] or counts["busy"] or counts["starting"]:
+                return False
+            return zygote is None or not zygote.children()
+
+        wait_for(empty, timeout, f"{name} to have no instances")
