@@ -52,10 +52,12 @@ def test_tiers_fresh_after_the_root_zygote_dies(
     server.deploy(fn_dir("tiers", HELLO))
     assert server.http.get("/fn/tiers").headers["x-ember-start"] == "fork"
     root = next(p for p in _tree(server) if "ember.runtime.root" in " ".join(p.cmdline()))
+    below = root.children(recursive=True)
+    assert below, "the function zygote and its instance"
     root.kill()
     root.wait(5)
     wait_for(
-        lambda: all(p.pid == root.pid or not p.is_running() for p in _tree(server)),
+        lambda: not any(p.is_running() and p.status() != "zombie" for p in below),
         5,
         "zygotes and instances to die with the root zygote",
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
+import os
 from typing import Any
 
 import msgspec
@@ -39,7 +39,7 @@ class Gateway:
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         started, t0 = time.time(), time.perf_counter()
-        rid = uuid.uuid4().hex
+        rid = request_id()
         name, _, rest = scope["path"][len(PREFIX) :].partition("/")
         target = self.routes.get(name)
         tier, instance, result, peak = "none", "", None, 0
@@ -161,6 +161,11 @@ async def _respond(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def request_id() -> str:
+    """32 hex digits, time-ordered (milliseconds, then 80 random bits): cheap to index."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
 def _too_large(size: int, limit: int) -> TooLarge:

@@ -48,6 +48,10 @@ class Cgroups:
             (path / "memory.limit_in_bytes").write_text(limit)
         return str(path / "cgroup.procs")
 
+    def move(self, procs: str, pid: int) -> None:
+        with open(procs, "w") as f:
+            f.write(str(pid))
+
     def oom_killed(self, procs: str) -> bool:
         leaf = Path(procs).parent
         try:

@@ -25,13 +25,14 @@ class Instance(asyncio.Protocol):
         self,
         instance_id: str,
         concurrency: int,
-        cgroup: str,
         on_log: Callable[[Instance, Log], None],
         on_lost: Callable[[Instance], None],
     ) -> None:
         self.id = instance_id
         self.concurrency = concurrency
-        self.cgroup = cgroup
+        self.cgroup = ""  # cgroup.procs of its memory cgroup, once the pool has placed it
+        self.placed: asyncio.Future[None] | None = None
+        self.pid_known: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.pid = 0
         self.inflight: dict[str, asyncio.Future[Result]] = {}
         self.idle_since = time.monotonic()
@@ -95,6 +96,8 @@ class Instance(asyncio.Protocol):
 
     def set_pid(self, pid: int) -> None:
         self.pid = pid
+        if not self.pid_known.done():
+            self.pid_known.set_result(pid)
         if self._pending_kill:
             self.kill()
 

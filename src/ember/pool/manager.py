@@ -8,11 +8,13 @@ import logging
 import os
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 from ember.autoscaler.keepalive import decide
 from ember.config import ServerConfig
 from ember.errors import NotFound
 from ember.pool.cgroup import Cgroups
+from ember.pool.instance import Instance
 from ember.pool.revision import RevisionPool, RevisionStats
 from ember.pool.root import RootZygote
 from ember.pool.target import Target
@@ -32,6 +34,7 @@ class Pool:
         self.cgroups: Cgroups | None = None
         self.revisions: dict[tuple[str, int], RevisionPool] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        self._mover = ThreadPoolExecutor(1, thread_name_prefix="ember-cgroup")
 
     async def start(self) -> None:
         if self.config.use_cgroups:
@@ -79,13 +82,39 @@ class Pool:
         return rp
 
     # ---- limits ----
-    def limits_for(self, instance_id: str, memory_mb: int) -> tuple[str, int]:
-        if self.cgroups is not None:
-            try:
-                return self.cgroups.create(instance_id, memory_mb), 0
-            except OSError as exc:
-                log.warning("cgroup for %s failed (%s); using RLIMIT_AS", instance_id, exc)
-        return "", memory_mb * 1024 * 1024
+    def rlimit_for(self, memory_mb: int) -> int:
+        """Address-space limit the instance sets itself, where there are no cgroups."""
+        return 0 if self.cgroups is not None else memory_mb * 1024 * 1024
+
+    def place(self, inst: Instance, memory_mb: int) -> None:
+        """Move a new instance into its own memory cgroup, off the request's path.
+
+        Moving a process between cgroups can wait out an RCU grace period (7-19 ms measured
+        here), so a worker thread does it once the pid is known; the instance serves meanwhile,
+        for those few milliseconds under its zygote's cgroup.
+        """
+        if self.cgroups is None:
+            return
+        inst.placed = asyncio.get_running_loop().create_task(self._place(inst, memory_mb))
+
+    async def _place(self, inst: Instance, memory_mb: int) -> None:
+        pid = await inst.pid_known
+        loop = asyncio.get_running_loop()
+        inst.cgroup = await loop.run_in_executor(self._mover, self._move, inst.id, pid, memory_mb)
+
+    def _move(self, instance_id: str, pid: int, memory_mb: int) -> str:
+        assert self.cgroups is not None
+        try:
+            procs = self.cgroups.create(instance_id, memory_mb)
+        except OSError as exc:
+            log.warning("no memory cgroup for %s: %s", instance_id, exc)
+            return ""
+        try:
+            self.cgroups.move(procs, pid)
+        except OSError:  # it already exited
+            self.cgroups.remove(procs)
+            return ""
+        return procs
 
     def release_cgroup(self, procs: str) -> None:
         if procs and self.cgroups is not None:
@@ -148,6 +177,7 @@ class Pool:
         for rp in self.revisions.values():
             rp.stop()
         await self.root.stop()
+        self._mover.shutdown(wait=True)
         if self.cgroups is not None:
             deadline = time.monotonic() + 2.0  # killed instances take a moment to leave
             while not self.cgroups.cleanup() and time.monotonic() < deadline:

@@ -20,6 +20,7 @@ from ember.errors import (
     FunctionCrashed,
     FunctionMemoryExceeded,
     FunctionTimeout,
+    PlatformError,
 )
 from ember.pool.instance import Instance
 from ember.pool.target import Target
@@ -142,7 +143,13 @@ class RevisionPool:
         try:
             tier = await self.ensure_zygote()
             assert self.zygote is not None
-            inst = await self._fork(self.zygote)
+            try:
+                inst = await self._fork(self.zygote)
+            except PlatformError:  # it died and we have not read its EOF yet: one new zygote
+                self.zygote.stop()
+                tier = await self.ensure_zygote()
+                assert self.zygote is not None
+                inst = await self._fork(self.zygote)
         finally:
             self.starting -= 1
         inst.reserved += 1
@@ -151,12 +158,11 @@ class RevisionPool:
 
     async def _fork(self, zygote: FunctionZygote) -> Instance:
         iid = f"{self.target.function}-{self.target.number}-{secrets.token_hex(3)}"
-        cgroup, rlimit = self.pool.limits_for(iid, self.spec.memory)
-        try:
-            return await zygote.fork(iid, cgroup, rlimit, self._on_log, self._on_lost)
-        except BaseException:
-            self.pool.release_cgroup(cgroup)
-            raise
+        inst = await zygote.fork(
+            iid, self.pool.rlimit_for(self.spec.memory), self._on_log, self._on_lost
+        )
+        self.pool.place(inst, self.spec.memory)
+        return inst
 
     async def ensure_zygote(self) -> str:
         """Have a ready zygote; the tier says what it took: fork, specialize or fresh."""
@@ -169,7 +175,12 @@ class RevisionPool:
 
     async def _spawn_zygote(self) -> str:
         fresh = await self.pool.root.ensure()
-        zygote = self.pool.root.spawn(self.target)
+        try:
+            zygote = self.pool.root.spawn(self.target)
+        except OSError:  # the root died and we have not read its EOF yet
+            self.pool.root.forget()
+            fresh = await self.pool.root.ensure()
+            zygote = self.pool.root.spawn(self.target)
         self.zygote = zygote
         try:
             ready = await zygote.ready
@@ -215,6 +226,8 @@ class RevisionPool:
             status: int | None = await asyncio.wait_for(asyncio.shield(inst.exit_status), 2.0)
         except TimeoutError:
             status = None
+        if inst.placed is not None:
+            await asyncio.wait({inst.placed}, timeout=2.0)
         if inst.inflight:
             inst.fail_all(inst.death or self._cause(inst, status))
         self.pool.release_cgroup(inst.cgroup)

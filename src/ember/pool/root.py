@@ -63,6 +63,13 @@ class RootZygote:
         log.info("root zygote started (pid %d)", self.proc.pid)
         return True
 
+    def forget(self) -> None:
+        """Treat the root zygote as gone (its channel failed); the next `ensure` starts one."""
+        if self.channel is not None:
+            self.channel.close()
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
     def _lost(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             log.warning("root zygote channel closed; it will be restarted on the next start")

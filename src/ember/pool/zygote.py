@@ -73,24 +73,24 @@ class FunctionZygote:
     async def fork(
         self,
         instance_id: str,
-        cgroup: str,
         rlimit_as: int,
         on_log: Callable[[Instance, Log], None],
         on_lost: Callable[[Instance], None],
     ) -> Instance:
         if self.dead:
             raise PlatformError(f"the zygote of '{self.target.label}' is gone")
-        inst = Instance(instance_id, self.target.spec.concurrency, cgroup, on_log, on_lost)
+        inst = Instance(instance_id, self.target.spec.concurrency, on_log, on_lost)
         self._by_id[instance_id] = inst  # before sending: Forked may come back at once
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.channel.send(
-                ForkInstance(instance=instance_id, cgroup=cgroup, rlimit_as=rlimit_as),
+                ForkInstance(instance=instance_id, rlimit_as=rlimit_as),
                 fd=theirs.fileno(),
             )
         except OSError as exc:
             ours.close()
             self._by_id.pop(instance_id, None)
+            self.channel.close()
             raise PlatformError(f"the zygote of '{self.target.label}' is gone: {exc}") from exc
         finally:
             theirs.close()

@@ -15,11 +15,21 @@ T = TypeVar("T")
 MAX_PACKET = 256 * 1024
 
 
+_decoders: dict[Any, Any] = {}
+
+
+def decoder_for(kind: Any) -> Any:
+    """One decoder per message family, built once (in the root zygote) and inherited."""
+    if kind not in _decoders:
+        _decoders[kind] = msgspec.msgpack.Decoder(kind)
+    return _decoders[kind]
+
+
 class Channel(Generic[T]):
     def __init__(self, sock: socket.socket, incoming: Any) -> None:
         self.sock = sock
         self._encoder = msgspec.msgpack.Encoder()
-        self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(incoming)
+        self._decoder: msgspec.msgpack.Decoder[T] = decoder_for(incoming)
 
     def send(self, msg: msgspec.Struct) -> None:
         self.sock.send(self._encoder.encode(msg))

@@ -27,6 +27,10 @@ from ember.wire.messages import InstanceCommand, Invoke, Log, Result, Shutdown, 
 
 Handler = Callable[[Request, Context], Any]
 
+# Built once in the root zygote and inherited: building a typed decoder costs ~0.5 ms.
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(InstanceCommand)
+
 
 class Instance:
     def __init__(self, sock: socket.socket, handler: Handler, spec: SpawnZygote) -> None:
@@ -34,8 +38,8 @@ class Instance:
         self.handler = handler
         self.spec = spec
         self.log = logging.getLogger(f"ember.function.{spec.function}")
-        self.encoder = msgspec.msgpack.Encoder()
-        self.decoder = msgspec.msgpack.Decoder(InstanceCommand)
+        self.encoder = _ENCODER
+        self.decoder = _DECODER
         self.frames = FrameDecoder()
         self.send_lock = threading.Lock()
         self.capture = Capture(self.send)

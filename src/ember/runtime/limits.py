@@ -46,11 +46,6 @@ def close_fds_except(*keep: int) -> None:
     os.closerange(low, 65536)
 
 
-def join_cgroup(procs_path: str) -> None:
-    with open(procs_path, "w") as f:
-        f.write("0")
-
-
 def limit_address_space(extra_bytes: int) -> None:
     """Fallback memory limit: allow `extra_bytes` of address space beyond what is mapped now."""
     with open("/proc/self/statm") as f:

@@ -6,6 +6,7 @@ Started by the server as `python -m ember.runtime.root FD`. It never runs user c
 from __future__ import annotations
 
 import asyncio  # noqa: F401  (pre-imported so instances do not pay for it)
+import gc
 import json  # noqa: F401
 import os
 import signal
@@ -39,6 +40,10 @@ def serve(fd: int) -> None:
     signal.signal(signal.SIGCHLD, _reap)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
     channel: Channel[RootMessage] = Channel(socket.socket(fileno=fd), RootMessage)
+    # Everything imported so far is shared by every zygote and instance: freezing it keeps the
+    # zygotes' own gc.collect() from walking (and copying) these pages.
+    gc.collect()
+    gc.freeze()
     while True:
         try:
             got = channel.recv()

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ember.runtime import instance, limits
-from ember.runtime.channel import Channel
+from ember.runtime.channel import Channel, decoder_for
 from ember.wire.messages import (
     Forked,
     ForkInstance,
@@ -33,6 +33,7 @@ from ember.wire.messages import (
 )
 
 MAX_OUTPUT = 64 * 1024
+decoder_for(ZygoteCommand)  # built in the root zygote, before any fork
 
 
 def _prepare(spec: SpawnZygote) -> None:
@@ -88,9 +89,7 @@ class Zygote:
             limits.close_fds_except(fd)
             limits.die_with_parent()
             limits.default_signals()
-            if cmd.cgroup:
-                limits.join_cgroup(cmd.cgroup)
-            elif cmd.rlimit_as:
+            if cmd.rlimit_as:  # without cgroups; with them the server moves us (off this path)
                 limits.limit_address_space(cmd.rlimit_as)
             instance.run(fd, self.handler, self.spec)
         os.close(fd)

@@ -27,7 +27,7 @@ MIGRATIONS = [
         bundle TEXT NOT NULL, spec BLOB NOT NULL, created_at REAL NOT NULL,
         PRIMARY KEY (function, number));
     CREATE TABLE activations (
-        id TEXT PRIMARY KEY, function TEXT NOT NULL, revision INTEGER NOT NULL,
+        id TEXT NOT NULL, function TEXT NOT NULL, revision INTEGER NOT NULL,
         start REAL NOT NULL, duration_ms REAL NOT NULL, status INTEGER NOT NULL,
         tier TEXT NOT NULL, instance TEXT NOT NULL, peak_memory_kb INTEGER NOT NULL,
         billed_ms INTEGER NOT NULL, error TEXT);
@@ -165,7 +165,7 @@ class SQLiteStore:
     ) -> None:
         def write(db: sqlite3.Connection) -> None:
             db.executemany(
-                "INSERT OR REPLACE INTO activations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO activations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [msgspec.structs.astuple(a) for a in activations],
             )
             db.executemany(

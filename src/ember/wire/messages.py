@@ -66,7 +66,6 @@ class InstanceExited(_Msg, tag="exited", frozen=True):
 
 class ForkInstance(_Msg, tag="fork", frozen=True):
     instance: str
-    cgroup: str = ""  # cgroup.procs path to join; "" = no cgroup
     rlimit_as: int = 0  # bytes of address space beyond the zygote's; 0 = none
 
 
