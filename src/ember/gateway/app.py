@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import os
+import time
 from typing import Any
 
 import msgspec
