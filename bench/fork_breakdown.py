@@ -2,7 +2,8 @@
 function zygote and the instance (diagnostic; no target of its own).
 
 Uses bench/functions/forkprobe, whose module (imported in the zygote) marks its own import, the
-moment before `fork()`, the child's first Python code, the cgroup join and the `on_fork` hooks.
+moment before `fork()`, the child's first Python code and the `on_fork` hooks. (The instance's move into its
+memory cgroup happens in the server, off the request's path.)
 All marks use CLOCK_MONOTONIC, which every process on the host shares, so they line up with the
 client's clock. Deployed twice: as is, and importing numpy + pandas (PROBE_IMPORTS).
 
@@ -25,14 +26,12 @@ from bench.specialize_start import kill_zygote
 SPACING = 0.1
 INSTANCE = [
     ("fork() + Python after-fork in the child", "zygote_fork", "child"),
-    ("close fds, PDEATHSIG, signals", "child", "cgroup_join_start"),
-    ("join memory cgroup (write cgroup.procs)", "cgroup_join_start", "cgroup_join_end"),
-    ("instance setup (Instance(), capture, hooks)", "cgroup_join_end", "hooks"),
+    ("child setup: fds, PDEATHSIG, signals, Instance(), capture, hooks", "child", "hooks"),
     ("serve loop: recv + decode Invoke → handler", "hooks", "handler"),
     ("handler → response read by client", "handler", "done"),
 ]
 PHASES = [  # name, from mark, to mark, which starts have it
-    ("request → zygote forks (HTTP, pool, cgroup mkdir, IPC)", "sent", "zygote_fork", "fork"),
+    ("request → zygote forks (HTTP, pool, IPC)", "sent", "zygote_fork", "fork"),
     ("request → module import starts (root fork, zygote setup)", "sent", "import_start", "spec"),
     ("the module's own import", "import_start", "import_end", "spec"),
     (

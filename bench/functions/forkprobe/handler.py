@@ -10,7 +10,6 @@ import importlib  # noqa: E402
 import os  # noqa: E402
 
 import ember  # noqa: E402
-from ember.runtime import limits  # noqa: E402
 
 # PROBE_IMPORTS=numpy,pandas (set in ember.yaml) makes this a stand-in for a heavy function.
 for _name in filter(None, os.environ.get("PROBE_IMPORTS", "").split(",")):
@@ -22,17 +21,6 @@ def _mark(name):
 
 
 os.register_at_fork(before=lambda: _mark("zygote_fork"), after_in_child=lambda: _mark("child"))
-
-_join = limits.join_cgroup
-
-
-def _timed_join(path):
-    _mark("cgroup_join_start")
-    _join(path)
-    _mark("cgroup_join_end")
-
-
-limits.join_cgroup = _timed_join
 
 
 @ember.on_fork

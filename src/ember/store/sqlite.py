@@ -42,6 +42,18 @@ MIGRATIONS = [
 
 _spec_decoder = msgspec.json.Decoder(FunctionSpec)
 
+_ACTIVATION_FIELDS = [f.name for f in msgspec.structs.fields(ActivationRecord)]
+_LOG_FIELDS = ["ts", "function", "revision", "request_id", "instance", "stream", "message"]
+
+
+def _insert_from_json(table: str, fields: list[str]) -> str:
+    values = ", ".join(f"json_extract(value, '$.{name}')" for name in fields)
+    return f"INSERT INTO {table} ({', '.join(fields)}) SELECT {values} FROM json_each(?)"
+
+
+_INSERT_ACTIVATIONS = _insert_from_json("activations", _ACTIVATION_FIELDS)
+_INSERT_LOGS = _insert_from_json("logs", _LOG_FIELDS)
+
 
 class SQLiteStore:
     def __init__(self, path: Path) -> None:
@@ -163,16 +175,17 @@ class SQLiteStore:
     async def write_telemetry(
         self, activations: list[ActivationRecord], logs: list[LogRecord]
     ) -> None:
+        # One statement per table over a JSON array: SQLite walks it in C with the GIL released
+        # once, where executemany() hands the GIL back and forth for every row and stalls the
+        # event loop thread under load.
+        acts = msgspec.json.encode(activations)
+        lines = msgspec.json.encode(logs)
+
         def write(db: sqlite3.Connection) -> None:
-            db.executemany(
-                "INSERT INTO activations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [msgspec.structs.astuple(a) for a in activations],
-            )
-            db.executemany(
-                "INSERT INTO logs (ts, function, revision, request_id, instance, stream, message)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [msgspec.structs.astuple(rec)[:7] for rec in logs],
-            )
+            if activations:
+                db.execute(_INSERT_ACTIVATIONS, (acts,))
+            if logs:
+                db.execute(_INSERT_LOGS, (lines,))
 
         if activations or logs:
             await self._run(write)

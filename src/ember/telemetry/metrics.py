@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -80,12 +81,22 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_InstanceCollector(stats))
+        self._children: dict[tuple[str, int, str], tuple[Any, Any, Any]] = {}
 
     def observe(self, function: str, code: int, seconds: float, tier: str) -> None:
-        self.invocations.labels(function, str(code)).inc()
-        self.duration.labels(function).observe(seconds)
-        if tier != "none":
-            self.starts.labels(function, tier).inc()
+        key = (function, code, tier)
+        children = self._children.get(key)
+        if children is None:  # labels() costs a lock and a dict build per call: once per key
+            children = self._children[key] = (
+                self.invocations.labels(function, str(code)),
+                self.duration.labels(function),
+                self.starts.labels(function, tier) if tier != "none" else None,
+            )
+        calls, duration, starts = children
+        calls.inc()
+        duration.observe(seconds)
+        if starts is not None:
+            starts.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
