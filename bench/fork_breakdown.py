@@ -2,8 +2,8 @@
 function zygote and the instance (diagnostic; no target of its own).
 
 Uses bench/functions/forkprobe, whose module (imported in the zygote) marks its own import, the
-moment before `fork()`, the child's first Python code and the `on_fork` hooks. (The instance's move into its
-memory cgroup happens in the server, off the request's path.)
+moment before `fork()`, the child's first Python code and the `on_fork` hooks. (The instance's
+move into its memory cgroup happens in the server, off the request's path.)
 All marks use CLOCK_MONOTONIC, which every process on the host shares, so they line up with the
 client's clock. Deployed twice: as is, and importing numpy + pandas (PROBE_IMPORTS).
 
