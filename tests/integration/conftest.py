@@ -66,6 +66,7 @@ class EmberServer:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=self.env(),
+                start_new_session=True,  # its own process group, as in a terminal
             )
         wait_for(self.healthy, 20, "the server to answer /healthz")
         return self
@@ -85,10 +86,14 @@ class EmberServer:
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30, group: bool = False) -> int:
+        """Signal the server (or, with `group`, its whole process group, as Ctrl-C does)."""
         assert self.proc is not None
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            if group:
+                os.killpg(self.proc.pid, sig)
+            else:
+                self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

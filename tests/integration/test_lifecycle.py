@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.integration.conftest import EmberServer, wait_for
 
@@ -158,8 +159,11 @@ def test_stack_file_deploys_several_functions(
     assert spec["timeout"] == 120.0
 
 
+@pytest.mark.parametrize(
+    ("sig", "group"), [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["sigterm", "ctrl-c"]
+)
 def test_graceful_shutdown_finishes_in_flight_requests(
-    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path], sig: int, group: bool
 ):
     server = server_factory()
     server.deploy(
@@ -173,7 +177,7 @@ def test_graceful_shutdown_finishes_in_flight_requests(
             "the request to be in flight",
         )
         children = _tree(server)
-        assert server.stop(signal.SIGTERM) == 0
+        assert server.stop(sig, group=group) == 0
         resp = pending.result()
     assert resp.status_code == 200 and resp.text == "done"
     wait_for(

@@ -56,6 +56,7 @@ class RootZygote:
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,
             env=env,
+            start_new_session=True,  # Ctrl-C in a terminal reaches the server, not the tree
         )
         child.close()
         self.channel = AsyncChannel(parent, Shutdown, lambda _msg: None, self._lost)
