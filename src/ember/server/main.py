@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -118,6 +119,9 @@ async def _deploy_dirs(server: Server, dirs: list[Path]) -> None:
 async def run(config: ServerConfig, deploy: list[Path]) -> int:
     server = Server(config)
     await server.start()
+    # What is alive now lives as long as the server: keep full collections from walking it.
+    gc.collect()
+    gc.freeze()
     uv = _Uvicorn(
         uvicorn.Config(
             server.app,

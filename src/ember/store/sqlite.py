@@ -178,14 +178,11 @@ class SQLiteStore:
         # One statement per table over a JSON array: SQLite walks it in C with the GIL released
         # once, where executemany() hands the GIL back and forth for every row and stalls the
         # event loop thread under load.
-        acts = msgspec.json.encode(activations)
-        lines = msgspec.json.encode(logs)
-
         def write(db: sqlite3.Connection) -> None:
             if activations:
-                db.execute(_INSERT_ACTIVATIONS, (acts,))
+                db.execute(_INSERT_ACTIVATIONS, (msgspec.json.encode(activations),))
             if logs:
-                db.execute(_INSERT_LOGS, (lines,))
+                db.execute(_INSERT_LOGS, (msgspec.json.encode(logs),))
 
         if activations or logs:
             await self._run(write)
