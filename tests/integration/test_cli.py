@@ -108,3 +108,41 @@ def test_cli_errors_are_clear(server: EmberServer, tmp_path: Path):
 
     down = subprocess.run([*ember_cmd(), "ls"], capture_output=True, env=env, timeout=30)
     assert down.returncode == 5 and b"no Ember server" in down.stderr
+
+
+def _png(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    raw = b"".join(
+        b"\x00" + b"".join(bytes((x % 256, y % 256, 7)) for x in range(width))
+        for y in range(height)
+    )
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_examples_in_the_readme_deploy_and_answer(server: EmberServer, tmp_path: Path):
+    import struct
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    for name in ("hello", "echo", "thumbnail"):
+        server.deploy(examples / name)
+    assert server.http.get("/fn/hello", params={"name": "ada"}).json() == {"hello": "ada"}
+    assert server.http.post("/fn/echo/x", content=b"abc").json()["bytes"] == 3
+    cat = tmp_path / "cat.png"
+    cat.write_bytes(_png(300, 200))
+    thumb = server.cli("invoke", "thumbnail", "--data", f"@{cat}").stdout
+    assert thumb.startswith(b"\x89PNG")
+    assert struct.unpack(">II", thumb[16:24]) == (128, 85)
+    bad = server.http.post("/fn/thumbnail", content=b"not a png")
+    assert bad.status_code == 400 and "not a PNG" in bad.json()["error"]
