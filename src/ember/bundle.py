@@ -40,6 +40,8 @@ IGNORE_FILE = ".emberignore"
 MANIFEST_NAMES = ("ember.yaml", "ember.yml")
 MAX_UNPACKED_BYTES = 256 * 1024 * 1024
 MAX_FILES = 10_000
+MAX_DEPTH = 64
+MAX_PATH_BYTES = 1024
 
 _CHUNK = 64 * 1024
 _ENTRY_OVERHEAD = 8 * 1024  # header, pax records, long names and padding, per entry
@@ -343,6 +345,13 @@ def _member_path(name: str) -> str | None:
     parts = [part for part in name.split("/") if part not in ("", ".")]
     if ".." in parts:
         raise _refused(name, "has a '..' segment that would leave the bundle")
+    if len(parts) > MAX_DEPTH or len(name.encode()) > MAX_PATH_BYTES:
+        raise _refused(
+            name[:80],
+            f"is nested deeper than {MAX_DEPTH} directories or longer than {MAX_PATH_BYTES} bytes",
+        )
+    if any(len(part.encode()) > 255 for part in parts):
+        raise _refused(name[:80], "has a name longer than 255 bytes")
     return "/".join(parts) or None
 
 

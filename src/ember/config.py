@@ -18,6 +18,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8080
     grace_period: float = 30.0  # seconds in-flight invocations get on shutdown
     queue_depth: int = 100  # waiting requests per revision before 429
+    init_timeout: float = 60.0  # seconds a module may take to import (its init phase)
     zygote_keepalive: float = 600.0  # seconds an unused function zygote stays warm
     max_body_bytes: int = 6 * 1024 * 1024  # request bodies; larger → 413
     max_bundle_bytes: int = 64 * 1024 * 1024  # compressed upload
@@ -36,6 +37,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
             ("grace_period", self.grace_period, self.grace_period >= 0, "must be >= 0"),
             ("queue_depth", self.queue_depth, self.queue_depth >= 0, "must be >= 0"),
             ("zygote_keepalive", self.zygote_keepalive, self.zygote_keepalive >= 0, "must be >= 0"),
+            ("init_timeout", self.init_timeout, self.init_timeout > 0, "must be > 0"),
             ("max_body_bytes", self.max_body_bytes, self.max_body_bytes > 0, "must be > 0"),
             ("flush_interval", self.flush_interval, self.flush_interval > 0, "must be > 0"),
             (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import keyword
 import math
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 
 import msgspec
@@ -46,10 +47,19 @@ _EXAMPLES = {
 _Parser = Callable[[object, str], object]
 
 
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxlist, _repr.maxdict, _repr.maxstring, _repr.maxother = 2, 5, 5, 100, 100
+
+
+def _show(value: object) -> str:
+    """A short repr for messages: YAML aliases can make a tiny file expand to gigabytes."""
+    return _repr.repr(value)
+
+
 def validate_name(name: str) -> str:
     """Return `name` if it is a valid function name (a DNS label), else raise `bad_name`."""
     if not NAME_RE.match(name):
-        raise UserError(f"function name {name!r} is invalid: {NAME_RULE}", code="bad_name")
+        raise UserError(f"function name {_show(name)} is invalid: {NAME_RULE}", code="bad_name")
     return name
 
 
@@ -59,7 +69,7 @@ def parse_duration(value: object, key: str) -> float:
     if seconds is None:
         example = f"{_leaf(key)}: {_EXAMPLES.get(_leaf(key), '30s')}"
         raise UserError(
-            f"{key}: {value!r} is not a duration; write e.g. {example} ({_DURATION_RULE})",
+            f"{key}: {_show(value)} is not a duration; write e.g. {example} ({_DURATION_RULE})",
             code="bad_manifest",
         )
     return seconds
@@ -109,7 +119,7 @@ def _parse_yaml(text: str) -> object:
 
 def _function(key: object, body: object) -> FunctionSpec:
     if not isinstance(key, str) or not NAME_RE.match(key):
-        raise _fail("functions", f"function name {key!r} is invalid: {NAME_RULE}")
+        raise _fail("functions", f"function name {_show(key)} is invalid: {NAME_RULE}")
     changes = _parse_fields({} if body is None else body, f"functions.{key}", _FUNCTION_PARSERS)
     return msgspec.structs.replace(FunctionSpec(name=key), **changes)
 
@@ -144,7 +154,7 @@ def _handler(value: object, path: str) -> str:
     ):
         raise _fail(
             path,
-            f"{value!r} is not module.function; write e.g. handler: handler.handle "
+            f"{_show(value)} is not module.function; write e.g. handler: handler.handle "
             "(the function handle in handler.py)",
         )
     return value
@@ -152,12 +162,14 @@ def _handler(value: object, path: str) -> str:
 
 def _source(value: object, path: str) -> str:
     if not isinstance(value, str) or "\\" in value or "\0" in value:
-        raise _fail(path, f"{value!r} is not a directory path; write e.g. source: src (use '/')")
+        raise _fail(
+            path, f"{_show(value)} is not a directory path; write e.g. source: src (use '/')"
+        )
     parts = [part for part in value.split("/") if part not in ("", ".")]
     if value.startswith("/") or ".." in parts:
         raise _fail(
             path,
-            f"{value!r} must be a directory inside the one holding ember.yaml, "
+            f"{_show(value)} must be a directory inside the one holding ember.yaml, "
             "relative to it, without '..'; write e.g. source: src",
         )
     return "/".join(parts) or "."
@@ -167,7 +179,7 @@ def _whole(value: object, path: str, low: int, high: int, unit: str = "") -> int
     example = f"{_leaf(path)}: {_EXAMPLES[_leaf(path)]}"
     if isinstance(value, bool) or not isinstance(value, int):
         of_unit = f" of {unit}" if unit else ""
-        raise _fail(path, f"{value!r} is not a whole number{of_unit}; write e.g. {example}")
+        raise _fail(path, f"{_show(value)} is not a whole number{of_unit}; write e.g. {example}")
     if not low <= value <= high:
         in_unit = f" {unit}" if unit else ""
         raise _fail(path, f"{value} is out of range; use {low} to {high}{in_unit}, e.g. {example}")
@@ -194,7 +206,7 @@ def _timeout(value: object, path: str) -> float:
     if not 0 < seconds <= MAX_TIMEOUT_S:
         raise _fail(
             path,
-            f"{value!r} is out of range; use more than 0 and at most "
+            f"{_show(value)} is out of range; use more than 0 and at most "
             f"{MAX_TIMEOUT_S / 60:g}m, e.g. timeout: 30s",
         )
     return seconds
@@ -224,7 +236,7 @@ def _env_key(key: object, path: str) -> str:
     if not isinstance(key, str) or not _ENV_KEY_RE.fullmatch(key):
         raise _fail(
             _join(path, key),
-            f"{key!r} is not a valid variable name; "
+            f"{_show(key)} is not a valid variable name; "
             "use letters, digits and '_', not starting with a digit",
         )
     return key
@@ -241,7 +253,7 @@ def _env_value(value: object, path: str) -> str:
         raise _fail(path, f"has no value; write e.g. {_leaf(path)}: '' for an empty one")
     raise _fail(
         path,
-        f"{value!r} is not a valid value; use a string, a number or true/false "
+        f"{_show(value)} is not a valid value; use a string, a number or true/false "
         "(quote anything else)",
     )
 

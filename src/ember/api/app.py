@@ -192,7 +192,7 @@ def _int(request: Request, key: str, default: int, low: int, high: int) -> int:
     raw = request.query_params.get(key)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise UserError(f"query parameter {key}={raw!r} must be a whole number {low}-{high}")
     return int(raw)
 

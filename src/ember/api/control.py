@@ -18,7 +18,7 @@ from ember import bundle, manifest
 from ember.api.schemas import Deployed
 from ember.blobs.base import Blobs
 from ember.config import ServerConfig
-from ember.errors import NotFound, TooLarge, UserError
+from ember.errors import EmberError, NotFound, TooLarge, UserError
 from ember.gateway.router import RouteTable
 from ember.pool.manager import Pool
 from ember.pool.target import Target
@@ -26,6 +26,16 @@ from ember.spec import FunctionSpec, canonical
 from ember.store.base import RevisionRecord, Store
 
 log = logging.getLogger("ember.api")
+
+
+MAX_MANIFEST = 256 * 1024
+
+
+def _read_only(root: Path) -> None:
+    """Code directories are shared by revisions: files lose their write bits."""
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(path.stat().st_mode & 0o555)
 
 
 def revision_hash(source_tree: str, spec: FunctionSpec) -> str:
@@ -76,12 +86,13 @@ class Control:
             if rec is None:
                 log.error("function %s points at missing revision %d", fn.name, fn.revision)
                 continue
-            self._ensure_code(rec.bundle)
+            try:
+                await asyncio.to_thread(self._ensure_code, rec.bundle)
+            except (EmberError, OSError) as exc:  # one broken function must not stop the rest
+                log.error("function %s cannot be restored: %s", fn.name, exc)
+                continue
             self._targets[fn.name] = self.target(rec)
-        self.publish()
-        for target in self._targets.values():
-            if target.spec.scale.min > 0:
-                await self.pool.scale(target, target.spec.scale.min)
+        self.publish()  # the keep-alive loop starts scale.min instances from here
         log.info("restored %d function(s)", len(self._targets))
 
     def _ensure_code(self, digest: str) -> Path:
@@ -91,6 +102,7 @@ class Control:
             shutil.rmtree(tmp)
             bundle.unpack(self.blobs.get(digest), tmp)
             tmp.rename(path)
+            _read_only(path)
         return path
 
     # ---- deploy ----
@@ -110,24 +122,19 @@ class Control:
         staging = Path(tempfile.mkdtemp(dir=self.config.code_dir, prefix=".tmp-"))
         shutil.rmtree(staging)
         try:
-            await asyncio.to_thread(
-                bundle.unpack,
-                data,
-                staging,
-                max_unpacked_bytes=self.config.max_unpacked_bytes,
-                max_files=self.config.max_bundle_files,
-            )
-            specs = manifest.load_manifest(bundle.read_manifest(staging), default_name)
+            specs = await asyncio.to_thread(self._unpack, data, staging, default_name)
             plans = [await self._plan(staging, spec) for spec in specs]
             digest = hashlib.sha256(data).hexdigest()
             code_dir = self.config.code_dir / digest
             created_dir = not code_dir.exists()
             if created_dir:
                 staging.rename(code_dir)
+                _read_only(code_dir)
+            committed: list[str] = []
             try:
-                results = await self._commit(plans, digest, data)
+                results = await self._commit(plans, digest, data, committed)
             except BaseException:
-                if created_dir:
+                if created_dir and not committed:
                     shutil.rmtree(code_dir, ignore_errors=True)
                 raise
             if created_dir and not any(d.created for d in results):
@@ -135,6 +142,29 @@ class Control:
             return results
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _unpack(self, data: bytes, staging: Path, default_name: str) -> list[FunctionSpec]:
+        """Unpack and read the manifest, off the event loop (both can be slow on hostile input)."""
+        try:
+            bundle.unpack(
+                data,
+                staging,
+                max_unpacked_bytes=self.config.max_unpacked_bytes,
+                max_files=self.config.max_bundle_files,
+            )
+        except OSError as exc:
+            raise UserError(
+                f"the bundle cannot be unpacked here: {exc.strerror}", code="bad_bundle"
+            ) from None
+        for name in ("ember.yaml", "ember.yml"):
+            path = staging / name
+            if path.is_file() and path.stat().st_size > MAX_MANIFEST:
+                raise UserError(
+                    f"{name} is {path.stat().st_size} bytes; it may be at most "
+                    f"{MAX_MANIFEST // 1024} KB",
+                    code="bad_manifest",
+                )
+        return manifest.load_manifest(bundle.read_manifest(staging), default_name)
 
     async def _plan(self, staging: Path, spec: FunctionSpec) -> tuple[FunctionSpec, str]:
         source = staging / spec.source
@@ -156,9 +186,33 @@ class Control:
         return spec, revision_hash(tree, spec)
 
     async def _commit(
-        self, plans: list[tuple[FunctionSpec, str]], digest: str, data: bytes
+        self,
+        plans: list[tuple[FunctionSpec, str]],
+        digest: str,
+        data: bytes,
+        committed: list[str],
     ) -> list[Deployed]:
+        """Probe every new revision, then store and publish them; `committed` names the ones
+        the store took, so a failure half-way knows what is already live."""
         probes: list[tuple[FunctionSpec, str, Target | None, float | None, list[str]]] = []
+        try:
+            return await self._probe_and_store(plans, digest, data, committed, probes)
+        except BaseException:
+            for spec, _h, prepared, _m, _w in probes:
+                if prepared is not None and spec.name not in committed:
+                    self.pool.discard(prepared)
+            if committed:
+                self.publish()
+            raise
+
+    async def _probe_and_store(
+        self,
+        plans: list[tuple[FunctionSpec, str]],
+        digest: str,
+        data: bytes,
+        committed: list[str],
+        probes: list[tuple[FunctionSpec, str, Target | None, float | None, list[str]]],
+    ) -> list[Deployed]:
         for spec, sha in plans:
             current = self._targets.get(spec.name)
             if current is not None and current.sha256 == sha:
@@ -173,13 +227,7 @@ class Control:
                 code_dir=str(self.config.code_dir / digest),
                 spec=spec,
             )
-            try:
-                ready = await self.pool.prepare(target)  # import + init: DeployRejected
-            except BaseException:
-                for _s, _h, prepared, _m, _w in probes:
-                    if prepared is not None:
-                        self.pool.discard(prepared)
-                raise
+            ready = await self.pool.prepare(target)  # import + init: DeployRejected
             probes.append((spec, sha, target, ready.import_ms, ready.warnings))
         if any(target is not None for _s, _h, target, _m, _w in probes):
             await asyncio.to_thread(self.blobs.put, data)  # only once every probe passed
@@ -188,6 +236,7 @@ class Control:
         for spec, sha, _target, import_ms, warnings in probes:
             rec, created = await self.store.add_revision(spec, sha, digest, now)
             if created:
+                committed.append(spec.name)
                 self._targets[spec.name] = self.target(rec)
             results.append(
                 Deployed(
@@ -200,18 +249,16 @@ class Control:
                     warnings=warnings,
                 )
             )
-        self.publish()
-        for spec, _sha, prepared, _ms, _w in probes:
-            if prepared is not None and spec.scale.min > 0:
-                await self.pool.scale(self._targets[spec.name], spec.scale.min)
+        self.publish()  # the keep-alive loop starts scale.min instances from here
         return results
 
     # ---- other commands ----
     async def delete(self, name: str) -> None:
-        self.require(name)
-        await self.store.delete_function(name)
-        del self._targets[name]
-        self.publish()
+        async with self._deploying:  # not while a deploy of the same name is half-way
+            self.require(name)
+            await self.store.delete_function(name)
+            self._targets.pop(name, None)
+            self.publish()
 
     async def scale(self, name: str, instances: int) -> int:
         if instances < 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from typing import Any
@@ -19,6 +20,7 @@ from ember.wire.messages import Invoke, Result
 
 Scope = dict[str, Any]
 PREFIX = "/fn/"
+log = logging.getLogger("ember.gateway")
 _json = msgspec.json.Encoder()
 
 
@@ -50,6 +52,7 @@ class Gateway:
                     "or list functions with `ember ls`"
                 )
             body = await self._body(scope, receive)
+            target = self.routes.get(name) or target  # a deploy may have landed meanwhile
             msg = Invoke(
                 id=rid,
                 method=scope["method"],
@@ -71,6 +74,21 @@ class Gateway:
         except EmberError as exc:
             status, error = exc.status, exc.code
             await self._error(send, exc, rid, target, tier)
+        except Exception as exc:  # a bug of ours: answer, record, log; never a bare 500
+            log.exception("invocation %s of %s failed inside Ember", rid, name)
+            status, error = 500, "internal"
+            await self._error(
+                send,
+                PlatformError(
+                    f"Ember failed while handling this request ({type(exc).__name__}); "
+                    "see the server log",
+                    code="internal",
+                    status=500,
+                ),
+                rid,
+                target,
+                tier,
+            )
         elapsed = time.perf_counter() - t0
         if target is not None:
             self._record(target, rid, started, elapsed, status, tier, instance, peak, error)

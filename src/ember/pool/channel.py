@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -34,21 +35,48 @@ class AsyncChannel(Generic[T]):
         self._on_message = on_message
         self._on_close = on_close
         self.closed = False
+        self._out: deque[tuple[bytes, socket.socket | None]] = deque()
+        self._writing = False
         self._loop.add_reader(sock.fileno(), self._readable)
 
-    def send(self, msg: msgspec.Struct, fd: int | None = None) -> None:
-        """Send now; control messages are small, so the socket buffer never fills in practice."""
+    def send(self, msg: msgspec.Struct, passing: socket.socket | None = None) -> None:
+        """Queue a message (and a socket whose fd rides along; the channel closes it once sent).
+
+        Never blocks the event loop: what the kernel does not take now is sent when the socket
+        is writable again. Raises ConnectionError when the peer is gone.
+        """
+        if self.closed:
+            if passing is not None:
+                passing.close()
+            raise ConnectionError("channel closed")
+        self._out.append((self._encoder.encode(msg), passing))
+        if len(self._out) == 1:
+            self._flush()
         if self.closed:
             raise ConnectionError("channel closed")
-        data = self._encoder.encode(msg)
-        self.sock.setblocking(True)
-        try:
-            if fd is None:
-                self.sock.send(data)
-            else:
-                socket.send_fds(self.sock, [data], [fd])
-        finally:
-            self.sock.setblocking(False)
+
+    def _flush(self) -> None:
+        while self._out:
+            data, passing = self._out[0]
+            try:
+                if passing is None:
+                    self.sock.send(data)
+                else:
+                    socket.send_fds(self.sock, [data], [passing.fileno()])
+            except BlockingIOError:
+                if not self._writing:
+                    self._loop.add_writer(self.sock.fileno(), self._flush)
+                    self._writing = True
+                return
+            except OSError:
+                self.close()
+                return
+            self._out.popleft()
+            if passing is not None:
+                passing.close()
+        if self._writing:
+            self._loop.remove_writer(self.sock.fileno())
+            self._writing = False
 
     def _readable(self) -> None:
         while True:
@@ -68,5 +96,11 @@ class AsyncChannel(Generic[T]):
             return
         self.closed = True
         self._loop.remove_reader(self.sock.fileno())
+        if self._writing:
+            self._loop.remove_writer(self.sock.fileno())
+        for _data, passing in self._out:
+            if passing is not None:
+                passing.close()
+        self._out.clear()
         self.sock.close()
         self._on_close()

@@ -108,6 +108,8 @@ class Instance(asyncio.Protocol):
         if not self.pid:
             self._pending_kill = True
             return
+        if self.exit_status.done():  # reaped already: the pid may belong to someone else now
+            return
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ember.autoscaler.keepalive import decide
 from ember.config import ServerConfig
-from ember.errors import NotFound
 from ember.pool.cgroup import Cgroups
 from ember.pool.instance import Instance
 from ember.pool.revision import RevisionPool, RevisionStats
@@ -32,7 +31,8 @@ class Pool:
         self.telemetry = telemetry
         self.root = RootZygote()
         self.cgroups: Cgroups | None = None
-        self.revisions: dict[tuple[str, int], RevisionPool] = {}
+        self.revisions: dict[tuple[str, int, str], RevisionPool] = {}
+        self._live: set[tuple[str, int, str]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._mover = ThreadPoolExecutor(1, thread_name_prefix="ember-cgroup")
 
@@ -44,42 +44,40 @@ class Pool:
 
     # ---- revisions ----
     def revision(self, target: Target) -> RevisionPool:
+        """The pool of a revision. Only the control plane decides what is live: a request that
+        still holds an old target is served, but does not bring its revision back to life."""
         rp = self.revisions.get(target.key)
-        if rp is None or rp.target.sha256 != target.sha256:
+        if rp is None:
             rp = self.revisions[target.key] = RevisionPool(target, self)
-        rp.retired = False
+            rp.retired = target.key not in self._live
         return rp
 
-    def retire_all_but(self, live: Iterable[tuple[str, int]]) -> None:
-        keep = set(live)
+    def retire_all_but(self, live: Iterable[tuple[str, int, str]]) -> None:
+        self._live = set(live)
         for key, rp in self.revisions.items():
-            rp.retired = key not in keep
+            rp.retired = key not in self._live
 
     async def prepare(self, target: Target) -> ZygoteReady:
         """Start the revision's zygote (import + init); raises DeployRejected on failure."""
-        rp = self.revision(target)  # not routed until the control plane publishes it
+        self._live.add(target.key)  # about to be published: keep-alive must not reap it
+        rp = self.revision(target)
+        rp.retired = False
         try:
             await rp.ensure_zygote()
         except BaseException:
-            rp.stop()
-            self.revisions.pop(target.key, None)
+            self.discard(target)
             raise
         assert rp.zygote is not None
         return rp.zygote.ready.result()
 
     def discard(self, target: Target) -> None:
+        self._live.discard(target.key)
         rp = self.revisions.pop(target.key, None)
         if rp is not None:
             rp.stop()
 
     async def scale(self, target: Target, instances: int) -> int:
         return await self.revision(target).scale_to(instances)
-
-    def find(self, function: str, number: int) -> RevisionPool:
-        rp = self.revisions.get((function, number))
-        if rp is None:
-            raise NotFound(f"no pool for {function}@{number}")
-        return rp
 
     # ---- limits ----
     def rlimit_for(self, memory_mb: int) -> int:
@@ -163,7 +161,9 @@ class Pool:
         for key, rp in list(self.revisions.items()):
             decision = decide(rp.spec.scale, rp.view(now), now, self.config.zygote_keepalive)
             rp.apply(decision)
-            if rp.retired and not rp.instances and rp.zygote is None and not rp.starting:
+            zygote_gone = rp.zygote is None or rp.zygote.dead
+            if rp.retired and not rp.instances and zygote_gone and not rp.starting:
+                rp.stop()
                 del self.revisions[key]
 
     def statistics(self) -> list[RevisionStats]:

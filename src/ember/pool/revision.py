@@ -16,8 +16,10 @@ import msgspec
 from ember.autoscaler.keepalive import Decision, PoolView
 from ember.errors import (
     CapacityError,
+    DeployRejected,
     EmberError,
     FunctionCrashed,
+    FunctionError,
     FunctionMemoryExceeded,
     FunctionTimeout,
     PlatformError,
@@ -59,11 +61,16 @@ class RevisionPool:
         self._zygote_task: asyncio.Task[str] | None = None
         self.retired = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._failures = 0  # keep-warm starts that failed in a row
+        self._backoff_until = 0.0
         self.starts = {WARM: 0, FORK: 0, SPECIALIZE: 0, FRESH: 0}
 
     # ---- the hot path ----
     async def invoke(self, msg: Invoke, loop_deadline: float) -> tuple[Result, str, Instance]:
         inst, tier = await self.acquire(loop_deadline)
+        while inst.dead:  # died between the hand-off and now: take another
+            inst.reserved -= 1
+            inst, tier = await self.acquire(loop_deadline)
         try:
             fut = inst.call(msg)
             timer = asyncio.get_running_loop().call_at(loop_deadline, self._timed_out, inst, msg)
@@ -81,11 +88,24 @@ class RevisionPool:
         if inst is not None:
             return inst, WARM
         if self.count < self.spec.scale.max:
-            return await self._start()
+            return await self._start_for_request(loop_deadline)
         got = await self._wait(loop_deadline)
         if got is None:
-            return await self._start()
+            return await self._start_for_request(loop_deadline)
         return got, WARM
+
+    async def _start_for_request(self, loop_deadline: float) -> tuple[Instance, str]:
+        """A start bounded by the request's deadline; init failures are the function's (502)."""
+        remaining = loop_deadline - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(self._start(), max(remaining, 0.001))
+        except TimeoutError:
+            raise FunctionTimeout(
+                f"function '{self.target.function}' timed out after {self.spec.timeout:g} s "
+                "while its instance was starting (slow module import?)"
+            ) from None
+        except DeployRejected as exc:
+            raise FunctionError(exc.message, code="init_failed", detail=exc.detail) from None
 
     @property
     def count(self) -> int:
@@ -150,11 +170,21 @@ class RevisionPool:
                 tier = await self.ensure_zygote()
                 assert self.zygote is not None
                 inst = await self._fork(self.zygote)
-        finally:
+        except BaseException:
             self.starting -= 1
+            self._wake_waiter()  # the room this start held is free again
+            raise
+        self.starting -= 1
         inst.reserved += 1
         self.instances[inst.id] = inst
         return inst, tier
+
+    def _wake_waiter(self) -> None:
+        while self.waiters and self.count < self.spec.scale.max:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # room for one more: the waiter starts it
+                return
 
     async def _fork(self, zygote: FunctionZygote) -> Instance:
         iid = f"{self.target.function}-{self.target.number}-{secrets.token_hex(3)}"
@@ -175,15 +205,23 @@ class RevisionPool:
 
     async def _spawn_zygote(self) -> str:
         fresh = await self.pool.root.ensure()
+        timeout = self.pool.config.init_timeout
         try:
-            zygote = self.pool.root.spawn(self.target)
+            zygote = self.pool.root.spawn(self.target, timeout)
         except OSError:  # the root died and we have not read its EOF yet
             self.pool.root.forget()
             fresh = await self.pool.root.ensure()
-            zygote = self.pool.root.spawn(self.target)
+            zygote = self.pool.root.spawn(self.target, timeout)
         self.zygote = zygote
-        try:
-            ready = await zygote.ready
+        try:  # the zygote enforces init_timeout itself; this bounds a zygote that hangs anyway
+            ready = await asyncio.wait_for(asyncio.shield(zygote.ready), timeout + 5.0)
+        except TimeoutError:
+            self.zygote = None
+            zygote.stop()
+            raise DeployRejected(
+                f"function '{self.target.function}' did not finish importing within "
+                f"{timeout:g} s; move slow work out of module level"
+            ) from None
         except EmberError:
             self.zygote = None
             zygote.stop()
@@ -215,11 +253,7 @@ class RevisionPool:
             self.idle.remove(inst)
             inst.listed = False
         self._background(self._bury(inst))
-        while self.waiters and self.count < self.spec.scale.max:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # room for one more: the waiter starts it
-                break
+        self._wake_waiter()
 
     async def _bury(self, inst: Instance) -> None:
         try:
@@ -228,6 +262,7 @@ class RevisionPool:
             status = None
         if inst.placed is not None:
             await asyncio.wait({inst.placed}, timeout=2.0)
+            inst.placed.cancel()  # still waiting for a pid that will never come
         if inst.inflight:
             inst.fail_all(inst.death or self._cause(inst, status))
         self.pool.release_cgroup(inst.cgroup)
@@ -289,8 +324,9 @@ class RevisionPool:
             inst = self.instances.get(iid)
             if inst is not None and not inst.inflight and not inst.reserved:
                 inst.stop()
-        for _ in range(decision.start):
-            self._background(self._warm_quietly())
+        if time.monotonic() >= self._backoff_until:
+            for _ in range(decision.start):
+                self._background(self._warm_quietly())
         if decision.reap_zygote and self.zygote is not None:
             self.zygote.stop()
             self.zygote = None
@@ -299,7 +335,14 @@ class RevisionPool:
         try:
             await self.warm_one()
         except EmberError as exc:
-            log.warning("could not keep %s warm: %s", self.target.label, exc)
+            self._failures += 1
+            delay = min(60.0, 0.5 * 2**self._failures)
+            self._backoff_until = time.monotonic() + delay
+            log.warning(
+                "could not keep %s warm (retrying in %.0f s): %s", self.target.label, delay, exc
+            )
+        else:
+            self._failures = 0
 
     async def scale_to(self, n: int) -> int:
         """`ember scale`: stop idle instances down to n, or start up to n (within scale.max)."""

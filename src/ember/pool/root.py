@@ -75,7 +75,7 @@ class RootZygote:
         if self.proc is not None and self.proc.returncode is None:
             log.warning("root zygote channel closed; it will be restarted on the next start")
 
-    def spawn(self, target: Target) -> FunctionZygote:
+    def spawn(self, target: Target, init_timeout: float) -> FunctionZygote:
         assert self.channel is not None
         spec = target.spec
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -90,11 +90,13 @@ class RootZygote:
             number=target.number,
             memory_mb=spec.memory,
             concurrency=spec.concurrency,
+            init_timeout=init_timeout,
         )
-        try:
-            self.channel.send(msg, fd=child.fileno())
-        finally:
-            child.close()
+        try:  # the channel owns `child` from here and closes it once the fd is sent
+            self.channel.send(msg, child)
+        except OSError:
+            parent.close()
+            raise
         return FunctionZygote(parent, target)
 
     async def stop(self) -> None:

@@ -15,8 +15,9 @@ class Target(msgspec.Struct, frozen=True):
     spec: FunctionSpec
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.function, self.number)
+    def key(self) -> tuple[str, int, str]:
+        """Numbers restart after `ember rm`, so the content hash is part of the identity."""
+        return (self.function, self.number, self.sha256)
 
     @property
     def label(self) -> str:

@@ -13,6 +13,7 @@ from ember.pool.instance import Instance
 from ember.pool.target import Target
 from ember.wire.messages import (
     Forked,
+    ForkFailed,
     ForkInstance,
     InstanceExited,
     Log,
@@ -42,6 +43,15 @@ class FunctionZygote:
             if inst is not None:
                 self._by_pid[msg.pid] = inst
                 inst.set_pid(msg.pid)
+        elif isinstance(msg, ForkFailed):
+            inst = self._by_id.pop(msg.instance, None)
+            if inst is not None:  # the zygote closed its socket: EOF fails it with this cause
+                inst.death = PlatformError(
+                    f"could not start an instance of '{self.target.label}': {msg.error}; "
+                    "the host is out of processes or memory",
+                    headers={"Retry-After": "1"},
+                )
+                inst.exit_status.set_result(-1)
         elif isinstance(msg, InstanceExited):
             inst = self._by_pid.pop(msg.pid, None)
             if inst is not None and not inst.exit_status.done():
@@ -67,6 +77,8 @@ class FunctionZygote:
         for inst in [*self._by_id.values(), *self._by_pid.values()]:
             if not inst.exit_status.done():
                 inst.exit_status.set_result(-9)
+            if not inst.pid_known.done():
+                inst.pid_known.cancel()
         self._by_id.clear()
         self._by_pid.clear()
 
@@ -82,18 +94,12 @@ class FunctionZygote:
         inst = Instance(instance_id, self.target.spec.concurrency, on_log, on_lost)
         self._by_id[instance_id] = inst  # before sending: Forked may come back at once
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.channel.send(
-                ForkInstance(instance=instance_id, rlimit_as=rlimit_as),
-                fd=theirs.fileno(),
-            )
+        try:  # the channel owns `theirs` from here and closes it once the fd is sent
+            self.channel.send(ForkInstance(instance=instance_id, rlimit_as=rlimit_as), theirs)
         except OSError as exc:
             ours.close()
             self._by_id.pop(instance_id, None)
-            self.channel.close()
             raise PlatformError(f"the zygote of '{self.target.label}' is gone: {exc}") from exc
-        finally:
-            theirs.close()
         self.forks += 1
         self.last_used = time.monotonic()
         transport, _ = await asyncio.get_running_loop().create_unix_connection(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import traceback
 
 import msgspec
@@ -38,15 +39,45 @@ def _body(value: object, content_type: str | None) -> tuple[bytes, bytes]:
     return body, (content_type.encode("latin-1") if content_type else kind)
 
 
-def _headers(extra: object, content_type: bytes, length: int) -> Headers:
+# Framing belongs to the server; ours identify the invocation. A function may not set them.
+_RESERVED = {
+    b"content-length",
+    b"transfer-encoding",
+    b"connection",
+    b"keep-alive",
+    b"te",
+    b"trailer",
+    b"upgrade",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+}
+_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9a-z-]+$")
+_BAD_VALUE = re.compile(rb"[\x00\r\n]")
+
+
+def _header(key: object, value: object) -> tuple[bytes, bytes] | None:
+    name = str(key).lower().encode("latin-1", "replace")
+    data = str(value).encode("latin-1", "replace")
+    if not _TOKEN.match(name):
+        raise BadReturn(f"response header name {str(key)[:40]!r} is not a valid HTTP token")
+    if _BAD_VALUE.search(data):
+        raise BadReturn(f"response header {str(key)[:40]!r} has a CR, LF or NUL in its value")
+    if name in _RESERVED or name.startswith(b"x-ember-"):
+        return None  # dropped: the server sets these
+    return name, data
+
+
+def _headers(extra: object, content_type: bytes) -> Headers:
     out: Headers = [(b"content-type", content_type)]
     if isinstance(extra, dict):
         for k, v in extra.items():
-            key = str(k).lower().encode("latin-1")
-            if key == b"content-type":
-                out[0] = (key, str(v).encode("latin-1"))
-            elif key != b"content-length":
-                out.append((key, str(v).encode("latin-1")))
+            pair = _header(k, v)
+            if pair is None:
+                continue
+            if pair[0] == b"content-type":
+                out[0] = pair
+            else:
+                out.append(pair)
     elif extra is not None:
         raise BadReturn("response headers must be a dict of str to str")
     return out
@@ -61,12 +92,14 @@ def to_result(request_id: str, value: object) -> Result:
             raise BadReturn("a tuple return must be (body, status) or (body, status, headers)")
         status, extra = value[1], (value[2] if len(value) == 3 else None)
         value = value[0]
-    if not 100 <= status <= 599:
-        raise BadReturn(f"status {status} is not an HTTP status code (100-599)")
+    if not 200 <= status <= 599:
+        raise BadReturn(f"status {status} is not a final HTTP status code (200-599)")
     body, kind = _body(value, ctype)
     if value is None and status == 200:
         status = 204
-    return Result(id=request_id, status=status, headers=_headers(extra, kind, len(body)), body=body)
+    if status in (204, 304):
+        body = b""  # these responses have no body by definition
+    return Result(id=request_id, status=status, headers=_headers(extra, kind), body=body)
 
 
 def error_result(request_id: str, exc: BaseException, *, kind: str = "exception") -> Result:

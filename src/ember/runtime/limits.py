@@ -20,12 +20,12 @@ def _load_libc() -> ctypes.CDLL | None:
     return _libc
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int) -> None:
     """PR_SET_PDEATHSIG: nothing may outlive the server, even after a kill -9."""
     libc = _load_libc()
     if libc is not None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() == 1:  # the parent died before prctl took effect
+        if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
 
 

@@ -36,7 +36,7 @@ def _reap(*_: object) -> None:
 def serve(fd: int) -> None:
     from ember.runtime import limits
 
-    limits.die_with_parent()
+    limits.die_with_parent(os.getppid())
     signal.signal(signal.SIGCHLD, _reap)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
     channel: Channel[RootMessage] = Channel(socket.socket(fileno=fd), RootMessage)
@@ -53,8 +53,12 @@ def serve(fd: int) -> None:
             return
         msg, fds = got
         if isinstance(msg, SpawnZygote) and fds:
+            root = os.getpid()
             if os.fork() == 0:
-                zygote.run(msg, fds[0])
+                try:
+                    zygote.run(msg, fds[0], root)
+                finally:
+                    os._exit(1)  # never back into the root's loop
             os.close(fds[0])
 
 

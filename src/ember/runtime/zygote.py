@@ -23,6 +23,7 @@ from ember.runtime import instance, limits
 from ember.runtime.channel import Channel, decoder_for
 from ember.wire.messages import (
     Forked,
+    ForkFailed,
     ForkInstance,
     InstanceExited,
     Shutdown,
@@ -32,7 +33,7 @@ from ember.wire.messages import (
     ZygoteReady,
 )
 
-MAX_OUTPUT = 64 * 1024
+MAX_TEXT = 48 * 1024  # bytes of output or traceback in one control message (a packet)
 decoder_for(ZygoteCommand)  # built in the root zygote, before any fork
 
 
@@ -83,11 +84,17 @@ class Zygote:
         os.set_blocking(self.wake_w, False)
 
     def fork(self, cmd: ForkInstance, fd: int) -> None:
-        pid = os.fork()
+        me = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN, ENOMEM: this instance fails, the zygote lives on
+            os.close(fd)
+            self.channel.send(ForkFailed(instance=cmd.instance, error=str(exc)))
+            return
         if pid == 0:
             self.channel.sock.detach()  # closed below with every other inherited fd
             limits.close_fds_except(fd)
-            limits.die_with_parent()
+            limits.die_with_parent(me)
             limits.default_signals()
             if cmd.rlimit_as:  # without cgroups; with them the server moves us (off this path)
                 limits.limit_address_space(cmd.rlimit_as)
@@ -138,38 +145,69 @@ class Zygote:
                 pass
 
 
-def run(spec: SpawnZygote, fd: int) -> None:
-    """Entry point in the child of the root zygote; never returns."""
-    limits.close_fds_except(fd)
-    limits.die_with_parent()
-    limits.default_signals()
-    sock = socket.socket(fileno=fd)
-    channel: Channel[ZygoteCommand] = Channel(sock, ZygoteCommand)
+def _clip(text: str, limit: int = MAX_TEXT) -> str:
+    """At most `limit` bytes of UTF-8, keeping the end (where tracebacks say what happened)."""
+    data = text.encode("utf-8", "replace")
+    return text if len(data) <= limit else data[-limit:].decode("utf-8", "ignore")
+
+
+class InitTimeout(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: object) -> None:
+    raise InitTimeout(
+        "the module did not finish importing in time; move slow work out of "
+        "module level or raise init_timeout"
+    )
+
+
+def _import(spec: SpawnZygote, channel: Channel[ZygoteCommand]) -> tuple[Callable[..., Any], str]:
+    """Import the user's module with its output captured and a deadline; report failure."""
     output = io.StringIO()
     saved = sys.stdout, sys.stderr
     sys.stdout = sys.stderr = output
-    started = time.perf_counter()
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, spec.init_timeout)
     try:
         _prepare(spec)
         handler = _load(spec)
     except BaseException as exc:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         sys.stdout, sys.stderr = saved
         channel.send(
             ZygoteFailed(
                 error_type=type(exc).__name__,
-                message=str(exc),
-                traceback=_user_traceback(exc),
-                output=output.getvalue()[-MAX_OUTPUT:],
+                message=_clip(str(exc), 4096),
+                traceback=_clip(_user_traceback(exc)),
+                output=_clip(output.getvalue()),
             )
         )
         os._exit(1)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
     sys.stdout, sys.stderr = saved
-    warnings = []
+    return handler, output.getvalue()
+
+
+def _warnings() -> list[str]:
     if threading.active_count() > 1:
-        warnings.append(
+        return [
             f"the module started {threading.active_count() - 1} thread(s) at import; threads do "
             "not survive fork: start them in an @ember.on_fork hook instead"
-        )
+        ]
+    return []
+
+
+def run(spec: SpawnZygote, fd: int, parent: int) -> None:
+    """Entry point in the child of the root zygote; never returns."""
+    limits.close_fds_except(fd)
+    limits.die_with_parent(parent)
+    limits.default_signals()
+    sys.dont_write_bytecode = True  # the revision's code directory is shared and read-only
+    channel: Channel[ZygoteCommand] = Channel(socket.socket(fileno=fd), ZygoteCommand)
+    started = time.perf_counter()
+    handler, output = _import(spec, channel)
     # Young generations only: a full collection after importing numpy + pandas walks ~50,000
     # objects for ~13 ms and finds nothing. Freezing keeps instances from touching (and so
     # copying) the zygote's pages when they collect.
@@ -179,8 +217,8 @@ def run(spec: SpawnZygote, fd: int) -> None:
         ZygoteReady(
             pid=os.getpid(),
             import_ms=(time.perf_counter() - started) * 1000,
-            warnings=warnings,
-            output=output.getvalue()[-MAX_OUTPUT:],
+            warnings=_warnings(),
+            output=_clip(output),
         )
     )
     try:

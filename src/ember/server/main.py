@@ -131,7 +131,7 @@ async def run(config: ServerConfig, deploy: list[Path]) -> int:
             lifespan="off",
             access_log=False,
             log_level=config.log_level,
-            timeout_graceful_shutdown=int(config.grace_period) or None,
+            timeout_graceful_shutdown=config.grace_period,  # type: ignore[arg-type]
             server_header=False,
         ),
         server.control.stopping,

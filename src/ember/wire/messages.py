@@ -28,6 +28,7 @@ class SpawnZygote(_Msg, tag="spawn", frozen=True):
     number: int = 0
     memory_mb: int = 128
     concurrency: int = 1
+    init_timeout: float = 60.0  # seconds the module may take to import
 
 
 class Shutdown(_Msg, tag="shutdown", frozen=True):
@@ -54,6 +55,11 @@ class ZygoteFailed(_Msg, tag="failed", frozen=True):
 class Forked(_Msg, tag="forked", frozen=True):
     instance: str
     pid: int
+
+
+class ForkFailed(_Msg, tag="fork-failed", frozen=True):
+    instance: str
+    error: str
 
 
 class InstanceExited(_Msg, tag="exited", frozen=True):
@@ -112,7 +118,7 @@ class Exiting(_Msg, tag="exiting", frozen=True):
 
 
 RootMessage = SpawnZygote | Shutdown
-ZygoteMessage = ZygoteReady | ZygoteFailed | Forked | InstanceExited
+ZygoteMessage = ZygoteReady | ZygoteFailed | Forked | ForkFailed | InstanceExited
 ZygoteCommand = ForkInstance | Shutdown
 InstanceMessage = Result | Log | Exiting
 InstanceCommand = Invoke | Shutdown
