@@ -54,9 +54,10 @@ class Control:
         self._targets: dict[str, Target] = {}
         self._deploying = asyncio.Lock()
         self.stopping = asyncio.Event()
+        self.port = config.port  # the bound one, once the server listens (port 0 picks one)
 
     def url(self, name: str) -> str:
-        return f"http://{self.config.host}:{self.config.port}/fn/{name}"
+        return f"http://{self.config.host}:{self.port}/fn/{name}"
 
     # ---- routes ----
     def target(self, rec: RevisionRecord) -> Target:

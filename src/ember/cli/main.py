@@ -116,6 +116,12 @@ def up(
     grace: Annotated[
         float, typer.Option(help="Seconds in-flight requests get on shutdown.")
     ] = server_default("grace_period"),
+    init_timeout: Annotated[
+        float, typer.Option(help="Seconds a function's module may take to import.")
+    ] = server_default("init_timeout"),
+    zygote_keepalive: Annotated[
+        float, typer.Option(help="Seconds an unused function zygote stays warm.")
+    ] = server_default("zygote_keepalive"),
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = server_default(
         "log_level"
     ),
@@ -129,6 +135,8 @@ def up(
         port=port,
         queue_depth=queue_depth,
         grace_period=grace,
+        init_timeout=init_timeout,
+        zygote_keepalive=zygote_keepalive,
         log_level=log_level,
     ).validate()
     raise typer.Exit(serve(config, list(deploy or [])))

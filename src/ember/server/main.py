@@ -141,10 +141,9 @@ async def run(config: ServerConfig, deploy: list[Path]) -> int:
         while not uv.started and not serving.done():
             await asyncio.sleep(0.01)
         if uv.started:
-            log.info(
-                "ember serving on http://%s:%d (home %s)", config.host, config.port, config.home
-            )
-            print(f"ember: listening on http://{config.host}:{config.port}", flush=True)
+            port = server.control.port = uv.servers[0].sockets[0].getsockname()[1]
+            log.info("ember serving on http://%s:%d (home %s)", config.host, port, config.home)
+            print(f"ember: listening on http://{config.host}:{port}", flush=True)
             await _deploy_dirs(server, deploy)
         await serving
     except SystemExit:  # uvicorn exits when it cannot bind; it has logged why

@@ -1,0 +1,132 @@
+"""Misbehaving functions and hostile input: each gets a clear error, the server stays up."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import io
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.integration.conftest import EmberServer
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+HELLO = b"def handle(req, ctx):\n    return 'hi'\n"
+
+
+def test_yaml_alias_bomb_is_refused_and_the_server_keeps_serving(server: EmberServer):
+    server.http.post("/api/v1/deploy", params={"name": "up"}, content=_tar({"handler.py": HELLO}))
+    # 8 levels of 10 aliases each: a few hundred bytes that repr() would expand to 10^8 items
+    levels = ["&a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"&a{i} [{', '.join(f'*a{i - 1}' for _ in range(10))}]" for i in range(1, 8)]
+    bomb = f"functions:\n  up:\n    memory: [{', '.join(levels)}]\n"
+    with cf.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(
+            server.http.post,
+            "/api/v1/deploy",
+            params={"name": "up"},
+            content=_tar({"handler.py": HELLO, "ember.yaml": bomb.encode()}),
+        )
+        started = time.monotonic()
+        assert server.http.get("/fn/up").text == "hi"
+        resp = pending.result()
+    assert resp.status_code == 400 and len(resp.content) < 10_000
+    assert time.monotonic() - started < 10
+
+
+def test_deep_or_long_paths_are_refused(server: EmberServer):
+    deep = "/".join(["d"] * 3000) + "/x.py"
+    for name in (deep, "a" * 300 + ".py"):
+        resp = server.http.post(
+            "/api/v1/deploy",
+            params={"name": "deep"},
+            content=_tar({"handler.py": HELLO, name: b"x"}),
+        )
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["code"] == "bad_bundle"
+    leftovers = [p for p in (server.home / "code").iterdir() if p.name.startswith(".tmp")]
+    assert leftovers == []
+
+
+def test_function_cannot_forge_framing_or_ember_headers(
+    server: EmberServer, fn_dir: Callable[..., Path]
+):
+    code = """
+    def handle(req, ctx):
+        if req.query.get("crlf"):
+            return "x", 200, {"X-Bad": "a\\r\\nInjected: yes"}
+        if req.query.get("nocontent"):
+            return "ignored body", 204
+        return "ok", 200, {"Transfer-Encoding": "chunked", "X-Ember-Revision": "999",
+                           "Connection": "close", "X-Fine": "1"}
+    """
+    server.deploy(fn_dir("forger", code))
+    resp = server.http.get("/fn/forger")
+    assert resp.status_code == 200 and resp.text == "ok"
+    assert resp.headers["x-ember-revision"] == "1" and resp.headers["x-fine"] == "1"
+    assert "transfer-encoding" not in resp.headers
+    empty = server.http.get("/fn/forger", params={"nocontent": "1"})
+    assert empty.status_code == 204 and empty.content == b""
+    bad = server.http.get("/fn/forger", params={"crlf": "1"})
+    assert bad.status_code == 500 and bad.json()["errorType"] == "BadReturn"
+    assert "injected" not in bad.headers
+    assert server.http.get("/fn/forger").status_code == 200
+
+
+def test_hanging_import_is_rejected_at_the_init_timeout(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+):
+    server = server_factory("--init-timeout", "1")
+    server.deploy(fn_dir("other", "def handle(req, ctx):\n    return 'other'\n"))
+    slow = fn_dir("slow-init", "import time\ntime.sleep(3600)\ndef handle(req, ctx):\n    pass\n")
+    started = time.monotonic()
+    out = server.cli("deploy", str(slow), check=False)
+    assert out.returncode == 3 and b"did not finish importing" in out.stderr
+    assert time.monotonic() - started < 20
+    again = server.cli("deploy", str(fn_dir("other2", "def handle(req, ctx):\n    return 2\n")))
+    assert again.returncode == 0, "the deploy lock was released"
+    assert server.http.get("/fn/other").text == "other"
+
+
+def test_init_failure_after_restart_is_502_for_everyone_and_others_still_serve(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path], tmp_path: Path
+):
+    marker = tmp_path / "broken"
+    code = f"""
+    import os
+    if os.path.exists({str(marker)!r}):
+        raise RuntimeError("the config file it needs is gone")
+    def handle(req, ctx):
+        return "fine"
+    """
+    home = tmp_path / "home"
+    first = server_factory(home=home)
+    first.deploy(
+        fn_dir(
+            "fragile",
+            code,
+            "functions:\n  fragile:\n    scale: {min: 1, max: 1}\n    timeout: 20s\n",
+        )
+    )
+    first.deploy(fn_dir("sturdy", "def handle(req, ctx):\n    return 'sturdy'\n"))
+    assert first.stop() == 0
+    marker.write_text("x")
+    second = server_factory(home=home)  # scale.min > 0 must not stop the server from starting
+    with cf.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: second.http.get("/fn/fragile"), range(3)))
+    for resp in results:
+        assert resp.status_code == 502, resp.text
+        assert resp.json()["error"]["code"] == "init_failed"
+        assert "config file it needs is gone" in resp.json()["error"]["message"]
+    assert second.http.get("/fn/sturdy").text == "sturdy"
