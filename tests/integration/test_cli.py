@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,7 +74,10 @@ def test_logs_follow_streams_new_lines(server: EmberServer, fn_dir: Callable[...
 
     server.deploy(fn_dir("follow", CHATTY))
     with subprocess.Popen(
-        [*ember_cmd(), "logs", "follow", "-f", "--json"], stdout=subprocess.PIPE, env=server.env()
+        [*ember_cmd(), "logs", "follow", "-f", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=server.env(),
     ) as proc:
         try:
             server.http.get("/fn/follow", params={"tag": "streamed"})
@@ -85,7 +89,9 @@ def test_logs_follow_streams_new_lines(server: EmberServer, fn_dir: Callable[...
                     break
             assert any("streamed" in r["message"] for r in seen)
         finally:
-            proc.terminate()
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: the CLI stops following and exits 0
+            _out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err.decode()
 
 
 def test_doctor_reports_the_hosts_protections(server: EmberServer):
