@@ -7,6 +7,7 @@ pushed to the data plane whenever it changes.
 from __future__ import annotations
 
 import asyncio
+import compileall
 import hashlib
 import logging
 import shutil
@@ -32,7 +33,9 @@ MAX_MANIFEST = 256 * 1024
 
 
 def _read_only(root: Path) -> None:
-    """Code directories are shared by revisions: files lose their write bits."""
+    """Seal a code directory: byte-compile it once (zygotes never write `__pycache__`), then
+    take the write bits off its files, since revisions share it."""
+    compileall.compile_dir(root, quiet=2, workers=1)
     for path in root.rglob("*"):
         if path.is_file() and not path.is_symlink():
             path.chmod(path.stat().st_mode & 0o555)
@@ -130,7 +133,7 @@ class Control:
             created_dir = not code_dir.exists()
             if created_dir:
                 staging.rename(code_dir)
-                _read_only(code_dir)
+                await asyncio.to_thread(_read_only, code_dir)
             committed: list[str] = []
             try:
                 results = await self._commit(plans, digest, data, committed)
