@@ -206,3 +206,30 @@ def _logs(
 
     wait_for(fetch, 10, f"logs of {name}")
     return rows
+
+
+def test_async_output_and_threaded_sync_handlers(server: EmberServer, fn_dir: Callable[..., Path]):
+    chatty_async = """
+    import sys
+    async def handle(req, ctx):
+        for _ in range(300):
+            sys.stdout.write("y" * 4095 + "\\n")  # 1.2 MB through a non-blocking socket
+        return "done"
+    """
+    server.deploy(fn_dir("loud-async", chatty_async))
+    resp = server.http.get("/fn/loud-async")
+    assert resp.status_code == 200 and resp.text == "done"
+    threaded = """
+    import os, threading, time
+    def handle(req, ctx):
+        time.sleep(0.3)
+        return {"pid": os.getpid(), "thread": threading.get_ident()}
+    """
+    manifest = "functions:\n  threaded:\n    concurrency: 4\n    scale: {max: 1}\n"
+    server.deploy(fn_dir("threaded", threaded, manifest))
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        results = [r.json() for r in pool.map(lambda _: server.http.get("/fn/threaded"), range(4))]
+    assert len({r["pid"] for r in results}) == 1, "one instance"
+    assert len({r["thread"] for r in results}) > 1, "served by its worker threads at once"
