@@ -51,6 +51,9 @@ _repr = reprlib.Repr()
 _repr.maxlevel, _repr.maxlist, _repr.maxdict, _repr.maxstring, _repr.maxother = 2, 5, 5, 100, 100
 
 
+MAX_ENV_BYTES = 32 * 1024
+
+
 def _show(value: object) -> str:
     """A short repr for messages: YAML aliases can make a tiny file expand to gigabytes."""
     return _repr.repr(value)
@@ -229,7 +232,15 @@ def _env(value: object, path: str) -> dict[str, str]:
             f"expected a mapping of variable names to values, got {_kind(value)}; "
             f"write e.g. env: {_EXAMPLES['env']}",
         )
-    return {_env_key(key, path): _env_value(item, _join(path, key)) for key, item in value.items()}
+    env = {_env_key(key, path): _env_value(item, _join(path, key)) for key, item in value.items()}
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in env.items())
+    if size > MAX_ENV_BYTES:
+        raise _fail(
+            path,
+            f"holds {size} bytes; the environment may hold at most "
+            f"{MAX_ENV_BYTES // 1024} KB: put large values in a file of the bundle",
+        )
+    return env
 
 
 def _env_key(key: object, path: str) -> str:

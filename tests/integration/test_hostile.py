@@ -63,11 +63,15 @@ def test_function_cannot_forge_framing_or_ember_headers(
     server: EmberServer, fn_dir: Callable[..., Path]
 ):
     code = """
+    import ember
+
     def handle(req, ctx):
         if req.query.get("crlf"):
             return "x", 200, {"X-Bad": "a\\r\\nInjected: yes"}
         if req.query.get("nocontent"):
             return "ignored body", 204
+        if req.query.get("ctype"):
+            return ember.Response("x", content_type="text/html\\r\\nSet-Cookie: a=1")
         return "ok", 200, {"Transfer-Encoding": "chunked", "X-Ember-Revision": "999",
                            "Connection": "close", "X-Fine": "1"}
     """
@@ -78,6 +82,10 @@ def test_function_cannot_forge_framing_or_ember_headers(
     assert "transfer-encoding" not in resp.headers
     empty = server.http.get("/fn/forger", params={"nocontent": "1"})
     assert empty.status_code == 204 and empty.content == b""
+    for query in ({"crlf": "1"}, {"ctype": "1"}):
+        forged = server.http.get("/fn/forger", params=query)
+        assert forged.status_code == 500 and forged.json()["errorType"] == "BadReturn"
+        assert "set-cookie" not in forged.headers
     bad = server.http.get("/fn/forger", params={"crlf": "1"})
     assert bad.status_code == 500 and bad.json()["errorType"] == "BadReturn"
     assert "injected" not in bad.headers
@@ -130,3 +138,45 @@ def test_init_failure_after_restart_is_502_for_everyone_and_others_still_serve(
         assert resp.json()["error"]["code"] == "init_failed"
         assert "config file it needs is gone" in resp.json()["error"]["message"]
     assert second.http.get("/fn/sturdy").text == "sturdy"
+
+
+def test_a_hung_import_that_swallows_the_timeout_is_still_ended(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+):
+    import psutil
+
+    server = server_factory("--init-timeout", "0.5")
+    stubborn = """
+    import time
+    while True:
+        try:
+            time.sleep(100)
+        except Exception:
+            pass
+    """
+    out = server.cli("deploy", str(fn_dir("stubborn", stubborn)), check=False)
+    assert out.returncode == 3
+    assert server.proc is not None
+    root = next(
+        p
+        for p in psutil.Process(server.proc.pid).children()
+        if "ember.runtime.root" in " ".join(p.cmdline())
+    )
+    deadline = time.monotonic() + 10
+    while root.children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert root.children() == [], "the hung zygote was killed"
+
+
+def test_scale_max_holds_for_a_burst_from_zero(server: EmberServer, fn_dir: Callable[..., Path]):
+    code = """
+    import os, time
+    def handle(req, ctx):
+        time.sleep(0.2)
+        return {"pid": os.getpid()}
+    """
+    server.deploy(fn_dir("one-only", code, "functions:\n  one-only:\n    scale: {max: 1}\n"))
+    with cf.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda _: server.http.get("/fn/one-only"), range(16)))
+    assert all(r.status_code == 200 for r in results)
+    assert len({r.json()["pid"] for r in results}) == 1

@@ -373,3 +373,12 @@ def test_invalid_yaml_names_the_line(text: str, line: int) -> None:
     assert caught.value.code == "bad_manifest"
     assert caught.value.message.startswith("ember.yaml is not valid YAML: ")
     assert caught.value.message.endswith(f" at line {line}")
+
+
+def test_environment_size_is_capped() -> None:
+    from ember.manifest import MAX_ENV_BYTES
+
+    big = "x" * (MAX_ENV_BYTES + 1)
+    with pytest.raises(UserError) as err:
+        load_manifest(f"functions:\n  f:\n    env: {{BIG: '{big}'}}\n", "f")
+    assert "env" in err.value.message and "KB" in err.value.message

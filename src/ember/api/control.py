@@ -7,7 +7,6 @@ pushed to the data plane whenever it changes.
 from __future__ import annotations
 
 import asyncio
-import compileall
 import hashlib
 import logging
 import shutil
@@ -33,9 +32,8 @@ MAX_MANIFEST = 256 * 1024
 
 
 def _read_only(root: Path) -> None:
-    """Seal a code directory: byte-compile it once (zygotes never write `__pycache__`), then
-    take the write bits off its files, since revisions share it."""
-    compileall.compile_dir(root, quiet=2, workers=1)
+    """Code directories are shared by revisions: files lose their write bits. (Zygotes do not
+    write `__pycache__` either; byte-compiling here would hold the server's GIL per file.)"""
     for path in root.rglob("*"):
         if path.is_file() and not path.is_symlink():
             path.chmod(path.stat().st_mode & 0o555)

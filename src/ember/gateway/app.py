@@ -120,7 +120,7 @@ class Gateway:
             send,
             exc.status,
             headers,
-            _json.encode({"error": {"code": exc.code, "message": exc.message, "requestId": rid}}),
+            _json.encode({"error": _error_body(exc, rid)}),
             rid,
             target,
             tier,
@@ -179,6 +179,13 @@ async def _respond(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def _error_body(exc: EmberError, rid: str) -> dict[str, str]:
+    body = {"code": exc.code, "message": exc.message, "requestId": rid}
+    if exc.detail:
+        body["detail"] = exc.detail  # e.g. the traceback of a failed import
+    return body
 
 
 def request_id() -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -10,8 +12,11 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from ember.errors import PlatformError
+
 T = TypeVar("T")
-MAX_PACKET = 256 * 1024
+MAX_PACKET = 128 * 1024  # well under the default socket buffer (~208 KB)
+log = logging.getLogger("ember.pool")
 
 
 class AsyncChannel(Generic[T]):
@@ -45,11 +50,17 @@ class AsyncChannel(Generic[T]):
         Never blocks the event loop: what the kernel does not take now is sent when the socket
         is writable again. Raises ConnectionError when the peer is gone.
         """
-        if self.closed:
+        data = self._encoder.encode(msg)
+        if self.closed or len(data) > MAX_PACKET:
             if passing is not None:
                 passing.close()
-            raise ConnectionError("channel closed")
-        self._out.append((self._encoder.encode(msg), passing))
+            if self.closed:
+                raise ConnectionError("channel closed")
+            raise PlatformError(
+                f"a {type(msg).__name__} message of {len(data)} bytes exceeds "
+                f"the {MAX_PACKET} byte limit of a control message"
+            )
+        self._out.append((data, passing))
         if len(self._out) == 1:
             self._flush()
         if self.closed:
@@ -68,9 +79,11 @@ class AsyncChannel(Generic[T]):
                     self._loop.add_writer(self.sock.fileno(), self._flush)
                     self._writing = True
                 return
-            except OSError:
-                self.close()
-                return
+            except OSError as exc:
+                if exc.errno != errno.EMSGSIZE:  # the peer is gone
+                    self.close()
+                    return
+                log.error("dropped a control message of %d bytes: %s", len(data), exc)
             self._out.popleft()
             if passing is not None:
                 passing.close()

@@ -84,28 +84,33 @@ class RevisionPool:
         return result, tier, inst
 
     async def acquire(self, loop_deadline: float) -> tuple[Instance, str]:
-        inst = self._take_idle()
-        if inst is not None:
-            return inst, WARM
-        if self.count < self.spec.scale.max:
-            return await self._start_for_request(loop_deadline)
-        got = await self._wait(loop_deadline)
-        if got is None:
-            return await self._start_for_request(loop_deadline)
-        return got, WARM
+        while True:
+            inst = self._take_idle()
+            if inst is not None:
+                return inst, WARM
+            if self.count < self.spec.scale.max:
+                return await self._start_for_request(loop_deadline)
+            got = await self._wait(loop_deadline)
+            if got is not None:
+                return got, WARM
+            # woken because room was freed: check again, someone may have taken it meanwhile
 
     async def _start_for_request(self, loop_deadline: float) -> tuple[Instance, str]:
         """A start bounded by the request's deadline; init failures are the function's (502)."""
-        remaining = loop_deadline - asyncio.get_running_loop().time()
         try:
-            return await asyncio.wait_for(self._start(), max(remaining, 0.001))
+            async with asyncio.timeout_at(loop_deadline):  # same task: `starting` counts at once
+                return await self._start()
         except TimeoutError:
             raise FunctionTimeout(
                 f"function '{self.target.function}' timed out after {self.spec.timeout:g} s "
                 "while its instance was starting (slow module import?)"
             ) from None
         except DeployRejected as exc:
-            raise FunctionError(exc.message, code="init_failed", detail=exc.detail) from None
+            error = FunctionError(exc.message, code="init_failed", detail=exc.detail)
+            for waiter in self.waiters:  # they would only import the same module again
+                if not waiter.done():
+                    waiter.set_exception(error)
+            raise error from None
 
     @property
     def count(self) -> int:
@@ -261,8 +266,9 @@ class RevisionPool:
         except TimeoutError:
             status = None
         if inst.placed is not None:
-            await asyncio.wait({inst.placed}, timeout=2.0)
-            inst.placed.cancel()  # still waiting for a pid that will never come
+            if not inst.pid_known.done():
+                inst.pid_known.cancel()  # no pid will come: placement ends before any move
+            await asyncio.wait({inst.placed}, timeout=5.0)  # a move under way finishes first
         if inst.inflight:
             inst.fail_all(inst.death or self._cause(inst, status))
         self.pool.release_cgroup(inst.cgroup)
@@ -334,7 +340,7 @@ class RevisionPool:
     async def _warm_quietly(self) -> None:
         try:
             await self.warm_one()
-        except EmberError as exc:
+        except Exception as exc:  # any failure: back off, never retry every tick
             self._failures += 1
             delay = min(60.0, 0.5 * 2**self._failures)
             self._backoff_until = time.monotonic() + delay

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from ember.wire.messages import (
     ZygoteFailed,
     ZygoteMessage,
     ZygoteReady,
+    ZygoteStarted,
 )
 
 
@@ -29,6 +32,7 @@ class FunctionZygote:
         self.target = target
         self.ready: asyncio.Future[ZygoteReady] = asyncio.get_running_loop().create_future()
         self.dead = False
+        self.pid = 0
         self.last_used = time.monotonic()
         self.forks = 0
         self._by_id: dict[str, Instance] = {}
@@ -52,10 +56,13 @@ class FunctionZygote:
                     headers={"Retry-After": "1"},
                 )
                 inst.exit_status.set_result(-1)
+                inst.pid_known.cancel()
         elif isinstance(msg, InstanceExited):
             inst = self._by_pid.pop(msg.pid, None)
             if inst is not None and not inst.exit_status.done():
                 inst.exit_status.set_result(msg.status)
+        elif isinstance(msg, ZygoteStarted):
+            self.pid = msg.pid
         elif isinstance(msg, ZygoteReady):
             if not self.ready.done():
                 self.ready.set_result(msg)
@@ -109,6 +116,11 @@ class FunctionZygote:
         return inst
 
     def stop(self) -> None:
+        if not self.ready.done() and self.pid:  # stuck in the user's import: it cannot listen
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if not self.channel.closed:
             try:
                 self.channel.send(Shutdown())

@@ -36,7 +36,11 @@ def _body(value: object, content_type: str | None) -> tuple[bytes, bytes]:
                 f"({exc}); return a dict, list, str, bytes, a (body, status) tuple or "
                 "ember.Response"
             ) from None
-    return body, (content_type.encode("latin-1") if content_type else kind)
+    if content_type:
+        pair = _header("content-type", content_type)
+        assert pair is not None
+        return body, pair[1]
+    return body, kind
 
 
 # Framing belongs to the server; ours identify the invocation. A function may not set them.
@@ -52,7 +56,7 @@ _RESERVED = {
     b"proxy-authorization",
 }
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9a-z-]+$")
-_BAD_VALUE = re.compile(rb"[\x00\r\n]")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab
 
 
 def _header(key: object, value: object) -> tuple[bytes, bytes] | None:

@@ -31,6 +31,7 @@ from ember.wire.messages import (
     ZygoteCommand,
     ZygoteFailed,
     ZygoteReady,
+    ZygoteStarted,
 )
 
 MAX_TEXT = 48 * 1024  # bytes of output or traceback in one control message (a packet)
@@ -156,6 +157,8 @@ class InitTimeout(Exception):
 
 
 def _alarm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # swallowing the exception will not help:
+    signal.setitimer(signal.ITIMER_REAL, 5.0)  # the next alarm ends the process
     raise InitTimeout(
         "the module did not finish importing in time; move slow work out of "
         "module level or raise init_timeout"
@@ -206,6 +209,7 @@ def run(spec: SpawnZygote, fd: int, parent: int) -> None:
     limits.default_signals()
     sys.dont_write_bytecode = True  # the revision's code directory is shared and read-only
     channel: Channel[ZygoteCommand] = Channel(socket.socket(fileno=fd), ZygoteCommand)
+    channel.send(ZygoteStarted(pid=os.getpid()))
     started = time.perf_counter()
     handler, output = _import(spec, channel)
     # Young generations only: a full collection after importing numpy + pandas walks ~50,000

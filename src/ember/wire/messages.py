@@ -38,6 +38,10 @@ class Shutdown(_Msg, tag="shutdown", frozen=True):
 # ---- function zygote → server ----
 
 
+class ZygoteStarted(_Msg, tag="started", frozen=True):
+    pid: int  # sent before the import, so a zygote that hangs in it can be killed
+
+
 class ZygoteReady(_Msg, tag="ready", frozen=True):
     pid: int
     import_ms: float
@@ -118,7 +122,7 @@ class Exiting(_Msg, tag="exiting", frozen=True):
 
 
 RootMessage = SpawnZygote | Shutdown
-ZygoteMessage = ZygoteReady | ZygoteFailed | Forked | ForkFailed | InstanceExited
+ZygoteMessage = ZygoteStarted | ZygoteReady | ZygoteFailed | Forked | ForkFailed | InstanceExited
 ZygoteCommand = ForkInstance | Shutdown
 InstanceMessage = Result | Log | Exiting
 InstanceCommand = Invoke | Shutdown
