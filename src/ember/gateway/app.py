@@ -189,8 +189,8 @@ def _error_body(exc: EmberError, rid: str) -> dict[str, str]:
 
 
 def request_id() -> str:
-    """32 hex digits, time-ordered (milliseconds, then 80 random bits): cheap to index."""
-    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+    """32 random hex digits; any prefix of them (the CLI shows 8) tells requests apart."""
+    return os.urandom(16).hex()
 
 
 def _too_large(size: int, limit: int) -> TooLarge:
