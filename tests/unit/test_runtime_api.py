@@ -69,7 +69,7 @@ def test_capture_attributes_output_to_the_current_request() -> None:
     sent: list[Log] = []
     saved = sys.stdout, sys.stderr, list(logging.getLogger().handlers), logging.getLogger().level
     try:
-        capture = Capture(sent.append)
+        capture = Capture().install(sent.append)
         token = current_request.set("r1")
         print("hello")
         sys.stderr.write("oops\n")

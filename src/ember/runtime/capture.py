@@ -81,19 +81,32 @@ class CaptureHandler(logging.Handler):
 
 
 class Capture:
-    """Installs the streams and the logging handler; `finish(rid)` flushes one invocation."""
+    """The streams and the logging handler of an instance; `finish(rid)` flushes one invocation.
 
-    def __init__(self, send: Sender) -> None:
-        self.stdout = CaptureStream("stdout", send)
-        self.stderr = CaptureStream("stderr", send)
+    Built in the function zygote, before any fork, so an instance only has to `install` it.
+    """
+
+    def __init__(self) -> None:
+        self._send: Sender | None = None
+        self.stdout = CaptureStream("stdout", self._emit)
+        self.stderr = CaptureStream("stderr", self._emit)
+        self.handler = CaptureHandler(self._emit)
+
+    def _emit(self, msg: Log) -> None:
+        if self._send is not None:
+            self._send(msg)
+
+    def install(self, send: Sender) -> Capture:
+        self._send = send
         sys.stdout = self.stdout
         sys.stderr = self.stderr
         root = logging.getLogger()
         for handler in list(root.handlers):
             root.removeHandler(handler)
-        root.addHandler(CaptureHandler(send))
+        root.addHandler(self.handler)
         if root.level == logging.NOTSET or root.level > logging.INFO:
             root.setLevel(logging.INFO)
+        return self
 
     def finish(self, rid: str) -> None:
         self.stdout.flush_request(rid)

@@ -33,16 +33,18 @@ _DECODER = msgspec.msgpack.Decoder(InstanceCommand)
 
 
 class Instance:
-    def __init__(self, sock: socket.socket, handler: Handler, spec: SpawnZygote) -> None:
+    def __init__(
+        self, sock: socket.socket, handler: Handler, spec: SpawnZygote, prepared: Prepared
+    ) -> None:
         self.sock = sock
         self.handler = handler
         self.spec = spec
-        self.log = logging.getLogger(f"ember.function.{spec.function}")
+        self.log = prepared.log
         self.encoder = _ENCODER
         self.decoder = _DECODER
         self.frames = FrameDecoder()
         self.send_lock = threading.Lock()
-        self.capture = Capture(self.send)
+        self.capture = prepared.capture.install(self.send)
         self.hook_error: BaseException | None = None
 
     def send(self, msg: Result | Log) -> None:
@@ -159,12 +161,20 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-def run(fd: int, handler: Handler, spec: SpawnZygote) -> None:
+class Prepared:
+    """What every instance of a revision needs, built once in its zygote before forking."""
+
+    def __init__(self, spec: SpawnZygote) -> None:
+        self.capture = Capture()
+        self.log = logging.getLogger(f"ember.function.{spec.function}")
+
+
+def run(fd: int, handler: Handler, spec: SpawnZygote, prepared: Prepared) -> None:
     """Entry point in the forked child; never returns."""
     code = 0
     try:
         sock = socket.socket(fileno=fd)
-        instance = Instance(sock, handler, spec)
+        instance = Instance(sock, handler, spec, prepared)
         instance.run_hooks()
         if inspect.iscoroutinefunction(handler):
             loop = _new_loop()

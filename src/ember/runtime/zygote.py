@@ -75,11 +75,16 @@ def _user_traceback(exc: BaseException) -> str:
 
 class Zygote:
     def __init__(
-        self, channel: Channel[ZygoteCommand], spec: SpawnZygote, handler: Callable[..., Any]
+        self,
+        channel: Channel[ZygoteCommand],
+        spec: SpawnZygote,
+        handler: Callable[..., Any],
+        prepared: instance.Prepared,
     ) -> None:
         self.channel = channel
         self.spec = spec
         self.handler = handler
+        self.prepared = prepared
         self.children: set[int] = set()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
@@ -99,7 +104,7 @@ class Zygote:
             limits.default_signals()
             if cmd.rlimit_as:  # without cgroups; with them the server moves us (off this path)
                 limits.limit_address_space(cmd.rlimit_as)
-            instance.run(fd, self.handler, self.spec)
+            instance.run(fd, self.handler, self.spec, self.prepared)
         os.close(fd)
         self.children.add(pid)
         self.channel.send(Forked(instance=cmd.instance, pid=pid))
@@ -215,6 +220,7 @@ def run(spec: SpawnZygote, fd: int, parent: int) -> None:
     # Young generations only: a full collection after importing numpy + pandas walks ~50,000
     # objects for ~13 ms and finds nothing. Freezing keeps instances from touching (and so
     # copying) the zygote's pages when they collect.
+    prepared = instance.Prepared(spec)
     gc.collect(1)
     gc.freeze()
     channel.send(
@@ -226,6 +232,6 @@ def run(spec: SpawnZygote, fd: int, parent: int) -> None:
         )
     )
     try:
-        Zygote(channel, spec, handler).serve()
+        Zygote(channel, spec, handler, prepared).serve()
     finally:
         os._exit(0)
