@@ -237,6 +237,8 @@ def test_bad_input_is_refused_with_4xx_and_nothing_stored(
     bad_scale = server.http.post("/api/v1/functions/x/scale", content=b"{nope")
     assert bad_scale.status_code == 400
     assert server.http.get("/api/v1/nothing").status_code == 404
+    odd = server.http.get("/api/v1/functions/x/activations", params={"limit": "²"})
+    assert odd.status_code == 400
 
 
 def test_api_documents_itself_and_exports_metrics(
