@@ -30,6 +30,8 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     flush_interval: float = 0.5  # seconds between telemetry drains to the store
     use_cgroups: bool = True  # memory limits by cgroup where the host allows it
     log_level: str = "info"
+    # The only variables of the server's environment that reach functions (the CLI fills it).
+    base_env: dict[str, str] = {}
 
     def validate(self) -> ServerConfig:
         rules: list[tuple[str, object, bool, str]] = [

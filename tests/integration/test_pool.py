@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
+from ember.cli.main import PASSED_ENV
 from ember.config import ServerConfig
 from ember.pool.manager import Pool
 from ember.pool.target import Target
@@ -29,7 +31,9 @@ def test_requests_arriving_together_never_exceed_scale_max(tmp_path: Path) -> No
     target = Target(function="capped", number=1, sha256="x" * 64, code_dir=str(code), spec=spec)
 
     async def main() -> set[int]:
-        pool = Pool(ServerConfig(home=tmp_path / "home", use_cgroups=False), TelemetryBuffer(1024))
+        env = {k: v for k, v in os.environ.items() if k in PASSED_ENV}
+        config = ServerConfig(home=tmp_path / "home", use_cgroups=False, base_env=env)
+        pool = Pool(config, TelemetryBuffer(1024))
         await pool.start()
         try:
             await pool.prepare(target)

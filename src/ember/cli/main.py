@@ -28,6 +28,20 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+# The only variables of the server's environment that reach functions (docs/functions.md).
+PASSED_ENV = (
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "HOME",
+    "TMPDIR",
+    "PYTHONPATH",
+    "VIRTUAL_ENV",
+    "OPENBLAS_CORETYPE",
+    "OPENBLAS_L2_SIZE",
+)
 DEFAULT_HOME = "~/.ember"
 API_TIMEOUT = 30.0
 DEPLOY_TIMEOUT = 120.0
@@ -138,6 +152,7 @@ def up(
         init_timeout=init_timeout,
         zygote_keepalive=zygote_keepalive,
         log_level=log_level,
+        base_env={k: v for k, v in os.environ.items() if k in PASSED_ENV},
     ).validate()
     raise typer.Exit(serve(config, list(deploy or [])))
 

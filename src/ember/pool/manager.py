@@ -29,7 +29,7 @@ class Pool:
     def __init__(self, config: ServerConfig, telemetry: TelemetryBuffer) -> None:
         self.config = config
         self.telemetry = telemetry
-        self.root = RootZygote()
+        self.root = RootZygote(dict(config.base_env))
         self.cgroups: Cgroups | None = None
         self.revisions: dict[tuple[str, int, str], RevisionPool] = {}
         self._live: set[tuple[str, int, str]] = set()

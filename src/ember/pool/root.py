@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import subprocess
 import sys
@@ -16,24 +15,10 @@ from ember.wire.messages import Shutdown, SpawnZygote
 
 log = logging.getLogger("ember.pool")
 
-# The only variables of the server's environment that reach user code.
-PASSED_ENV = (
-    "PATH",
-    "LANG",
-    "LC_ALL",
-    "LC_CTYPE",
-    "TZ",
-    "HOME",
-    "TMPDIR",
-    "PYTHONPATH",
-    "VIRTUAL_ENV",
-    "OPENBLAS_CORETYPE",
-    "OPENBLAS_L2_SIZE",
-)
-
 
 class RootZygote:
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env  # the root zygote's whole environment, inherited by every function
         self.proc: asyncio.subprocess.Process | None = None
         self.channel: AsyncChannel[object] | None = None
         self.starts = 0
@@ -47,7 +32,6 @@ class RootZygote:
         if self.alive:
             return False
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = {k: v for k, v in os.environ.items() if k in PASSED_ENV}
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -55,7 +39,7 @@ class RootZygote:
             str(child.fileno()),
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,
-            env=env,
+            env=self.env,
             start_new_session=True,  # Ctrl-C in a terminal reaches the server, not the tree
         )
         child.close()
