@@ -206,6 +206,8 @@ class RevisionPool:
             return FORK
         if self._zygote_task is None or self._zygote_task.done():
             self._zygote_task = asyncio.get_running_loop().create_task(self._spawn_zygote())
+            # every waiter may have given up (timed out) by the time it fails: mark it seen
+            self._zygote_task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return await asyncio.shield(self._zygote_task)
 
     async def _spawn_zygote(self) -> str:
