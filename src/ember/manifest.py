@@ -39,6 +39,7 @@ _EXAMPLES = {
     "concurrency": "4",
     "scale": "{min: 0, max: 10, idle: 60s}",
     "env": "{LOG_LEVEL: debug}",
+    "network": "none",
     "min": "0",
     "max": "10",
     "idle": "60s",
@@ -243,6 +244,16 @@ def _env(value: object, path: str) -> dict[str, str]:
     return env
 
 
+def _network(value: object, path: str) -> str:
+    if value not in ("host", "none"):
+        raise _fail(
+            path,
+            f"{_show(value)} is not a network policy; write network: host (the "
+            "default) or network: none (loopback only)",
+        )
+    return str(value)
+
+
 def _env_key(key: object, path: str) -> str:
     if not isinstance(key, str) or not _ENV_KEY_RE.fullmatch(key):
         raise _fail(
@@ -322,4 +333,5 @@ _FUNCTION_PARSERS: dict[str, _Parser] = {
     "concurrency": _concurrency,
     "scale": _scale,
     "env": _env,
+    "network": lambda value, path: _network(value, path),
 }

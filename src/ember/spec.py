@@ -22,6 +22,7 @@ class FunctionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     concurrency: int = 1  # requests served at once by one instance
     scale: ScaleSpec = ScaleSpec()
     env: dict[str, str] = {}
+    network: str = "host"  # host | none (own network namespace, loopback only)
 
     @property
     def module(self) -> str:
@@ -33,5 +34,21 @@ class FunctionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 def canonical(spec: FunctionSpec) -> bytes:
-    """Deterministic bytes of a spec, for hashing a revision."""
-    return msgspec.json.encode(msgspec.to_builtins(spec, order="sorted"))
+    """Deterministic bytes of a spec, for hashing a revision. Fields at their default are left
+    out, so a new setting with a default does not change the hash of existing revisions."""
+    return msgspec.json.encode(_without_defaults(spec))
+
+
+def _without_defaults(struct: msgspec.Struct) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for field in msgspec.structs.fields(struct):
+        value = getattr(struct, field.name)
+        if isinstance(value, msgspec.Struct):
+            nested = _without_defaults(value)
+            if nested:
+                out[field.name] = nested
+        elif value != field.default and not (
+            field.default_factory is not msgspec.NODEFAULT and value == field.default_factory()
+        ):
+            out[field.name] = msgspec.to_builtins(value, order="sorted")
+    return dict(sorted(out.items()))

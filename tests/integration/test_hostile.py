@@ -180,3 +180,24 @@ def test_scale_max_holds_for_a_burst_from_zero(server: EmberServer, fn_dir: Call
         results = list(pool.map(lambda _: server.http.get("/fn/one-only"), range(16)))
     assert all(r.status_code == 200 for r in results)
     assert len({r.json()["pid"] for r in results}) == 1
+
+
+def test_network_none_cannot_reach_the_host(server: EmberServer, fn_dir: Callable[..., Path]):
+    code = """
+    import socket
+    def handle(req, ctx):
+        port = int(req.query.get("port"))
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return {"reached": True}
+        except OSError as exc:
+            return {"reached": False, "error": type(exc).__name__}
+    """
+    server.deploy(fn_dir("sealed", code, "functions:\n  sealed:\n    network: none\n"))
+    server.deploy(fn_dir("open", code))
+    port = str(server.port)  # the Ember server itself listens on 127.0.0.1 of the host
+    assert server.http.get("/fn/open", params={"port": port}).json() == {"reached": True}
+    sealed = server.http.get("/fn/sealed", params={"port": port}).json()
+    assert sealed == {"reached": False, "error": "ConnectionRefusedError"}
+    described = server.cli("describe", "sealed").stdout.decode()
+    assert "network" in described and "none" in described

@@ -200,7 +200,7 @@ BAD_MANIFESTS = {
     "settings not a mapping": (
         "functions:\n  f: handler.handle\n",
         "functions.f: expected a mapping of handler, source, memory, timeout, concurrency, "
-        "scale, env, got a string",
+        "scale, env, network, got a string",
     ),
     "unknown function key": (
         "functions:\n  f:\n    memroy: 1\n",
@@ -382,3 +382,21 @@ def test_environment_size_is_capped() -> None:
     with pytest.raises(UserError) as err:
         load_manifest(f"functions:\n  f:\n    env: {{BIG: '{big}'}}\n", "f")
     assert "env" in err.value.message and "KB" in err.value.message
+
+
+def test_network_policy() -> None:
+    specs = load_manifest("functions:\n  a: {network: none}\n  b: {}\n", "x")
+    assert [s.network for s in specs] == ["none", "host"]
+    with pytest.raises(UserError) as err:
+        load_manifest("functions:\n  a: {network: bridge}\n", "x")
+    assert "network: none" in err.value.message
+
+
+def test_revision_hash_ignores_settings_left_at_their_default() -> None:
+    from ember.spec import canonical
+
+    assert canonical(FunctionSpec(name="f")) == b'{"name":"f"}'
+    assert canonical(FunctionSpec(name="f", network="host")) == canonical(FunctionSpec(name="f"))
+    assert canonical(FunctionSpec(name="f", scale=ScaleSpec(max=3))) != canonical(
+        FunctionSpec(name="f")
+    )

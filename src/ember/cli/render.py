@@ -35,6 +35,7 @@ class Spec(msgspec.Struct, frozen=True):
     concurrency: int = 1
     scale: Scale = Scale()
     env: dict[str, str] = {}
+    network: str = "host"
 
 
 class Instances(msgspec.Struct, frozen=True):
@@ -235,6 +236,7 @@ def _spec_rows(spec: Spec) -> list[tuple[str, str]]:
         ("concurrency", str(spec.concurrency)),
         ("scale", f"min {scale.min}, max {scale.max}, idle {seconds(scale.idle)}"),
         ("env", env or "-"),
+        ("network", spec.network),
     ]
 
 

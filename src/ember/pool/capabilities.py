@@ -36,6 +36,17 @@ def _memory() -> Check:
     )
 
 
+def _netns() -> Check:
+    ok = sys.platform.startswith("linux") and (os.getuid() == 0 or _userns().ok)
+    return Check(
+        "network: none",
+        ok,
+        "functions can get a network namespace of their own (loopback only)"
+        if ok
+        else "needs root or user namespaces: functions with network: none are refused",
+    )
+
+
 def _userns() -> Check:
     path = Path("/proc/sys/user/max_user_namespaces")
     count = int(path.read_text()) if path.exists() else 0
@@ -63,6 +74,7 @@ def detect() -> list[Check]:
         _memory(),
         Check("timeouts", True, "an instance past its timeout is killed with SIGKILL"),
         _userns(),
+        _netns(),
     ]
     try:
         import uvloop  # noqa: F401

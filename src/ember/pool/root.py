@@ -75,6 +75,7 @@ class RootZygote:
             memory_mb=spec.memory,
             concurrency=spec.concurrency,
             init_timeout=init_timeout,
+            network=spec.network,
         )
         try:  # the channel owns `child` from here and closes it once the fd is sent
             self.channel.send(msg, child)

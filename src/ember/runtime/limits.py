@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import resource
 import signal
+import socket
+import struct
 import sys
 
 _PR_SET_PDEATHSIG = 1
@@ -27,6 +30,26 @@ def die_with_parent(parent: int) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
+
+
+_CLONE_NEWNET = 0x40000000
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def isolate_network() -> None:
+    """A network namespace of our own with loopback up: no route to the host or anywhere."""
+    libc = _load_libc()
+    if libc is None or libc.unshare(_CLONE_NEWNET) != 0:
+        err = ctypes.get_errno() if libc is not None else 0
+        raise PermissionError(
+            f"network: none needs a new network namespace, which this host refused "
+            f"({os.strerror(err) if err else 'not Linux'}); run Ember as root or with user "
+            "namespaces (see `ember doctor`), or use network: host"
+        )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14s", b"lo", 0, b"")
+        flags = struct.unpack("16sH14s", fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH14s", b"lo", flags | _IFF_UP, b""))
 
 
 def default_signals() -> None:

@@ -39,6 +39,8 @@ decoder_for(ZygoteCommand)  # built in the root zygote, before any fork
 
 
 def _prepare(spec: SpawnZygote) -> None:
+    if spec.network == "none":  # before any user code: nothing it opens can reach out
+        limits.isolate_network()
     workdir = os.path.join(spec.code_dir, spec.source)
     os.chdir(workdir)
     sys.path.insert(0, workdir)

@@ -29,6 +29,7 @@ class SpawnZygote(_Msg, tag="spawn", frozen=True):
     memory_mb: int = 128
     concurrency: int = 1
     init_timeout: float = 60.0  # seconds the module may take to import
+    network: str = "host"  # none: a network namespace of its own with only loopback
 
 
 class Shutdown(_Msg, tag="shutdown", frozen=True):
