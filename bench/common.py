@@ -96,3 +96,18 @@ def report(name: str, rows: Sequence[Row], **extra: Any) -> dict[str, Any]:
 
 def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def latency_row(fn: str, what: str, values: list[float], target: str = "", ok: str = "") -> Row:
+    """One table row of latency percentiles for a measurement of a function."""
+    s = summary(values)
+    return {
+        "function": fn,
+        "measurement": what,
+        "n": s["n"],
+        "p50_ms": s["p50"],
+        "p99_ms": s["p99"],
+        "max_ms": s["max"],
+        "target": target,
+        "verdict": ok,
+    }

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from bench.client import KeepAlive
-from bench.common import FUNCTIONS, PYTHON, Row, log, report, summary, verdict
+from bench.common import FUNCTIONS, PYTHON, Row, latency_row, log, report, summary, verdict
 from bench.servers import Baseline, Ember
 
 # (function, fork samples, spaced samples, fresh-process samples, target p50 ms, p99 ms)
@@ -69,20 +69,6 @@ def fresh_process_samples(name: str, n: int) -> list[float]:
     return out
 
 
-def _row(fn: str, what: str, values: list[float], target: str = "", ok: str = "") -> Row:
-    s = summary(values)
-    return {
-        "function": fn,
-        "measurement": what,
-        "n": s["n"],
-        "p50_ms": s["p50"],
-        "p99_ms": s["p99"],
-        "max_ms": s["max"],
-        "target": target,
-        "verdict": ok,
-    }
-
-
 def _judged(fn: str, what: str, values: list[float], p50: float, p99: float | None) -> Row:
     s = summary(values)
     target, ok = f"p50 <= {p50:g}", verdict(s["p50"], p50, unit=" ms")
@@ -91,7 +77,7 @@ def _judged(fn: str, what: str, values: list[float], p50: float, p99: float | No
         p99_ok = verdict(s["p99"], p99, unit=" ms")
         if p99_ok != "ok":
             ok = f"p99 {p99_ok}" if ok == "ok" else f"p50 {ok}; p99 {p99_ok}"
-    return _row(fn, what, values, target, ok)
+    return latency_row(fn, what, values, target, ok)
 
 
 def run(scale: float = 1.0) -> dict[str, Any]:
@@ -108,10 +94,12 @@ def run(scale: float = 1.0) -> dict[str, Any]:
             spaced, dropped[f"{name} spaced"] = fork_samples(ember, name, n_sp, SPACING)
             what = f"ember fork start, {SPACING:g} s apart"
             rows.append(_judged(name, what, spaced, p50_goal, p99_goal))
-            rows.append(_row(name, "ember warm", warm_samples(ember.port, name, 200)))
-            rows.append(_row(name, "uvicorn warm (baseline)", warm_samples(bare.port, name, 200)))
+            rows.append(latency_row(name, "ember warm", warm_samples(ember.port, name, 200)))
+            rows.append(
+                latency_row(name, "uvicorn warm (baseline)", warm_samples(bare.port, name, 200))
+            )
             fresh = fresh_process_samples(function, max(3, int(n_fresh * scale)))
-            rows.append(_row(name, "fresh python process (anchor)", fresh))
+            rows.append(latency_row(name, "fresh python process (anchor)", fresh))
     return report("fork_start", rows, dropped_not_fork=dropped)
 
 

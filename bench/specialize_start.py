@@ -16,7 +16,17 @@ import time
 from typing import Any
 
 from bench.client import KeepAlive
-from bench.common import FUNCTIONS, PYTHON, Row, log, report, summary, verdict, wait_for
+from bench.common import (
+    FUNCTIONS,
+    PYTHON,
+    Row,
+    latency_row,
+    log,
+    report,
+    summary,
+    verdict,
+    wait_for,
+)
 from bench.servers import Ember, bench_env
 
 # (function, specialize samples, import samples)
@@ -85,20 +95,6 @@ def specialize_samples(ember: Ember, name: str, n: int) -> tuple[list[float], in
     return samples, dropped
 
 
-def _row(fn: str, what: str, values: list[float], target: str = "", ok: str = "") -> Row:
-    s = summary(values)
-    return {
-        "function": fn,
-        "measurement": what,
-        "n": s["n"],
-        "p50_ms": s["p50"],
-        "p99_ms": s["p99"],
-        "max_ms": s["max"],
-        "target": target,
-        "verdict": ok,
-    }
-
-
 def run(scale: float = 1.0) -> dict[str, Any]:
     rows: list[Row] = []
     dropped: dict[str, int] = {}
@@ -112,8 +108,8 @@ def run(scale: float = 1.0) -> dict[str, Any]:
             imp = import_ms(function, max(3, int(n_imp * scale)), preimport=True)
             beyond = summary(spec)["p50"] - summary(imp)["p50"]
             target = f"p50 - import p50 <= {BEYOND_IMPORT_MS:g}"
-            rows.append(_row(name, "ember specialize start", spec))
-            rows.append(_row(name, "import in fresh python, root pre-imports", imp))
+            rows.append(latency_row(name, "ember specialize start", spec))
+            rows.append(latency_row(name, "import in fresh python, root pre-imports", imp))
             rows.append(
                 {
                     "function": name,
@@ -132,8 +128,8 @@ def run(scale: float = 1.0) -> dict[str, Any]:
                 }
             )
             plain = import_ms(function, max(3, int(n_imp * scale)), preimport=False)
-            rows.append(_row(name, "import in fresh python, nothing pre-imported", plain))
-    rows.append(_row("-", "python -c pass (interpreter start)", interpreter_start_ms(10)))
+            rows.append(latency_row(name, "import in fresh python, nothing pre-imported", plain))
+    rows.append(latency_row("-", "python -c pass (interpreter start)", interpreter_start_ms(10)))
     return report("specialize_start", rows, dropped_not_specialize=dropped)
 
 

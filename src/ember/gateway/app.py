@@ -77,18 +77,7 @@ class Gateway:
         except Exception as exc:  # a bug of ours: answer, record, log; never a bare 500
             log.exception("invocation %s of %s failed inside Ember", rid, name)
             status, error = 500, "internal"
-            await self._error(
-                send,
-                PlatformError(
-                    f"Ember failed while handling this request ({type(exc).__name__}); "
-                    "see the server log",
-                    code="internal",
-                    status=500,
-                ),
-                rid,
-                target,
-                tier,
-            )
+            await self._error(send, _internal(exc), rid, target, tier)
         elapsed = time.perf_counter() - t0
         if target is not None:
             self._record(target, rid, started, elapsed, status, tier, instance, peak, error)
@@ -179,6 +168,14 @@ async def _respond(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def _internal(exc: Exception) -> PlatformError:
+    return PlatformError(
+        f"Ember failed while handling this request ({type(exc).__name__}); see the server log",
+        code="internal",
+        status=500,
+    )
 
 
 def _error_body(exc: EmberError, rid: str) -> dict[str, str]:

@@ -15,8 +15,6 @@ from ember.errors import EmberError
 from ember.wire.frames import FrameDecoder, frame
 from ember.wire.messages import InstanceMessage, Invoke, Log, Result, Shutdown
 
-IDLE, BUSY, DEAD = "idle", "busy", "dead"
-
 
 class Instance(asyncio.Protocol):
     """Speaks frames with one instance process over a stream socket."""
@@ -36,8 +34,6 @@ class Instance(asyncio.Protocol):
         self.pid = 0
         self.inflight: dict[str, asyncio.Future[Result]] = {}
         self.idle_since = time.monotonic()
-        self.started = time.monotonic()
-        self.served = 0
         self.reserved = 0  # handed out by the pool, call() not made yet
         self.listed = False  # in its pool's idle list
         self.dead = False
@@ -76,10 +72,9 @@ class Instance(asyncio.Protocol):
 
     # -- used by the pool --
     @property
-    def state(self) -> str:
-        if self.dead:
-            return DEAD
-        return BUSY if self.inflight or self.reserved else IDLE
+    def busy(self) -> bool:
+        """Serving, or promised to a request that is about to call it."""
+        return bool(self.inflight or self.reserved)
 
     @property
     def has_room(self) -> bool:
@@ -89,7 +84,6 @@ class Instance(asyncio.Protocol):
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self.inflight[msg.id] = fut
         self.reserved -= 1
-        self.served += 1
         assert self._transport is not None
         self._transport.write(frame(self._encoder.encode(msg)))
         return fut

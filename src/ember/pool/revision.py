@@ -159,7 +159,7 @@ class RevisionPool:
         if inst.has_room and not inst.listed:
             self.idle.append(inst)
             inst.listed = True
-        if not inst.inflight and not inst.reserved:
+        if not inst.busy:
             inst.idle_since = time.monotonic()
 
     # ---- starting instances ----
@@ -314,12 +314,8 @@ class RevisionPool:
     def view(self, now: float) -> PoolView:
         zygote = self.zygote is not None and not self.zygote.dead
         return PoolView(
-            idle=[
-                (i.id, i.idle_since)
-                for i in self.instances.values()
-                if not i.inflight and not i.reserved
-            ],
-            busy=sum(1 for i in self.instances.values() if i.inflight or i.reserved),
+            idle=[(i.id, i.idle_since) for i in self.instances.values() if not i.busy],
+            busy=sum(1 for i in self.instances.values() if i.busy),
             starting=self.starting,
             waiting=len(self.waiters),
             zygote=zygote,
@@ -330,7 +326,7 @@ class RevisionPool:
     def apply(self, decision: Decision) -> None:
         for iid in decision.reap:
             inst = self.instances.get(iid)
-            if inst is not None and not inst.inflight and not inst.reserved:
+            if inst is not None and not inst.busy:
                 inst.stop()
         if time.monotonic() >= self._backoff_until:
             for _ in range(decision.start):
@@ -355,7 +351,7 @@ class RevisionPool:
     async def scale_to(self, n: int) -> int:
         """`ember scale`: stop idle instances down to n, or start up to n (within scale.max)."""
         n = min(n, self.spec.scale.max)
-        idle = [i for i in self.instances.values() if not i.inflight and not i.reserved]
+        idle = [i for i in self.instances.values() if not i.busy]
         for inst in idle[: max(0, self.count - n)]:
             inst.stop()
         extra = max(0, n - self.count)
@@ -363,7 +359,7 @@ class RevisionPool:
         return self.count
 
     def statistics(self) -> RevisionStats:
-        busy = sum(1 for i in self.instances.values() if i.inflight or i.reserved)
+        busy = sum(1 for i in self.instances.values() if i.busy)
         if self.zygote is None or self.zygote.dead:
             zstate = "none"
         else:

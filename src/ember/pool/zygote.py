@@ -34,7 +34,6 @@ class FunctionZygote:
         self.dead = False
         self.pid = 0
         self.last_used = time.monotonic()
-        self.forks = 0
         self._by_id: dict[str, Instance] = {}
         self._by_pid: dict[int, Instance] = {}
         self.channel: AsyncChannel[ZygoteMessage] = AsyncChannel(
@@ -107,7 +106,6 @@ class FunctionZygote:
             ours.close()
             self._by_id.pop(instance_id, None)
             raise PlatformError(f"the zygote of '{self.target.label}' is gone: {exc}") from exc
-        self.forks += 1
         self.last_used = time.monotonic()
         transport, _ = await asyncio.get_running_loop().create_unix_connection(
             lambda: inst, sock=ours

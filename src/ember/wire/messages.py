@@ -118,12 +118,8 @@ class Log(_Msg, tag="log", frozen=True):
     data: str
 
 
-class Exiting(_Msg, tag="exiting", frozen=True):
-    reason: str  # why the instance ends itself, e.g. memory
-
-
 RootMessage = SpawnZygote | Shutdown
 ZygoteMessage = ZygoteStarted | ZygoteReady | ZygoteFailed | Forked | ForkFailed | InstanceExited
 ZygoteCommand = ForkInstance | Shutdown
-InstanceMessage = Result | Log | Exiting
+InstanceMessage = Result | Log
 InstanceCommand = Invoke | Shutdown
