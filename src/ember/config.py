@@ -29,6 +29,9 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     log_bytes_per_invocation: int = 1024 * 1024  # beyond this, output is dropped with a note
     flush_interval: float = 0.5  # seconds between telemetry drains to the store
     use_cgroups: bool = True  # memory limits by cgroup where the host allows it
+    sandbox: bool = True  # namespaces, seccomp and a uid per tenant where the host allows it
+    require_isolation: bool = False  # refuse to start without the sandbox and cgroups
+    sandbox_uid_base: int = 900_000  # tenant N runs as uid/gid base + N
     log_level: str = "info"
     # The only variables of the server's environment that reach functions (the CLI fills it).
     base_env: dict[str, str] = {}
@@ -69,3 +72,8 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def run_dir(self) -> Path:
         return self.home / "run"
+
+    @property
+    def sandbox_root(self) -> Path:
+        """An empty directory each sandbox mounts its own root on (in its own mount namespace)."""
+        return self.run_dir / "sandbox-root"

@@ -99,3 +99,36 @@ class PlatformError(EmberError):
     status = 503
     code = "platform"
     exit_code = 5
+
+
+class IsolationUnavailable(PlatformError):
+    """`--require-isolation` and the host lacks a protection."""
+
+    code = "isolation_unavailable"
+
+
+class Unauthorized(UserError):
+    """No API key, or one that is unknown or revoked."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(UserError):
+    """A valid key without the scope the call needs."""
+
+    status = 403
+    code = "forbidden"
+
+
+class QuotaExceeded(UserError):
+    """A namespace's quota would be exceeded by a deploy (4xx; invocations get 429)."""
+
+    status = 403
+    code = "quota_exceeded"
+
+
+class RateLimited(CapacityError):
+    """A key spent its token bucket."""
+
+    code = "rate_limited"

@@ -17,9 +17,11 @@ import msgspec
 import yaml
 
 from ember.errors import UserError
-from ember.spec import MAX_TIMEOUT_S, FunctionSpec, ScaleSpec
+from ember.spec import MAX_TIMEOUT_S, FunctionSpec, ScaleSpec, SecretRef
 
 NAME_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+SECRET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+SECRET_NAME_RULE = "use 1-63 letters, digits, '_', '.' and '-', starting with a letter or digit"
 NAME_RULE = (
     "use 1-63 lowercase letters, digits and '-', starting with a letter, not ending with '-'"
 )
@@ -40,6 +42,11 @@ _EXAMPLES = {
     "scale": "{min: 0, max: 10, idle: 60s}",
     "env": "{LOG_LEVEL: debug}",
     "network": "none",
+    "access": "private",
+    "cpu": "0.5",
+    "pids": "256",
+    "tmp": "64",
+    "secrets": "[db-password]",
     "min": "0",
     "max": "10",
     "idle": "60s",
@@ -254,6 +261,59 @@ def _network(value: object, path: str) -> str:
     return str(value)
 
 
+def _access(value: object, path: str) -> str:
+    if value not in ("public", "private"):
+        raise _fail(
+            path,
+            f"{_show(value)} is not an access policy; write access: public (anyone may "
+            "invoke it, the default) or access: private (callers need an invoke key)",
+        )
+    return str(value)
+
+
+def _cpu(value: object, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.01 <= value <= 256:
+        raise _fail(
+            path,
+            f"{_show(value)} is not a number of cores from 0.01 to 256; write e.g. cpu: 0.5 "
+            "(half a core for all instances together), or leave it out for a fair share",
+        )
+    return float(value)
+
+
+def validate_secret_name(name: object, path: str = "secret name") -> str:
+    if not isinstance(name, str) or not SECRET_NAME_RE.match(name):
+        raise UserError(f"{path}: {_show(name)} is invalid: {SECRET_NAME_RULE}", code="bad_name")
+    return name
+
+
+def _secrets(value: object, path: str) -> list[SecretRef]:
+    if not isinstance(value, list):
+        raise _fail(
+            path,
+            f"expected a list of secret names, got {_kind(value)}; write e.g. "
+            "secrets: [db-password] or secrets: [{name: db-password, env: DB_PASSWORD}]",
+        )
+    refs: list[SecretRef] = []
+    for i, item in enumerate(value):
+        where = f"{path}[{i}]"
+        if isinstance(item, dict):
+            fields = _fields(item, where, ("name", "env"))
+            name, env = fields.get("name"), fields.get("env", "")
+            if env != "":
+                env = _env_key(env, where + ".env")
+        else:
+            name, env = item, ""
+        try:
+            validate_secret_name(name, where)
+        except UserError as exc:
+            raise _error(exc.message) from None
+        refs.append(SecretRef(name=str(name), env=str(env)))
+    if len({ref.name for ref in refs}) != len(refs):
+        raise _fail(path, "lists a secret twice; list each once")
+    return refs
+
+
 def _env_key(key: object, path: str) -> str:
     if not isinstance(key, str) or not _ENV_KEY_RE.fullmatch(key):
         raise _fail(
@@ -334,4 +394,9 @@ _FUNCTION_PARSERS: dict[str, _Parser] = {
     "scale": _scale,
     "env": _env,
     "network": lambda value, path: _network(value, path),
+    "access": _access,
+    "cpu": _cpu,
+    "pids": lambda value, path: _whole(value, path, 8, 65536),
+    "tmp": lambda value, path: _whole(value, path, 1, 16384, "MB"),
+    "secrets": _secrets,
 }

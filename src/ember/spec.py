@@ -13,6 +13,11 @@ class ScaleSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     idle: float = 60.0  # seconds an idle instance is kept before it is reaped
 
 
+class SecretRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str  # a secret of the function's namespace, at /run/secrets/NAME
+    env: str = ""  # also as this environment variable, when set
+
+
 class FunctionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     handler: str = "handler.handle"  # module.function, relative to `source`
@@ -23,6 +28,11 @@ class FunctionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     scale: ScaleSpec = ScaleSpec()
     env: dict[str, str] = {}
     network: str = "host"  # host | none (own network namespace, loopback only)
+    access: str = "public"  # public: anyone may invoke over /fn; private: an invoke key
+    cpu: float = 0.0  # cores all instances together may use; 0 = a fair share, no cap
+    pids: int = 256  # processes and threads of the revision (zygote and instances)
+    tmp: int = 64  # MB of the private /tmp (counted in the memory of whoever writes)
+    secrets: list[SecretRef] = []
 
     @property
     def module(self) -> str:

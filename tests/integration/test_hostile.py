@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.integration.conftest import EmberServer
 
 
@@ -108,12 +110,15 @@ def test_hanging_import_is_rejected_at_the_init_timeout(
 
 
 def test_init_failure_after_restart_is_502_for_everyone_and_others_still_serve(
-    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path], tmp_path: Path
+    server_factory: Callable[..., EmberServer],
+    fn_dir: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ):
-    marker = tmp_path / "broken"
-    code = f"""
+    # The sandbox hides the host's files; TZ is one of the variables the server passes on.
+    code = """
     import os
-    if os.path.exists({str(marker)!r}):
+    if os.environ.get("TZ") == "Etc/Broken":
         raise RuntimeError("the config file it needs is gone")
     def handle(req, ctx):
         return "fine"
@@ -129,7 +134,7 @@ def test_init_failure_after_restart_is_502_for_everyone_and_others_still_serve(
     )
     first.deploy(fn_dir("sturdy", "def handle(req, ctx):\n    return 'sturdy'\n"))
     assert first.stop() == 0
-    marker.write_text("x")
+    monkeypatch.setenv("TZ", "Etc/Broken")
     second = server_factory(home=home)  # scale.min > 0 must not stop the server from starting
     with cf.ThreadPoolExecutor(3) as pool:
         results = list(pool.map(lambda _: second.http.get("/fn/fragile"), range(3)))

@@ -34,6 +34,7 @@ MAX_MANIFEST = 256 * 1024
 def _read_only(root: Path) -> None:
     """Code directories are shared by revisions: files lose their write bits. (Zygotes do not
     write `__pycache__` either; byte-compiling here would hold the server's GIL per file.)"""
+    root.chmod(0o755)  # readable by the sandboxes' unprivileged uids, writable by none
     for path in root.rglob("*"):
         if path.is_file() and not path.is_symlink():
             path.chmod(path.stat().st_mode & 0o555)

@@ -1,4 +1,5 @@
-"""What isolation and limits this host gives instances: the facts behind `ember doctor`."""
+"""Which protections this host gives functions: the facts behind `ember doctor`, the startup
+log and `ember up --require-isolation`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import msgspec
 
 from ember.pool.cgroup import Cgroups
+from ember.runtime import seccomp
 
 
 class Check(msgspec.Struct, frozen=True):
@@ -17,65 +19,138 @@ class Check(msgspec.Struct, frozen=True):
     detail: str
 
 
-def _memory() -> Check:
-    if not sys.platform.startswith("linux"):
-        return Check("memory limit", False, "not Linux: no cgroups; RLIMIT_AS where supported")
-    probe = Cgroups.detect(f"doctor-{os.getpid()}")
-    if probe is None:
-        return Check(
-            "memory limit",
-            True,
-            "cgroups not writable here: RLIMIT_AS per instance (address space, so "
-            "allocations fail with MemoryError instead of an OOM kill)",
-        )
-    probe.cleanup()
-    return Check(
-        "memory limit",
-        True,
-        f"cgroup v{probe.version} memory controller: a hard limit per instance",
-    )
+def _linux() -> bool:
+    return sys.platform.startswith("linux")
 
 
-def _netns() -> Check:
-    ok = sys.platform.startswith("linux") and (os.getuid() == 0 or _userns().ok)
-    return Check(
-        "network: none",
-        ok,
-        "functions can get a network namespace of their own (loopback only)"
-        if ok
-        else "needs root or user namespaces: functions with network: none are refused",
-    )
+def sandbox_possible() -> bool:
+    """Namespaces, pivot_root, setuid and seccomp need root on Linux. (Unprivileged user
+    namespaces could give most of it; Ember does not use them yet.)"""
+    return _linux() and os.geteuid() == 0 and seccomp.supported()
 
 
-def _userns() -> Check:
-    path = Path("/proc/sys/user/max_user_namespaces")
-    count = int(path.read_text()) if path.exists() else 0
-    return Check(
-        "user namespaces",
-        count > 0,
-        f"max_user_namespaces={count}; namespace sandboxing is not implemented yet, "
-        "functions share the server's filesystem view and uid",
-    )
-
-
-def detect() -> list[Check]:
-    linux = sys.platform.startswith("linux")
-    checks = [
-        Check("platform", linux, f"{sys.platform}, Python {sys.version.split()[0]}"),
-        Check("fork", hasattr(os, "fork"), "zygotes fork instances (≈1-3 ms)"),
+def _sandbox_checks(enabled: bool) -> list[Check]:
+    if not enabled:
+        why = "turned off (--no-sandbox)"
+    elif not _linux():
+        why = f"not Linux ({sys.platform})"
+    elif os.geteuid() != 0:
+        why = f"not root (uid {os.geteuid()}); run `ember up` as root for the sandbox"
+    elif not seccomp.supported():
+        why = f"seccomp filter not known for {os.uname().machine}"
+    else:
+        why = ""
+    ok = not why
+    off = f"off: {why}; functions run as the server's uid and see its files"
+    return [
         Check(
-            "die with parent",
-            linux,
-            "PR_SET_PDEATHSIG: zygotes and instances die with the server"
-            if linux
-            else "not available: orphans are possible after a server crash",
+            "mount namespace",
+            ok,
+            "read-only system, code read-only at /code, private /tmp, no EMBER_HOME" if ok else off,
         ),
-        Check("privileges", True, f"uid {os.getuid()}" + (" (root)" if os.getuid() == 0 else "")),
-        _memory(),
-        Check("timeouts", True, "an instance past its timeout is killed with SIGKILL"),
-        _userns(),
-        _netns(),
+        Check(
+            "pid/ipc/uts namespaces",
+            ok,
+            "a function sees only its own processes" if ok else off,
+        ),
+        Check(
+            "unprivileged uid",
+            ok,
+            "each namespace (tenant) runs as its own uid/gid" if ok else off,
+        ),
+        Check(
+            "seccomp + no_new_privs",
+            ok,
+            f"{len(seccomp.DENIED)} system calls fail with EPERM (mount, ptrace, bpf, …)"
+            if ok
+            else off,
+        ),
+        Check(
+            "network: none",
+            _linux() and os.geteuid() == 0,
+            "functions may have a network namespace of their own (loopback only)"
+            if _linux() and os.geteuid() == 0
+            else "needs root: functions with network: none are refused at deploy",
+        ),
     ]
+
+
+def _cgroup_checks(cgroups: Cgroups | None, enabled: bool) -> list[Check]:
+    if cgroups is None:
+        why = "turned off" if not enabled else "cgroups not writable here"
+        return [
+            Check(
+                "memory limit",
+                True,
+                f"{why}: RLIMIT_AS per instance (address space, so allocations fail with "
+                "MemoryError instead of an OOM kill)",
+            ),
+            Check("pids limit", False, f"{why}: a fork bomb is bounded only by the host"),
+            Check("cpu share", False, f"{why}: functions compete for CPU as plain processes"),
+        ]
+    have = cgroups.controllers
+    v = f"cgroup v{cgroups.version}"
+    return [
+        Check("memory limit", True, f"{v}: a hard limit per instance (OOM kill, named in 502)"),
+        Check(
+            "pids limit",
+            "pids" in have,
+            f"{v}: pids.max per revision" if "pids" in have else "no pids controller",
+        ),
+        Check(
+            "cpu share",
+            "cpu" in have,
+            f"{v}: an equal share per revision, optional cpu: cap"
+            if "cpu" in have
+            else "no cpu controller",
+        ),
+    ]
+
+
+def _userns() -> str:
+    path = Path("/proc/sys/user/max_user_namespaces")
+    return path.read_text().strip() if path.exists() else "0"
+
+
+def protections(cgroups: Cgroups | None, sandbox: bool, use_cgroups: bool = True) -> list[Check]:
+    """What functions started by a server with these settings get."""
+    return [
+        *_sandbox_checks(sandbox and sandbox_possible()),
+        *_cgroup_checks(cgroups, use_cgroups),
+        Check("timeouts", True, "an instance past its timeout is killed with SIGKILL"),
+    ]
+
+
+def missing(checks: list[Check]) -> list[str]:
+    return [c.name for c in checks if not c.ok]
+
+
+def detect(sandbox: bool = True) -> list[Check]:
+    linux = _linux()
+    probe = Cgroups.detect(f"doctor-{os.getpid()}") if linux else None
+    try:
+        checks = [
+            Check("platform", linux, f"{sys.platform}, Python {sys.version.split()[0]}"),
+            Check("fork", hasattr(os, "fork"), "zygotes fork instances (≈1-3 ms)"),
+            Check(
+                "die with parent",
+                linux,
+                "PR_SET_PDEATHSIG: zygotes and instances die with the server"
+                if linux
+                else "not available: orphans are possible after a server crash",
+            ),
+            Check(
+                "privileges",
+                True,
+                f"uid {os.geteuid()}"
+                + (" (root)" if os.geteuid() == 0 else "")
+                + f"; max_user_namespaces={_userns()}",
+            ),
+            *protections(probe, sandbox),
+        ]
+    finally:
+        if probe is not None:
+            probe.cleanup()
     try:
         import uvloop  # noqa: F401
 

@@ -1,44 +1,96 @@
-"""Memory cgroups per instance: v2 where it has the memory controller, else v1.
+"""Cgroups per revision and per instance: v2 where it has the controllers, else v1.
 
-Each instance gets its own leaf with `memory` MB as its hard limit; the kernel's OOM killer
-ends an instance that goes over it, and the pool reads the leaf's OOM count to say so.
+Layout, below one parent per server (`ember/server-PID`):
+
+    <revision>/            pids.max and the CPU share/quota of all its processes
+    <revision>/zygote-ID   memory limit of the function zygote (the import must fit too)
+    <revision>/<instance>  memory limit of one instance
+
+In v1 each controller has its own tree: the zygote joins `pids/…/<revision>`,
+`cpu/…/<revision>` and `memory/…/<revision>/zygote-ID` (its keeper writes its pid there before
+the import); the instances inherit pids and CPU by forking and the server moves each into its
+memory leaf. In v2 the one tree has the same shape. The kernel's OOM killer ends an instance
+over its limit, and the pool reads the leaf's OOM count to say so.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
-V1_ROOT = Path("/sys/fs/cgroup/memory")
+V1_ROOT = Path("/sys/fs/cgroup")
 V2_ROOT = Path("/sys/fs/cgroup")
+CPU_PERIOD_US = 100_000
 
 
 class Cgroups:
-    """Creates and removes per-instance memory cgroups under one parent for this server."""
+    """Creates and removes this server's cgroups. `trees` maps a controller to its parent
+    directory (v1), or has the one entry "" (v2)."""
 
-    def __init__(self, parent: Path, version: int) -> None:
-        self.parent = parent
+    def __init__(self, trees: dict[str, Path], version: int) -> None:
+        self.trees = trees
         self.version = version
+
+    @property
+    def controllers(self) -> list[str]:
+        if self.version == 2:
+            return ["memory", "pids", "cpu"]
+        return sorted(self.trees)
 
     @classmethod
     def detect(cls, name: str) -> Cgroups | None:
         """A manager for this host, or None when memory cgroups cannot be written here."""
-        for version, base in _candidates():
-            parent = base / "ember" / name
+        for version, trees in _candidates(name):
             try:
-                _remove_stale(parent.parent)
-                parent.mkdir(parents=True, exist_ok=True)
-                if version == 2:
-                    _enable_memory_v2(parent)
-                probe = cls(parent, version)
-                probe.remove(probe.create("probe", 64))
+                for parent in trees.values():
+                    _remove_stale(parent.parent, version)
+                    parent.mkdir(parents=True, exist_ok=True)
+                    if version == 2:
+                        _enable_v2(parent)
+                probe = cls(trees, version)
+                probe.revision("probe", 64, 16, 0.0)
+                probe.remove(probe.create("probe", "leaf", 64))
+                probe.remove_revision("probe")
                 return probe
             except OSError:
                 continue
         return None
 
-    def create(self, leaf: str, memory_mb: int) -> str:
-        path = self.parent / leaf
+    def _dir(self, controller: str) -> Path:
+        return self.trees[""] if self.version == 2 else self.trees[controller]
+
+    def revision(self, rev: str, memory_mb: int, pids: int, cpu: float) -> list[str]:
+        """Create a revision's cgroups; the `cgroup.procs` files its zygote joins."""
+        joins: list[str] = []
+        if self.version == 2:
+            path = self.trees[""] / rev
+            path.mkdir(exist_ok=True)
+            (path / "cgroup.subtree_control").write_text("+memory")
+            (path / "pids.max").write_text(str(pids))
+            quota = str(int(cpu * CPU_PERIOD_US)) if cpu > 0 else "max"
+            (path / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+        else:
+            if "pids" in self.trees:
+                path = self.trees["pids"] / rev
+                path.mkdir(exist_ok=True)
+                (path / "pids.max").write_text(str(pids))
+                joins.append(str(path / "cgroup.procs"))
+            if "cpu" in self.trees:
+                path = self.trees["cpu"] / rev
+                path.mkdir(exist_ok=True)
+                (path / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+                quota = str(int(cpu * CPU_PERIOD_US)) if cpu > 0 else "-1"
+                (path / "cpu.cfs_quota_us").write_text(quota)
+                joins.append(str(path / "cgroup.procs"))
+            (self.trees["memory"] / rev).mkdir(exist_ok=True)
+        # One leaf per start: a zygote that failed may still be leaving the previous one.
+        joins.append(self.create(rev, f"zygote-{secrets.token_hex(3)}", memory_mb))
+        return joins
+
+    def create(self, rev: str, leaf: str, memory_mb: int) -> str:
+        """A memory leaf below the revision; its `cgroup.procs`."""
+        path = self._dir("memory") / rev / leaf
         path.mkdir()
         limit = str(memory_mb * 1024 * 1024)
         if self.version == 2:
@@ -78,29 +130,40 @@ class Cgroups:
         except OSError:
             pass
 
+    def remove_revision(self, rev: str) -> bool:
+        """Remove a revision's cgroups; False while some process is still in one."""
+        done = True
+        for parent in self.trees.values():
+            done = _rmtree(parent / rev) and done
+        return done
+
     def cleanup(self) -> bool:
-        """Remove every leaf and the parent; False while some are still in use."""
-        if self.parent.exists():
-            for leaf in self.parent.iterdir():
-                if leaf.is_dir():
-                    self.remove(str(leaf / "cgroup.procs"))
-        try:
-            self.parent.rmdir()
-        except FileNotFoundError:
-            return True
-        except OSError:
-            return False
+        """Remove everything of this server; False while some cgroup is still in use."""
+        return all([_rmtree(parent) for parent in self.trees.values()])
+
+
+def _rmtree(path: Path) -> bool:
+    """rmdir, leaves first (cgroup directories hold only kernel files, removed with them)."""
+    if not path.is_dir():
         return True
+    ok = all([_rmtree(child) for child in path.iterdir() if child.is_dir()])
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return ok
 
 
-def _remove_stale(root: Path) -> None:
+def _remove_stale(root: Path, version: int) -> None:
     """Leftovers of servers that were killed: `server-PID` directories of dead processes."""
     if not root.is_dir():
         return
     for entry in root.iterdir():
-        pid = entry.name.removeprefix("server-")
-        if entry.name.startswith("server-") and pid.isdigit() and not _alive(int(pid)):
-            Cgroups(entry, 1).cleanup()
+        pid = entry.name.rpartition("-")[2]
+        if entry.name.startswith(("server-", "doctor-")) and pid.isdigit() and not _alive(int(pid)):
+            _rmtree(entry)
 
 
 def _alive(pid: int) -> bool:
@@ -113,19 +176,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _candidates() -> list[tuple[int, Path]]:
-    out: list[tuple[int, Path]] = []
+def _candidates(name: str) -> list[tuple[int, dict[str, Path]]]:
+    out: list[tuple[int, dict[str, Path]]] = []
     controllers = V2_ROOT / "cgroup.controllers"
-    if controllers.exists() and "memory" in controllers.read_text().split():
-        out.append((2, V2_ROOT))
-    if (V1_ROOT / "memory.limit_in_bytes").exists():
-        out.append((1, V1_ROOT))
+    if controllers.exists() and {"memory", "pids", "cpu"} <= set(controllers.read_text().split()):
+        out.append((2, {"": V2_ROOT / "ember" / name}))
+    if (V1_ROOT / "memory" / "memory.limit_in_bytes").exists():
+        trees = {"memory": V1_ROOT / "memory" / "ember" / name}
+        for controller in ("pids", "cpu"):
+            if (V1_ROOT / controller / "cgroup.procs").exists():
+                trees[controller] = V1_ROOT / controller / "ember" / name
+        out.append((1, trees))
     return out
 
 
-def _enable_memory_v2(parent: Path) -> None:
+def _enable_v2(parent: Path) -> None:
     node = V2_ROOT
     for part in parent.relative_to(V2_ROOT).parts:
-        (node / "cgroup.subtree_control").write_text("+memory")
+        (node / "cgroup.subtree_control").write_text("+memory +pids +cpu")
         node = node / part
-    (parent / "cgroup.subtree_control").write_text("+memory")
+    (parent / "cgroup.subtree_control").write_text("+memory +pids +cpu")

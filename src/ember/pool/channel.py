@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import socket
+import struct
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -16,11 +17,15 @@ from ember.errors import PlatformError
 
 T = TypeVar("T")
 MAX_PACKET = 128 * 1024  # well under the default socket buffer (~208 KB)
+_UCRED = struct.Struct("iII")  # pid, uid, gid
+_CRED_SPACE = socket.CMSG_SPACE(_UCRED.size)
 log = logging.getLogger("ember.pool")
 
 
 class AsyncChannel(Generic[T]):
-    """Sends commands (optionally with one fd) and dispatches incoming messages to `on_message`.
+    """Sends commands (optionally with one fd) and dispatches incoming messages to `on_message`
+    with the sender's pid as this process sees it (SO_PASSCRED: the kernel attaches the
+    sender's credentials to every packet and translates its pid out of any pid namespace).
 
     `on_close` runs once when the peer goes away.
     """
@@ -29,11 +34,12 @@ class AsyncChannel(Generic[T]):
         self,
         sock: socket.socket,
         incoming: Any,
-        on_message: Callable[[T], None],
+        on_message: Callable[[T, int], None],
         on_close: Callable[[], None],
     ) -> None:
         self.sock = sock
         sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._loop = asyncio.get_running_loop()
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(incoming)
@@ -94,15 +100,19 @@ class AsyncChannel(Generic[T]):
     def _readable(self) -> None:
         while True:
             try:
-                data = self.sock.recv(MAX_PACKET)
+                data, ancillary, _flags, _addr = self.sock.recvmsg(MAX_PACKET, _CRED_SPACE)
             except BlockingIOError:
                 return
             except OSError:
-                data = b""
+                data, ancillary = b"", []
             if not data:
                 self.close()
                 return
-            self._on_message(self._decoder.decode(data))
+            sender = 0
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    sender = _UCRED.unpack_from(payload)[0]
+            self._on_message(self._decoder.decode(data), sender)
 
     def close(self) -> None:
         if self.closed:

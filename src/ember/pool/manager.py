@@ -12,14 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ember.autoscaler.keepalive import decide
 from ember.config import ServerConfig
+from ember.errors import IsolationUnavailable
+from ember.pool.capabilities import Check, missing, protections, sandbox_possible
 from ember.pool.cgroup import Cgroups
 from ember.pool.instance import Instance
 from ember.pool.revision import RevisionPool, RevisionStats
 from ember.pool.root import RootZygote
-from ember.pool.target import Target
+from ember.pool.target import RevisionKey, Target
 from ember.telemetry.buffer import TelemetryBuffer
 from ember.telemetry.records import LogRecord
-from ember.wire.messages import Log, ZygoteReady
+from ember.wire.messages import Log, SandboxPlan, ZygoteReady
 
 log = logging.getLogger("ember.pool")
 TICK = 0.25  # seconds between keep-alive decisions
@@ -31,14 +33,33 @@ class Pool:
         self.telemetry = telemetry
         self.root = RootZygote(dict(config.base_env))
         self.cgroups: Cgroups | None = None
-        self.revisions: dict[tuple[str, int, str], RevisionPool] = {}
-        self._live: set[tuple[str, int, str]] = set()
+        self.revisions: dict[RevisionKey, RevisionPool] = {}
+        self._live: set[RevisionKey] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._mover = ThreadPoolExecutor(1, thread_name_prefix="ember-cgroup")
+        self.sandboxed = False
+        self.protections: list[Check] = []
+        self._unremoved: set[str] = set()  # revision cgroups that still had processes
 
     async def start(self) -> None:
         if self.config.use_cgroups:
             self.cgroups = Cgroups.detect(f"server-{os.getpid()}")
+        self.sandboxed = self.config.sandbox and sandbox_possible()
+        self.protections = protections(self.cgroups, self.config.sandbox, self.config.use_cgroups)
+        for check in self.protections:
+            log.log(
+                logging.INFO if check.ok else logging.WARNING, "%s: %s", check.name, check.detail
+            )
+        lacking = missing(self.protections)
+        if self.config.require_isolation and lacking:
+            if self.cgroups is not None:
+                self.cgroups.cleanup()
+            raise IsolationUnavailable(
+                f"--require-isolation: this host does not give functions {', '.join(lacking)}; "
+                "run `ember doctor` to see why (usually: run as root on Linux with cgroups)"
+            )
+        if self.sandboxed:
+            self.config.sandbox_root.mkdir(parents=True, exist_ok=True)
         await self.root.ensure()
         self._loop_task = asyncio.get_running_loop().create_task(self._keepalive_loop())
 
@@ -52,7 +73,7 @@ class Pool:
             rp.retired = target.key not in self._live
         return rp
 
-    def retire_all_but(self, live: Iterable[tuple[str, int, str]]) -> None:
+    def retire_all_but(self, live: Iterable[RevisionKey]) -> None:
         self._live = set(live)
         for key, rp in self.revisions.items():
             rp.retired = key not in self._live
@@ -75,16 +96,47 @@ class Pool:
         rp = self.revisions.pop(target.key, None)
         if rp is not None:
             rp.stop()
+            self._release_revision(target)
 
     async def scale(self, target: Target, instances: int) -> int:
         return await self.revision(target).scale_to(instances)
+
+    # ---- sandbox ----
+    async def sandbox_plan(self, target: Target) -> SandboxPlan | None:
+        """What the revision's zygote sets up before its import; None without privileges.
+
+        Creating cgroups takes the kernel's cgroup lock: a worker thread does it.
+        """
+        if not self.sandboxed:
+            return None
+        joins: list[str] = []
+        if self.cgroups is not None:
+            spec = target.spec
+            joins = await asyncio.get_running_loop().run_in_executor(
+                self._mover, self.cgroups.revision, target.slug, spec.memory, spec.pids, spec.cpu
+            )
+        uid = target.uid or self.config.sandbox_uid_base
+        return SandboxPlan(
+            root=str(self.config.sandbox_root),
+            uid=uid,
+            gid=uid,
+            hostname=target.function[:63],
+            tmp_mb=target.spec.tmp,
+            cgroups=joins,
+            hide=[str(self.config.home)],
+            secrets=dict(target.secrets),
+        )
+
+    def _release_revision(self, target: Target) -> None:
+        if self.cgroups is not None and not self.cgroups.remove_revision(target.slug):
+            self._unremoved.add(target.slug)  # processes still leaving: retried on tick
 
     # ---- limits ----
     def rlimit_for(self, memory_mb: int) -> int:
         """Address-space limit the instance sets itself, where there are no cgroups."""
         return 0 if self.cgroups is not None else memory_mb * 1024 * 1024
 
-    def place(self, inst: Instance, memory_mb: int) -> None:
+    def place(self, inst: Instance, target: Target, memory_mb: int) -> None:
         """Move a new instance into its own memory cgroup, off the request's path.
 
         Moving a process between cgroups can wait out an RCU grace period (7-19 ms measured
@@ -93,17 +145,20 @@ class Pool:
         """
         if self.cgroups is None:
             return
-        inst.placed = asyncio.get_running_loop().create_task(self._place(inst, memory_mb))
+        task = asyncio.get_running_loop().create_task(self._place(inst, target.slug, memory_mb))
+        inst.placed = task
 
-    async def _place(self, inst: Instance, memory_mb: int) -> None:
+    async def _place(self, inst: Instance, rev: str, memory_mb: int) -> None:
         pid = await inst.pid_known
         loop = asyncio.get_running_loop()
-        inst.cgroup = await loop.run_in_executor(self._mover, self._move, inst.id, pid, memory_mb)
+        inst.cgroup = await loop.run_in_executor(
+            self._mover, self._move, rev, inst.id, pid, memory_mb
+        )
 
-    def _move(self, instance_id: str, pid: int, memory_mb: int) -> str:
+    def _move(self, rev: str, instance_id: str, pid: int, memory_mb: int) -> str:
         assert self.cgroups is not None
         try:
-            procs = self.cgroups.create(instance_id, memory_mb)
+            procs = self.cgroups.create(rev, instance_id, memory_mb)
         except OSError as exc:
             log.warning("no memory cgroup for %s: %s", instance_id, exc)
             return ""
@@ -165,6 +220,11 @@ class Pool:
             if rp.retired and not rp.instances and zygote_gone and not rp.starting:
                 rp.stop()
                 del self.revisions[key]
+                self._release_revision(rp.target)
+        if self._unremoved and self.cgroups is not None:
+            for slug in list(self._unremoved):
+                if self.cgroups.remove_revision(slug):
+                    self._unremoved.discard(slug)
 
     def statistics(self) -> list[RevisionStats]:
         return [rp.statistics() for rp in self.revisions.values()]

@@ -196,7 +196,7 @@ class RevisionPool:
         inst = await zygote.fork(
             iid, self.pool.rlimit_for(self.spec.memory), self._on_log, self._on_lost
         )
-        self.pool.place(inst, self.spec.memory)
+        self.pool.place(inst, self.target, self.spec.memory)
         return inst
 
     async def ensure_zygote(self) -> str:
@@ -213,12 +213,13 @@ class RevisionPool:
     async def _spawn_zygote(self) -> str:
         fresh = await self.pool.root.ensure()
         timeout = self.pool.config.init_timeout
+        plan = await self.pool.sandbox_plan(self.target)
         try:
-            zygote = self.pool.root.spawn(self.target, timeout)
+            zygote = self.pool.root.spawn(self.target, timeout, plan)
         except OSError:  # the root died and we have not read its EOF yet
             self.pool.root.forget()
             fresh = await self.pool.root.ensure()
-            zygote = self.pool.root.spawn(self.target, timeout)
+            zygote = self.pool.root.spawn(self.target, timeout, plan)
         self.zygote = zygote
         try:  # the zygote enforces init_timeout itself; this bounds a zygote that hangs anyway
             ready = await asyncio.wait_for(asyncio.shield(zygote.ready), timeout + 5.0)

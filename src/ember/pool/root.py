@@ -11,7 +11,7 @@ import sys
 from ember.pool.channel import AsyncChannel
 from ember.pool.target import Target
 from ember.pool.zygote import FunctionZygote
-from ember.wire.messages import Shutdown, SpawnZygote
+from ember.wire.messages import SandboxPlan, Shutdown, SpawnZygote
 
 log = logging.getLogger("ember.pool")
 
@@ -43,7 +43,7 @@ class RootZygote:
             start_new_session=True,  # Ctrl-C in a terminal reaches the server, not the tree
         )
         child.close()
-        self.channel = AsyncChannel(parent, Shutdown, lambda _msg: None, self._lost)
+        self.channel = AsyncChannel(parent, Shutdown, lambda _msg, _sender: None, self._lost)
         self.starts += 1
         log.info("root zygote started (pid %d)", self.proc.pid)
         return True
@@ -59,7 +59,9 @@ class RootZygote:
         if self.proc is not None and self.proc.returncode is None:
             log.warning("root zygote channel closed; it will be restarted on the next start")
 
-    def spawn(self, target: Target, init_timeout: float) -> FunctionZygote:
+    def spawn(
+        self, target: Target, init_timeout: float, sandbox: SandboxPlan | None
+    ) -> FunctionZygote:
         assert self.channel is not None
         spec = target.spec
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -76,6 +78,7 @@ class RootZygote:
             concurrency=spec.concurrency,
             init_timeout=init_timeout,
             network=spec.network,
+            sandbox=sandbox,
         )
         try:  # the channel owns `child` from here and closes it once the fd is sent
             self.channel.send(msg, child)

@@ -6,6 +6,8 @@ import msgspec
 
 from ember.spec import FunctionSpec
 
+RevisionKey = tuple[str, str, int, str]  # namespace, function, number, sha256
+
 
 class Target(msgspec.Struct, frozen=True):
     function: str
@@ -13,12 +15,25 @@ class Target(msgspec.Struct, frozen=True):
     sha256: str
     code_dir: str  # content-addressed, read-only
     spec: FunctionSpec
+    namespace: str = "default"
+    uid: int = 0  # the namespace's unprivileged uid and gid inside sandboxes; 0: not sandboxed
+    # Decrypted values of the secrets the spec lists; never logged, never sent to clients.
+    secrets: dict[str, bytes] = msgspec.field(default_factory=dict)
 
     @property
-    def key(self) -> tuple[str, int, str]:
+    def key(self) -> RevisionKey:
         """Numbers restart after `ember rm`, so the content hash is part of the identity."""
-        return (self.function, self.number, self.sha256)
+        return (self.namespace, self.function, self.number, self.sha256)
 
     @property
     def label(self) -> str:
-        return f"{self.function}@{self.number}"
+        prefix = "" if self.namespace == "default" else f"{self.namespace}/"
+        return f"{prefix}{self.function}@{self.number}"
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe unique name: cgroups and instance ids."""
+        return f"{self.namespace}.{self.function}.{self.number}.{self.sha256[:10]}"
+
+    def __repr__(self) -> str:  # keeps secret values out of any log line or traceback
+        return f"Target({self.label}, sha256={self.sha256[:12]})"

@@ -40,12 +40,12 @@ class FunctionZygote:
             sock, ZygoteMessage, self._on_message, self._on_close
         )
 
-    def _on_message(self, msg: ZygoteMessage) -> None:
-        if isinstance(msg, Forked):
+    def _on_message(self, msg: ZygoteMessage, sender: int) -> None:
+        if isinstance(msg, Forked):  # sent by the instance: `sender` is its pid on the host
             inst = self._by_id.pop(msg.instance, None)
             if inst is not None:
-                self._by_pid[msg.pid] = inst
-                inst.set_pid(msg.pid)
+                self._by_pid[msg.pid] = inst  # InstanceExited names the pid the zygote sees
+                inst.set_pid(sender or msg.pid)
         elif isinstance(msg, ForkFailed):
             inst = self._by_id.pop(msg.instance, None)
             if inst is not None:  # the zygote closed its socket: EOF fails it with this cause
@@ -61,10 +61,17 @@ class FunctionZygote:
             if inst is not None and not inst.exit_status.done():
                 inst.exit_status.set_result(msg.status)
         elif isinstance(msg, ZygoteStarted):
-            self.pid = msg.pid
+            self.pid = sender or msg.pid
         elif isinstance(msg, ZygoteReady):
             if not self.ready.done():
                 self.ready.set_result(msg)
+        elif isinstance(msg, ZygoteFailed) and msg.platform and not self.ready.done():
+            self.ready.set_exception(
+                PlatformError(
+                    f"could not start the sandbox of '{self.target.label}': {msg.message}; "
+                    "see `ember doctor`"
+                )
+            )
         elif isinstance(msg, ZygoteFailed) and not self.ready.done():
             self.ready.set_exception(
                 DeployRejected(

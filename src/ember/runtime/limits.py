@@ -23,12 +23,17 @@ def _load_libc() -> ctypes.CDLL | None:
     return _libc
 
 
-def die_with_parent(parent: int) -> None:
-    """PR_SET_PDEATHSIG: nothing may outlive the server, even after a kill -9."""
+def die_with_parent(parent: int, *, in_new_pid_namespace: bool = False) -> None:
+    """PR_SET_PDEATHSIG: nothing may outlive the server, even after a kill -9.
+
+    The first process of a new pid namespace sees its parent as pid 0, so it cannot check
+    whether the parent died before prctl took effect; its control channel's EOF ends it then.
+    """
     libc = _load_libc()
     if libc is not None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
+        expected = 0 if in_new_pid_namespace else parent
+        if os.getppid() != expected:  # the parent died before prctl took effect
             os._exit(1)
 
 
@@ -46,6 +51,11 @@ def isolate_network() -> None:
             f"({os.strerror(err) if err else 'not Linux'}); run Ember as root or with user "
             "namespaces (see `ember doctor`), or use network: host"
         )
+    loopback_up()
+
+
+def loopback_up() -> None:
+    """In a fresh network namespace `lo` exists but is down."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         request = struct.pack("16sH14s", b"lo", 0, b"")
         flags = struct.unpack("16sH14s", fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]

@@ -19,13 +19,14 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ember.runtime import instance, limits
+from ember.runtime import instance, limits, sandbox
 from ember.runtime.channel import Channel, decoder_for
 from ember.wire.messages import (
     Forked,
     ForkFailed,
     ForkInstance,
     InstanceExited,
+    SandboxPlan,
     Shutdown,
     SpawnZygote,
     ZygoteCommand,
@@ -39,9 +40,10 @@ decoder_for(ZygoteCommand)  # built in the root zygote, before any fork
 
 
 def _prepare(spec: SpawnZygote) -> None:
-    if spec.network == "none":  # before any user code: nothing it opens can reach out
-        limits.isolate_network()
-    workdir = os.path.join(spec.code_dir, spec.source)
+    if spec.network == "none" and spec.sandbox is None:  # the sandbox has done it already
+        limits.isolate_network()  # before any user code: nothing it opens can reach out
+    code_dir = spec.code_dir if spec.sandbox is None else sandbox.CODE_DIR
+    workdir = os.path.join(code_dir, spec.source)
     os.chdir(workdir)
     sys.path.insert(0, workdir)
     os.environ.update(spec.env)
@@ -100,28 +102,37 @@ class Zygote:
             self.channel.send(ForkFailed(instance=cmd.instance, error=str(exc)))
             return
         if pid == 0:
-            self.channel.sock.detach()  # closed below with every other inherited fd
-            limits.close_fds_except(fd)
-            limits.die_with_parent(me)
-            limits.default_signals()
-            if cmd.rlimit_as:  # without cgroups; with them the server moves us (off this path)
-                limits.limit_address_space(cmd.rlimit_as)
-            instance.run(fd, self.handler, self.spec, self.prepared)
+            try:
+                self._become_instance(cmd, fd, me)
+            finally:
+                os._exit(1)  # never back into the zygote's loop
         os.close(fd)
         self.children.add(pid)
-        self.channel.send(Forked(instance=cmd.instance, pid=pid))
+
+    def _become_instance(self, cmd: ForkInstance, fd: int, zygote: int) -> None:
+        # The instance announces itself: the server reads its host pid from the packet's
+        # credentials, as pids in here belong to the sandbox's pid namespace.
+        self.channel.send(Forked(instance=cmd.instance, pid=os.getpid()))
+        self.channel.sock.detach()  # closed below with every other inherited fd
+        limits.close_fds_except(fd)
+        limits.die_with_parent(zygote)
+        limits.default_signals()
+        if cmd.rlimit_as:  # without cgroups; with them the server moves us (off this path)
+            limits.limit_address_space(cmd.rlimit_as)
+        instance.run(fd, self.handler, self.spec, self.prepared)
 
     def reap(self) -> None:
-        while self.children:
+        while True:  # in a sandbox, orphans of instances are reparented to us (pid 1) too
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
-            self.children.discard(pid)
-            code = os.waitstatus_to_exitcode(status)
-            self.channel.send(InstanceExited(pid=pid, status=code))
+            if pid in self.children:
+                self.children.discard(pid)
+                code = os.waitstatus_to_exitcode(status)
+                self.channel.send(InstanceExited(pid=pid, status=code))
 
     def on_command(self) -> bool:
         got = self.channel.recv()
@@ -209,6 +220,21 @@ def _warnings() -> list[str]:
     return []
 
 
+def _enter_sandbox(spec: SpawnZygote, plan: SandboxPlan, channel: Channel[ZygoteCommand]) -> None:
+    try:
+        sandbox.enter(plan, spec.code_dir, network_none=spec.network == "none")
+    except OSError as exc:
+        channel.send(
+            ZygoteFailed(
+                error_type=type(exc).__name__,
+                message=_clip(str(exc), 4096),
+                traceback="",
+                platform=True,
+            )
+        )
+        os._exit(1)
+
+
 def run(spec: SpawnZygote, fd: int, parent: int) -> None:
     """Entry point in the child of the root zygote; never returns."""
     limits.close_fds_except(fd)
@@ -216,6 +242,8 @@ def run(spec: SpawnZygote, fd: int, parent: int) -> None:
     limits.default_signals()
     sys.dont_write_bytecode = True  # the revision's code directory is shared and read-only
     channel: Channel[ZygoteCommand] = Channel(socket.socket(fileno=fd), ZygoteCommand)
+    if spec.sandbox is not None:
+        _enter_sandbox(spec, spec.sandbox, channel)
     channel.send(ZygoteStarted(pid=os.getpid()))
     started = time.perf_counter()
     handler, output = _import(spec, channel)

@@ -53,6 +53,7 @@ class Server:
     async def start(self) -> None:
         for path in (self.config.home, self.config.code_dir, self.config.blob_dir):
             path.mkdir(parents=True, exist_ok=True)
+        self.config.home.chmod(0o700)  # keys, secrets and the store: the server's uid only
         await self.store.open()
         await self.pool.start()
         await self.control.restore()
@@ -118,7 +119,12 @@ async def _deploy_dirs(server: Server, dirs: list[Path]) -> None:
 
 async def run(config: ServerConfig, deploy: list[Path]) -> int:
     server = Server(config)
-    await server.start()
+    try:
+        await server.start()
+    except EmberError as exc:
+        print(f"ember: {exc.message}", file=sys.stderr, flush=True)
+        await server.stop()
+        return exc.exit_code
     # What is alive now lives as long as the server: keep full collections from walking it.
     gc.collect()
     gc.freeze()

@@ -17,6 +17,19 @@ class _Msg(msgspec.Struct, frozen=True, tag_field="t", array_like=False):
 # ---- server → root zygote (control channel), fd of the new zygote's channel rides along ----
 
 
+class SandboxPlan(msgspec.Struct, frozen=True):
+    """What the function zygote sets up before importing user code (ember.runtime.sandbox)."""
+
+    root: str  # an empty directory the new root file system is mounted on
+    uid: int  # unprivileged uid/gid of the function's namespace (tenant)
+    gid: int
+    hostname: str
+    tmp_mb: int = 64  # size of the private /tmp
+    cgroups: list[str] = []  # cgroup.procs files the zygote joins before the import
+    hide: list[str] = []  # directories never visible inside, even under a bound directory
+    secrets: dict[str, bytes] = {}  # files of /run/secrets
+
+
 class SpawnZygote(_Msg, tag="spawn", frozen=True):
     revision: str  # "name@number", for logs and process titles
     code_dir: str
@@ -30,6 +43,7 @@ class SpawnZygote(_Msg, tag="spawn", frozen=True):
     concurrency: int = 1
     init_timeout: float = 60.0  # seconds the module may take to import
     network: str = "host"  # none: a network namespace of its own with only loopback
+    sandbox: SandboxPlan | None = None  # None: rlimits only (the host lacks the privileges)
 
 
 class Shutdown(_Msg, tag="shutdown", frozen=True):
@@ -55,9 +69,13 @@ class ZygoteFailed(_Msg, tag="failed", frozen=True):
     message: str
     traceback: str
     output: str = ""
+    platform: bool = False  # the sandbox could not be set up: not the function's fault
 
 
 class Forked(_Msg, tag="forked", frozen=True):
+    """Sent by the new instance itself: `pid` is its pid in the zygote's pid namespace; the
+    server learns the host's pid from the packet's SCM_CREDENTIALS (the kernel translates)."""
+
     instance: str
     pid: int
 

@@ -1,0 +1,278 @@
+"""The function sandbox, entered by a function zygote before it imports user code.
+
+Small wrappers over the kernel's interfaces (unshare, mount, pivot_root, setresuid, seccomp);
+no helper binary, because the zygote must stay a fork of the root zygote to keep the
+runtime it already imported. The steps, in order:
+
+1. `split()`: unshare mount, pid, ipc and uts namespaces (and network for `network: none`) and
+   fork. The child is pid 1 of the new pid namespace and becomes the zygote; the parent stays
+   outside as a *keeper*: it moves the child into the revision's cgroups (while the child builds
+   its root, on another core) and then only waits, so that the child dies with the server.
+2. `build_root()`: a tmpfs root with read-only bind mounts of the system (`/usr`, `/etc`, the
+   interpreter and the packages on `sys.path`), the revision's code read-only at `/code`, a
+   size-capped private `/tmp`, a minimal `/dev`, a `/proc` of the new pid namespace and the
+   function's secrets at `/run/secrets`; then `pivot_root` into it and forget the host's tree.
+3. `lock_down()`: wait until the keeper placed us in the cgroups, drop to the namespace's
+   unprivileged uid/gid, set no_new_privs and install the seccomp filter.
+
+Everything the zygote forks afterwards (its instances) inherits all of it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import socket
+import sys
+
+from ember.runtime import limits, seccomp
+from ember.wire.messages import SandboxPlan
+
+CODE_DIR = "/code"  # where the revision's code appears inside the sandbox
+SECRETS_DIR = "/run/secrets"
+
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWCGROUP = 0x02000000
+_CLONE_NEWUTS = 0x04000000
+_CLONE_NEWIPC = 0x08000000
+_CLONE_NEWPID = 0x20000000
+_CLONE_NEWNET = 0x40000000
+
+_MS_RDONLY = 0x1
+_MS_NOSUID = 0x2
+_MS_NODEV = 0x4
+_MS_NOEXEC = 0x8
+_MS_REMOUNT = 0x20
+_MS_BIND = 0x1000
+_MS_REC = 0x4000
+_MS_PRIVATE = 0x40000
+_MNT_DETACH = 0x2
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+
+_SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc")
+_SYSTEM_OPTIONAL = ("/sys/devices/system/cpu",)  # CPU counts for BLAS and os.cpu_count()
+_DEVICES = ("null", "zero", "full", "random", "urandom")
+
+
+class SandboxError(OSError):
+    """The host refused a step of the sandbox; the message names the step."""
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise SandboxError(err, f"sandbox: {what} failed: {os.strerror(err)}")
+
+
+def _libc() -> ctypes.CDLL:
+    libc = limits._load_libc()
+    if libc is None:
+        raise SandboxError(0, "sandbox: needs Linux")
+    return libc
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    libc = _libc()
+    result = libc.mount(
+        source.encode() if source else None,
+        target.encode(),
+        fstype.encode() if fstype else None,
+        ctypes.c_ulong(flags),
+        data.encode() if data else None,
+    )
+    _check(result, f"mount {source or fstype or ''} on {target}")
+
+
+def _bind(source: str, target: str, *, read_only: bool = True, flags: int = 0) -> None:
+    """Bind `source` at `target`, then remount it read-only (a bind ignores MS_RDONLY at first)."""
+    _mount(source, target, None, _MS_BIND)
+    extra = _MS_RDONLY if read_only else 0
+    _mount(None, target, None, _MS_BIND | _MS_REMOUNT | _MS_NOSUID | _MS_NODEV | extra | flags)
+
+
+# ---- 1: namespaces and the keeper ----
+
+
+def split(plan: SandboxPlan, network_none: bool) -> int:
+    """Unshare the namespaces and fork; returns in the child (the zygote to be) the read end of
+    the pipe on which the keeper reports the cgroup placement. The keeper never returns."""
+    _check(_libc().unshare(_CLONE_NEWPID), "unshare of a pid namespace")
+    ready_r, ready_w = os.pipe()
+    keeper = os.getpid()
+    child = os.fork()
+    if child == 0:
+        os.close(ready_w)
+        limits.die_with_parent(keeper, in_new_pid_namespace=True)
+        # The keeper keeps the host's mounts: pivot_root moves every process of a mount
+        # namespace, so the others are unshared here, in the zygote alone.
+        flags = _CLONE_NEWNS | _CLONE_NEWIPC | _CLONE_NEWUTS
+        if network_none:
+            flags |= _CLONE_NEWNET
+        _check(_libc().unshare(flags), "unshare of mount, ipc and uts namespaces")
+        if network_none:
+            limits.loopback_up()
+        return ready_r
+    os.close(ready_r)
+    limits.close_fds_except(ready_w)  # the zygote's channel is the zygote's alone
+    _keep(child, plan.cgroups, ready_w)
+    raise AssertionError("unreachable")
+
+
+def _keep(child: int, cgroups: list[str], ready_w: int) -> None:
+    """The keeper: place the zygote in its cgroups, report, then wait for it and exit."""
+    report = b"ok"
+    for procs in cgroups:
+        try:
+            with open(procs, "w") as f:
+                f.write(str(child))
+        except OSError as exc:
+            report = f"could not join {os.path.dirname(procs)}: {exc.strerror}".encode()
+            break
+    try:
+        os.write(ready_w, report)
+    finally:
+        os.close(ready_w)
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            os._exit(0)
+        os._exit(min(255, abs(os.waitstatus_to_exitcode(status))))
+
+
+# ---- 2: the root file system ----
+
+
+def _mkdirs(root: str, path: str) -> str:
+    target = root + path
+    os.makedirs(target, mode=0o755, exist_ok=True)
+    return target
+
+
+def _under(path: str, parents: list[str]) -> bool:
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in parents)
+
+
+def _python_paths() -> list[str]:
+    """The interpreter, its standard library and every package directory on sys.path."""
+    import ember
+
+    candidates = [
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        os.path.dirname(os.path.realpath(sys.executable)),
+        os.path.dirname(os.path.dirname(os.path.abspath(ember.__file__))),
+        *sys.path,
+    ]
+    out: list[str] = []
+    for path in sorted({os.path.realpath(p) for p in candidates if p and os.path.isabs(p)}):
+        if os.path.isdir(path) and not _under(path, out):
+            out.append(path)
+    return out
+
+
+def _system(root: str) -> list[str]:
+    bound: list[str] = []
+    for path in _SYSTEM_DIRS:
+        if os.path.islink(path):
+            os.symlink(os.readlink(path), root + path)
+        elif os.path.isdir(path):
+            _bind(path, _mkdirs(root, path))
+            bound.append(path)
+    for path in _python_paths() + [p for p in _SYSTEM_OPTIONAL if os.path.isdir(p)]:
+        if not _under(path, bound):
+            _bind(path, _mkdirs(root, path))
+            bound.append(path)
+    return bound
+
+
+def _dev(root: str) -> None:
+    dev = _mkdirs(root, "/dev")
+    _mount("tmpfs", dev, "tmpfs", _MS_NOSUID | _MS_NOEXEC, "size=64k,mode=0755")
+    for name in _DEVICES:
+        target = f"{dev}/{name}"
+        open(target, "w").close()
+        _mount(f"/dev/{name}", target, None, _MS_BIND)
+        _mount(None, target, None, _MS_BIND | _MS_REMOUNT | _MS_NOSUID | _MS_NOEXEC)
+    for name, to in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0")):
+        os.symlink(to, f"{dev}/{name}")
+    os.symlink("/proc/self/fd/1", f"{dev}/stdout")
+    os.symlink("/proc/self/fd/2", f"{dev}/stderr")
+    shm = _mkdirs(root, "/dev/shm")
+    _mount("tmpfs", shm, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=16m,mode=1777")
+    _mount(None, dev, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NOEXEC)
+
+
+def _secrets(root: str, plan: SandboxPlan) -> None:
+    target = _mkdirs(root, SECRETS_DIR)
+    mode = f"size=1m,mode=0500,uid={plan.uid},gid={plan.gid}"
+    _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, mode)
+    for name, value in plan.secrets.items():
+        path = f"{target}/{name}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+        try:
+            os.write(fd, value)
+        finally:
+            os.close(fd)
+        os.chown(path, plan.uid, plan.gid)
+    _mount(None, target, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+
+
+def build_root(plan: SandboxPlan, code_dir: str) -> None:
+    """Assemble the sandbox's file system under `plan.root` and pivot into it."""
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we mount reaches the host
+    root = plan.root
+    _mount("ember", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=0755")
+    bound = _system(root)
+    for hidden in plan.hide:  # e.g. EMBER_HOME, should it lie under a bound directory
+        if _under(hidden, bound) and os.path.isdir(hidden):
+            _mount("tmpfs", root + hidden, "tmpfs", _MS_RDONLY, "size=4k,mode=0000")
+    _bind(code_dir, _mkdirs(root, CODE_DIR))
+    tmp = _mkdirs(root, "/tmp")
+    _mount("tmpfs", tmp, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={plan.tmp_mb}m,mode=1777")
+    _dev(root)
+    _secrets(root, plan)
+    proc = _mkdirs(root, "/proc")
+    _mount("proc", proc, "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    old = _mkdirs(root, "/.old")
+    number = _SYS_PIVOT_ROOT.get(os.uname().machine)
+    if number is None:
+        raise SandboxError(0, f"sandbox: pivot_root is not known on {os.uname().machine}")
+    _check(_libc().syscall(number, root.encode(), old.encode()), "pivot_root")
+    os.chdir("/")
+    _check(_libc().umount2(b"/.old", _MNT_DETACH), "unmount of the host's tree")
+    os.rmdir("/.old")
+    _mount(None, "/", None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+    socket.sethostname(plan.hostname)
+
+
+# ---- 3: privileges ----
+
+
+def lock_down(plan: SandboxPlan, ready_r: int) -> None:
+    """Wait for the cgroup placement, then drop every privilege for good."""
+    report = os.read(ready_r, 512)
+    os.close(ready_r)
+    if report != b"ok":
+        raise SandboxError(0, f"sandbox: {report.decode(errors='replace') or 'keeper died'}")
+    # Its own cgroup tree is all it sees of cgroups (the server's paths stay hidden).
+    _check(_libc().unshare(_CLONE_NEWCGROUP), "unshare of a cgroup namespace")
+    os.setgroups([])
+    os.setresgid(plan.gid, plan.gid, plan.gid)
+    os.setresuid(plan.uid, plan.uid, plan.uid)
+    limits.die_with_parent(0, in_new_pid_namespace=True)  # a change of uid cleared it
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core files of user code
+    seccomp.install()  # sets no_new_privs first
+    os.environ["HOME"] = "/tmp"
+    os.environ["TMPDIR"] = "/tmp"
+
+
+def enter(plan: SandboxPlan, code_dir: str, network_none: bool) -> None:
+    """All three steps; returns in the sandboxed zygote (pid 1 of its pid namespace)."""
+    ready_r = split(plan, network_none)
+    build_root(plan, code_dir)
+    lock_down(plan, ready_r)
