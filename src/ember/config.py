@@ -74,6 +74,14 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
         return self.home / "run"
 
     @property
+    def credentials_path(self) -> Path:
+        return self.home / "credentials"
+
+    @property
+    def master_key_path(self) -> Path:
+        return self.home / "master.key"
+
+    @property
     def sandbox_root(self) -> Path:
         """An empty directory each sandbox mounts its own root on (in its own mount namespace)."""
         return self.run_dir / "sandbox-root"

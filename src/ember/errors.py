@@ -132,3 +132,9 @@ class RateLimited(CapacityError):
     """A key spent its token bucket."""
 
     code = "rate_limited"
+
+
+class QuotaReached(CapacityError):
+    """An invocation would start an instance beyond its namespace's quota."""
+
+    code = "quota_exceeded"

@@ -62,3 +62,11 @@ def _without_defaults(struct: msgspec.Struct) -> dict[str, object]:
         ):
             out[field.name] = msgspec.to_builtins(value, order="sorted")
     return dict(sorted(out.items()))
+
+
+class Quota(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Limits of one namespace (tenant); 0 = unlimited."""
+
+    functions: int = 0
+    instances: int = 0  # running at once
+    memory_mb: int = 0  # of running instances at once (each counts its memory: setting)

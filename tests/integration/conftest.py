@@ -46,7 +46,8 @@ class EmberServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = home / "server.log"
-        self.http = httpx.Client(base_url=self.url, timeout=60)
+        self.http = httpx.Client(base_url=self.url, timeout=60)  # as anyone: no key
+        self.api = httpx.Client(base_url=self.url, timeout=60)  # with the admin key, once started
 
     def start(self) -> EmberServer:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -69,6 +70,8 @@ class EmberServer:
                 start_new_session=True,  # its own process group, as in a terminal
             )
         wait_for(self.healthy, 20, "the server to answer /healthz")
+        self.admin_key = (self.home / "credentials").read_text().strip()
+        self.api.headers["Authorization"] = f"Bearer {self.admin_key}"
         return self
 
     def env(self) -> dict[str, str]:
@@ -150,6 +153,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., EmberServer]]:
         if srv.proc is not None and srv.proc.poll() is None:
             srv.stop(signal.SIGKILL)
         srv.http.close()
+        srv.api.close()
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +162,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmberServer]:
     yield srv
     code = srv.stop()
     srv.http.close()
+    srv.api.close()
     assert code == 0, srv.output()
 
 

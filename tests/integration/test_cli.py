@@ -62,7 +62,7 @@ def test_logs_and_activations(server: EmberServer, fn_dir: Callable[..., Path]):
     acts = json.loads(server.cli("activations", "talk", "--json").stdout)["activations"]
     act = next(a for a in acts if a["id"] == rid)
     assert act["status"] == 200 and act["tier"] in ("fork", "warm") and act["billed_ms"] >= 1
-    assert act["function"] == "talk" and act["revision"] == 1 and act["instance"]
+    assert act["function"] == "default/talk" and act["revision"] == 1 and act["instance"]
     assert act["peak_memory_kb"] > 0
     assert rid[:8] in server.cli("activations", "talk").stdout.decode()
 

@@ -28,14 +28,14 @@ HELLO = b"def handle(req, ctx):\n    return 'hi'\n"
 
 
 def test_yaml_alias_bomb_is_refused_and_the_server_keeps_serving(server: EmberServer):
-    server.http.post("/api/v1/deploy", params={"name": "up"}, content=_tar({"handler.py": HELLO}))
+    server.api.post("/api/v1/deploy", params={"name": "up"}, content=_tar({"handler.py": HELLO}))
     # 8 levels of 10 aliases each: a few hundred bytes that repr() would expand to 10^8 items
     levels = ["&a0 [x, x, x, x, x, x, x, x, x, x]"]
     levels += [f"&a{i} [{', '.join(f'*a{i - 1}' for _ in range(10))}]" for i in range(1, 8)]
     bomb = f"functions:\n  up:\n    memory: [{', '.join(levels)}]\n"
     with cf.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(
-            server.http.post,
+            server.api.post,
             "/api/v1/deploy",
             params={"name": "up"},
             content=_tar({"handler.py": HELLO, "ember.yaml": bomb.encode()}),
@@ -50,7 +50,7 @@ def test_yaml_alias_bomb_is_refused_and_the_server_keeps_serving(server: EmberSe
 def test_deep_or_long_paths_are_refused(server: EmberServer):
     deep = "/".join(["d"] * 3000) + "/x.py"
     for name in (deep, "a" * 300 + ".py"):
-        resp = server.http.post(
+        resp = server.api.post(
             "/api/v1/deploy",
             params={"name": "deep"},
             content=_tar({"handler.py": HELLO, name: b"x"}),

@@ -200,7 +200,7 @@ def _logs(
 
     def fetch() -> bool:
         nonlocal rows
-        resp = server.http.get(f"/api/v1/functions/{name}/logs", params={"limit": 100000})
+        resp = server.api.get(f"/api/v1/functions/{name}/logs", params={"limit": 100000})
         rows = [json.loads(line) for line in resp.text.splitlines()]
         return done(rows)
 

@@ -39,7 +39,7 @@ def test_restart_keeps_functions_and_they_serve_without_redeploy(
     assert resp.headers["x-ember-revision"] == "1"
     wait_for(
         lambda: (
-            len(second.http.get("/api/v1/functions/keep/activations").json()["activations"]) == 2
+            len(second.api.get("/api/v1/functions/keep/activations").json()["activations"]) == 2
         ),
         5,
         "both servers' activation records",
@@ -72,7 +72,7 @@ def test_scale_to_zero_and_back(
     server = server_factory()
     server.deploy(fn_dir("zero", HELLO, "functions:\n  zero:\n    scale: {idle: 500ms}\n"))
     assert server.http.get("/fn/zero").headers["x-ember-start"] == "fork"
-    info = lambda: server.http.get("/api/v1/functions/zero").json()  # noqa: E731
+    info = lambda: server.api.get("/api/v1/functions/zero").json()  # noqa: E731
     assert info()["instances"]["idle"] == 1
     wait_for(lambda: info()["instances"]["idle"] == 0, 10, "the idle instance to be reaped")
     assert info()["zygote"] is True
@@ -90,7 +90,7 @@ def test_scale_min_keeps_instances_warm(
 ):
     server = server_factory()
     server.deploy(fn_dir("warm", HELLO, "functions:\n  warm:\n    scale: {min: 2, idle: 0.2}\n"))
-    info = lambda: server.http.get("/api/v1/functions/warm").json()  # noqa: E731
+    info = lambda: server.api.get("/api/v1/functions/warm").json()  # noqa: E731
     wait_for(lambda: info()["instances"]["idle"] == 2, 5, "two warm instances")
     assert server.http.get("/fn/warm").headers["x-ember-start"] == "warm"
     time.sleep(0.5)  # longer than scale.idle: min still holds
@@ -108,7 +108,7 @@ def test_failed_deploy_keeps_the_previous_revision(
     assert bad.returncode == 3
     assert b"nonexistent_module_xyz" in bad.stderr
     (directory / "handler.py").write_text("raise RuntimeError('init failed')\n")
-    resp = server.http.post(
+    resp = server.api.post(
         "/api/v1/deploy",
         params={"name": "safe"},
         content=_tar({"handler.py": b"raise RuntimeError('init failed')\n"}),
@@ -116,7 +116,7 @@ def test_failed_deploy_keeps_the_previous_revision(
     assert resp.status_code == 422
     assert "init failed" in resp.json()["error"]["detail"]
     assert server.http.get("/fn/safe").json() == {"v": 1}
-    revs = server.http.get("/api/v1/functions/safe/revisions").json()["revisions"]
+    revs = server.api.get("/api/v1/functions/safe/revisions").json()["revisions"]
     assert [r["number"] for r in revs] == [1]
 
 
@@ -155,7 +155,7 @@ def test_stack_file_deploys_several_functions(
     server.deploy(root)
     assert server.http.get("/fn/fn-a").json() == ["a", "hi"]
     assert server.http.get("/fn/fn-b").json() == ["b", "yo"]
-    spec = server.http.get("/api/v1/functions/fn-b").json()["spec"]
+    spec = server.api.get("/api/v1/functions/fn-b").json()["spec"]
     assert spec["timeout"] == 120.0
 
 
@@ -172,7 +172,7 @@ def test_graceful_shutdown_finishes_in_flight_requests(
     with cf.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(server.http.get, "/fn/slow")
         wait_for(
-            lambda: server.http.get("/api/v1/functions/slow").json()["instances"]["busy"] == 1,
+            lambda: server.api.get("/api/v1/functions/slow").json()["instances"]["busy"] == 1,
             5,
             "the request to be in flight",
         )
@@ -221,23 +221,23 @@ def test_bad_input_is_refused_with_4xx_and_nothing_stored(
         "link": _tar({"handler.py": HELLO.encode()}, link=("escape", "/etc/passwd")),
     }
     for case, body in cases.items():
-        resp = server.http.post("/api/v1/deploy", params={"name": "victim"}, content=body)
+        resp = server.api.post("/api/v1/deploy", params={"name": "victim"}, content=body)
         assert 400 <= resp.status_code < 500, (case, resp.status_code, resp.text)
         assert resp.json()["error"]["message"], case
-    assert server.http.get("/api/v1/functions").json()["functions"] == []
+    assert server.api.get("/api/v1/functions").json()["functions"] == []
     code_dir = server.home / "code"
     assert [p for p in code_dir.iterdir()] == [] if code_dir.exists() else True
-    assert server.http.post("/api/v1/deploy", content=b"").status_code == 400
-    resp = server.http.post("/api/v1/functions/nope/scale", json={"instances": 1})
+    assert server.api.post("/api/v1/deploy", content=b"").status_code == 400
+    resp = server.api.post("/api/v1/functions/nope/scale", json={"instances": 1})
     assert resp.status_code == 404
-    resp = server.http.post(
+    resp = server.api.post(
         "/api/v1/deploy", params={"name": "x"}, content=_tar({"handler.py": HELLO.encode()})
     )
     assert resp.status_code == 201
-    bad_scale = server.http.post("/api/v1/functions/x/scale", content=b"{nope")
+    bad_scale = server.api.post("/api/v1/functions/x/scale", content=b"{nope")
     assert bad_scale.status_code == 400
-    assert server.http.get("/api/v1/nothing").status_code == 404
-    odd = server.http.get("/api/v1/functions/x/activations", params={"limit": "²"})
+    assert server.api.get("/api/v1/nothing").status_code == 404
+    odd = server.api.get("/api/v1/functions/x/activations", params={"limit": "²"})
     assert odd.status_code == 400
 
 
@@ -248,16 +248,19 @@ def test_api_documents_itself_and_exports_metrics(
     server.deploy(fn_dir("metered", HELLO))
     server.http.get("/fn/metered")
     server.http.get("/fn/metered")
-    doc = server.http.get("/api/v1/openapi.json").json()
+    doc = server.api.get("/api/v1/openapi.json").json()
     assert doc["openapi"].startswith("3.")
     assert "/api/v1/functions/{name}/scale" in doc["paths"]
     assert "FunctionInfo" in doc["components"]["schemas"]
     text = server.http.get("/metrics").text
-    assert 'ember_invocations_total{code="200",function="metered"} 2.0' in text
-    assert 'ember_starts_total{function="metered",tier="fork"} 1.0' in text
-    assert 'ember_starts_total{function="metered",tier="warm"} 1.0' in text
-    assert 'ember_invocation_duration_seconds_count{function="metered"} 2.0' in text
-    assert 'ember_instances{function="metered",state="idle"} 1.0' in text
+    assert 'ember_invocations_total{code="200",function="metered",namespace="default"} 2.0' in text
+    assert 'ember_starts_total{function="metered",namespace="default",tier="fork"} 1.0' in text
+    assert 'ember_starts_total{function="metered",namespace="default",tier="warm"} 1.0' in text
+    assert (
+        'ember_invocation_duration_seconds_count{function="metered",namespace="default"} 2.0'
+        in text
+    )
+    assert 'ember_instances{function="metered",namespace="default",state="idle"} 1.0' in text
 
 
 def _tar(files: dict[str, bytes], link: tuple[str, str] | None = None) -> bytes:

@@ -300,7 +300,7 @@ def test_functions_table() -> None:
     text = _text(render.functions_table(client.decode(raw, render.FunctionList).functions, NOW))
     assert "INSTANCES(idle/busy)" in text
     row = text.splitlines()[1].split()
-    assert row == ["hello", "2", "128", "MB", "30s", "1", "0-10", "1/2", "1m", "ago"]
+    assert row == ["default", "hello", "2", "128", "MB", "30s", "1", "0-10", "1/2", "1m", "ago"]
 
 
 def test_empty_tables_say_so() -> None:

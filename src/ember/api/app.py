@@ -15,10 +15,14 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from ember.api import schemas as s
-from ember.api.control import Control
+from ember.api.control import DEFAULT_NS, Control, validate_namespace
 from ember.api.openapi import document
-from ember.errors import EmberError, UserError
+from ember.auth import Principal
+from ember.errors import EmberError, Forbidden, UserError
 from ember.pool.capabilities import detect
+from ember.pool.target import Target
+from ember.secretbox import MAX_SECRET_BYTES
+from ember.spec import Quota
 from ember.telemetry.metrics import Metrics
 
 log = logging.getLogger("ember.api")
@@ -36,16 +40,34 @@ def _error(exc: EmberError) -> Response:
 
 
 class Api:
+    """Every handler first authenticates: a key, its scope for the namespace, its rate."""
+
     def __init__(self, control: Control, metrics: Metrics) -> None:
         self.control = control
         self.metrics = metrics
 
-    def info(self, name: str, detail: bool = False) -> s.FunctionInfo:
-        target = self.control.require(name)
+    def _who(self, request: Request) -> Principal:
+        principal = self.control.keys.verify(request.headers.get("authorization"))
+        self.control.keys.throttle(principal, time.monotonic())
+        return principal
+
+    def _allow(self, request: Request, action: str) -> tuple[Principal, str]:
+        """The caller, if it may `action` in the request's namespace (?namespace=, default)."""
+        principal = self._who(request)
+        namespace = validate_namespace(request.query_params.get("namespace", DEFAULT_NS))
+        self.control.keys.require(principal, action, namespace)
+        return principal, namespace
+
+    def _admin(self, request: Request) -> None:
+        principal = self._who(request)
+        if not principal.admin:
+            raise Forbidden(f"key {principal.key.id} is not an admin key; this call needs one")
+
+    def info(self, target: Target) -> s.FunctionInfo:
         counts = s.InstanceCounts()
         zygote = False
         for st in self.control.pool.statistics():
-            if st.function == name:
+            if st.function == target.qualified:
                 counts = s.InstanceCounts(
                     idle=counts.idle + st.idle,
                     busy=counts.busy + st.busy,
@@ -54,7 +76,8 @@ class Api:
                 )
                 zygote = zygote or (st.zygote == "ready" and st.revision == target.number)
         return s.FunctionInfo(
-            name=name,
+            name=target.function,
+            namespace=target.namespace,
             revision=target.number,
             sha256=target.sha256,
             created_at=0.0,
@@ -62,28 +85,39 @@ class Api:
             spec=target.spec,
             instances=counts,
             zygote=zygote,
-            url=self.control.url(name),
+            url=self.control.url(target.namespace, target.function),
         )
 
     async def functions(self, request: Request) -> Response:
+        principal = self._who(request)
+        if "namespace" in request.query_params:
+            _, namespace = self._allow(request, "read")
+            visible: set[str] | None = {namespace}
+        else:  # every namespace the key may read
+            visible = principal.namespaces("read")
+        records = {rec.name: rec for rec in await self.control.store.functions()}
         out = []
-        for rec in await self.control.store.functions():
-            if rec.name in self.control.routes.all():
-                info = self.info(rec.name)
-                out.append(
-                    msgspec.structs.replace(
-                        info, created_at=rec.created_at, updated_at=rec.updated_at
-                    )
+        for target in self.control.functions_in(visible):
+            info = self.info(target)
+            rec = records.get(target.qualified)
+            if rec is not None:
+                info = msgspec.structs.replace(
+                    info, created_at=rec.created_at, updated_at=rec.updated_at
                 )
+            out.append(info)
         return _ok(s.FunctionList(functions=out))
 
+    def _target(self, request: Request, action: str) -> Target:
+        _, namespace = self._allow(request, action)
+        return self.control.require(namespace, request.path_params["name"])
+
     async def function(self, request: Request) -> Response:
-        name = request.path_params["name"]
-        info = self.info(name)
-        rec = await self.control.store.function(name)
+        target = self._target(request, "read")
+        info = self.info(target)
+        rec = await self.control.store.function(target.qualified)
         revs = [
             s.RevisionInfo(number=r.number, sha256=r.sha256, created_at=r.created_at, spec=r.spec)
-            for r in await self.control.store.revisions(name)
+            for r in await self.control.store.revisions(target.qualified)
         ]
         fields = msgspec.structs.asdict(info)
         if rec is not None:
@@ -91,20 +125,21 @@ class Api:
         return _ok(s.FunctionDetail(**fields, revisions=revs))
 
     async def delete(self, request: Request) -> Response:
+        _, namespace = self._allow(request, "deploy")
         name = request.path_params["name"]
-        await self.control.delete(name)
+        await self.control.delete(namespace, name)
         return _ok(s.Deleted(deleted=name))
 
     async def revisions(self, request: Request) -> Response:
-        name = request.path_params["name"]
-        self.control.require(name)
+        target = self._target(request, "read")
         revs = [
             s.RevisionInfo(number=r.number, sha256=r.sha256, created_at=r.created_at, spec=r.spec)
-            for r in await self.control.store.revisions(name)
+            for r in await self.control.store.revisions(target.qualified)
         ]
         return _ok(s.RevisionList(revisions=revs))
 
     async def deploy(self, request: Request) -> Response:
+        _, namespace = self._allow(request, "deploy")
         name = request.query_params.get("name", "")
         data = bytearray()
         async for chunk in request.stream():
@@ -117,31 +152,31 @@ class Api:
                 "(`ember deploy DIR` does it for you)",
                 code="bad_bundle",
             )
-        deployed = await self.control.deploy(bytes(data), name or "function")
+        deployed = await self.control.deploy(bytes(data), name or "function", namespace)
         return _ok(
             s.DeployResponse(functions=deployed), 201 if any(d.created for d in deployed) else 200
         )
 
     async def scale(self, request: Request) -> Response:
+        _, namespace = self._allow(request, "deploy")
         name = request.path_params["name"]
         body = await _body(request, s.ScaleRequest)
-        count = await self.control.scale(name, body.instances)
+        count = await self.control.scale(namespace, name, body.instances)
         return _ok(s.ScaleResponse(name=name, instances=count))
 
     async def activations(self, request: Request) -> Response:
-        name = request.path_params["name"]
-        self.control.require(name)
+        target = self._target(request, "read")
         limit = _int(request, "limit", 50, 1, 10_000)
-        return _ok(s.ActivationList(activations=await self.control.store.activations(name, limit)))
+        rows = await self.control.store.activations(target.qualified, limit)
+        return _ok(s.ActivationList(activations=rows))
 
     async def logs(self, request: Request) -> Response:
-        name = request.path_params["name"]
-        self.control.require(name)
+        target = self._target(request, "read")
         since = _float(request, "since", 0.0)
         limit = _int(request, "limit", 1000, 1, 100_000)
         follow = request.query_params.get("follow", "false").lower() in ("1", "true", "yes")
         return StreamingResponse(
-            self._tail(name, since, limit, follow), media_type="application/x-ndjson"
+            self._tail(target.qualified, since, limit, follow), media_type="application/x-ndjson"
         )
 
     async def _tail(
@@ -165,10 +200,83 @@ class Api:
                 except TimeoutError:
                     pass
 
+    # ---- namespaces, keys, secrets ----
+    async def namespaces(self, request: Request) -> Response:
+        visible = self._who(request).namespaces("read")
+        out = [
+            s.NamespaceInfo(name=ns.name, quota=ns.quota, uid=self.control.uid(ns))
+            for name, ns in sorted(self.control.namespaces.items())
+            if visible is None or name in visible
+        ]
+        return _ok(s.NamespaceList(namespaces=out))
+
+    async def set_quota(self, request: Request) -> Response:
+        self._admin(request)
+        namespace = request.path_params["namespace"]
+        quota = await _body(request, Quota)
+        ns = await self.control.set_quota(namespace, quota)
+        return _ok(s.NamespaceInfo(name=ns.name, quota=ns.quota, uid=self.control.uid(ns)))
+
+    async def keys(self, request: Request) -> Response:
+        self._admin(request)
+        rows = await self.control.store.keys()
+        return _ok(
+            s.KeyList(
+                keys=[
+                    s.KeyInfo(
+                        id=k.id,
+                        name=k.name,
+                        scopes=k.scopes,
+                        rate=k.rate,
+                        burst=k.burst,
+                        created_at=k.created_at,
+                        revoked_at=k.revoked_at,
+                    )
+                    for k in rows
+                ]
+            )
+        )
+
+    async def create_key(self, request: Request) -> Response:
+        self._admin(request)
+        body = await _body(request, s.KeyRequest)
+        token = await self.control.create_key(body.name, body.scopes, body.rate, body.burst)
+        key_id = token.split("_")[1]
+        return _ok(s.NewKey(id=key_id, key=token, scopes=sorted(set(body.scopes))), 201)
+
+    async def revoke_key(self, request: Request) -> Response:
+        self._admin(request)
+        key_id = request.path_params["key_id"]
+        await self.control.revoke_key(key_id)
+        return _ok(s.Deleted(deleted=key_id))
+
+    async def secrets(self, request: Request) -> Response:
+        _, namespace = self._allow(request, "deploy")
+        return _ok(s.SecretList(namespace=namespace, names=self.control.secret_names(namespace)))
+
+    async def set_secret(self, request: Request) -> Response:
+        _, namespace = self._allow(request, "deploy")
+        name = request.path_params["name"]
+        value = bytearray()
+        async for chunk in request.stream():
+            value += chunk
+            if len(value) > MAX_SECRET_BYTES:
+                break
+        created = await self.control.set_secret(namespace, name, bytes(value))
+        return _ok(s.SecretSet(namespace=namespace, name=name), 201 if created else 200)
+
+    async def delete_secret(self, request: Request) -> Response:
+        _, namespace = self._allow(request, "deploy")
+        name = request.path_params["name"]
+        await self.control.delete_secret(namespace, name)
+        return _ok(s.Deleted(deleted=name))
+
     async def doctor(self, request: Request) -> Response:
-        return _ok(s.CheckList(checks=detect()))
+        self._who(request)
+        return _ok(s.CheckList(checks=detect(self.control.config.sandbox)))
 
     async def openapi(self, request: Request) -> Response:
+        self._who(request)
         return _ok(document())
 
     async def healthz(self, request: Request) -> Response:
@@ -222,6 +330,14 @@ def build(control: Control, metrics: Metrics) -> Starlette:
         Route("/api/v1/functions/{name}/scale", api.scale, methods=["POST"]),
         Route("/api/v1/functions/{name}/logs", api.logs),
         Route("/api/v1/functions/{name}/activations", api.activations),
+        Route("/api/v1/namespaces", api.namespaces),
+        Route("/api/v1/namespaces/{namespace}/quota", api.set_quota, methods=["PUT"]),
+        Route("/api/v1/keys", api.keys),
+        Route("/api/v1/keys", api.create_key, methods=["POST"]),
+        Route("/api/v1/keys/{key_id}", api.revoke_key, methods=["DELETE"]),
+        Route("/api/v1/secrets", api.secrets),
+        Route("/api/v1/secrets/{name}", api.set_secret, methods=["PUT"]),
+        Route("/api/v1/secrets/{name}", api.delete_secret, methods=["DELETE"]),
     ]
 
     async def ember_error(request: Request, exc: Exception) -> Response:

@@ -9,26 +9,43 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from ember import bundle, manifest
+import msgspec
+
+from ember import auth, bundle, manifest
 from ember.api.schemas import Deployed
 from ember.blobs.base import Blobs
 from ember.config import ServerConfig
-from ember.errors import EmberError, NotFound, TooLarge, UserError
+from ember.errors import EmberError, NotFound, QuotaExceeded, TooLarge, UserError
 from ember.gateway.router import RouteTable
 from ember.pool.manager import Pool
 from ember.pool.target import Target
-from ember.spec import FunctionSpec, canonical
-from ember.store.base import RevisionRecord, Store
+from ember.secretbox import SecretBox
+from ember.spec import FunctionSpec, Quota, canonical
+from ember.store.base import KeyRecord, NamespaceRecord, RevisionRecord, Store
 
 log = logging.getLogger("ember.api")
 
 
 MAX_MANIFEST = 256 * 1024
+DEFAULT_NS = "default"
+
+
+def qualified(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}"
+
+
+def validate_namespace(namespace: str) -> str:
+    if not manifest.NAME_RE.match(namespace):
+        raise UserError(
+            f"namespace {namespace[:80]!r} is invalid: {manifest.NAME_RULE}", code="bad_name"
+        )
+    return namespace
 
 
 def _read_only(root: Path) -> None:
@@ -46,44 +63,81 @@ def revision_hash(source_tree: str, spec: FunctionSpec) -> str:
 
 class Control:
     def __init__(
-        self, config: ServerConfig, store: Store, blobs: Blobs, pool: Pool, routes: RouteTable
+        self,
+        config: ServerConfig,
+        store: Store,
+        blobs: Blobs,
+        pool: Pool,
+        routes: RouteTable,
+        keys: auth.KeyTable,
+        box: SecretBox,
     ) -> None:
         self.config = config
         self.store = store
         self.blobs = blobs
         self.pool = pool
         self.routes = routes
-        self._targets: dict[str, Target] = {}
+        self.keys = keys
+        self.box = box
+        self._targets: dict[str, Target] = {}  # by "namespace/name"
+        self.namespaces: dict[str, NamespaceRecord] = {}
+        self._sealed: dict[tuple[str, str], bytes] = {}  # (namespace, secret) -> sealed value
         self._deploying = asyncio.Lock()
         self.stopping = asyncio.Event()
         self.port = config.port  # the bound one, once the server listens (port 0 picks one)
 
-    def url(self, name: str) -> str:
-        return f"http://{self.config.host}:{self.port}/fn/{name}"
+    def url(self, namespace: str, name: str) -> str:
+        path = name if namespace == DEFAULT_NS else f"{namespace}/{name}"
+        return f"http://{self.config.host}:{self.port}/fn/{path}"
 
     # ---- routes ----
     def target(self, rec: RevisionRecord) -> Target:
+        namespace, _, name = rec.function.partition("/")
         code_dir = self.config.code_dir / rec.bundle
+        ns = self.namespaces.get(namespace)
         return Target(
-            function=rec.function,
+            function=name,
             number=rec.number,
             sha256=rec.sha256,
             code_dir=str(code_dir),
             spec=rec.spec,
+            namespace=namespace,
+            uid=self.uid(ns) if ns is not None else self.config.sandbox_uid_base,
+            secrets=self._open_secrets(namespace, rec.spec),
         )
 
+    def _open_secrets(self, namespace: str, spec: FunctionSpec) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for ref in spec.secrets:
+            sealed = self._sealed.get((namespace, ref.name))
+            if sealed is not None:
+                out[ref.name] = self.box.open(namespace, ref.name, sealed)
+        return out
+
     def publish(self) -> None:
-        self.routes.publish(self._targets)
+        self.routes.publish(self._targets, frozenset(self.namespaces))
+        self.pool.set_quotas({name: ns.quota for name, ns in self.namespaces.items()})
         self.pool.retire_all_but(t.key for t in self._targets.values())
 
-    def require(self, name: str) -> Target:
-        target = self._targets.get(name)
+    def require(self, namespace: str, name: str) -> Target:
+        target = self._targets.get(qualified(namespace, name))
         if target is None:
-            raise NotFound(f"no function named '{name}'; list functions with `ember ls`")
+            where = "" if namespace == DEFAULT_NS else f" in namespace '{namespace}'"
+            raise NotFound(f"no function named '{name}'{where}; list functions with `ember ls`")
         return target
+
+    def functions_in(self, namespaces: set[str] | None) -> list[Target]:
+        return [
+            t
+            for key, t in sorted(self._targets.items())
+            if namespaces is None or t.namespace in namespaces
+        ]
 
     async def restore(self) -> None:
         """After a restart: route every function's serving revision again; code from blobs."""
+        self.namespaces = {ns.name: ns for ns in await self.store.namespaces()}
+        self._sealed = {(r.namespace, r.name): r.sealed for r in await self.store.secrets()}
+        await self._load_keys()
         for fn in await self.store.functions():
             rec = await self.store.revision(fn.name, fn.revision)
             if rec is None:
@@ -91,10 +145,9 @@ class Control:
                 continue
             try:
                 await asyncio.to_thread(self._ensure_code, rec.bundle)
+                self._targets[fn.name] = self.target(rec)
             except (EmberError, OSError) as exc:  # one broken function must not stop the rest
                 log.error("function %s cannot be restored: %s", fn.name, exc)
-                continue
-            self._targets[fn.name] = self.target(rec)
         self.publish()  # the keep-alive loop starts scale.min instances from here
         log.info("restored %d function(s)", len(self._targets))
 
@@ -109,7 +162,7 @@ class Control:
         return path
 
     # ---- deploy ----
-    async def deploy(self, data: bytes, default_name: str) -> list[Deployed]:
+    async def deploy(self, data: bytes, default_name: str, namespace: str) -> list[Deployed]:
         if len(data) > self.config.max_bundle_bytes:
             raise TooLarge(
                 f"bundle of {len(data)} bytes exceeds the "
@@ -117,16 +170,22 @@ class Control:
                 "what to leave out in .emberignore",
                 code="bundle_too_large",
             )
+        validate_namespace(namespace)
         async with self._deploying:
-            return await self._deploy(data, default_name)
+            return await self._deploy(data, default_name, namespace)
 
-    async def _deploy(self, data: bytes, default_name: str) -> list[Deployed]:
+    async def _deploy(self, data: bytes, default_name: str, namespace: str) -> list[Deployed]:
         self.config.code_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=self.config.code_dir, prefix=".tmp-"))
         shutil.rmtree(staging)
         try:
             specs = await asyncio.to_thread(self._unpack, data, staging, default_name)
+            self._admit(namespace, specs)
             plans = [await self._plan(staging, spec) for spec in specs]
+            if namespace not in self.namespaces:
+                self.namespaces[namespace] = await self.store.ensure_namespace(
+                    namespace, time.time()
+                )
             digest = hashlib.sha256(data).hexdigest()
             code_dir = self.config.code_dir / digest
             created_dir = not code_dir.exists()
@@ -135,7 +194,7 @@ class Control:
                 await asyncio.to_thread(_read_only, code_dir)
             committed: list[str] = []
             try:
-                results = await self._commit(plans, digest, data, committed)
+                results = await self._commit(namespace, plans, digest, data, committed)
             except BaseException:
                 if created_dir and not committed:
                     shutil.rmtree(code_dir, ignore_errors=True)
@@ -188,8 +247,57 @@ class Control:
         tree = await asyncio.to_thread(bundle.tree_hash, source)
         return spec, revision_hash(tree, spec)
 
+    def _admit(self, namespace: str, specs: list[FunctionSpec]) -> None:
+        """Names, secrets and quotas, checked before anything is imported or stored."""
+        if namespace != DEFAULT_NS and qualified(DEFAULT_NS, namespace) in self._targets:
+            raise UserError(
+                f"namespace '{namespace}' would hide the function '{namespace}' of namespace "
+                f"default at /fn/{namespace}; pick another namespace name",
+                code="name_conflict",
+                status=409,
+            )
+        for spec in specs:
+            if namespace == DEFAULT_NS and spec.name in self.namespaces:
+                raise UserError(
+                    f"'{spec.name}' is a namespace, so /fn/{spec.name}/… routes to it; name "
+                    "the function otherwise, or deploy it to a namespace (--namespace)",
+                    code="name_conflict",
+                    status=409,
+                )
+            missing = [r.name for r in spec.secrets if (namespace, r.name) not in self._sealed]
+            if missing:
+                raise UserError(
+                    f"function '{spec.name}' lists secret(s) {', '.join(missing)} that namespace "
+                    f"'{namespace}' does not have; set them first: ember secrets set "
+                    f"{missing[0]} --namespace {namespace}",
+                    code="missing_secret",
+                    status=422,
+                )
+        ns = self.namespaces.get(namespace)
+        quota = ns.quota if ns is not None else Quota()
+        existing = {t.function for t in self._targets.values() if t.namespace == namespace}
+        total = len(existing | {spec.name for spec in specs})
+        if quota.functions and total > quota.functions:
+            raise QuotaExceeded(
+                f"namespace '{namespace}' would have {total} functions; its quota "
+                f"max_functions is {quota.functions}: remove one (`ember rm`) or ask an admin "
+                "to raise it",
+            )
+        for spec in specs:
+            if quota.memory_mb and spec.memory > quota.memory_mb:
+                raise QuotaExceeded(
+                    f"function '{spec.name}' asks for memory: {spec.memory} MB, more than "
+                    f"namespace '{namespace}' may use in all (max_memory={quota.memory_mb} MB)"
+                )
+            if quota.instances and spec.scale.min > quota.instances:
+                raise QuotaExceeded(
+                    f"function '{spec.name}' keeps scale.min={spec.scale.min} instances, more "
+                    f"than namespace '{namespace}' may run (max_instances={quota.instances})"
+                )
+
     async def _commit(
         self,
+        namespace: str,
         plans: list[tuple[FunctionSpec, str]],
         digest: str,
         data: bytes,
@@ -199,7 +307,7 @@ class Control:
         the store took, so a failure half-way knows what is already live."""
         probes: list[tuple[FunctionSpec, str, Target | None, float | None, list[str]]] = []
         try:
-            return await self._probe_and_store(plans, digest, data, committed, probes)
+            return await self._probe_and_store(namespace, plans, digest, data, committed, probes)
         except BaseException:
             for spec, _h, prepared, _m, _w in probes:
                 if prepared is not None and spec.name not in committed:
@@ -210,6 +318,7 @@ class Control:
 
     async def _probe_and_store(
         self,
+        namespace: str,
         plans: list[tuple[FunctionSpec, str]],
         digest: str,
         data: bytes,
@@ -217,18 +326,22 @@ class Control:
         probes: list[tuple[FunctionSpec, str, Target | None, float | None, list[str]]],
     ) -> list[Deployed]:
         for spec, sha in plans:
-            current = self._targets.get(spec.name)
+            key = qualified(namespace, spec.name)
+            current = self._targets.get(key)
             if current is not None and current.sha256 == sha:
                 probes.append((spec, sha, None, None, []))
                 continue
-            last = await self.store.revisions(spec.name)
+            last = await self.store.revisions(key)
             number = (last[-1].number + 1) if last else 1
-            target = Target(
-                function=spec.name,
-                number=number,
-                sha256=sha,
-                code_dir=str(self.config.code_dir / digest),
-                spec=spec,
+            target = self.target(
+                RevisionRecord(
+                    function=key,
+                    number=number,
+                    sha256=sha,
+                    bundle=digest,
+                    spec=spec,
+                    created_at=time.time(),
+                )
             )
             ready = await self.pool.prepare(target)  # import + init: DeployRejected
             probes.append((spec, sha, target, ready.import_ms, ready.warnings))
@@ -237,17 +350,19 @@ class Control:
         results: list[Deployed] = []
         now = time.time()
         for spec, sha, _target, import_ms, warnings in probes:
-            rec, created = await self.store.add_revision(spec, sha, digest, now)
+            key = qualified(namespace, spec.name)
+            rec, created = await self.store.add_revision(key, spec, sha, digest, now)
             if created:
                 committed.append(spec.name)
-                self._targets[spec.name] = self.target(rec)
+                self._targets[key] = self.target(rec)
             results.append(
                 Deployed(
                     name=spec.name,
                     revision=rec.number,
                     created=created,
                     sha256=sha,
-                    url=self.url(spec.name),
+                    url=self.url(namespace, spec.name),
+                    namespace=namespace,
                     import_ms=import_ms,
                     warnings=warnings,
                 )
@@ -256,14 +371,136 @@ class Control:
         return results
 
     # ---- other commands ----
-    async def delete(self, name: str) -> None:
+    async def delete(self, namespace: str, name: str) -> None:
         async with self._deploying:  # not while a deploy of the same name is half-way
-            self.require(name)
-            await self.store.delete_function(name)
-            self._targets.pop(name, None)
+            self.require(namespace, name)
+            await self.store.delete_function(qualified(namespace, name))
+            self._targets.pop(qualified(namespace, name), None)
             self.publish()
 
-    async def scale(self, name: str, instances: int) -> int:
+    async def scale(self, namespace: str, name: str, instances: int) -> int:
         if instances < 0:
             raise UserError(f"instances={instances} must be >= 0", code="bad_request")
-        return await self.pool.scale(self.require(name), instances)
+        return await self.pool.scale(self.require(namespace, name), instances)
+
+    # ---- namespaces and quotas ----
+    def uid(self, ns: NamespaceRecord) -> int:
+        return self.config.sandbox_uid_base + ns.id
+
+    async def set_quota(self, namespace: str, quota: Quota) -> NamespaceRecord:
+        validate_namespace(namespace)
+        for field, value in msgspec.structs.asdict(quota).items():
+            if value < 0:
+                raise UserError(f"quota {field}={value} must be >= 0 (0 = unlimited)")
+        async with self._deploying:
+            if namespace not in self.namespaces:
+                self._admit(namespace, [])
+                await self.store.ensure_namespace(namespace, time.time())
+            rec = await self.store.set_quota(namespace, quota)
+            assert rec is not None
+            self.namespaces[namespace] = rec
+            self.publish()
+            return rec
+
+    # ---- secrets ----
+    async def set_secret(self, namespace: str, name: str, value: bytes) -> bool:
+        """Store a sealed value; functions that list it get it on their next zygote start.
+        True when it is new."""
+        validate_namespace(namespace)
+        manifest.validate_secret_name(name)
+        sealed = self.box.seal(namespace, name, value)
+        async with self._deploying:
+            if namespace not in self.namespaces:
+                self._admit(namespace, [])
+                self.namespaces[namespace] = await self.store.ensure_namespace(
+                    namespace, time.time()
+                )
+            created = (namespace, name) not in self._sealed
+            await self.store.put_secret(namespace, name, sealed, time.time())
+            self._sealed[(namespace, name)] = sealed
+            self._refresh_users(namespace, name)
+            return created
+
+    async def delete_secret(self, namespace: str, name: str) -> None:
+        async with self._deploying:
+            users = [
+                t.function
+                for t in self._targets.values()
+                if t.namespace == namespace and any(r.name == name for r in t.spec.secrets)
+            ]
+            if users:
+                raise UserError(
+                    f"secret '{name}' is listed by {', '.join(users)}; deploy them without it "
+                    "first",
+                    code="secret_in_use",
+                    status=409,
+                )
+            if not await self.store.delete_secret(namespace, name):
+                raise NotFound(f"namespace '{namespace}' has no secret '{name}'")
+            self._sealed.pop((namespace, name), None)
+
+    def secret_names(self, namespace: str) -> list[str]:
+        return sorted(name for ns, name in self._sealed if ns == namespace)
+
+    def _refresh_users(self, namespace: str, secret: str) -> None:
+        """Functions listing the secret get new targets; their zygotes restart on next use."""
+        for key, target in list(self._targets.items()):
+            if target.namespace == namespace and any(r.name == secret for r in target.spec.secrets):
+                self.pool.discard(target)
+                self._targets[key] = msgspec.structs.replace(
+                    target, secrets=self._open_secrets(namespace, target.spec)
+                )
+        self.publish()
+
+    # ---- API keys ----
+    async def _load_keys(self) -> None:
+        self.keys.replace(
+            auth.Key(
+                id=k.id, digest=k.digest, name=k.name, scopes=k.scopes, rate=k.rate, burst=k.burst
+            )
+            for k in await self.store.keys()
+            if k.revoked_at is None
+        )
+
+    async def create_key(self, name: str, scopes: list[str], rate: float, burst: int) -> str:
+        """A new key; the token is returned once and never stored."""
+        scopes = auth.validate_scopes(scopes)
+        if rate < 0 or burst < 0:
+            raise UserError("rate and burst must be >= 0 (0 = unlimited)")
+        key_id, token, digest = auth.new_token()
+        await self.store.add_key(
+            KeyRecord(
+                id=key_id,
+                digest=digest,
+                name=name[:100],
+                scopes=scopes,
+                rate=rate,
+                burst=burst,
+                created_at=time.time(),
+            )
+        )
+        await self._load_keys()
+        return token
+
+    async def revoke_key(self, key_id: str) -> None:
+        if not await self.store.revoke_key(key_id, time.time()):
+            raise NotFound(f"no active key with id '{key_id[:40]}'; list them with `ember keys ls`")
+        await self._load_keys()
+
+    async def ensure_admin_credentials(self) -> None:
+        """On first start (or when the file is gone): an admin key in EMBER_HOME/credentials,
+        0600, for the CLI on this machine. Whoever can read EMBER_HOME is admin anyway."""
+        path = self.config.credentials_path
+        if path.exists():
+            try:
+                self.keys.verify(f"Bearer {path.read_text().strip()}")
+                return
+            except EmberError:
+                log.warning("%s holds no valid key; writing a new admin key", path)
+        token = await self.create_key("admin (credentials file)", ["admin"], 0.0, 0)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        tmp.replace(path)
+        log.info("admin key written to %s", path)

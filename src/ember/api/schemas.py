@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from ember.pool.capabilities import Check
-from ember.spec import FunctionSpec
+from ember.spec import FunctionSpec, Quota
 from ember.telemetry.records import ActivationRecord
 
 
@@ -18,6 +18,7 @@ class InstanceCounts(msgspec.Struct, frozen=True):
 
 class FunctionInfo(msgspec.Struct, frozen=True):
     name: str
+    namespace: str
     revision: int
     sha256: str
     created_at: float
@@ -55,6 +56,7 @@ class Deployed(msgspec.Struct, frozen=True):
     url: str
     import_ms: float | None = None
     warnings: list[str] = []
+    namespace: str = "default"
 
 
 class DeployResponse(msgspec.Struct, frozen=True):
@@ -101,3 +103,50 @@ class ErrorDetail(msgspec.Struct, frozen=True):
 
 class ErrorBody(msgspec.Struct, frozen=True):
     error: ErrorDetail
+
+
+class NamespaceInfo(msgspec.Struct, frozen=True):
+    name: str
+    quota: Quota
+    uid: int  # its functions' uid and gid inside the sandbox
+
+
+class NamespaceList(msgspec.Struct, frozen=True):
+    namespaces: list[NamespaceInfo]
+
+
+class KeyRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    scopes: list[str]
+    name: str = ""
+    rate: float = 0.0  # requests per second, 0 = unlimited
+    burst: int = 0  # bucket size; 0 = rate rounded up
+
+
+class NewKey(msgspec.Struct, frozen=True):
+    id: str
+    key: str  # shown once; only its digest is stored
+    scopes: list[str]
+
+
+class KeyInfo(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    scopes: list[str]
+    rate: float
+    burst: int
+    created_at: float
+    revoked_at: float | None = None
+
+
+class KeyList(msgspec.Struct, frozen=True):
+    keys: list[KeyInfo]
+
+
+class SecretList(msgspec.Struct, frozen=True):
+    namespace: str
+    names: list[str]  # values never leave the server
+
+
+class SecretSet(msgspec.Struct, frozen=True):
+    namespace: str
+    name: str

@@ -171,11 +171,12 @@ def choose_method(method: str | None, has_body: bool) -> str:
     return method.upper()
 
 
-def function_path(name: str, sub: str = "") -> str:
-    """/fn/NAME plus a sub-path (and query), with a '/' added when the sub-path lacks one."""
+def function_path(name: str, sub: str = "", namespace: str = "default") -> str:
+    """/fn/[NAMESPACE/]NAME plus a sub-path (and query), with a '/' added when it lacks one."""
     if sub and sub[0] not in "/?":
         sub = "/" + sub
-    return f"/fn/{quote(name, safe='')}{sub}"
+    prefix = "" if namespace == "default" else f"{quote(namespace, safe='')}/"
+    return f"/fn/{prefix}{quote(name, safe='')}{sub}"
 
 
 def api_path(name: str, *rest: str) -> str:
@@ -188,10 +189,16 @@ def api_path(name: str, *rest: str) -> str:
 class Client:
     """One connection pool to one Ember server; every failure surfaces as an `EmberError`."""
 
-    def __init__(self, base_url: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, base_url: str, *, timeout: float | None = DEFAULT_TIMEOUT, key: str | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.key = key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.Client(
-            base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT)
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
+            headers=headers,
         )
 
     def __enter__(self) -> Client:
@@ -209,12 +216,27 @@ class Client:
         content: bytes | None = None,
         json: object = None,
         headers: Sequence[tuple[str, str]] = (),
+        with_key: bool = True,
     ) -> httpx.Response:
         """Send one request and return the response whatever its status."""
+        own = any(name.lower() == "authorization" for name, _ in headers)
         with self._transport_errors():
-            return self._http.request(
+            request = self._http.build_request(
                 method, path, params=params, content=content, json=json, headers=list(headers)
             )
+            if not with_key and not own:
+                request.headers.pop("Authorization", None)
+            return self._http.send(request)
+
+    def invoke(
+        self, method: str, path: str, *, content: bytes | None, headers: Sequence[tuple[str, str]]
+    ) -> httpx.Response:
+        """Call a function: first without our key (a public function's code must never see
+        it); again with it when Ember answers that the function is private."""
+        resp = self.request(method, path, content=content, headers=headers, with_key=False)
+        if resp.status_code == 401 and self.key and ember_error(resp.content) is not None:
+            resp = self.request(method, path, content=content, headers=headers)
+        return resp
 
     def fetch(
         self,

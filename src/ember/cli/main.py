@@ -97,10 +97,32 @@ def server_default(field: str) -> Any:
 # Commands.
 
 
+def api_key() -> str | None:
+    """EMBER_KEY, else the admin key `ember up` wrote to EMBER_HOME/credentials."""
+    key = os.environ.get("EMBER_KEY")
+    if key:
+        return key.strip()
+    try:
+        return (ember_home() / "credentials").read_text().strip() or None
+    except OSError:
+        return None
+
+
 def _connect(timeout: float | None = API_TIMEOUT) -> "client.Client":
     from ember.cli import client
 
-    return client.Client(server_url(), timeout=timeout)
+    return client.Client(server_url(), timeout=timeout, key=api_key())
+
+
+Namespace = Annotated[
+    str,
+    typer.Option(
+        "--namespace",
+        "--ns",
+        envvar="EMBER_NAMESPACE",
+        help="Namespace (tenant). Default: $EMBER_NAMESPACE or 'default'.",
+    ),
+]
 
 
 def _show(raw: bytes, as_json: bool, type_: type[T], view: Callable[[T], RenderableType]) -> None:
@@ -136,6 +158,20 @@ def up(
     zygote_keepalive: Annotated[
         float, typer.Option(help="Seconds an unused function zygote stays warm.")
     ] = server_default("zygote_keepalive"),
+    require_isolation: Annotated[
+        bool,
+        typer.Option(
+            "--require-isolation",
+            help="Refuse to start unless every protection (`ember doctor`) is available.",
+        ),
+    ] = False,
+    sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--sandbox/--no-sandbox",
+            help="Namespaces, seccomp and a uid per tenant, where the host allows it.",
+        ),
+    ] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = server_default(
         "log_level"
     ),
@@ -152,6 +188,8 @@ def up(
         init_timeout=init_timeout,
         zygote_keepalive=zygote_keepalive,
         log_level=log_level,
+        sandbox=sandbox,
+        require_isolation=require_isolation,
         base_env={k: v for k, v in os.environ.items() if k in PASSED_ENV},
     ).validate()
     raise typer.Exit(serve(config, list(deploy or [])))
@@ -165,6 +203,7 @@ def deploy(
     name: Annotated[
         str | None, typer.Option(help="Function name. Default: the directory's name.")
     ] = None,
+    namespace: Namespace = "default",
 ) -> None:
     """Pack a directory (honouring .emberignore) and deploy the functions in it."""
     from ember.bundle import pack, read_manifest
@@ -178,7 +217,7 @@ def deploy(
         raw = api.fetch(
             "POST",
             "/api/v1/deploy",
-            params={"name": name},
+            params={"name": name, "namespace": namespace},
             content=bundle,
             headers=[("Content-Type", "application/gzip")],
         )
@@ -203,6 +242,7 @@ def invoke(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print status, headers, body and Ember headers as JSON.")
     ] = False,
+    namespace: Namespace = "default",
 ) -> None:
     """Call a function over HTTP and print its response body."""
     from ember.cli import client
@@ -211,7 +251,8 @@ def invoke(
     verb = client.choose_method(method, body is not None)
     headers = [client.parse_header(h) for h in header or []]
     with _connect(timeout=None) as api:  # the server enforces the function's own timeout
-        resp = api.request(verb, client.function_path(name, path), content=body, headers=headers)
+        fn_path = client.function_path(name, path, namespace)
+        resp = api.invoke(verb, fn_path, content=body, headers=headers)
     code = client.invoke_exit_code(resp.status_code, resp.content)
     if as_json:
         render.write_json(render.invocation_summary(resp.status_code, resp.headers, resp.content))
@@ -225,11 +266,19 @@ def invoke(
 
 
 @command
-def ls(as_json: JsonFlag = False) -> None:
+def ls(
+    as_json: JsonFlag = False,
+    namespace: Annotated[
+        str | None,
+        typer.Option("--namespace", "--ns", help="Only this namespace. Default: all you may read."),
+    ] = None,
+) -> None:
     """List deployed functions."""
 
     with _connect() as api:
-        raw = api.fetch("GET", "/api/v1/functions")
+        raw = api.fetch(
+            "GET", "/api/v1/functions", params={"namespace": namespace} if namespace else None
+        )
     _show(
         raw,
         as_json,
@@ -239,22 +288,22 @@ def ls(as_json: JsonFlag = False) -> None:
 
 
 @command
-def describe(name: Name, as_json: JsonFlag = False) -> None:
+def describe(name: Name, as_json: JsonFlag = False, namespace: Namespace = "default") -> None:
     """Show a function's spec, instances and revisions."""
     from ember.cli import client
 
     with _connect() as api:
-        raw = api.fetch("GET", client.api_path(name))
+        raw = api.fetch("GET", client.api_path(name), params={"namespace": namespace})
     _show(raw, as_json, render.FunctionDetail, lambda fn: render.describe(fn, time.time()))
 
 
 @command
-def rm(name: Name) -> None:
+def rm(name: Name, namespace: Namespace = "default") -> None:
     """Delete a function and all its revisions."""
     from ember.cli import client
 
     with _connect() as api:
-        api.fetch("DELETE", client.api_path(name))
+        api.fetch("DELETE", client.api_path(name), params={"namespace": namespace})
     render.out().print(f"deleted {name}", markup=False)
 
 
@@ -267,11 +316,12 @@ def logs(
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="At most this many lines.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print raw JSON lines.")] = False,
+    namespace: Namespace = "default",
 ) -> None:
     """Print a function's log lines; with -f, keep streaming until Ctrl-C."""
     from ember.cli import client
 
-    params = client.log_params(since, follow, limit, time.time())
+    params = {**client.log_params(since, follow, limit, time.time()), "namespace": namespace}
     console = render.out()
     try:
         with (
@@ -295,12 +345,17 @@ def activations(
     name: Name,
     limit: Annotated[int, typer.Option(min=1, help="Most recent activations to show.")] = 20,
     as_json: JsonFlag = False,
+    namespace: Namespace = "default",
 ) -> None:
     """Show a function's recent invocations: status, tier, duration, memory."""
     from ember.cli import client
 
     with _connect() as api:
-        raw = api.fetch("GET", client.api_path(name, "activations"), params={"limit": str(limit)})
+        raw = api.fetch(
+            "GET",
+            client.api_path(name, "activations"),
+            params={"limit": str(limit), "namespace": namespace},
+        )
     _show(raw, as_json, render.ActivationList, lambda r: render.activations_table(r.activations))
 
 
@@ -310,12 +365,18 @@ def scale(
     instances: Annotated[
         int, typer.Option("--instances", "-n", min=0, help="Instances to keep.", show_default=False)
     ],
+    namespace: Namespace = "default",
 ) -> None:
     """Set how many instances a function keeps running."""
     from ember.cli import client
 
     with _connect() as api:
-        raw = api.fetch("POST", client.api_path(name, "scale"), json={"instances": instances})
+        raw = api.fetch(
+            "POST",
+            client.api_path(name, "scale"),
+            json={"instances": instances},
+            params={"namespace": namespace},
+        )
     scaled = client.decode(raw, render.Scaled)
     render.out().print(f"{scaled.name} scaled to {scaled.instances} instances", markup=False)
 
@@ -335,6 +396,147 @@ def doctor(as_json: JsonFlag = False) -> None:
         render.write_json({"checks": rows, "server": server})
         return
     render.out().print(render.doctor_table([*checks, ("server", reachable, detail)]))
+
+
+# Keys, secrets, namespaces and quotas.
+
+keys_app = typer.Typer(help="API keys: create (shown once), list, revoke. Needs an admin key.")
+secrets_app = typer.Typer(help="Secrets of a namespace, encrypted at rest; values are write-only.")
+quota_app = typer.Typer(help="Quotas of a namespace (admin).")
+app.add_typer(keys_app, name="keys")
+app.add_typer(secrets_app, name="secrets")
+app.add_typer(quota_app, name="quota")
+
+
+def subcommand(group: typer.Typer, name: str) -> Callable[[Callable[P, None]], Callable[P, None]]:
+    def register(fn: Callable[P, None]) -> Callable[P, None]:
+        @functools.wraps(fn)
+        def run(*args: P.args, **kwargs: P.kwargs) -> None:
+            try:
+                fn(*args, **kwargs)
+            except EmberError as exc:
+                render.print_error(exc)
+                raise typer.Exit(exc.exit_code) from None
+
+        group.command(name)(run)
+        return run
+
+    return register
+
+
+@subcommand(keys_app, "create")
+def keys_create(
+    scope: Annotated[
+        list[str],
+        typer.Option(
+            "--scope", help="admin, deploy:NS, invoke:NS or read:NS (NS may be *); repeatable."
+        ),
+    ],
+    name: Annotated[str, typer.Option(help="A label for listings.")] = "",
+    rate: Annotated[float, typer.Option(min=0, help="Requests per second; 0 = unlimited.")] = 0.0,
+    burst: Annotated[int, typer.Option(min=0, help="Bucket size; 0 = the rate rounded up.")] = 0,
+) -> None:
+    """Create a key and print it once: it is stored only as a hash."""
+    from ember.cli import client
+
+    body = {"scopes": scope, "name": name, "rate": rate, "burst": burst}
+    with _connect() as api:
+        new = client.decode(api.fetch("POST", "/api/v1/keys", json=body), render.NewKey)
+    render.write_bytes(new.key.encode(), newline=True)
+    note = f"key {new.id} ({' '.join(new.scopes)}); store it now, it is not shown again\n"
+    render.write_bytes(note.encode(), stderr=True)
+
+
+@subcommand(keys_app, "ls")
+def keys_ls(as_json: JsonFlag = False) -> None:
+    """List keys (ids, names, scopes; never the keys themselves)."""
+    with _connect() as api:
+        raw = api.fetch("GET", "/api/v1/keys")
+    _show(raw, as_json, render.KeyList, lambda r: render.keys_table(r.keys, time.time()))
+
+
+@subcommand(keys_app, "revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="Key id (see `ember keys ls`).")],
+) -> None:
+    """Revoke a key: it stops working at once."""
+    from urllib.parse import quote
+
+    with _connect() as api:
+        api.fetch("DELETE", f"/api/v1/keys/{quote(key_id, safe='')}")
+    render.out().print(f"revoked {key_id}", markup=False)
+
+
+@subcommand(secrets_app, "set")
+def secrets_set(
+    name: Annotated[str, typer.Argument(help="Secret name; functions list it under secrets:.")],
+    from_file: Annotated[
+        Path | None,
+        typer.Option("--file", exists=True, dir_okay=False, help="Read the value from a file."),
+    ] = None,
+    namespace: Namespace = "default",
+) -> None:
+    """Set a secret from standard input (or --file). Never from the command line: shells keep
+    history."""
+    from urllib.parse import quote
+
+    value = from_file.read_bytes() if from_file is not None else sys.stdin.buffer.read()
+    with _connect() as api:
+        api.fetch(
+            "PUT",
+            f"/api/v1/secrets/{quote(name, safe='')}",
+            params={"namespace": namespace},
+            content=value,
+        )
+    render.out().print(f"secret {name} set in {namespace} ({len(value)} bytes)", markup=False)
+
+
+@subcommand(secrets_app, "ls")
+def secrets_ls(as_json: JsonFlag = False, namespace: Namespace = "default") -> None:
+    """List the names of a namespace's secrets."""
+    with _connect() as api:
+        raw = api.fetch("GET", "/api/v1/secrets", params={"namespace": namespace})
+    _show(raw, as_json, render.SecretList, lambda r: "\n".join(r.names) or "no secrets")
+
+
+@subcommand(secrets_app, "rm")
+def secrets_rm(name: Annotated[str, typer.Argument()], namespace: Namespace = "default") -> None:
+    """Delete a secret no function lists any more."""
+    from urllib.parse import quote
+
+    with _connect() as api:
+        api.fetch(
+            "DELETE", f"/api/v1/secrets/{quote(name, safe='')}", params={"namespace": namespace}
+        )
+    render.out().print(f"deleted secret {name}", markup=False)
+
+
+@subcommand(quota_app, "set")
+def quota_set(
+    namespace: Annotated[str, typer.Argument(help="Namespace.")],
+    functions: Annotated[int, typer.Option(min=0, help="Max functions; 0 = unlimited.")] = 0,
+    instances: Annotated[int, typer.Option(min=0, help="Max running instances.")] = 0,
+    memory: Annotated[int, typer.Option(min=0, help="Max MB of running instances.")] = 0,
+) -> None:
+    """Set a namespace's quotas (replacing the previous ones)."""
+    from urllib.parse import quote
+
+    body = {"functions": functions, "instances": instances, "memory_mb": memory}
+    with _connect() as api:
+        api.fetch("PUT", f"/api/v1/namespaces/{quote(namespace, safe='')}/quota", json=body)
+    render.out().print(
+        f"{namespace}: functions {functions or '∞'}, instances {instances or '∞'}, "
+        f"memory {memory or '∞'} MB",
+        markup=False,
+    )
+
+
+@command
+def namespaces(as_json: JsonFlag = False) -> None:
+    """List namespaces (tenants) with their sandbox uid and quotas."""
+    with _connect() as api:
+        raw = api.fetch("GET", "/api/v1/namespaces")
+    _show(raw, as_json, render.NamespaceList, lambda r: render.namespaces_table(r.namespaces))
 
 
 if __name__ == "__main__":

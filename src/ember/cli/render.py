@@ -57,6 +57,7 @@ class FunctionInfo(msgspec.Struct, frozen=True):
     sha256: str
     created_at: float
     updated_at: float
+    namespace: str = "default"
     spec: Spec = Spec()
     instances: Instances = Instances()
     zygote: bool = False
@@ -207,13 +208,14 @@ def functions_table(functions: Sequence[FunctionInfo], now: float) -> Renderable
     if not functions:
         return Text("no functions deployed; try 'ember deploy DIR'", style="dim")
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("NAME", "REVISION", "MEMORY", "TIMEOUT", "CONCURRENCY", "SCALE"):
+    for column in ("NAMESPACE", "NAME", "REVISION", "MEMORY", "TIMEOUT", "CONCURRENCY", "SCALE"):
         table.add_column(column)
     table.add_column("INSTANCES(idle/busy)")
     table.add_column("UPDATED")
     for fn in functions:
         spec = fn.spec
         table.add_row(
+            fn.namespace,
             Text(fn.name, style="bold"),
             str(fn.revision),
             f"{spec.memory} MB",
@@ -336,3 +338,71 @@ def invocation_summary(status: int, headers: Mapping[str, str], body: bytes) -> 
         "revision": int(revision) if revision.isdigit() else None,
         "start": lower.get("x-ember-start"),
     }
+
+
+class NewKey(msgspec.Struct, frozen=True):
+    id: str
+    key: str
+    scopes: list[str]
+
+
+class KeyInfo(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    scopes: list[str]
+    rate: float = 0.0
+    burst: int = 0
+    created_at: float = 0.0
+    revoked_at: float | None = None
+
+
+class KeyList(msgspec.Struct, frozen=True):
+    keys: list[KeyInfo]
+
+
+class SecretList(msgspec.Struct, frozen=True):
+    namespace: str
+    names: list[str]
+
+
+class Quota(msgspec.Struct, frozen=True):
+    functions: int = 0
+    instances: int = 0
+    memory_mb: int = 0
+
+
+class NamespaceInfo(msgspec.Struct, frozen=True):
+    name: str
+    quota: Quota = Quota()
+    uid: int = 0
+
+
+class NamespaceList(msgspec.Struct, frozen=True):
+    namespaces: list[NamespaceInfo]
+
+
+def keys_table(keys: Sequence[KeyInfo], now: float) -> RenderableType:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("ID", "NAME", "SCOPES", "RATE", "CREATED", "STATE"):
+        table.add_column(column)
+    for key in keys:
+        rate = f"{key.rate:g}/s burst {key.burst}" if key.rate else "unlimited"
+        state = "revoked" if key.revoked_at else "active"
+        table.add_row(key.id, key.name, " ".join(key.scopes), rate, ago(key.created_at, now), state)
+    return table
+
+
+def namespaces_table(namespaces: Sequence[NamespaceInfo]) -> RenderableType:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("NAMESPACE", "UID", "MAX FUNCTIONS", "MAX INSTANCES", "MAX MEMORY"):
+        table.add_column(column)
+    for ns in namespaces:
+        q = ns.quota
+        table.add_row(
+            ns.name,
+            str(ns.uid),
+            str(q.functions or "-"),
+            str(q.instances or "-"),
+            f"{q.memory_mb} MB" if q.memory_mb else "-",
+        )
+    return table

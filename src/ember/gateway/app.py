@@ -10,13 +10,15 @@ from typing import Any
 
 import msgspec
 
+from ember.auth import KeyTable
 from ember.errors import EmberError, FunctionMemoryExceeded, NotFound, PlatformError, TooLarge
+from ember.gateway.router import RouteTable
 from ember.pool.manager import Pool
 from ember.pool.target import Target
 from ember.telemetry.buffer import TelemetryBuffer, billed_ms
 from ember.telemetry.metrics import Metrics
 from ember.telemetry.records import ActivationRecord
-from ember.wire.messages import Invoke, Result
+from ember.wire.messages import Headers, Invoke, Result
 
 Scope = dict[str, Any]
 PREFIX = "/fn/"
@@ -27,13 +29,15 @@ _json = msgspec.json.Encoder()
 class Gateway:
     def __init__(
         self,
-        routes: Any,
+        routes: RouteTable,
         pool: Pool,
         telemetry: TelemetryBuffer,
         metrics: Metrics,
+        keys: KeyTable,
         max_body_bytes: int,
     ) -> None:
         self.routes = routes
+        self.keys = keys
         self.pool = pool
         self.telemetry = telemetry
         self.metrics = metrics
@@ -42,23 +46,27 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         started, t0 = time.time(), time.perf_counter()
         rid = request_id()
-        name, _, rest = scope["path"][len(PREFIX) :].partition("/")
-        target = self.routes.get(name)
+        key, name, rest = self.routes.resolve(scope["path"][len(PREFIX) :])
+        target = self.routes.get(key)
         tier, instance, result, peak = "none", "", None, 0
         try:
             if target is None:
+                where = "" if key.startswith("default/") else f" in namespace '{key.split('/')[0]}'"
                 raise NotFound(
-                    f"no function named '{name}'; deploy it with `ember deploy` "
+                    f"no function named '{name}'{where}; deploy it with `ember deploy` "
                     "or list functions with `ember ls`"
                 )
+            headers = scope["headers"]
+            if target.spec.access == "private":
+                headers = self._authorize(target, headers)
             body = await self._body(scope, receive)
-            target = self.routes.get(name) or target  # a deploy may have landed meanwhile
+            target = self.routes.get(key) or target  # a deploy may have landed meanwhile
             msg = Invoke(
                 id=rid,
                 method=scope["method"],
                 path="/" + rest,
                 query=scope.get("query_string", b""),
-                headers=scope["headers"],
+                headers=headers,
                 body=body,
                 deadline=started + target.spec.timeout,
                 revision=target.number,
@@ -75,12 +83,21 @@ class Gateway:
             status, error = exc.status, exc.code
             await self._error(send, exc, rid, target, tier)
         except Exception as exc:  # a bug of ours: answer, record, log; never a bare 500
-            log.exception("invocation %s of %s failed inside Ember", rid, name)
+            log.exception("invocation %s of %s failed inside Ember", rid, key)
             status, error = 500, "internal"
             await self._error(send, _internal(exc), rid, target, tier)
         elapsed = time.perf_counter() - t0
         if target is not None:
             self._record(target, rid, started, elapsed, status, tier, instance, peak, error)
+
+    def _authorize(self, target: Target, headers: Headers) -> Headers:
+        """A private function: the caller's key must allow invoke in its namespace. The key is
+        Ember's, not the function's: it is taken out of the headers the function sees."""
+        authorization = next((v for k, v in headers if k == b"authorization"), None)
+        principal = self.keys.verify(authorization.decode("latin-1") if authorization else None)
+        self.keys.require(principal, "invoke", target.namespace)
+        self.keys.throttle(principal, time.monotonic())
+        return [(k, v) for k, v in headers if k != b"authorization"]
 
     async def _body(self, scope: Scope, receive: Any) -> bytes:
         for key, value in scope["headers"]:
@@ -131,7 +148,7 @@ class Gateway:
         self.telemetry.activation(
             ActivationRecord(
                 id=rid,
-                function=target.function,
+                function=target.qualified,
                 revision=target.number,
                 start=started,
                 duration_ms=ms,
@@ -143,7 +160,7 @@ class Gateway:
                 error=error,
             )
         )
-        self.metrics.observe(target.function, status, elapsed, tier)
+        self.metrics.observe(target.qualified, status, elapsed, tier)
 
 
 async def _respond(

@@ -12,13 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ember.autoscaler.keepalive import decide
 from ember.config import ServerConfig
-from ember.errors import IsolationUnavailable
+from ember.errors import IsolationUnavailable, QuotaReached
 from ember.pool.capabilities import Check, missing, protections, sandbox_possible
 from ember.pool.cgroup import Cgroups
 from ember.pool.instance import Instance
 from ember.pool.revision import RevisionPool, RevisionStats
 from ember.pool.root import RootZygote
 from ember.pool.target import RevisionKey, Target
+from ember.spec import Quota
 from ember.telemetry.buffer import TelemetryBuffer
 from ember.telemetry.records import LogRecord
 from ember.wire.messages import Log, SandboxPlan, ZygoteReady
@@ -39,6 +40,7 @@ class Pool:
         self._mover = ThreadPoolExecutor(1, thread_name_prefix="ember-cgroup")
         self.sandboxed = False
         self.protections: list[Check] = []
+        self.quotas: dict[str, Quota] = {}
         self._unremoved: set[str] = set()  # revision cgroups that still had processes
 
     async def start(self) -> None:
@@ -100,6 +102,36 @@ class Pool:
 
     async def scale(self, target: Target, instances: int) -> int:
         return await self.revision(target).scale_to(instances)
+
+    # ---- quotas ----
+    def set_quotas(self, quotas: dict[str, Quota]) -> None:
+        self.quotas = dict(quotas)
+
+    def admit(self, target: Target) -> None:
+        """Raise 429 when one more instance of `target` would exceed its namespace's quota."""
+        quota = self.quotas.get(target.namespace)
+        if quota is None or not (quota.instances or quota.memory_mb):
+            return
+        count = memory = 0
+        for rp in self.revisions.values():
+            if rp.target.namespace == target.namespace:
+                count += rp.count
+                memory += rp.count * rp.spec.memory
+        ns = target.namespace
+        if quota.instances and count + 1 > quota.instances:
+            raise QuotaReached(
+                f"namespace '{ns}' runs {count} instances, its quota max_instances="
+                f"{quota.instances}; retry later or raise it (`ember quota set {ns} "
+                "--instances N`)",
+                headers={"Retry-After": "1"},
+            )
+        if quota.memory_mb and memory + target.spec.memory > quota.memory_mb:
+            raise QuotaReached(
+                f"namespace '{ns}' instances use {memory} MB, one more of "
+                f"'{target.function}' needs {target.spec.memory} MB over its quota "
+                f"max_memory={quota.memory_mb} MB; retry later or raise it",
+                headers={"Retry-After": "1"},
+            )
 
     # ---- sandbox ----
     async def sandbox_plan(self, target: Target) -> SandboxPlan | None:
@@ -184,7 +216,7 @@ class Pool:
         self.telemetry.log(
             LogRecord(
                 ts=msg.ts,
-                function=target.function,
+                function=target.qualified,
                 revision=target.number,
                 request_id=msg.id,
                 instance=instance,
@@ -197,7 +229,7 @@ class Pool:
         self.telemetry.log(
             LogRecord(
                 ts=time.time(),
-                function=target.function,
+                function=target.qualified,
                 revision=target.number,
                 request_id="",
                 instance="",

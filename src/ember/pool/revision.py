@@ -37,7 +37,7 @@ WARM, FORK, SPECIALIZE, FRESH = "warm", "fork", "specialize", "fresh"
 
 
 class RevisionStats(msgspec.Struct, frozen=True):
-    function: str
+    function: str  # "namespace/name"
     revision: int
     idle: int
     busy: int
@@ -46,6 +46,8 @@ class RevisionStats(msgspec.Struct, frozen=True):
     zygote: str  # none | starting | ready
     retired: bool
     starts: dict[str, int]
+    zygote_pid: int = 0  # on the host
+    memory_mb: int = 0  # per instance
 
 
 class RevisionPool:
@@ -164,6 +166,7 @@ class RevisionPool:
 
     # ---- starting instances ----
     async def _start(self) -> tuple[Instance, str]:
+        self.pool.admit(self.target)  # the namespace's quotas (429 naming the one reached)
         self.starting += 1
         try:
             tier = await self.ensure_zygote()
@@ -366,7 +369,7 @@ class RevisionPool:
         else:
             zstate = "ready" if self.zygote.ready.done() else "starting"
         return RevisionStats(
-            function=self.target.function,
+            function=self.target.qualified,
             revision=self.target.number,
             idle=len(self.instances) - busy,
             busy=busy,
@@ -375,6 +378,8 @@ class RevisionPool:
             zygote=zstate,
             retired=self.retired,
             starts=dict(self.starts),
+            zygote_pid=self.zygote.pid if self.zygote is not None else 0,
+            memory_mb=self.spec.memory,
         )
 
     def stop(self) -> None:

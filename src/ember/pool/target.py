@@ -26,6 +26,11 @@ class Target(msgspec.Struct, frozen=True):
         return (self.namespace, self.function, self.number, self.sha256)
 
     @property
+    def qualified(self) -> str:
+        """ "namespace/name": the function's key in the store, records and routes."""
+        return f"{self.namespace}/{self.function}"
+
+    @property
     def label(self) -> str:
         prefix = "" if self.namespace == "default" else f"{self.namespace}/"
         return f"{prefix}{self.function}@{self.number}"

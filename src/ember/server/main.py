@@ -18,12 +18,14 @@ import uvicorn
 from ember import bundle
 from ember.api.app import build
 from ember.api.control import Control
+from ember.auth import KeyTable
 from ember.blobs.local import LocalBlobs
 from ember.config import ServerConfig
 from ember.errors import EmberError
 from ember.gateway.app import Gateway
 from ember.gateway.router import RouteTable
 from ember.pool.manager import Pool
+from ember.secretbox import SecretBox
 from ember.server.app import EmberApp
 from ember.store.sqlite import SQLiteStore
 from ember.telemetry.buffer import TelemetryBuffer
@@ -36,27 +38,36 @@ PRUNE_EVERY = 60.0
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        config.home.mkdir(parents=True, exist_ok=True)
+        config.home.chmod(0o700)  # keys, secrets and the store: the server's uid only
         self.telemetry = TelemetryBuffer(config.log_bytes_per_invocation)
+        self.keys = KeyTable()
         self.store = SQLiteStore(config.db_path)
         self.pool = Pool(config, self.telemetry)
         self.routes = RouteTable()
         self.metrics = Metrics(self.pool.statistics)
         self.control = Control(
-            config, self.store, LocalBlobs(config.blob_dir), self.pool, self.routes
+            config,
+            self.store,
+            LocalBlobs(config.blob_dir),
+            self.pool,
+            self.routes,
+            self.keys,
+            SecretBox.load_or_create(config.master_key_path),
         )
         gateway = Gateway(
-            self.routes, self.pool, self.telemetry, self.metrics, config.max_body_bytes
+            self.routes, self.pool, self.telemetry, self.metrics, self.keys, config.max_body_bytes
         )
         self.app = EmberApp(gateway, build(self.control, self.metrics))
         self._flusher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        for path in (self.config.home, self.config.code_dir, self.config.blob_dir):
+        for path in (self.config.code_dir, self.config.blob_dir):
             path.mkdir(parents=True, exist_ok=True)
-        self.config.home.chmod(0o700)  # keys, secrets and the store: the server's uid only
         await self.store.open()
         await self.pool.start()
         await self.control.restore()
+        await self.control.ensure_admin_credentials()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def _flush_loop(self) -> None:
@@ -112,7 +123,7 @@ async def _deploy_dirs(server: Server, dirs: list[Path]) -> None:
     for directory in dirs:
         data = await asyncio.to_thread(bundle.pack, directory)
         name = directory.resolve().name.lower().replace("_", "-").replace(" ", "-")
-        for d in await server.control.deploy(data, name):
+        for d in await server.control.deploy(data, name, "default"):
             log.info("deployed %s revision %d", d.name, d.revision)
             print(f"ember: deployed {d.name}; try:\n  curl '{d.url}'", flush=True)
 

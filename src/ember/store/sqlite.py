@@ -11,8 +11,14 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from ember.spec import FunctionSpec
-from ember.store.base import FunctionRecord, RevisionRecord
+from ember.spec import FunctionSpec, Quota
+from ember.store.base import (
+    FunctionRecord,
+    KeyRecord,
+    NamespaceRecord,
+    RevisionRecord,
+    SecretRecord,
+)
 from ember.telemetry.records import ActivationRecord, LogRecord
 
 T = TypeVar("T")
@@ -37,6 +43,24 @@ MIGRATIONS = [
         revision INTEGER NOT NULL, request_id TEXT NOT NULL, instance TEXT NOT NULL,
         stream TEXT NOT NULL, message TEXT NOT NULL);
     CREATE INDEX logs_by_function ON logs (function, id);
+    """,
+    # Namespaces (tenants): function keys become "namespace/name"; keys, secrets, quotas.
+    """
+    UPDATE functions SET name = 'default/' || name;
+    UPDATE revisions SET function = 'default/' || function;
+    UPDATE activations SET function = 'default/' || function;
+    UPDATE logs SET function = 'default/' || function;
+    CREATE TABLE namespaces (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
+        max_functions INTEGER NOT NULL DEFAULT 0, max_instances INTEGER NOT NULL DEFAULT 0,
+        max_memory_mb INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL);
+    INSERT INTO namespaces (name, created_at) VALUES ('default', 0);
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY, digest BLOB NOT NULL, name TEXT NOT NULL, scopes TEXT NOT NULL,
+        rate REAL NOT NULL, burst INTEGER NOT NULL, created_at REAL NOT NULL, revoked_at REAL);
+    CREATE TABLE secrets (
+        namespace TEXT NOT NULL, name TEXT NOT NULL, sealed BLOB NOT NULL,
+        created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (namespace, name));
     """,
 ]
 
@@ -128,7 +152,7 @@ class SQLiteStore:
         return _revision(row) if row else None
 
     async def add_revision(
-        self, spec: FunctionSpec, sha256: str, bundle: str, now: float
+        self, key: str, spec: FunctionSpec, sha256: str, bundle: str, now: float
     ) -> tuple[RevisionRecord, bool]:
         def add(db: sqlite3.Connection) -> tuple[RevisionRecord, bool]:
             current = db.execute(
@@ -136,15 +160,15 @@ class SQLiteStore:
                 "FROM functions f JOIN revisions r "
                 "ON r.function = f.name AND r.number = f.revision "
                 "WHERE f.name = ?",
-                (spec.name,),
+                (key,),
             ).fetchone()
             if current is not None and current[2] == sha256:
                 return _revision(current), False
             (last,) = db.execute(
-                "SELECT COALESCE(MAX(number), 0) FROM revisions WHERE function = ?", (spec.name,)
+                "SELECT COALESCE(MAX(number), 0) FROM revisions WHERE function = ?", (key,)
             ).fetchone()
             rec = RevisionRecord(
-                function=spec.name,
+                function=key,
                 number=last + 1,
                 sha256=sha256,
                 bundle=bundle,
@@ -158,7 +182,7 @@ class SQLiteStore:
             db.execute(
                 "INSERT INTO functions VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
                 "revision = excluded.revision, updated_at = excluded.updated_at",
-                (spec.name, rec.number, now, now),
+                (key, rec.number, now, now),
             )
             return rec, True
 
@@ -216,6 +240,125 @@ class SQLiteStore:
             db.execute("DELETE FROM logs WHERE id <= (SELECT MAX(id) FROM logs) - ?", (keep_logs,))
 
         await self._run(prune)
+
+    # ---- namespaces ----
+    async def namespaces(self) -> list[NamespaceRecord]:
+        rows = await self._run(lambda db: db.execute(_NAMESPACES + " ORDER BY name").fetchall())
+        return [_namespace(row) for row in rows]
+
+    async def ensure_namespace(self, name: str, now: float) -> NamespaceRecord:
+        def ensure(db: sqlite3.Connection) -> NamespaceRecord:
+            db.execute(
+                "INSERT INTO namespaces (name, created_at) VALUES (?, ?) "
+                "ON CONFLICT(name) DO NOTHING",
+                (name, now),
+            )
+            return _namespace(db.execute(_NAMESPACES + " WHERE name = ?", (name,)).fetchone())
+
+        return await self._run(ensure)
+
+    async def set_quota(self, name: str, quota: Quota) -> NamespaceRecord | None:
+        def update(db: sqlite3.Connection) -> NamespaceRecord | None:
+            db.execute(
+                "UPDATE namespaces SET max_functions = ?, max_instances = ?, max_memory_mb = ? "
+                "WHERE name = ?",
+                (quota.functions, quota.instances, quota.memory_mb, name),
+            )
+            row = db.execute(_NAMESPACES + " WHERE name = ?", (name,)).fetchone()
+            return _namespace(row) if row else None
+
+        return await self._run(update)
+
+    # ---- API keys ----
+    async def add_key(self, key: KeyRecord) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key.id,
+                    key.digest,
+                    key.name,
+                    msgspec.json.encode(key.scopes).decode(),
+                    key.rate,
+                    key.burst,
+                    key.created_at,
+                    key.revoked_at,
+                ),
+            )
+        )
+
+    async def keys(self) -> list[KeyRecord]:
+        rows = await self._run(
+            lambda db: db.execute("SELECT * FROM api_keys ORDER BY created_at").fetchall()
+        )
+        return [
+            KeyRecord(
+                id=row[0],
+                digest=row[1],
+                name=row[2],
+                scopes=msgspec.json.decode(row[3], type=list[str]),
+                rate=row[4],
+                burst=row[5],
+                created_at=row[6],
+                revoked_at=row[7],
+            )
+            for row in rows
+        ]
+
+    async def revoke_key(self, key_id: str, now: float) -> bool:
+        return await self._run(
+            lambda db: (
+                db.execute(
+                    "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                    (now, key_id),
+                ).rowcount
+                > 0
+            )
+        )
+
+    # ---- secrets (sealed by the caller; the store never sees a value) ----
+    async def put_secret(self, namespace: str, name: str, sealed: bytes, now: float) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "INSERT INTO secrets VALUES (?, ?, ?, ?, ?) ON CONFLICT(namespace, name) "
+                "DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at",
+                (namespace, name, sealed, now, now),
+            )
+        )
+
+    async def secrets(self, namespace: str | None = None) -> list[SecretRecord]:
+        where, args = ("WHERE namespace = ?", (namespace,)) if namespace else ("", ())
+        rows = await self._run(
+            lambda db: db.execute(
+                f"SELECT * FROM secrets {where} ORDER BY namespace, name", args
+            ).fetchall()
+        )
+        return [SecretRecord(*row) for row in rows]
+
+    async def delete_secret(self, namespace: str, name: str) -> bool:
+        return await self._run(
+            lambda db: (
+                db.execute(
+                    "DELETE FROM secrets WHERE namespace = ? AND name = ?", (namespace, name)
+                ).rowcount
+                > 0
+            )
+        )
+
+
+_NAMESPACES = (
+    "SELECT id, name, max_functions, max_instances, max_memory_mb, created_at FROM namespaces"
+)
+
+
+def _namespace(row: Any) -> NamespaceRecord:
+    ns_id, name, functions, instances, memory_mb, created_at = row
+    return NamespaceRecord(
+        id=ns_id,
+        name=name,
+        quota=Quota(functions=functions, instances=instances, memory_mb=memory_mb),
+        created_at=created_at,
+    )
 
 
 def _revision(row: Any) -> RevisionRecord:

@@ -39,21 +39,26 @@ class _InstanceCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
-            "ember_instances", "Instances by function and state", labels=["function", "state"]
+            "ember_instances",
+            "Instances by function and state",
+            labels=["namespace", "function", "state"],
         )
-        totals: dict[tuple[str, str], int] = {}
+        totals: dict[tuple[str, str, str], int] = {}
         waiting = GaugeMetricFamily(
-            "ember_waiting_requests", "Requests waiting for a free instance", labels=["function"]
+            "ember_waiting_requests",
+            "Requests waiting for a free instance",
+            labels=["namespace", "function"],
         )
-        queued: dict[str, int] = {}
+        queued: dict[tuple[str, str], int] = {}
         for s in self._stats():
+            ns, _, name = s.function.partition("/")
             for state, n in (("idle", s.idle), ("busy", s.busy), ("starting", s.starting)):
-                totals[(s.function, state)] = totals.get((s.function, state), 0) + n
-            queued[s.function] = queued.get(s.function, 0) + s.waiting
-        for (function, state), n in sorted(totals.items()):
-            family.add_metric([function, state], n)
-        for function, n in sorted(queued.items()):
-            waiting.add_metric([function], n)
+                totals[(ns, name, state)] = totals.get((ns, name, state), 0) + n
+            queued[(ns, name)] = queued.get((ns, name), 0) + s.waiting
+        for labels, n in sorted(totals.items()):
+            family.add_metric(list(labels), n)
+        for pair, n in sorted(queued.items()):
+            waiting.add_metric(list(pair), n)
         yield family
         yield waiting
 
@@ -64,33 +69,35 @@ class Metrics:
         self.invocations = Counter(
             "ember_invocations",
             "Invocations by function and HTTP code",
-            ["function", "code"],
+            ["namespace", "function", "code"],
             registry=self.registry,
         )
         self.duration = Histogram(
             "ember_invocation_duration_seconds",
             "Time from request to response, by function",
-            ["function"],
+            ["namespace", "function"],
             buckets=BUCKETS,
             registry=self.registry,
         )
         self.starts = Counter(
             "ember_starts",
             "Invocations by the start tier that served them",
-            ["function", "tier"],
+            ["namespace", "function", "tier"],
             registry=self.registry,
         )
         self.registry.register(_InstanceCollector(stats))
         self._children: dict[tuple[str, int, str], tuple[Any, Any, Any]] = {}
 
-    def observe(self, function: str, code: int, seconds: float, tier: str) -> None:
-        key = (function, code, tier)
+    def observe(self, qualified: str, code: int, seconds: float, tier: str) -> None:
+        """`qualified` is "namespace/name"."""
+        key = (qualified, code, tier)
         children = self._children.get(key)
         if children is None:  # labels() costs a lock and a dict build per call: once per key
+            ns, _, fn = qualified.partition("/")
             children = self._children[key] = (
-                self.invocations.labels(function, str(code)),
-                self.duration.labels(function),
-                self.starts.labels(function, tier) if tier != "none" else None,
+                self.invocations.labels(ns, fn, str(code)),
+                self.duration.labels(ns, fn),
+                self.starts.labels(ns, fn, tier) if tier != "none" else None,
             )
         calls, duration, starts = children
         calls.inc()
