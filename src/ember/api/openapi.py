@@ -1,105 +1,405 @@
-"""The OpenAPI 3.1 document of `/api/v1`, generated from the msgspec types of `schemas`."""
+"""The OpenAPI 3.1 document of the server, generated from the msgspec types of `schemas`.
+
+One `Op` per route of `app.build()`: its parameters, request body, success and error responses.
+Every `/api/v1` operation needs `Authorization: Bearer <key>` (the `bearerAuth` scheme);
+`/healthz` and `/metrics` need none.
+"""
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
 from ember.api import schemas as s
+from ember.spec import Quota
 
-Op = tuple[str, str, str, Any, Any]  # method, path, summary, request body type, response type
+NAME_PATTERN = "^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$"  # manifest.NAME_RE: functions, namespaces
+SECRET_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"  # manifest.SECRET_NAME_RE
+KEY_ID_PATTERN = "^[0-9a-f]{8}$"  # auth: ember_<id>_<secret>
+
+ERRORS = {
+    400: "Bad request: an invalid parameter, name or body",
+    401: "No API key, or one that is unknown, revoked or malformed",
+    403: "The key lacks the scope this call needs (or a namespace quota would be exceeded)",
+    404: "No such function, secret or key",
+    409: "A name conflict (a namespace against a function of namespace default, a secret in use)",
+    413: "The body is too large",
+    422: "The deploy was rejected: the code failed to import, or a listed secret is missing",
+    429: "The key is over its rate limit, or the namespace over its instance quota",
+}
+
+_ERROR_HEADERS: dict[int, dict[str, Any]] = {
+    401: {
+        "WWW-Authenticate": {
+            "description": "Bearer",
+            "required": True,
+            "schema": {"type": "string"},
+        }
+    },
+    429: {
+        "Retry-After": {
+            "description": "Seconds until a retry may succeed",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    },
+}
+
+
+def _param(
+    name: str, where: str, schema: dict[str, Any], description: str, required: bool = False
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": where,
+        "required": required or where == "path",
+        "description": description,
+        "schema": schema,
+    }
+
+
+NAMESPACE = _param(
+    "namespace",
+    "query",
+    {"type": "string", "pattern": NAME_PATTERN, "default": "default"},
+    "The namespace (tenant) the call applies to",
+)
+FUNCTION = _param("name", "path", {"type": "string", "pattern": NAME_PATTERN}, "Function name")
+SECRET = _param("name", "path", {"type": "string", "pattern": SECRET_PATTERN}, "Secret name")
+
+
+def _limit(default: int, maximum: int) -> dict[str, Any]:
+    return _param(
+        "limit",
+        "query",
+        {"type": "integer", "minimum": 1, "maximum": maximum, "default": default},
+        "At most this many records",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    method: str
+    path: str
+    operation_id: str
+    summary: str
+    tag: str
+    response: Any  # a msgspec type, or an inline JSON schema (dict)
+    errors: tuple[int, ...] = ()
+    params: tuple[dict[str, Any], ...] = ()
+    body: Any = None  # a msgspec type, or (media type, JSON schema) of a raw body
+    status: tuple[int, ...] = (200,)
+    media: str = "application/json"
+    auth: bool = True
+
+
+_AUTH = (401, 429)  # every authenticated call: no/bad key, key over its rate
+_READ = (400, 403, 404, *_AUTH)  # a function in a namespace the key may read
 
 OPERATIONS: list[Op] = [
-    ("get", "/api/v1/functions", "List functions", None, s.FunctionList),
-    (
+    Op(
+        "get",
+        "/healthz",
+        "healthz",
+        "Liveness: the server answers",
+        "system",
+        {
+            "type": "object",
+            "properties": {"status": {"type": "string"}, "time": {"type": "number"}},
+            "required": ["status", "time"],
+        },
+        auth=False,
+    ),
+    Op(
+        "get",
+        "/metrics",
+        "metrics",
+        "Prometheus metrics",
+        "system",
+        {"type": "string"},
+        media="text/plain",
+        auth=False,
+    ),
+    Op(
+        "get",
+        "/api/v1/openapi.json",
+        "openapi",
+        "This document",
+        "system",
+        {"type": "object"},
+        _AUTH,
+    ),
+    Op(
+        "get",
+        "/api/v1/doctor",
+        "doctor",
+        "Isolation and limits on this host",
+        "system",
+        s.CheckList,
+        _AUTH,
+    ),
+    Op(
         "post",
         "/api/v1/deploy",
-        "Deploy a bundle (tar.gz body; ?name= for a bare directory)",
-        bytes,
+        "deploy",
+        "Deploy a bundle (tar.gz body); needs deploy:NS",
+        "functions",
         s.DeployResponse,
+        (400, 403, 409, 413, 422, *_AUTH),
+        (
+            NAMESPACE,
+            _param(
+                "name",
+                "query",
+                {"type": "string", "pattern": NAME_PATTERN},
+                "Function name for a bundle without ember.yaml",
+            ),
+        ),
+        body=("application/gzip", {"type": "string", "contentMediaType": "application/gzip"}),
+        status=(200, 201),
     ),
-    ("get", "/api/v1/functions/{name}", "Describe a function", None, s.FunctionDetail),
-    ("delete", "/api/v1/functions/{name}", "Remove a function", None, s.Deleted),
-    ("get", "/api/v1/functions/{name}/revisions", "List revisions", None, s.RevisionList),
-    (
+    Op(
+        "get",
+        "/api/v1/functions",
+        "listFunctions",
+        "List functions: of ?namespace=, else of every namespace the key may read",
+        "functions",
+        s.FunctionList,
+        (400, 403, *_AUTH),
+        (NAMESPACE,),
+    ),
+    Op(
+        "get",
+        "/api/v1/functions/{name}",
+        "describeFunction",
+        "Describe a function",
+        "functions",
+        s.FunctionDetail,
+        _READ,
+        (FUNCTION, NAMESPACE),
+    ),
+    Op(
+        "delete",
+        "/api/v1/functions/{name}",
+        "deleteFunction",
+        "Remove a function; needs deploy:NS",
+        "functions",
+        s.Deleted,
+        _READ,
+        (FUNCTION, NAMESPACE),
+    ),
+    Op(
+        "get",
+        "/api/v1/functions/{name}/revisions",
+        "listRevisions",
+        "List revisions",
+        "functions",
+        s.RevisionList,
+        _READ,
+        (FUNCTION, NAMESPACE),
+    ),
+    Op(
         "post",
         "/api/v1/functions/{name}/scale",
-        "Set the number of instances now",
-        s.ScaleRequest,
+        "scaleFunction",
+        "Set the number of instances now (up to scale.max); needs deploy:NS",
+        "functions",
         s.ScaleResponse,
+        _READ,
+        (FUNCTION, NAMESPACE),
+        body=s.ScaleRequest,
     ),
-    (
+    Op(
         "get",
         "/api/v1/functions/{name}/logs",
-        "Captured output as NDJSON (?since=&follow=&limit=)",
-        None,
+        "functionLogs",
+        "Captured output, one LogLine JSON object per line",
+        "functions",
         s.LogLine,
+        _READ,
+        (
+            FUNCTION,
+            NAMESPACE,
+            _param("since", "query", {"type": "number"}, "Only lines from this unix time on"),
+            _param(
+                "follow",
+                "query",
+                {"type": "boolean", "default": False},
+                "Keep the response open and stream new lines",
+            ),
+            _limit(1000, 100_000),
+        ),
+        media="application/x-ndjson",
     ),
-    (
+    Op(
         "get",
         "/api/v1/functions/{name}/activations",
+        "functionActivations",
         "Activation records, newest first",
-        None,
+        "functions",
         s.ActivationList,
+        _READ,
+        (FUNCTION, NAMESPACE, _limit(50, 10_000)),
     ),
-    ("get", "/api/v1/doctor", "Isolation and limits on this host", None, s.CheckList),
+    Op(
+        "get",
+        "/api/v1/namespaces",
+        "listNamespaces",
+        "Namespaces the key may read, with their quotas",
+        "namespaces",
+        s.NamespaceList,
+        _AUTH,
+    ),
+    Op(
+        "put",
+        "/api/v1/namespaces/{namespace}/quota",
+        "setQuota",
+        "Set a namespace's quota (0 = unlimited), creating the namespace; needs admin",
+        "namespaces",
+        s.NamespaceInfo,
+        (400, 403, 409, *_AUTH),
+        (_param("namespace", "path", {"type": "string", "pattern": NAME_PATTERN}, "Namespace"),),
+        body=Quota,
+    ),
+    Op(
+        "get",
+        "/api/v1/keys",
+        "listKeys",
+        "List API keys; needs admin",
+        "keys",
+        s.KeyList,
+        (403, *_AUTH),
+    ),
+    Op(
+        "post",
+        "/api/v1/keys",
+        "createKey",
+        "Create an API key (the token is shown once); needs admin",
+        "keys",
+        s.NewKey,
+        (400, 403, *_AUTH),
+        body=s.KeyRequest,
+        status=(201,),
+    ),
+    Op(
+        "delete",
+        "/api/v1/keys/{key_id}",
+        "revokeKey",
+        "Revoke an API key; needs admin",
+        "keys",
+        s.Deleted,
+        (403, 404, *_AUTH),
+        (_param("key_id", "path", {"type": "string", "pattern": KEY_ID_PATTERN}, "Key id"),),
+    ),
+    Op(
+        "get",
+        "/api/v1/secrets",
+        "listSecrets",
+        "Names of a namespace's secrets (values never leave the server); needs deploy:NS",
+        "secrets",
+        s.SecretList,
+        (400, 403, *_AUTH),
+        (NAMESPACE,),
+    ),
+    Op(
+        "put",
+        "/api/v1/secrets/{name}",
+        "setSecret",
+        "Set a secret; the body is its value; needs deploy:NS",
+        "secrets",
+        s.SecretSet,
+        (400, 403, 409, 413, *_AUTH),
+        (SECRET, NAMESPACE),
+        body=("application/octet-stream", {"type": "string", "maxLength": 64 * 1024}),
+        status=(200, 201),
+    ),
+    Op(
+        "delete",
+        "/api/v1/secrets/{name}",
+        "deleteSecret",
+        "Delete a secret no function lists; needs deploy:NS",
+        "secrets",
+        s.Deleted,
+        (400, 403, 404, 409, *_AUTH),
+        (SECRET, NAMESPACE),
+    ),
 ]
 
 
-def _operation(summary: str, body: Any, response: Any, path: str) -> dict[str, Any]:
-    ref = {"$ref": f"#/components/schemas/{response.__name__}"}
-    media = "application/x-ndjson" if response is s.LogLine else "application/json"
-    op: dict[str, Any] = {
-        "summary": summary,
-        "responses": {
-            "200": {"description": "OK", "content": {media: {"schema": ref}}},
-            "4XX": {
-                "description": "Bad request",
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
-                },
-            },
-        },
+def _schema(kind: Any) -> dict[str, Any]:
+    if isinstance(kind, dict):
+        return kind
+    return {"$ref": f"#/components/schemas/{kind.__name__}"}
+
+
+def _operation(op: Op) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        str(code): {
+            "description": "Created" if code == 201 else "OK",
+            "content": {op.media: {"schema": _schema(op.response)}},
+        }
+        for code in op.status
     }
-    if "{name}" in path:
-        op["parameters"] = [
-            {
-                "name": "name",
-                "in": "path",
-                "required": True,
-                "schema": {"type": "string", "pattern": "^[a-z][a-z0-9-]{0,62}$"},
-            }
-        ]
-    if body is bytes:
-        op["requestBody"] = {
-            "content": {
-                "application/gzip": {
-                    "schema": {"type": "string", "contentMediaType": "application/gzip"}
-                }
-            }
+    for code in sorted(op.errors):
+        responses[str(code)] = {
+            "description": ERRORS[code],
+            "content": {"application/json": {"schema": _schema(s.ErrorBody)}},
         }
-    elif body is not None:
-        op["requestBody"] = {
-            "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{body.__name__}"}}
-            }
+        if code in _ERROR_HEADERS:
+            responses[str(code)]["headers"] = _ERROR_HEADERS[code]
+    out: dict[str, Any] = {
+        "operationId": op.operation_id,
+        "summary": op.summary,
+        "tags": [op.tag],
+        "security": [{"bearerAuth": []}] if op.auth else [],
+        "responses": responses,
+    }
+    if op.params:
+        out["parameters"] = list(op.params)
+    if isinstance(op.body, tuple):
+        media, schema = op.body
+        out["requestBody"] = {"required": True, "content": {media: {"schema": schema}}}
+    elif op.body is not None:
+        out["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _schema(op.body)}},
         }
-    return op
+    return out
 
 
-def document() -> dict[str, Any]:
-    types = {t for _, _, _, b, r in OPERATIONS for t in (b, r) if t not in (None, bytes)}
-    types.add(s.ErrorBody)
+@functools.cache
+def _document() -> bytes:
+    types = {t for op in OPERATIONS for t in (op.body, op.response) if isinstance(t, type)} | {
+        s.ErrorBody
+    }
     _, components = msgspec.json.schema_components(
         sorted(types, key=lambda t: t.__name__), ref_template="#/components/schemas/{name}"
     )
     paths: dict[str, dict[str, Any]] = {}
-    for method, path, summary, body, response in OPERATIONS:
-        paths.setdefault(path, {})[method] = _operation(summary, body, response, path)
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "Ember control plane", "version": "1"},
-        "paths": paths,
-        "components": {"schemas": components},
-    }
+    for op in OPERATIONS:
+        paths.setdefault(op.path, {})[op.method] = _operation(op)
+    return msgspec.json.encode(
+        {
+            "openapi": "3.1.0",
+            "info": {"title": "Ember control plane", "version": "1"},
+            "paths": paths,
+            "components": {
+                "schemas": components,
+                "securitySchemes": {
+                    "bearerAuth": {
+                        "type": "http",
+                        "scheme": "bearer",
+                        "description": "An API key: ember_<8 hex>_<43 characters>",
+                    }
+                },
+            },
+        }
+    )
+
+
+def document() -> dict[str, Any]:
+    """A fresh copy each call: callers may change it."""
+    doc: dict[str, Any] = msgspec.json.decode(_document())
+    return doc

@@ -16,6 +16,15 @@ from ember.wire.messages import SandboxPlan, Shutdown, SpawnZygote
 log = logging.getLogger("ember.pool")
 
 
+def _env(target: Target) -> dict[str, str]:
+    """The function's variables, plus the secrets it asked to see as variables."""
+    env = dict(target.spec.env)
+    for ref in target.spec.secrets:
+        if ref.env and ref.name in target.secrets:
+            env[ref.env] = target.secrets[ref.name].decode("utf-8", "surrogateescape")
+    return env
+
+
 class RootZygote:
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env  # the root zygote's whole environment, inherited by every function
@@ -71,7 +80,7 @@ class RootZygote:
             source=spec.source,
             module=spec.module,
             attribute=spec.attribute,
-            env=dict(spec.env),
+            env=_env(target),
             function=target.function,
             number=target.number,
             memory_mb=spec.memory,
@@ -79,6 +88,7 @@ class RootZygote:
             init_timeout=init_timeout,
             network=spec.network,
             sandbox=sandbox,
+            namespace=target.namespace,
         )
         try:  # the channel owns `child` from here and closes it once the fd is sent
             self.channel.send(msg, child)

@@ -50,6 +50,7 @@ def _prepare(spec: SpawnZygote) -> None:
     os.environ.update(
         {
             "EMBER_FUNCTION": spec.function,
+            "EMBER_NAMESPACE": spec.namespace,
             "EMBER_REVISION": str(spec.number),
             "EMBER_MEMORY_MB": str(spec.memory_mb),
         }

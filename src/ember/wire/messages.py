@@ -44,6 +44,7 @@ class SpawnZygote(_Msg, tag="spawn", frozen=True):
     init_timeout: float = 60.0  # seconds the module may take to import
     network: str = "host"  # none: a network namespace of its own with only loopback
     sandbox: SandboxPlan | None = None  # None: rlimits only (the host lacks the privileges)
+    namespace: str = "default"
 
 
 class Shutdown(_Msg, tag="shutdown", frozen=True):
