@@ -62,7 +62,7 @@ class SecretBox:
             return self._aead.decrypt(
                 sealed[:_NONCE], sealed[_NONCE:], f"{namespace}/{name}".encode()
             )
-        except InvalidTag:
+        except (InvalidTag, ValueError):  # ValueError: too short to hold a nonce
             raise PlatformError(
                 f"secret '{name}' of namespace '{namespace}' does not open with this server's "
                 "master key (was master.key replaced?); set it again with `ember secrets set`",

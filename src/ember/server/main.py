@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import signal
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ember import bundle
 from ember.api.app import build
@@ -99,6 +101,51 @@ class Server:
         await self.store.close()
 
 
+MAX_HEAD_BYTES = 64 * 1024  # request line + headers; more is a 431
+
+
+class _BoundedHead(HttpToolsProtocol):
+    """httptools buffers a request head of any size; this answers 431 past MAX_HEAD_BYTES."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._head, self._in_head = 0, True
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._head, self._in_head = 0, True  # the next request on this connection
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:  # count up to the blank line that ends the head, not the body
+            end = data.find(b"\r\n\r\n")
+            self._head += len(data) if end < 0 else end
+            if self._head > MAX_HEAD_BYTES:
+                self._refuse()
+                return
+        super().data_received(data)
+
+    def _refuse(self) -> None:
+        body = _json_error(
+            "headers_too_large",
+            f"the request line and headers exceed {MAX_HEAD_BYTES // 1024} KB; send large "
+            "values in the body",
+        )
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"content-type: application/json\r\nconnection: close\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        self.transport.close()
+
+
+def _json_error(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
 class _Uvicorn(uvicorn.Server):
     """Ends log-follow streams as soon as a signal arrives, so shutdown is not held up by them."""
 
@@ -144,7 +191,7 @@ async def run(config: ServerConfig, deploy: list[Path]) -> int:
             server.app,
             host=config.host,
             port=config.port,
-            http="httptools",
+            http=_BoundedHead,
             lifespan="off",
             access_log=False,
             log_level=config.log_level,
