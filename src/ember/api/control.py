@@ -57,6 +57,16 @@ def _read_only(root: Path) -> None:
             path.chmod(path.stat().st_mode & 0o555)
 
 
+def _generation(secrets: dict[str, bytes]) -> str:
+    """A short tag of the secret values (a keyed digest would add nothing: it stays in memory)."""
+    if not secrets:
+        return ""
+    digest = hashlib.sha256()
+    for name, value in sorted(secrets.items()):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(value).digest())
+    return "-" + digest.hexdigest()[:8]
+
+
 def revision_hash(source_tree: str, spec: FunctionSpec) -> str:
     return hashlib.sha256(source_tree.encode() + b"\0" + canonical(spec)).hexdigest()
 
@@ -95,6 +105,7 @@ class Control:
         namespace, _, name = rec.function.partition("/")
         code_dir = self.config.code_dir / rec.bundle
         ns = self.namespaces.get(namespace)
+        secrets = self._open_secrets(namespace, rec.spec)
         return Target(
             function=name,
             number=rec.number,
@@ -103,7 +114,8 @@ class Control:
             spec=rec.spec,
             namespace=namespace,
             uid=self.uid(ns) if ns is not None else self.config.sandbox_uid_base,
-            secrets=self._open_secrets(namespace, rec.spec),
+            secrets=secrets,
+            generation=_generation(secrets),
         )
 
     def _open_secrets(self, namespace: str, spec: FunctionSpec) -> dict[str, bytes]:
@@ -443,12 +455,13 @@ class Control:
         return sorted(name for ns, name in self._sealed if ns == namespace)
 
     def _refresh_users(self, namespace: str, secret: str) -> None:
-        """Functions listing the secret get new targets; their zygotes restart on next use."""
+        """Functions listing the secret get new targets: new requests go to a new zygote with
+        the new value; requests on the old one finish there, then it is reaped."""
         for key, target in list(self._targets.items()):
             if target.namespace == namespace and any(r.name == secret for r in target.spec.secrets):
-                self.pool.discard(target)
+                secrets = self._open_secrets(namespace, target.spec)
                 self._targets[key] = msgspec.structs.replace(
-                    target, secrets=self._open_secrets(namespace, target.spec)
+                    target, secrets=secrets, generation=_generation(secrets)
                 )
         self.publish()
 

@@ -6,7 +6,7 @@ import msgspec
 
 from ember.spec import FunctionSpec
 
-RevisionKey = tuple[str, str, int, str]  # namespace, function, number, sha256
+RevisionKey = tuple[str, str, int, str]  # namespace, function, number, sha256 + generation
 
 
 class Target(msgspec.Struct, frozen=True):
@@ -19,11 +19,14 @@ class Target(msgspec.Struct, frozen=True):
     uid: int = 0  # the namespace's unprivileged uid and gid inside sandboxes; 0: not sandboxed
     # Decrypted values of the secrets the spec lists; never logged, never sent to clients.
     secrets: dict[str, bytes] = msgspec.field(default_factory=dict)
+    # Changes when a secret's value does: the revision then gets a new pool (and zygote) while
+    # requests on the old one finish.
+    generation: str = ""
 
     @property
     def key(self) -> RevisionKey:
         """Numbers restart after `ember rm`, so the content hash is part of the identity."""
-        return (self.namespace, self.function, self.number, self.sha256)
+        return (self.namespace, self.function, self.number, self.sha256 + self.generation)
 
     @property
     def qualified(self) -> str:
@@ -38,7 +41,7 @@ class Target(msgspec.Struct, frozen=True):
     @property
     def slug(self) -> str:
         """A file-name-safe unique name: cgroups and instance ids."""
-        return f"{self.namespace}.{self.function}.{self.number}.{self.sha256[:10]}"
+        return f"{self.namespace}.{self.function}.{self.number}.{self.sha256[:10]}{self.generation}"
 
     def __repr__(self) -> str:  # keeps secret values out of any log line or traceback
         return f"Target({self.label}, sha256={self.sha256[:12]})"
