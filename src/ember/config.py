@@ -29,7 +29,9 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     log_bytes_per_invocation: int = 1024 * 1024  # beyond this, output is dropped with a note
     flush_interval: float = 0.5  # seconds between telemetry drains to the store
     use_cgroups: bool = True  # memory limits by cgroup where the host allows it
-    sandbox: bool = True  # namespaces, seccomp and a uid per tenant where the host allows it
+    # auto: the root sandbox when privileged, else user namespaces, else none (rlimits only);
+    # userns: user namespaces even as root; off: none.
+    sandbox: str = "auto"
     require_isolation: bool = False  # refuse to start without the sandbox and cgroups
     sandbox_uid_base: int = 900_000  # tenant N runs as uid/gid base + N
     log_level: str = "info"
@@ -45,6 +47,12 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
             ("init_timeout", self.init_timeout, self.init_timeout > 0, "must be > 0"),
             ("max_body_bytes", self.max_body_bytes, self.max_body_bytes > 0, "must be > 0"),
             ("flush_interval", self.flush_interval, self.flush_interval > 0, "must be > 0"),
+            (
+                "sandbox",
+                self.sandbox,
+                self.sandbox in ("auto", "userns", "off"),
+                "must be auto, userns or off",
+            ),
             (
                 "log_level",
                 self.log_level,

@@ -39,9 +39,10 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "
 
 
 class EmberServer:
-    def __init__(self, home: Path, extra: list[str]) -> None:
+    def __init__(self, home: Path, extra: list[str], prefix: list[str] | None = None) -> None:
         self.home = home
         self.extra = extra
+        self.prefix = prefix or []  # e.g. a wrapper that runs the server unprivileged
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -54,6 +55,7 @@ class EmberServer:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [
+                    *self.prefix,
                     *ember_cmd(),
                     "up",
                     "--home",
@@ -143,8 +145,10 @@ def make_function(
 def server_factory(tmp_path: Path) -> Iterator[Callable[..., EmberServer]]:
     servers: list[EmberServer] = []
 
-    def start(*extra: str, home: Path | None = None) -> EmberServer:
-        srv = EmberServer(home or tmp_path / f"home{len(servers)}", list(extra))
+    def start(
+        *extra: str, home: Path | None = None, prefix: list[str] | None = None
+    ) -> EmberServer:
+        srv = EmberServer(home or tmp_path / f"home{len(servers)}", list(extra), prefix)
         servers.append(srv)
         return srv.start()
 

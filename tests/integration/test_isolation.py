@@ -9,7 +9,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -209,5 +212,93 @@ def test_without_the_sandbox_the_server_says_so_and_require_isolation_refuses(
     plain = server_factory("--no-sandbox")
     doctor = plain.api.get("/api/v1/doctor").json()["checks"]
     off = {c["name"]: c for c in doctor}
-    assert not off["mount namespace"]["ok"] and "--no-sandbox" in off["mount namespace"]["detail"]
+    assert not off["mount namespace"]["ok"] and "turned off" in off["mount namespace"]["detail"]
     assert "seccomp" in plain.output() and "off" in plain.output()
+
+
+def _check_sandboxed(server: EmberServer, fn_dir: Callable[..., Path]) -> dict:
+    server.deploy(fn_dir("spy-a", SPY, files={"only-a.txt": b"a"}))
+    server.deploy(fn_dir("spy-b", SPY))
+    state = [str(server.home), str(server.home / "ember.db"), str(server.home / "credentials")]
+    a = _spy(server, "spy-a", tmp="from-a", read=",".join(state))
+    b = _spy(server, "spy-b", exists=",".join([*state, "/tmp/from-a"]))
+    assert "only-a.txt" in a["code"] and "only-a.txt" not in b["code"]
+    assert not any(a["read"].values()) and not any(b["exists"].values())
+    assert a["pids"][0] == 1 and len(a["pids"]) <= 3
+    assert a["code_write"] == "EROFS" and a["usr_write"] == "EROFS"
+    if os.uname().machine == "x86_64":
+        for call in ("mount", "unshare_user", "ptrace", "keyctl", "bpf", "reboot"):
+            assert a[call] == "EPERM", (call, a[call])
+    return a
+
+
+def test_the_user_namespace_sandbox(server_factory: Callable[..., EmberServer], fn_dir):
+    """`--sandbox userns`: the same walls built inside a user namespace (what an unprivileged
+    server uses); as root each namespace still maps to its own uid outside."""
+    server = server_factory("--sandbox", "userns")
+    checks = {c["name"]: c for c in server.api.get("/api/v1/doctor").json()["checks"]}
+    assert "user namespace" in checks["mount namespace"]["detail"]
+    got = _check_sandboxed(server, fn_dir)
+    assert got["uid"] >= 900_000
+
+
+def _unprivileged(uid: int) -> list[str]:
+    """A wrapper that runs a command as `uid` with no capabilities. Directories on the way to the
+    interpreter that only root may enter (pyenv under /root) are made passable in a private
+    mount namespace of the wrapper, so the host is left as it was."""
+    needed = {os.path.realpath(p) for p in (sys.executable, sys.prefix, sys.base_prefix)}
+    needed.add(str(Path(__file__).resolve().parents[2]))
+    lines = ["set -e"]
+    done: set[str] = set()
+    for path in sorted(needed):
+        parts = Path(path).parts
+        for depth in range(1, len(parts) - 1):
+            parent = str(Path(*parts[: depth + 1]))
+            if parent in done or os.stat(parent).st_mode & 0o001:
+                continue
+            done.add(parent)
+            child = parts[depth + 1]
+            aside = f"/tmp/.ember-aside-{len(done)}"
+            lines += [
+                f"mkdir -p {aside}",
+                f"mount --bind {parent} {aside}",
+                f"mount -t tmpfs -o mode=755 tmpfs {parent}",
+                f"mkdir -p {parent}/{child}",
+                f"mount --bind {aside}/{child} {parent}/{child}",
+            ]
+    lines.append(f'exec setpriv --reuid={uid} --regid={uid} --clear-groups --inh-caps=-all "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(lines), "sh"]
+
+
+def test_an_unprivileged_server_sandboxes_with_user_namespaces_or_says_why_not(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+):
+    home = Path(tempfile.mkdtemp(prefix="ember-unpriv-"))
+    os.chown(home, 65534, 65534)
+    try:
+        server = server_factory(home=home, prefix=_unprivileged(65534))
+        checks = {c["name"]: c for c in server.api.get("/api/v1/doctor").json()["checks"]}
+        assert not checks["unprivileged uid"]["ok"], "one uid outside for every tenant"
+        assert "RLIMIT_AS" in checks["memory limit"]["detail"]
+        if not checks["mount namespace"]["ok"]:  # a host that forbids user namespaces
+            assert os.environ.get("CI") != "true", checks["mount namespace"]["detail"]
+            pytest.skip(checks["mount namespace"]["detail"])
+        got = _check_sandboxed(server, fn_dir)
+        assert got["uid"] >= 900_000, "the tenant's uid inside its namespace"
+        refused = subprocess.run(
+            [
+                *_unprivileged(65534),
+                *ember_cmd(),
+                "up",
+                "--home",
+                str(home / "h2"),
+                "--port",
+                "0",
+                "--require-isolation",
+            ],
+            capture_output=True,
+            timeout=60,
+        )
+        assert refused.returncode != 0 and b"unprivileged uid" in refused.stderr
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

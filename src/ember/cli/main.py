@@ -166,12 +166,15 @@ def up(
         ),
     ] = False,
     sandbox: Annotated[
-        bool,
+        str,
         typer.Option(
-            "--sandbox/--no-sandbox",
-            help="Namespaces, seccomp and a uid per tenant, where the host allows it.",
+            help="auto: the root sandbox when privileged, else user namespaces; userns: user "
+            "namespaces even as root; off: rlimits only.",
         ),
-    ] = True,
+    ] = server_default("sandbox"),
+    no_sandbox: Annotated[
+        bool, typer.Option("--no-sandbox", help="Same as --sandbox off.")
+    ] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = server_default(
         "log_level"
     ),
@@ -188,7 +191,7 @@ def up(
         init_timeout=init_timeout,
         zygote_keepalive=zygote_keepalive,
         log_level=log_level,
-        sandbox=sandbox,
+        sandbox="off" if no_sandbox else sandbox,
         require_isolation=require_isolation,
         base_env={k: v for k, v in os.environ.items() if k in PASSED_ENV},
     ).validate()
@@ -382,12 +385,15 @@ def scale(
 
 
 @command
-def doctor(as_json: JsonFlag = False) -> None:
+def doctor(
+    as_json: JsonFlag = False,
+    sandbox: Annotated[str, typer.Option(help="Probe this sandbox setting.")] = "auto",
+) -> None:
     """Check this host's isolation features and whether an Ember server is reachable."""
     from ember.cli import client
     from ember.pool.capabilities import detect
 
-    checks = [(check.name, check.ok, check.detail) for check in detect()]
+    checks = [(check.name, check.ok, check.detail) for check in detect(sandbox)]
     url = server_url()
     reachable, detail = client.probe(url)
     if as_json:

@@ -4,7 +4,10 @@ log and `ember up --require-isolation`."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import msgspec
@@ -23,41 +26,57 @@ def _linux() -> bool:
     return sys.platform.startswith("linux")
 
 
-def sandbox_possible() -> bool:
-    """Namespaces, pivot_root, setuid and seccomp need root on Linux. (Unprivileged user
-    namespaces could give most of it; Ember does not use them yet.)"""
-    return _linux() and os.geteuid() == 0 and seccomp.supported()
+class SandboxProbe(msgspec.Struct, frozen=True):
+    mode: str  # root | userns | none | off
+    detail: str = ""
 
 
-def _sandbox_checks(enabled: bool) -> list[Check]:
-    if not enabled:
-        why = "turned off (--no-sandbox)"
-    elif not _linux():
-        why = f"not Linux ({sys.platform})"
-    elif os.geteuid() != 0:
-        why = f"not root (uid {os.geteuid()}); run `ember up` as root for the sandbox"
-    elif not seccomp.supported():
-        why = f"seccomp filter not known for {os.uname().machine}"
+def probe_sandbox(workdir: Path, setting: str, env: dict[str, str] | None = None) -> SandboxProbe:
+    """Which sandbox this host allows, found by entering one in a throw-away process
+    (`python -m ember.runtime.sandbox`; the server itself never forks)."""
+    if setting == "off":
+        return SandboxProbe("off", "turned off (--sandbox off)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "ember.runtime.sandbox", str(workdir), setting],
+            capture_output=True,
+            timeout=30,
+            env=env,
+        )
+        return msgspec.json.decode(done.stdout.splitlines()[-1], type=SandboxProbe)
+    except (OSError, subprocess.TimeoutExpired, IndexError, msgspec.DecodeError) as exc:
+        return SandboxProbe("none", f"the sandbox probe failed: {exc}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _sandbox_checks(probe: SandboxProbe) -> list[Check]:
+    ok = probe.mode in ("root", "userns")
+    off = f"off: {probe.detail}; functions run as the server's uid and see its files"
+    userns = " (in a user namespace)" if probe.mode == "userns" else ""
+    uid_ok = probe.mode == "root" or (probe.mode == "userns" and os.geteuid() == 0)
+    if uid_ok:
+        uid = "each namespace (tenant) runs as its own uid/gid" + userns
+    elif ok:
+        uid = (
+            "functions run as uid N inside their user namespace but as the server's uid outside: "
+            "tenants are kept apart by namespaces only; run as root for a uid per tenant"
+        )
     else:
-        why = ""
-    ok = not why
-    off = f"off: {why}; functions run as the server's uid and see its files"
+        uid = off
     return [
         Check(
             "mount namespace",
             ok,
-            "read-only system, code read-only at /code, private /tmp, no EMBER_HOME" if ok else off,
+            "read-only system, code read-only at /code, private /tmp, no EMBER_HOME" + userns
+            if ok
+            else off,
         ),
         Check(
-            "pid/ipc/uts namespaces",
-            ok,
-            "a function sees only its own processes" if ok else off,
+            "pid/ipc/uts namespaces", ok, "a function sees only its own processes" if ok else off
         ),
-        Check(
-            "unprivileged uid",
-            ok,
-            "each namespace (tenant) runs as its own uid/gid" if ok else off,
-        ),
+        Check("unprivileged uid", uid_ok, uid),
         Check(
             "seccomp + no_new_privs",
             ok,
@@ -67,10 +86,10 @@ def _sandbox_checks(enabled: bool) -> list[Check]:
         ),
         Check(
             "network: none",
-            _linux() and os.geteuid() == 0,
+            ok,
             "functions may have a network namespace of their own (loopback only)"
-            if _linux() and os.geteuid() == 0
-            else "needs root: functions with network: none are refused at deploy",
+            if ok
+            else "needs the sandbox: functions with network: none are refused at deploy",
         ),
     ]
 
@@ -112,10 +131,12 @@ def _userns() -> str:
     return path.read_text().strip() if path.exists() else "0"
 
 
-def protections(cgroups: Cgroups | None, sandbox: bool, use_cgroups: bool = True) -> list[Check]:
+def protections(
+    cgroups: Cgroups | None, probe: SandboxProbe, use_cgroups: bool = True
+) -> list[Check]:
     """What functions started by a server with these settings get."""
     return [
-        *_sandbox_checks(sandbox and sandbox_possible()),
+        *_sandbox_checks(probe),
         *_cgroup_checks(cgroups, use_cgroups),
         Check("timeouts", True, "an instance past its timeout is killed with SIGKILL"),
     ]
@@ -125,9 +146,10 @@ def missing(checks: list[Check]) -> list[str]:
     return [c.name for c in checks if not c.ok]
 
 
-def detect(sandbox: bool = True) -> list[Check]:
+def detect(setting: str = "auto") -> list[Check]:
     linux = _linux()
     probe = Cgroups.detect(f"doctor-{os.getpid()}") if linux else None
+    sandbox = probe_sandbox(Path(tempfile.mkdtemp(prefix="ember-doctor-")), setting)
     try:
         checks = [
             Check("platform", linux, f"{sys.platform}, Python {sys.version.split()[0]}"),

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ember.autoscaler.keepalive import decide
 from ember.config import ServerConfig
 from ember.errors import IsolationUnavailable, QuotaReached
-from ember.pool.capabilities import Check, missing, protections, sandbox_possible
+from ember.pool.capabilities import Check, SandboxProbe, missing, probe_sandbox, protections
 from ember.pool.cgroup import Cgroups
 from ember.pool.instance import Instance
 from ember.pool.revision import RevisionPool, RevisionStats
@@ -39,6 +39,7 @@ class Pool:
         self._loop_task: asyncio.Task[None] | None = None
         self._mover = ThreadPoolExecutor(1, thread_name_prefix="ember-cgroup")
         self.sandboxed = False
+        self.probe = SandboxProbe("off")
         self.protections: list[Check] = []
         self.quotas: dict[str, Quota] = {}
         self._unremoved: set[str] = set()  # revision cgroups that still had processes
@@ -46,8 +47,11 @@ class Pool:
     async def start(self) -> None:
         if self.config.use_cgroups:
             self.cgroups = Cgroups.detect(f"server-{os.getpid()}")
-        self.sandboxed = self.config.sandbox and sandbox_possible()
-        self.protections = protections(self.cgroups, self.config.sandbox, self.config.use_cgroups)
+        self.probe = await asyncio.to_thread(
+            probe_sandbox, self.config.run_dir / "probe", self.config.sandbox, self.config.base_env
+        )
+        self.sandboxed = self.probe.mode in ("root", "userns")
+        self.protections = protections(self.cgroups, self.probe, self.config.use_cgroups)
         for check in self.protections:
             log.log(
                 logging.INFO if check.ok else logging.WARNING, "%s: %s", check.name, check.detail
@@ -157,6 +161,7 @@ class Pool:
             cgroups=joins,
             hide=[str(self.config.home)],
             secrets=dict(target.secrets),
+            userns=self.probe.mode == "userns",
         )
 
     def _release_revision(self, target: Target) -> None:

@@ -32,6 +32,7 @@ from ember.wire.messages import SandboxPlan
 CODE_DIR = "/code"  # where the revision's code appears inside the sandbox
 SECRETS_DIR = "/run/secrets"
 
+_CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWCGROUP = 0x02000000
 _CLONE_NEWUTS = 0x04000000
@@ -46,6 +47,17 @@ _MS_NOEXEC = 0x8
 _MS_REMOUNT = 0x20
 _MS_BIND = 0x1000
 _MS_REC = 0x4000
+_MS_NOATIME = 0x400
+_MS_NODIRATIME = 0x800
+_MS_RELATIME = 0x200000
+# statvfs flags of a mount → the mount(2) flags a remount must keep: in a user namespace the
+# kernel refuses to clear flags the mount had when it was inherited.
+_KEPT = (
+    (os.ST_NOEXEC, _MS_NOEXEC),
+    (os.ST_NOATIME, _MS_NOATIME),
+    (os.ST_NODIRATIME, _MS_NODIRATIME),
+    (os.ST_RELATIME, _MS_RELATIME),
+)
 _MS_PRIVATE = 0x40000
 _MNT_DETACH = 0x2
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
@@ -88,6 +100,10 @@ def _bind(source: str, target: str, *, read_only: bool = True, flags: int = 0) -
     """Bind `source` at `target`, then remount it read-only (a bind ignores MS_RDONLY at first)."""
     _mount(source, target, None, _MS_BIND)
     extra = _MS_RDONLY if read_only else 0
+    kept = os.statvfs(source).f_flag
+    for st_flag, ms_flag in _KEPT:
+        if kept & st_flag:
+            extra |= ms_flag
     _mount(None, target, None, _MS_BIND | _MS_REMOUNT | _MS_NOSUID | _MS_NODEV | extra | flags)
 
 
@@ -97,7 +113,16 @@ def _bind(source: str, target: str, *, read_only: bool = True, flags: int = 0) -
 def split(plan: SandboxPlan, network_none: bool) -> int:
     """Unshare the namespaces and fork; returns in the child (the zygote to be) the read end of
     the pipe on which the keeper reports the cgroup placement. The keeper never returns."""
-    _check(_libc().unshare(_CLONE_NEWPID), "unshare of a pid namespace")
+    if plan.userns:  # no privileges: a user namespace of our own gives them, inside only
+        uid, gid = os.geteuid(), os.getegid()
+        _check(
+            _libc().unshare(_CLONE_NEWUSER | _CLONE_NEWPID), "unshare of user and pid namespaces"
+        )
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"{plan.uid} {uid} 1")
+        _write("/proc/self/gid_map", f"{plan.gid} {gid} 1")
+    else:
+        _check(_libc().unshare(_CLONE_NEWPID), "unshare of a pid namespace")
     ready_r, ready_w = os.pipe()
     keeper = os.getpid()
     child = os.fork()
@@ -117,6 +142,16 @@ def split(plan: SandboxPlan, network_none: bool) -> int:
     limits.close_fds_except(ready_w)  # the zygote's channel is the zygote's alone
     _keep(child, plan.cgroups, ready_w)
     raise AssertionError("unreachable")
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as exc:
+        raise SandboxError(
+            exc.errno or 0, f"sandbox: writing {path} failed: {exc.strerror}"
+        ) from None
 
 
 def _keep(child: int, cgroups: list[str], ready_w: int) -> None:
@@ -261,14 +296,36 @@ def lock_down(plan: SandboxPlan, ready_r: int) -> None:
         raise SandboxError(0, f"sandbox: {report.decode(errors='replace') or 'keeper died'}")
     # Its own cgroup tree is all it sees of cgroups (the server's paths stay hidden).
     _check(_libc().unshare(_CLONE_NEWCGROUP), "unshare of a cgroup namespace")
-    os.setgroups([])
-    os.setresgid(plan.gid, plan.gid, plan.gid)
-    os.setresuid(plan.uid, plan.uid, plan.uid)
-    limits.die_with_parent(0, in_new_pid_namespace=True)  # a change of uid cleared it
+    if plan.userns:  # uid and gid are mapped already; the capabilities go
+        _drop_capabilities()
+    else:
+        os.setgroups([])
+        os.setresgid(plan.gid, plan.gid, plan.gid)
+        os.setresuid(plan.uid, plan.uid, plan.uid)
+    limits.die_with_parent(0, in_new_pid_namespace=True)  # a change of credentials cleared it
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core files of user code
     seccomp.install()  # sets no_new_privs first
     os.environ["HOME"] = "/tmp"
     os.environ["TMPDIR"] = "/tmp"
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _drop_capabilities() -> None:
+    """capset(2) with empty sets: what the user namespace granted is gone for good."""
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (_CapData * 2)()
+    _check(_libc().capset(ctypes.byref(header), data), "dropping capabilities")
 
 
 def enter(plan: SandboxPlan, code_dir: str, network_none: bool) -> None:
@@ -276,3 +333,69 @@ def enter(plan: SandboxPlan, code_dir: str, network_none: bool) -> None:
     ready_r = split(plan, network_none)
     build_root(plan, code_dir)
     lock_down(plan, ready_r)
+
+
+# ---- what this host allows: `python -m ember.runtime.sandbox DIR` ----
+
+
+def privileged() -> bool:
+    """CAP_SYS_ADMIN in the effective set: root that may mount and create namespaces."""
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(line for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caps.split()[1], 16) & (1 << 21))
+
+
+def probe(workdir: str, mode: str = "auto") -> tuple[str, str]:
+    """Enter a throw-away sandbox in a child: ("root" | "userns" | "none", why not).
+
+    `auto` tries the root sandbox when privileged, else user namespaces; `userns` forces them.
+    """
+    if not sys.platform.startswith("linux"):
+        return "none", f"not Linux ({sys.platform})"
+    if not seccomp.supported():
+        return "none", f"no seccomp filter for {os.uname().machine}"
+    if mode == "auto":
+        mode = "root" if privileged() else "userns"
+    for sub in ("root", "code"):
+        os.makedirs(os.path.join(workdir, sub), exist_ok=True)
+    plan = SandboxPlan(
+        root=os.path.join(workdir, "root"),
+        uid=65534,
+        gid=65534,
+        hostname="probe",
+        tmp_mb=1,
+        userns=mode == "userns",
+    )
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(err_r)
+            enter(plan, os.path.join(workdir, "code"), network_none=True)
+            code = 0 if os.getuid() == plan.uid and os.listdir("/proc") else 1
+        except BaseException as exc:
+            os.write(err_w, str(exc).encode()[:500])
+        finally:
+            os._exit(code)
+    os.close(err_w)
+    with os.fdopen(err_r, "rb") as errors:
+        why = errors.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) == 0:
+        return mode, ""
+    if mode == "root":
+        return "none", why or "the sandbox could not be entered"
+    return "none", (why or "user namespaces are not allowed here") + (
+        "; run `ember up` as root, or allow unprivileged user namespaces"
+    )
+
+
+if __name__ == "__main__":
+    import json
+
+    found, reason = probe(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "auto")
+    sys.stdout.write(json.dumps({"mode": found, "detail": reason}) + "\n")

@@ -28,6 +28,7 @@ class SandboxPlan(msgspec.Struct, frozen=True):
     cgroups: list[str] = []  # cgroup.procs files the zygote joins before the import
     hide: list[str] = []  # directories never visible inside, even under a bound directory
     secrets: dict[str, bytes] = {}  # files of /run/secrets
+    userns: bool = False  # no privileges: a user namespace maps uid/gid to the server's own
 
 
 class SpawnZygote(_Msg, tag="spawn", frozen=True):
