@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,14 +13,13 @@ import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from ember.api import schemas as s
 from ember.api.control import DEFAULT_NS, Control, validate_namespace
-from ember.api.openapi import document
+from ember.api.openapi import INT64_MAX, document
 from ember.auth import Principal
 from ember.errors import EmberError, Forbidden, UserError
-from ember.pool.capabilities import detect
 from ember.pool.target import Target
 from ember.secretbox import MAX_SECRET_BYTES
 from ember.spec import Quota
@@ -272,8 +272,8 @@ class Api:
         return _ok(s.Deleted(deleted=name))
 
     async def doctor(self, request: Request) -> Response:
-        self._who(request)
-        return _ok(s.CheckList(checks=detect(self.control.config.sandbox)))
+        self._who(request)  # what this server's functions get, as probed at its start
+        return _ok(s.CheckList(checks=self.control.pool.protections))
 
     async def openapi(self, request: Request) -> Response:
         self._who(request)
@@ -289,11 +289,18 @@ class Api:
 async def _body(request: Request, kind: type[Any]) -> Any:
     raw = await request.body()
     try:
-        return msgspec.json.decode(raw, type=kind)
+        body = msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
         raise UserError(f"invalid request body: {exc}", code="bad_request") from None
     except msgspec.DecodeError as exc:
         raise UserError(f"request body is not valid JSON: {exc}", code="bad_request") from None
+    for field, value in msgspec.structs.asdict(body).items():
+        if type(value) is int and not -INT64_MAX - 1 <= value <= INT64_MAX:  # SQLite's INTEGER
+            raise UserError(
+                f"invalid request body: {field}={value} is out of range (at most {INT64_MAX})",
+                code="bad_request",
+            )
+    return body
 
 
 def _int(request: Request, key: str, default: int, low: int, high: int) -> int:
@@ -310,9 +317,12 @@ def _float(request: Request, key: str, default: float) -> float:
     if raw is None:
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise UserError(f"query parameter {key}={raw!r} must be a unix timestamp") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise UserError(f"query parameter {key}={raw[:40]!r} must be a unix timestamp")
+    return value
 
 
 def build(control: Control, metrics: Metrics) -> Starlette:
@@ -350,6 +360,15 @@ def build(control: Control, metrics: Metrics) -> Starlette:
 
     async def not_found(request: Request, exc: Exception) -> Response:
         code = getattr(exc, "status_code", 404)
+        headers = {}
+        if code == 405:  # the methods of every route of the path, not only of the first one
+            allowed = {
+                method
+                for route in routes
+                if route.matches(request.scope)[0] is Match.PARTIAL
+                for method in route.methods or ()
+            }
+            headers["Allow"] = ", ".join(sorted(allowed))
         return Response(
             _json.encode(
                 {
@@ -361,6 +380,7 @@ def build(control: Control, metrics: Metrics) -> Starlette:
                 }
             ),
             code,
+            headers=headers,
             media_type="application/json",
         )
 

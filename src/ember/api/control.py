@@ -478,8 +478,11 @@ class Control:
     async def create_key(self, name: str, scopes: list[str], rate: float, burst: int) -> str:
         """A new key; the token is returned once and never stored."""
         scopes = auth.validate_scopes(scopes)
-        if rate < 0 or burst < 0:
-            raise UserError("rate and burst must be >= 0 (0 = unlimited)")
+        if not (rate == 0 or 0.001 <= rate <= 1e6) or not 0 <= burst <= 1_000_000:
+            raise UserError(
+                f"rate={rate:g} must be 0 (unlimited) or 0.001-1000000 requests/s and "
+                f"burst={burst} 0-1000000"
+            )
         key_id, token, digest = auth.new_token()
         await self.store.add_key(
             KeyRecord(

@@ -19,6 +19,23 @@ from ember.spec import Quota
 NAME_PATTERN = "^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$"  # manifest.NAME_RE: functions, namespaces
 SECRET_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"  # manifest.SECRET_NAME_RE
 KEY_ID_PATTERN = "^[0-9a-f]{8}$"  # auth: ember_<id>_<secret>
+SCOPE_PATTERN = "^(admin|(deploy|invoke|read):([*]|[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?))$"  # auth
+INT64_MAX = 2**63 - 1  # the largest integer the store keeps (app._body rejects larger ones)
+
+_COUNT = {"minimum": 0, "maximum": INT64_MAX}
+# What the server checks beyond the types of the structs: (struct, field) -> JSON schema keywords.
+REFINEMENTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("Quota", "functions"): _COUNT,
+    ("Quota", "instances"): _COUNT,
+    ("Quota", "memory_mb"): _COUNT,
+    ("ScaleRequest", "instances"): _COUNT,
+    ("KeyRequest", "scopes"): {
+        "minItems": 1,
+        "items": {"type": "string", "pattern": SCOPE_PATTERN},
+    },
+    ("KeyRequest", "rate"): {"minimum": 0},
+    ("KeyRequest", "burst"): _COUNT,
+}
 
 ERRORS = {
     400: "Bad request: an invalid parameter, name or body",
@@ -377,6 +394,8 @@ def _document() -> bytes:
     _, components = msgspec.json.schema_components(
         sorted(types, key=lambda t: t.__name__), ref_template="#/components/schemas/{name}"
     )
+    for (struct, field), keywords in REFINEMENTS.items():
+        components[struct]["properties"][field].update(keywords)  # KeyError: a stale entry
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         paths.setdefault(op.path, {})[op.method] = _operation(op)
