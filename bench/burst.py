@@ -41,18 +41,32 @@ def http_burst(ember: Ember) -> tuple[Row, dict[str, Any]]:
     for r in got.responses:
         tier = r[1].get("x-ember-start", "?")
         tiers[tier] = tiers.get(tier, 0) + 1
-    span = entries[-1] - got.sent_first if entries else float("nan")
+    statuses: dict[int, int] = {}
+    for r in got.responses:
+        statuses[r[0]] = statuses.get(r[0], 0) + 1
+    nan = float("nan")
+    span = entries[-1] - got.sent_first if entries else nan
     row: Row = {
         "path": f"HTTP: {N} concurrent requests from zero",
         "seconds": round(span, 4),
-        "first_handler_s": round(entries[0] - got.sent_first, 4),
-        "median_handler_s": round(statistics.median(entries) - got.sent_first, 4),
+        "first_handler_s": round(entries[0] - got.sent_first, 4) if entries else nan,
+        "median_handler_s": round(statistics.median(entries) - got.sent_first, 4)
+        if entries
+        else nan,
         "instances": len(pids),
         "ok": len(ok),
         "target": f"<= {TARGET_S:g} s",
         "verdict": verdict(span, TARGET_S, unit=" s"),
     }
-    return row, {"tiers": tiers, "client_write_s": got.sent_last - got.sent_first}
+    if len(ok) < N:
+        failed = next((r[2] for r in got.responses if r[0] != 200), None)
+        log(f"burst: only {len(ok)} of {N} ok, statuses {statuses}; first error: {failed}")
+    extra = {"tiers": tiers, "statuses": statuses, "client_write_s": got.sent_last - got.sent_first}
+    return row, extra
+
+
+class _ZygoteGone(Exception):
+    pass
 
 
 def api_scale(ember: Ember) -> Row:
@@ -62,18 +76,25 @@ def api_scale(ember: Ember) -> Row:
     answered = time.perf_counter() - t0
     zygote = ember.function_zygote("sleepy")
     assert zygote is not None
+    path = f'API: scale {{"instances": {N}}} from zero'
 
     def all_waiting() -> bool:
-        kids = zygote.children()
         try:
+            kids = zygote.children()
             return len(kids) >= N and all(k.status() == psutil.STATUS_SLEEPING for k in kids)
         except psutil.NoSuchProcess:
+            if not zygote.is_running():
+                raise _ZygoteGone from None
             return False
 
-    wait_for(all_waiting, 30, f"{N} instances waiting for work")
+    try:
+        wait_for(all_waiting, 30, f"{N} instances waiting for work")
+    except _ZygoteGone:
+        log("burst: the zygote died while scaling up (a memory cgroup OOM? see dmesg)")
+        return {"path": path, "instances": count, "verdict": "FAILED: the zygote died"}
     ready = time.perf_counter() - t0
     return {
-        "path": f'API: scale {{"instances": {N}}} from zero',
+        "path": path,
         "seconds": round(ready, 4),
         "api_answered_s": round(answered, 4),
         "instances": count,

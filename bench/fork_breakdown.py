@@ -82,9 +82,10 @@ def scenarios(ember: Ember, name: str, scale: float, heavy: bool) -> dict[str, l
     return out
 
 
-def run(scale: float = 1.0) -> dict[str, Any]:
+def run(scale: float = 1.0, extra: list[str] | None = None) -> dict[str, Any]:
+    """`extra`: arguments for `ember up`, e.g. ["--no-sandbox"] to compare with the default."""
     results: dict[str, list[Any]] = {}
-    with Ember() as ember:
+    with Ember(extra or []) as ember:
         for name, env in (("forkprobe", {}), ("forkprobe-np", {"PROBE_IMPORTS": "numpy,pandas"})):
             ember.deploy("forkprobe", name, **({"env": env} if env else {}))
             for kind, marks in scenarios(ember, name, scale, bool(env)).items():
@@ -103,8 +104,10 @@ def run(scale: float = 1.0) -> dict[str, Any]:
             else:
                 row[scenario] = ""
         rows.append(row)
-    return report("breakdown", rows, detail=detail)
+    return report("breakdown", rows, detail=detail, server=ember.label)
 
 
 if __name__ == "__main__":
-    run()
+    import sys
+
+    run(extra=sys.argv[1:])  # e.g. python -m bench.fork_breakdown --no-sandbox

@@ -5,6 +5,12 @@ with SPACING seconds of quiet before each request, as on a host where fork start
 They differ because moving a process into a memory cgroup waits for an RCU grace period when
 no other cgroup migration happened in the last few tens of milliseconds (see docs/performance.md).
 
+Two Ember servers run side by side: as started by default (as root on Linux: with the sandbox, so
+instances fork from a zygote inside namespaces, under a seccomp filter, in the revision's cgroups)
+and with `--no-sandbox`. Each measurement is taken in ABBA blocks (half the samples on the first
+server, then both halves on the second, then the rest on the first), so drift in the machine's
+load falls on both alike and the sandbox's cost is a same-run difference.
+
 Baselines in the same run: a warm request to bare uvicorn serving the same handler (what the
 request costs without any start), and a fresh `python` process importing and calling the
 handler (the cold-start anchor a platform without zygotes pays at least).
@@ -18,7 +24,7 @@ from typing import Any
 
 from bench.client import KeepAlive
 from bench.common import FUNCTIONS, PYTHON, Row, latency_row, log, report, summary, verdict
-from bench.servers import Baseline, Ember
+from bench.servers import SANDBOX_VARIANTS, Baseline, Ember
 
 # (function, fork samples, spaced samples, fresh-process samples, target p50 ms, p99 ms)
 CASES: list[tuple[str, int, int, int, float, float | None]] = [
@@ -45,6 +51,20 @@ def fork_samples(ember: Ember, name: str, n: int, spacing: float = 0.0) -> tuple
                 samples.append(got.ms)
     finally:
         client.close()
+    return samples, dropped
+
+
+def abba(
+    embers: list[Ember], name: str, n: int, spacing: float = 0.0
+) -> tuple[list[list[float]], list[int]]:
+    """`fork_samples` on two servers in blocks A B B A, n samples each in all."""
+    first, second = n // 2, n - n // 2
+    samples: list[list[float]] = [[], []]
+    dropped = [0, 0]
+    for k, count in ((0, first), (1, first), (1, second), (0, second)):
+        got, lost = fork_samples(embers[k], name, count, spacing)
+        samples[k] += got
+        dropped[k] += lost
     return samples, dropped
 
 
@@ -80,27 +100,57 @@ def _judged(fn: str, what: str, values: list[float], p50: float, p99: float | No
     return latency_row(fn, what, values, target, ok)
 
 
+def _difference(fn: str, what: str, a: list[float], b: list[float]) -> Row:
+    sa, sb = summary(a), summary(b)
+    return {
+        "function": fn,
+        "measurement": what,
+        "p50_ms": round(sa["p50"] - sb["p50"], 3),
+        "p99_ms": round(sa["p99"] - sb["p99"], 3),
+    }
+
+
 def run(scale: float = 1.0) -> dict[str, Any]:
     rows: list[Row] = []
     dropped: dict[str, int] = {}
+    modes: dict[str, bool] = {}
     names = [case[0] for case in CASES]
-    with Ember() as ember, Baseline(*names) as bare:
+    (label_a, extra_a), (label_b, extra_b) = SANDBOX_VARIANTS
+    with (
+        Ember(extra_a, label_a) as first,
+        Ember(extra_b, label_b) as second,
+        Baseline(*names) as bare,
+    ):
+        embers = [first, second]
         for function, n_fork, n_spaced, n_fresh, p50_goal, p99_goal in CASES:
-            name = ember.deploy(function)["name"]
+            deployed = {ember.deploy(function)["name"] for ember in embers}
+            (name,) = deployed
+            for ember in embers:
+                modes[ember.label] = ember.sandboxed(name)
+            if modes != {label_a: True, label_b: False}:
+                log(f"WARNING: zygotes in the sandbox: {modes} (not root? not Linux?)")
             n, n_sp = max(10, int(n_fork * scale)), max(5, int(n_spaced * scale))
-            log(f"fork start {name}: {n} back to back, {n_sp} {SPACING:g} s apart")
-            forks, dropped[name] = fork_samples(ember, name, n)
-            rows.append(_judged(name, "ember fork start, back to back", forks, p50_goal, p99_goal))
-            spaced, dropped[f"{name} spaced"] = fork_samples(ember, name, n_sp, SPACING)
-            what = f"ember fork start, {SPACING:g} s apart"
-            rows.append(_judged(name, what, spaced, p50_goal, p99_goal))
-            rows.append(latency_row(name, "ember warm", warm_samples(ember.port, name, 200)))
+            log(f"fork start {name}: {n} back to back, {n_sp} {SPACING:g} s apart, per server")
+            forks, lost = abba(embers, name, n)
+            spaced, lost_sp = abba(embers, name, n_sp, SPACING)
+            for i, ember in enumerate(embers):
+                dropped[f"{name} {ember.label}"] = lost[i]
+                dropped[f"{name} {ember.label} spaced"] = lost_sp[i]
+            for what, values in (("back to back", forks), (f"{SPACING:g} s apart", spaced)):
+                for ember, samples in zip(embers, values, strict=True):
+                    label = f"{ember.label} fork start, {what}"
+                    rows.append(_judged(name, label, samples, p50_goal, p99_goal))
+                what = f"sandbox cost, {what} ({label_a} minus {label_b})"
+                rows.append(_difference(name, what, values[0], values[1]))
+            for ember in embers:
+                warm = warm_samples(ember.port, name, 200)
+                rows.append(latency_row(name, f"{ember.label} warm", warm))
             rows.append(
                 latency_row(name, "uvicorn warm (baseline)", warm_samples(bare.port, name, 200))
             )
             fresh = fresh_process_samples(function, max(3, int(n_fresh * scale)))
             rows.append(latency_row(name, "fresh python process (anchor)", fresh))
-    return report("fork_start", rows, dropped_not_fork=dropped)
+    return report("fork_start", rows, dropped_not_fork=dropped, sandboxed=modes)
 
 
 if __name__ == "__main__":

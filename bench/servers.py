@@ -129,29 +129,58 @@ class Baseline(_Process):
         return bench_env(BENCH_FUNCTIONS=",".join(self.functions))
 
 
+# Ember as it starts by default (as root on Linux: with the sandbox) and with `--no-sandbox`;
+# the start benchmarks run both in the same run: (label, extra `ember up` arguments).
+SANDBOX_VARIANTS: list[tuple[str, list[str]]] = [
+    ("ember, sandbox", []),
+    ("ember --no-sandbox", ["--no-sandbox"]),
+]
+
+
 class Ember(_Process):
-    """`ember up` with a temporary home; deploys bench/functions/* with a chosen ember.yaml."""
+    """`ember up` with a temporary home; deploys bench/functions/* with a chosen ember.yaml.
+
+    `extra` is appended to the command line, e.g. `Ember(extra=["--no-sandbox"])`. Once the
+    server answers, the admin key `ember up` wrote to HOME/credentials is sent on every call.
+    """
 
     name = "ember"
 
-    def __init__(self) -> None:
+    def __init__(self, extra: list[str] | tuple[str, ...] = (), label: str = "") -> None:
         super().__init__()
+        self.extra = list(extra)
+        self._label = label
+        self.home = self.tmp / "home"
         self.bundles: dict[str, str] = {}  # function name -> digest of its code directory
+        self.cgroups: dict[str, str] = {}  # function name -> part of its revision cgroup's name
+
+    @property
+    def label(self) -> str:
+        """How tables name this server: the label given, else "ember" and its extra arguments."""
+        return self._label or " ".join(["ember", *self.extra])
 
     def command(self) -> list[str]:
-        home = self.tmp / "home"
         return [
             PYTHON,
             "-m",
             "ember.cli.main",
             "up",
             "--home",
-            str(home),
+            str(self.home),
             "--port",
             str(self.port),
             "--log-level",
             "warning",
+            *self.extra,
         ]
+
+    def start(self) -> Self:
+        super().start()
+        credentials = self.home / "credentials"
+        wait_for(credentials.exists, 10, f"{credentials} to be written")
+        key = credentials.read_text().strip()
+        self.http.headers["Authorization"] = f"Bearer {key}"
+        return self
 
     def deploy(self, function: str, name: str | None = None, **config: Any) -> dict[str, Any]:
         """Deploy bench/functions/FUNCTION as NAME with `config` as its ember.yaml entry."""
@@ -174,6 +203,9 @@ class Ember(_Process):
             raise RuntimeError(f"deploy of {name} failed: {resp.status_code} {resp.text}")
         self.bundles[name] = hashlib.sha256(bundle).hexdigest()
         deployed: dict[str, Any] = resp.json()["functions"][0]
+        # The revision cgroup is namespace.function.number.sha10[generation]
+        sha, number = deployed.get("sha256"), deployed.get("revision")
+        self.cgroups[name] = f".{name}.{number}.{sha[:10]}" if sha and number else f".{name}."
         return deployed
 
     def info(self, name: str) -> dict[str, Any]:
@@ -187,6 +219,13 @@ class Ember(_Process):
         resp.raise_for_status()
         return int(resp.json()["instances"])
 
+    def sandboxed(self, name: str) -> bool:
+        """Whether NAME's zygote is in the sandbox: its parent is a keeper, not the root zygote."""
+        zygote = self.function_zygote(name)
+        if zygote is None:
+            raise LookupError(f"{self.label}: no zygote of {name}")
+        return zygote.ppid() != self.root_zygote().pid
+
     # ---- the process tree ----
     def root_zygote(self) -> psutil.Process:
         for child in psutil.Process(self.pid).children():
@@ -195,15 +234,49 @@ class Ember(_Process):
         raise LookupError("no root zygote")
 
     def function_zygote(self, name: str) -> psutil.Process | None:
-        """The zygote of the last deploy: the root's child whose cwd is code/<bundle digest>."""
-        digest = self.bundles[name]
+        """The zygote of the last deploy of NAME.
+
+        Without the sandbox it is a child of the root zygote whose cwd is code/<bundle digest>.
+        With it, the root's child is a keeper (outside the pid namespace) and the zygote is the
+        keeper's only child; it is found by its cwd, by `/proc/PID/cgroup` naming the
+        revision's cgroup (`namespace.function.number.sha10`), or (where the zygote joins no
+        cgroup) by its `/code` being a bind mount of code/<bundle digest> (same device and inode).
+        """
+        digest, cgroup = self.bundles[name], self.cgroups.get(name, f".{name}.")
+        try:
+            code = os.stat(self.home / "code" / digest)
+        except OSError:
+            code = None
         for child in self.root_zygote().children():
             try:
-                if digest in child.cwd():
+                if self._is_zygote(child, digest, cgroup, code):
                     return child
-            except psutil.NoSuchProcess:
+                for grandchild in child.children():
+                    if self._is_zygote(grandchild, digest, cgroup, code):
+                        return grandchild
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
                 continue
         return None
+
+    @staticmethod
+    def _is_zygote(
+        proc: psutil.Process, digest: str, cgroup: str, code: os.stat_result | None
+    ) -> bool:
+        try:
+            if digest in proc.cwd():
+                return True
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            pass
+        try:
+            with open(f"/proc/{proc.pid}/cgroup") as f:
+                if cgroup in f.read():
+                    return True
+            if code is not None:
+                inside = os.stat(f"/proc/{proc.pid}/root/code")
+                return (inside.st_dev, inside.st_ino) == (code.st_dev, code.st_ino)
+        except OSError:
+            pass
+        return False
 
     def instances(self, name: str) -> list[psutil.Process]:
         zygote = self.function_zygote(name)

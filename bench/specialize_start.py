@@ -1,10 +1,17 @@
 """Specialize start: the revision has no function zygote (root zygote warm), so the first request
 forks a zygote from the root, imports the user's module there, then forks the instance.
 
-The function zygote is killed with SIGKILL before each sample. Baselines in the same run: the
-user's own import time in a fresh interpreter that has already imported what the root zygote
-pre-imports (so it is the import the zygote really does), the same without pre-imports, and
-bare interpreter startup (`python -c pass`).
+Two servers run side by side: Ember as it starts by default (as root on Linux: with the sandbox,
+so each new zygote also enters its namespaces, root file system, cgroups and seccomp filter) and
+Ember with `--no-sandbox`. Their samples alternate, so the sandbox's cost is a same-run
+difference. The function zygote is killed with SIGKILL before each sample. Measured twice: right
+after the kill, and with SPACING seconds of quiet first: a process joining a cgroup (as a
+sandboxed zygote does before its import) waits for an RCU grace period unless another cgroup
+migration happened in the last few tens of milliseconds (see docs/performance.md).
+
+Baselines in the same run: the user's own import time in a fresh interpreter that has already
+imported what the root zygote pre-imports (so it is the import the zygote really does), the same
+without pre-imports, and bare interpreter startup (`python -c pass`).
 """
 
 from __future__ import annotations
@@ -27,11 +34,12 @@ from bench.common import (
     verdict,
     wait_for,
 )
-from bench.servers import Ember, bench_env
+from bench.servers import SANDBOX_VARIANTS, Ember, bench_env
 
 # (function, specialize samples, import samples)
 CASES = [("noop", 30, 10), ("numpy_pandas", 15, 5)]
 BEYOND_IMPORT_MS = 25.0
+SPACING = 0.1  # the second series waits this long before each request, as on a quiet host
 TIMER = (
     "import sys, time\n"
     "{pre}"
@@ -77,60 +85,95 @@ def kill_zygote(ember: Ember, name: str) -> None:
     wait_for(lambda: not ember.info(name)["zygote"], 10, f"{name}'s zygote to be gone")
 
 
-def specialize_samples(ember: Ember, name: str, n: int) -> tuple[list[float], int]:
-    client = KeepAlive(ember.port)
-    samples: list[float] = []
-    dropped = 0
+def specialize_samples(
+    embers: list[Ember], name: str, n: int, spacing: float = 0.0
+) -> tuple[list[list[float]], list[int]]:
+    """n specialize latencies (ms) per server, one server after the other in each round;
+    `spacing` seconds of quiet before each request."""
+    clients = [KeepAlive(ember.port) for ember in embers]
+    samples: list[list[float]] = [[] for _ in embers]
+    dropped = [0 for _ in embers]
     try:
-        for _ in range(n):
-            ember.drain(name)
-            kill_zygote(ember, name)
-            got = client.get(f"/fn/{name}")
-            if got.status == 200 and got.tier == "specialize":
-                samples.append(got.ms)
-            else:
-                dropped += 1
+        for i in range(n):
+            order = range(len(embers)) if i % 2 == 0 else reversed(range(len(embers)))
+            for k in order:
+                ember, client = embers[k], clients[k]
+                ember.drain(name)
+                kill_zygote(ember, name)
+                time.sleep(spacing)
+                got = client.get(f"/fn/{name}")
+                if got.status == 200 and got.tier == "specialize":
+                    samples[k].append(got.ms)
+                else:
+                    dropped[k] += 1
     finally:
-        client.close()
+        for client in clients:
+            client.close()
     return samples, dropped
 
 
 def run(scale: float = 1.0) -> dict[str, Any]:
     rows: list[Row] = []
     dropped: dict[str, int] = {}
-    with Ember() as ember:
+    modes: dict[str, bool] = {}
+    target = f"p50 - import p50 <= {BEYOND_IMPORT_MS:g}"
+    (label_a, extra_a), (label_b, extra_b) = SANDBOX_VARIANTS
+    with Ember(extra_a, label_a) as first, Ember(extra_b, label_b) as second:
+        embers = [first, second]
         for function, n_spec, n_imp in CASES:
-            deployed = ember.deploy(function)
-            name = deployed["name"]
+            deployed = [ember.deploy(function) for ember in embers]
+            name = deployed[0]["name"]
+            for ember in embers:
+                modes[ember.label] = ember.sandboxed(name)
+            if modes != {label_a: True, label_b: False}:
+                log(f"WARNING: zygotes in the sandbox: {modes} (not root? not Linux?)")
             n = max(5, int(n_spec * scale))
-            log(f"specialize start {name}: {n} samples")
-            spec, dropped[name] = specialize_samples(ember, name, n)
+            log(f"specialize start {name}: {n} samples on each of {len(embers)} servers, twice")
+            runs = {
+                "": specialize_samples(embers, name, n),
+                f", {SPACING:g} s apart": specialize_samples(embers, name, n, SPACING),
+            }
             imp = import_ms(function, max(3, int(n_imp * scale)), preimport=True)
-            beyond = summary(spec)["p50"] - summary(imp)["p50"]
-            target = f"p50 - import p50 <= {BEYOND_IMPORT_MS:g}"
-            rows.append(latency_row(name, "ember specialize start", spec))
+            for when, (spec, lost) in runs.items():
+                for ember, values, gone in zip(embers, spec, lost, strict=True):
+                    dropped[f"{name} {ember.label}{when}"] = gone
+                    rows.append(latency_row(name, f"{ember.label} specialize start{when}", values))
             rows.append(latency_row(name, "import in fresh python, root pre-imports", imp))
-            rows.append(
-                {
-                    "function": name,
-                    "measurement": "specialize beyond own import (p50)",
-                    "p50_ms": round(beyond, 3),
-                    "target": target,
-                    "verdict": verdict(beyond, BEYOND_IMPORT_MS, unit=" ms"),
-                }
-            )
-            rows.append(
-                {
-                    "function": name,
-                    "measurement": "import measured by zygote at deploy",
-                    "n": 1,
-                    "p50_ms": round(deployed.get("import_ms") or 0.0, 3),
-                }
-            )
+            for when, (spec, _) in runs.items():
+                for ember, values in zip(embers, spec, strict=True):
+                    beyond = summary(values)["p50"] - summary(imp)["p50"]
+                    what = f"{ember.label} specialize start{when}, beyond own import (p50)"
+                    rows.append(
+                        {
+                            "function": name,
+                            "measurement": what,
+                            "p50_ms": round(beyond, 3),
+                            "target": target,
+                            "verdict": verdict(beyond, BEYOND_IMPORT_MS, unit=" ms"),
+                        }
+                    )
+                a, b = summary(spec[0]), summary(spec[1])
+                rows.append(
+                    {
+                        "function": name,
+                        "measurement": f"sandbox cost{when} ({label_a} minus {label_b})",
+                        "p50_ms": round(a["p50"] - b["p50"], 3),
+                        "p99_ms": round(a["p99"] - b["p99"], 3),
+                    }
+                )
+            for ember, dep in zip(embers, deployed, strict=True):
+                rows.append(
+                    {
+                        "function": name,
+                        "measurement": f"import measured by zygote at deploy, {ember.label}",
+                        "n": 1,
+                        "p50_ms": round(dep.get("import_ms") or 0.0, 3),
+                    }
+                )
             plain = import_ms(function, max(3, int(n_imp * scale)), preimport=False)
             rows.append(latency_row(name, "import in fresh python, nothing pre-imported", plain))
     rows.append(latency_row("-", "python -c pass (interpreter start)", interpreter_start_ms(10)))
-    return report("specialize_start", rows, dropped_not_specialize=dropped)
+    return report("specialize_start", rows, dropped_not_specialize=dropped, sandboxed=modes)
 
 
 if __name__ == "__main__":

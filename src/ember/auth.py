@@ -53,6 +53,11 @@ def digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
+def is_ember_token(authorization: bytes) -> bool:
+    """An `Authorization` value that carries an Ember key (which no function may see)."""
+    return authorization[:13].lower() == b"bearer ember_"
+
+
 def parse_token(token: str) -> tuple[str, str] | None:
     match = _TOKEN_RE.match(token)
     return (match[1], match[2]) if match else None
@@ -129,13 +134,16 @@ class KeyTable:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def active(self, key_id: str) -> bool:
+        return key_id in self._by_id
+
     def verify(self, authorization: str | None) -> Principal:
         """The principal of an `Authorization: Bearer <key>` header, or 401."""
         if not authorization:
             raise Unauthorized(
                 "this call needs an API key: send Authorization: Bearer <key>; the admin key "
                 "is in EMBER_HOME/credentials, `ember keys create` makes others",
-                headers={"WWW-Authenticate": "Bearer"},
+                headers={"WWW-Authenticate": "Bearer", "X-Ember-Auth": "required"},
             )
         scheme, _, token = authorization.strip().partition(" ")
         parsed = parse_token(token.strip()) if scheme.lower() == "bearer" else None
@@ -147,7 +155,10 @@ class KeyTable:
             raise Unauthorized(
                 "the API key is unknown, revoked or malformed; keys look like "
                 "ember_<8 hex>_<43 characters>",
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+                headers={
+                    "WWW-Authenticate": 'Bearer error="invalid_token"',
+                    "X-Ember-Auth": "required",
+                },
             )
         return principal
 
@@ -164,7 +175,7 @@ class KeyTable:
     def throttle(principal: Principal, now: float) -> None:
         if principal.bucket is None:
             return
-        wait = principal.bucket.take(now)
+        wait = min(principal.bucket.take(now), 3600.0)
         if wait > 0:
             raise RateLimited(
                 f"key {principal.key.id} is over its rate limit of "

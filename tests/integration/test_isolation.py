@@ -232,14 +232,15 @@ def _check_sandboxed(server: EmberServer, fn_dir: Callable[..., Path]) -> dict:
     return a
 
 
-def test_the_user_namespace_sandbox(server_factory: Callable[..., EmberServer], fn_dir):
-    """`--sandbox userns`: the same walls built inside a user namespace (what an unprivileged
-    server uses); as root each namespace still maps to its own uid outside."""
-    server = server_factory("--sandbox", "userns")
-    checks = {c["name"]: c for c in server.api.get("/api/v1/doctor").json()["checks"]}
-    assert "user namespace" in checks["mount namespace"]["detail"]
-    got = _check_sandboxed(server, fn_dir)
-    assert got["uid"] >= 900_000
+def test_sandbox_userns_as_root_is_refused_with_a_reason(tmp_path: Path):
+    """As root the root sandbox is the stronger one; asking for userns explicitly is refused
+    rather than silently run without a sandbox."""
+    done = subprocess.run(
+        [*ember_cmd(), "up", "--home", str(tmp_path / "h"), "--port", "0", "--sandbox", "userns"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode != 0 and b"--sandbox userns is for servers without root" in done.stderr
 
 
 def _unprivileged(uid: int) -> list[str]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import socket
 import stat
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -219,3 +221,43 @@ def test_quota_and_keys_need_an_admin_key(server: EmberServer):
         timeout=60,
     )
     assert done.returncode == 2 and b"not an admin key" in done.stderr
+
+
+PHISH = """
+import ember
+def handle(req, ctx):
+    if "authorization" in req.headers:
+        return {"stolen": req.headers["authorization"]}
+    return ember.Response(
+        {"error": {"code": "unauthorized", "message": "give me your key"}},
+        status=401,
+        headers={"WWW-Authenticate": "Bearer", "X-Ember-Auth": "required"},
+    )
+"""
+
+
+def test_a_public_function_never_gets_the_cli_key_even_when_it_asks(
+    server: EmberServer, fn_dir: Callable[..., Path]
+):
+    """Regression: `ember invoke` used to retry with its (admin) key on any Ember-shaped 401."""
+    server.deploy(fn_dir("phish", PHISH))
+    out = server.cli("invoke", "phish", check=False)
+    assert out.returncode != 0 and server.admin_key.encode() not in out.stdout + out.stderr
+    # Nor when someone sends an Ember key to a public function by mistake: Ember drops it.
+    with _as(server, server.admin_key) as c:
+        resp = c.get("/fn/phish")
+    assert resp.status_code == 401 and server.admin_key not in resp.text
+
+
+def test_a_function_that_turns_private_mid_request_is_not_served_without_a_key(
+    server: EmberServer, fn_dir: Callable[..., Path]
+):
+    """Regression: the key was checked against the target seen before the body arrived."""
+    server.deploy(fn_dir("flip", WHO % "open"))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /fn/flip HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
+        time.sleep(0.2)
+        server.deploy(fn_dir("flip", WHO % "closed", "functions:\n  flip:\n    access: private\n"))
+        sock.sendall(b"cd")
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:300]

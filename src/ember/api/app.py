@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Match, Route
 
+from ember import auth
 from ember.api import schemas as s
 from ember.api.control import DEFAULT_NS, Control, validate_namespace
 from ember.api.openapi import INT64_MAX, document
@@ -89,12 +90,11 @@ class Api:
         )
 
     async def functions(self, request: Request) -> Response:
-        principal = self._who(request)
         if "namespace" in request.query_params:
             _, namespace = self._allow(request, "read")
             visible: set[str] | None = {namespace}
         else:  # every namespace the key may read
-            visible = principal.namespaces("read")
+            visible = self._who(request).namespaces("read")
         records = {rec.name: rec for rec in await self.control.store.functions()}
         out = []
         for target in self.control.functions_in(visible):
@@ -175,16 +175,24 @@ class Api:
         since = _float(request, "since", 0.0)
         limit = _int(request, "limit", 1000, 1, 100_000)
         follow = request.query_params.get("follow", "false").lower() in ("1", "true", "yes")
+        key_id = self._who_id(request)
         return StreamingResponse(
-            self._tail(target.qualified, since, limit, follow), media_type="application/x-ndjson"
+            self._tail(target.qualified, since, limit, follow, key_id),
+            media_type="application/x-ndjson",
         )
 
+    def _who_id(self, request: Request) -> str:
+        parsed = auth.parse_token(request.headers.get("authorization", "").partition(" ")[2])
+        return parsed[0] if parsed else ""
+
     async def _tail(
-        self, name: str, since: float, limit: int, follow: bool
+        self, name: str, since: float, limit: int, follow: bool, key_id: str
     ) -> AsyncIterator[bytes]:
         after = 0
         store = self.control.store
         while True:
+            if not self.control.keys.active(key_id):  # revoked while following
+                return
             rows = await store.logs(name, since, after, limit)
             if rows:
                 after = rows[-1].id

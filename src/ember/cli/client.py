@@ -232,9 +232,10 @@ class Client:
         self, method: str, path: str, *, content: bytes | None, headers: Sequence[tuple[str, str]]
     ) -> httpx.Response:
         """Call a function: first without our key (a public function's code must never see
-        it); again with it when Ember answers that the function is private."""
+        it); again with it when Ember itself says the function needs one. The marker is an
+        `X-Ember-*` header, which a function's own response can never carry."""
         resp = self.request(method, path, content=content, headers=headers, with_key=False)
-        if resp.status_code == 401 and self.key and ember_error(resp.content) is not None:
+        if resp.status_code == 401 and self.key and resp.headers.get("x-ember-auth") == "required":
             resp = self.request(method, path, content=content, headers=headers)
         return resp
 

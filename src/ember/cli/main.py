@@ -183,7 +183,7 @@ def up(
     from ember.server.main import serve
 
     config = ServerConfig(
-        home=home or ember_home(),
+        home=(home or ember_home()).resolve(),
         host=host,
         port=port,
         queue_depth=queue_depth,

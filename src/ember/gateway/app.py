@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from ember.auth import KeyTable
+from ember.auth import KeyTable, is_ember_token
 from ember.errors import EmberError, FunctionMemoryExceeded, NotFound, PlatformError, TooLarge
 from ember.gateway.router import RouteTable
 from ember.pool.manager import Pool
@@ -57,10 +57,15 @@ class Gateway:
                     "or list functions with `ember ls`"
                 )
             headers = scope["headers"]
-            if target.spec.access == "private":
+            authorized = target.spec.access == "private"
+            if authorized:
                 headers = self._authorize(target, headers)
+            elif any(k == b"authorization" and is_ember_token(v) for k, v in headers):
+                headers = [(k, v) for k, v in headers if k != b"authorization"]
             body = await self._body(scope, receive)
             target = self.routes.get(key) or target  # a deploy may have landed meanwhile
+            if target.spec.access == "private" and not authorized:  # it became private
+                headers = self._authorize(target, scope["headers"])
             msg = Invoke(
                 id=rid,
                 method=scope["method"],

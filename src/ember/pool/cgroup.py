@@ -91,13 +91,16 @@ class Cgroups:
     def create(self, rev: str, leaf: str, memory_mb: int) -> str:
         """A memory leaf below the revision; its `cgroup.procs`."""
         path = self._dir("memory") / rev / leaf
-        path.mkdir()
+        path.mkdir(parents=True)
         limit = str(memory_mb * 1024 * 1024)
         if self.version == 2:
             (path / "memory.max").write_text(limit)
             (path / "memory.swap.max").write_text("0")
         else:
             (path / "memory.limit_in_bytes").write_text(limit)
+            swap = path / "memory.memsw.limit_in_bytes"  # with swap accounting: no swapping
+            if swap.exists():
+                swap.write_text(limit)
         return str(path / "cgroup.procs")
 
     def move(self, procs: str, pid: int) -> None:
@@ -124,11 +127,15 @@ class Cgroups:
         except (OSError, ValueError):
             return 0
 
-    def remove(self, procs: str) -> None:
+    def remove(self, procs: str) -> bool:
+        """rmdir a leaf; False while a process is still in it."""
         try:
             os.rmdir(Path(procs).parent)
+        except FileNotFoundError:
+            return True
         except OSError:
-            pass
+            return False
+        return True
 
     def remove_revision(self, rev: str) -> bool:
         """Remove a revision's cgroups; False while some process is still in one."""

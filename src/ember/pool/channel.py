@@ -17,6 +17,7 @@ from ember.errors import PlatformError
 
 T = TypeVar("T")
 MAX_PACKET = 128 * 1024  # well under the default socket buffer (~208 KB)
+BATCH = 64  # messages handled per wake-up
 _UCRED = struct.Struct("iII")  # pid, uid, gid
 _CRED_SPACE = socket.CMSG_SPACE(_UCRED.size)
 log = logging.getLogger("ember.pool")
@@ -98,7 +99,9 @@ class AsyncChannel(Generic[T]):
             self._writing = False
 
     def _readable(self) -> None:
-        while True:
+        # A bounded batch per wake-up: a peer that floods (the user's code runs in zygotes)
+        # must not hold the event loop; the reader fires again on the next turn.
+        for _ in range(BATCH):
             try:
                 data, ancillary, _flags, _addr = self.sock.recvmsg(MAX_PACKET, _CRED_SPACE)
             except BlockingIOError:
@@ -112,7 +115,13 @@ class AsyncChannel(Generic[T]):
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     sender = _UCRED.unpack_from(payload)[0]
-            self._on_message(self._decoder.decode(data), sender)
+            try:
+                msg = self._decoder.decode(data)
+            except msgspec.DecodeError as exc:  # not our runtime talking: stop listening
+                log.warning("closing a control channel after an invalid message: %s", exc)
+                self.close()
+                return
+            self._on_message(msg, sender)
 
     def close(self) -> None:
         if self.closed:

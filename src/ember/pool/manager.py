@@ -43,6 +43,8 @@ class Pool:
         self.protections: list[Check] = []
         self.quotas: dict[str, Quota] = {}
         self._unremoved: set[str] = set()  # revision cgroups that still had processes
+        self._unremoved_leaves: set[str] = set()  # instance and zygote leaves, likewise
+        self._zygote_leaf: dict[RevisionKey, str] = {}  # memory leaf of each revision's zygote
 
     async def start(self) -> None:
         if self.config.use_cgroups:
@@ -51,6 +53,8 @@ class Pool:
             probe_sandbox, self.config.run_dir / "probe", self.config.sandbox, self.config.base_env
         )
         self.sandboxed = self.probe.mode in ("root", "userns")
+        if self.config.sandbox == "userns" and not self.sandboxed:
+            raise IsolationUnavailable(f"--sandbox userns: {self.probe.detail}")
         self.protections = protections(self.cgroups, self.probe, self.config.use_cgroups)
         for check in self.protections:
             log.log(
@@ -146,11 +150,15 @@ class Pool:
         if not self.sandboxed:
             return None
         joins: list[str] = []
-        if self.cgroups is not None:
+        if self.cgroups is not None and self.probe.mode == "root":  # userns keepers may not
             spec = target.spec
             joins = await asyncio.get_running_loop().run_in_executor(
                 self._mover, self.cgroups.revision, target.slug, spec.memory, spec.pids, spec.cpu
             )
+            previous = self._zygote_leaf.pop(target.key, None)
+            if previous:  # the zygote it held is gone: that is why a new one starts
+                self.release_cgroup(previous)
+            self._zygote_leaf[target.key] = joins[-1]
         uid = target.uid or self.config.sandbox_uid_base
         return SandboxPlan(
             root=str(self.config.sandbox_root),
@@ -165,6 +173,7 @@ class Pool:
         )
 
     def _release_revision(self, target: Target) -> None:
+        self._zygote_leaf.pop(target.key, None)
         if self.cgroups is not None and not self.cgroups.remove_revision(target.slug):
             self._unremoved.add(target.slug)  # processes still leaving: retried on tick
 
@@ -207,8 +216,9 @@ class Pool:
         return procs
 
     def release_cgroup(self, procs: str) -> None:
-        if procs and self.cgroups is not None:
-            self.cgroups.remove(procs)
+        """Remove a leaf; one that still holds a dying process is retried on every tick."""
+        if procs and self.cgroups is not None and not self.cgroups.remove(procs):
+            self._unremoved_leaves.add(procs)
 
     def oom_killed(self, procs: str) -> bool:
         return bool(procs) and self.cgroups is not None and self.cgroups.oom_killed(procs)
@@ -258,7 +268,10 @@ class Pool:
                 rp.stop()
                 del self.revisions[key]
                 self._release_revision(rp.target)
-        if self._unremoved and self.cgroups is not None:
+        if self.cgroups is not None:
+            for procs in list(self._unremoved_leaves):
+                if self.cgroups.remove(procs):
+                    self._unremoved_leaves.discard(procs)
             for slug in list(self._unremoved):
                 if self.cgroups.remove_revision(slug):
                     self._unremoved.discard(slug)

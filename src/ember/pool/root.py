@@ -43,6 +43,7 @@ class RootZygote:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
+            "-P",  # no current directory on sys.path: it would be bound into every sandbox
             "-m",
             "ember.runtime.root",
             str(child.fileno()),
@@ -50,6 +51,7 @@ class RootZygote:
             stdin=subprocess.DEVNULL,
             env=self.env,
             start_new_session=True,  # Ctrl-C in a terminal reaches the server, not the tree
+            cwd="/",
         )
         child.close()
         self.channel = AsyncChannel(parent, Shutdown, lambda _msg, _sender: None, self._lost)

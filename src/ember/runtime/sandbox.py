@@ -60,6 +60,7 @@ _KEPT = (
 )
 _MS_PRIVATE = 0x40000
 _MNT_DETACH = 0x2
+_PR_SET_DUMPABLE = 4
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 
 _SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc")
@@ -114,6 +115,11 @@ def split(plan: SandboxPlan, network_none: bool) -> int:
     """Unshare the namespaces and fork; returns in the child (the zygote to be) the read end of
     the pipe on which the keeper reports the cgroup placement. The keeper never returns."""
     if plan.userns:  # no privileges: a user namespace of our own gives them, inside only
+        if os.geteuid() == 0:  # never map a tenant to root outside: become the tenant first
+            os.setgroups([])
+            os.setresgid(plan.gid, plan.gid, plan.gid)
+            os.setresuid(plan.uid, plan.uid, plan.uid)
+            limits.die_with_parent(os.getppid())  # the change of uid cleared it
         uid, gid = os.geteuid(), os.getegid()
         _check(
             _libc().unshare(_CLONE_NEWUSER | _CLONE_NEWPID), "unshare of user and pid namespaces"
@@ -192,16 +198,22 @@ def _under(path: str, parents: list[str]) -> bool:
 
 
 def _python_paths() -> list[str]:
-    """The interpreter, its standard library and every package directory on sys.path."""
+    """The interpreter, its standard library, the site-packages directories and Ember itself;
+    not other `sys.path` entries (a current directory or `PYTHONPATH` would expose the
+    operator's files to every function)."""
     import ember
 
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
     candidates = [
-        sys.prefix,
-        sys.base_prefix,
-        sys.exec_prefix,
+        *prefixes,
         os.path.dirname(os.path.realpath(sys.executable)),
-        os.path.dirname(os.path.dirname(os.path.abspath(ember.__file__))),
-        *sys.path,
+        os.path.dirname(os.path.dirname(os.path.realpath(ember.__file__))),
+        *(
+            p
+            for p in sys.path
+            if p.endswith(("site-packages", "dist-packages"))
+            or _under(os.path.realpath(p or "."), sorted(prefixes))
+        ),
     ]
     out: list[str] = []
     for path in sorted({os.path.realpath(p) for p in candidates if p and os.path.isabs(p)}):
@@ -263,7 +275,7 @@ def build_root(plan: SandboxPlan, code_dir: str) -> None:
     root = plan.root
     _mount("ember", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=0755")
     bound = _system(root)
-    for hidden in plan.hide:  # e.g. EMBER_HOME, should it lie under a bound directory
+    for hidden in map(os.path.realpath, plan.hide):  # EMBER_HOME under a bound directory
         if _under(hidden, bound) and os.path.isdir(hidden):
             _mount("tmpfs", root + hidden, "tmpfs", _MS_RDONLY, "size=4k,mode=0000")
     _bind(code_dir, _mkdirs(root, CODE_DIR))
@@ -273,6 +285,9 @@ def build_root(plan: SandboxPlan, code_dir: str) -> None:
     _secrets(root, plan)
     proc = _mkdirs(root, "/proc")
     _mount("proc", proc, "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    for path in ("sys", "sysrq-trigger"):  # kernel knobs: read-only even to a uid 0
+        if os.path.exists(f"{proc}/{path}"):
+            _bind(f"{proc}/{path}", f"{proc}/{path}")
     old = _mkdirs(root, "/.old")
     number = _SYS_PIVOT_ROOT.get(os.uname().machine)
     if number is None:
@@ -294,6 +309,11 @@ def lock_down(plan: SandboxPlan, ready_r: int) -> None:
     os.close(ready_r)
     if report != b"ok":
         raise SandboxError(0, f"sandbox: {report.decode(errors='replace') or 'keeper died'}")
+    # fds 0-2 were the server's (its terminal or log file): not for a tenant to read or write.
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
     # Its own cgroup tree is all it sees of cgroups (the server's paths stay hidden).
     _check(_libc().unshare(_CLONE_NEWCGROUP), "unshare of a cgroup namespace")
     if plan.userns:  # uid and gid are mapped already; the capabilities go
@@ -304,6 +324,9 @@ def lock_down(plan: SandboxPlan, ready_r: int) -> None:
         os.setresuid(plan.uid, plan.uid, plan.uid)
     limits.die_with_parent(0, in_new_pid_namespace=True)  # a change of credentials cleared it
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core files of user code
+    # Not dumpable: no process of the revision may open another's /proc/PID/mem (instances
+    # and their zygote share a uid; in a user namespace they would otherwise be "owners").
+    _check(_libc().prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
     seccomp.install()  # sets no_new_privs first
     os.environ["HOME"] = "/tmp"
     os.environ["TMPDIR"] = "/tmp"
@@ -359,6 +382,11 @@ def probe(workdir: str, mode: str = "auto") -> tuple[str, str]:
         return "none", f"no seccomp filter for {os.uname().machine}"
     if mode == "auto":
         mode = "root" if privileged() else "userns"
+    elif mode == "userns" and privileged():
+        return "none", (
+            "--sandbox userns is for servers without root; as root, --sandbox auto gives "
+            "the stronger root sandbox (a uid and cgroups per tenant)"
+        )
     for sub in ("root", "code"):
         os.makedirs(os.path.join(workdir, sub), exist_ok=True)
     plan = SandboxPlan(

@@ -83,6 +83,13 @@ DENIED: tuple[str, ...] = (
     "clock_settime",
     "sethostname",
     "setdomainname",
+    # large kernel attack surface a function does not need (Docker's profile denies these too)
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "pidfd_getfd",
+    "process_madvise",
+    "modify_ldt",
 )
 """Syscalls that fail with EPERM under the filter (those that exist on the architecture)."""
 
@@ -100,6 +107,12 @@ _NAMESPACE_FLAGS = (
 # Syscall numbers, only for the names used here. aarch64 uses the generic table, which has no
 # iopl or ioperm.
 _X86_64: dict[str, int] = {
+    "io_uring_setup": 425,
+    "io_uring_enter": 426,
+    "io_uring_register": 427,
+    "pidfd_getfd": 438,
+    "process_madvise": 440,
+    "modify_ldt": 154,
     "mount": 165,
     "umount2": 166,
     "pivot_root": 155,
@@ -146,6 +159,11 @@ _X86_64: dict[str, int] = {
     "clone3": 435,
 }
 _AARCH64: dict[str, int] = {
+    "io_uring_setup": 425,
+    "io_uring_enter": 426,
+    "io_uring_register": 427,
+    "pidfd_getfd": 438,
+    "process_madvise": 440,
     "mount": 40,
     "umount2": 39,
     "pivot_root": 41,

@@ -109,7 +109,7 @@ class _BoundedHead(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
-        self._head, self._in_head = 0, True
+        self._head, self._in_head, self._tail = 0, True, b""
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -117,12 +117,14 @@ class _BoundedHead(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self._head, self._in_head = 0, True  # the next request on this connection
+        self._head, self._in_head, self._tail = 0, True, b""  # the next request on the connection
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:  # count up to the blank line that ends the head, not the body
-            end = data.find(b"\r\n\r\n")
-            self._head += len(data) if end < 0 else end
+            seen = self._tail + data  # the blank line may straddle two reads
+            end = seen.find(b"\r\n\r\n")
+            self._head += len(data) if end < 0 else max(0, end - len(self._tail))
+            self._tail = seen[-3:]
             if self._head > MAX_HEAD_BYTES:
                 self._refuse()
                 return
