@@ -303,3 +303,28 @@ def test_an_unprivileged_server_sandboxes_with_user_namespaces_or_says_why_not(
         assert refused.returncode != 0 and b"unprivileged uid" in refused.stderr
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_an_import_over_the_memory_limit_is_rejected_naming_it(
+    server: EmberServer, fn_dir: Callable[..., Path]
+):
+    code = "BALLAST = bytearray(96 * 1024 * 1024)\ndef handle(req, ctx):\n    return 'x'\n"
+    out = server.cli(
+        "deploy", str(fn_dir("heavy", code, "functions:\n  heavy:\n    memory: 64\n")), check=False
+    )
+    assert out.returncode == 3 and b"more than memory: 64 MB" in out.stderr, out.stderr
+
+
+BURSTY = "import time\ndef handle(req, ctx):\n    time.sleep(0.5)\n    return 'ok'\n"
+
+
+def test_a_burst_of_forks_does_not_kill_the_zygote(
+    server: EmberServer, fn_dir: Callable[..., Path]
+):
+    """Regression: new instances are charged to the zygote's cgroup until the server moves
+    them out; 60 at once used to fill it and the OOM killer took pid 1 and everything."""
+    manifest = "functions:\n  bursty:\n    memory: 64\n    scale: {max: 60}\n"
+    server.deploy(fn_dir("bursty", BURSTY, manifest))
+    with cf.ThreadPoolExecutor(60) as pool:
+        codes = list(pool.map(lambda _: server.http.get("/fn/bursty").status_code, range(60)))
+    assert codes == [200] * 60

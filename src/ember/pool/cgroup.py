@@ -3,7 +3,8 @@
 Layout, below one parent per server (`ember/server-PID`):
 
     <revision>/            pids.max and the CPU share/quota of all its processes
-    <revision>/zygote-ID   memory limit of the function zygote (the import must fit too)
+    <revision>/zygote-ID   memory of the function zygote: `memory` * (scale.max + 1), because
+                           instances are charged here until the server moves them out
     <revision>/<instance>  memory limit of one instance
 
 In v1 each controller has its own tree: the zygote joins `pids/…/<revision>`,
@@ -60,48 +61,71 @@ class Cgroups:
     def _dir(self, controller: str) -> Path:
         return self.trees[""] if self.version == 2 else self.trees[controller]
 
-    def revision(self, rev: str, memory_mb: int, pids: int, cpu: float) -> list[str]:
-        """Create a revision's cgroups; the `cgroup.procs` files its zygote joins."""
+    def revision(self, rev: str, zygote_mb: int, pids: int, cpu: float) -> list[str]:
+        """Create a revision's cgroups; the `cgroup.procs` files its zygote joins (the memory
+        leaf of the zygote last)."""
         joins: list[str] = []
+        for controller, parent in sorted(self.trees.items()):
+            path = parent / rev
+            path.mkdir(exist_ok=True)
+            if self.version == 2:
+                (path / "cgroup.subtree_control").write_text("+memory")
+            elif controller in ("pids", "cpu"):
+                joins.append(str(path / "cgroup.procs"))
+        self.set_limits(rev, pids, cpu)
+        # One leaf per start: a zygote that failed may still be leaving the previous one.
+        joins.append(self.create(rev, f"zygote-{secrets.token_hex(3)}", zygote_mb))
+        return joins
+
+    def set_limits(self, rev: str, pids: int, cpu: float) -> None:
         if self.version == 2:
             path = self.trees[""] / rev
-            path.mkdir(exist_ok=True)
-            (path / "cgroup.subtree_control").write_text("+memory")
             (path / "pids.max").write_text(str(pids))
             quota = str(int(cpu * CPU_PERIOD_US)) if cpu > 0 else "max"
             (path / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
-        else:
-            if "pids" in self.trees:
-                path = self.trees["pids"] / rev
-                path.mkdir(exist_ok=True)
-                (path / "pids.max").write_text(str(pids))
-                joins.append(str(path / "cgroup.procs"))
-            if "cpu" in self.trees:
-                path = self.trees["cpu"] / rev
-                path.mkdir(exist_ok=True)
-                (path / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
-                quota = str(int(cpu * CPU_PERIOD_US)) if cpu > 0 else "-1"
-                (path / "cpu.cfs_quota_us").write_text(quota)
-                joins.append(str(path / "cgroup.procs"))
-            (self.trees["memory"] / rev).mkdir(exist_ok=True)
-        # One leaf per start: a zygote that failed may still be leaving the previous one.
-        joins.append(self.create(rev, f"zygote-{secrets.token_hex(3)}", memory_mb))
-        return joins
+            return
+        if "pids" in self.trees:
+            (self.trees["pids"] / rev / "pids.max").write_text(str(pids))
+        if "cpu" in self.trees:
+            path = self.trees["cpu"] / rev
+            (path / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+            quota = str(int(cpu * CPU_PERIOD_US)) if cpu > 0 else "-1"
+            (path / "cpu.cfs_quota_us").write_text(quota)
+
+    def assign(
+        self, spare: str, zygote_leaf: str, rev: str, zygote_mb: int, pids: int, cpu: float
+    ) -> str | None:
+        """Hand a spare's cgroups (its zygote already inside) to a revision: a rename and a few
+        limit writes, no migration. None when the revision has cgroups already."""
+        if any((parent / rev).exists() for parent in self.trees.values()):
+            return None
+        for parent in self.trees.values():
+            (parent / spare).rename(parent / rev)
+        self.set_limits(rev, pids, cpu)
+        leaf = self._dir("memory") / rev / Path(zygote_leaf).parent.name
+        self._limit_memory(leaf, zygote_mb)
+        return str(leaf / "cgroup.procs")
 
     def create(self, rev: str, leaf: str, memory_mb: int) -> str:
         """A memory leaf below the revision; its `cgroup.procs`."""
         path = self._dir("memory") / rev / leaf
         path.mkdir(parents=True)
+        self._limit_memory(path, memory_mb)
+        return str(path / "cgroup.procs")
+
+    def _limit_memory(self, path: Path, memory_mb: int) -> None:
         limit = str(memory_mb * 1024 * 1024)
         if self.version == 2:
             (path / "memory.max").write_text(limit)
             (path / "memory.swap.max").write_text("0")
-        else:
-            (path / "memory.limit_in_bytes").write_text(limit)
-            swap = path / "memory.memsw.limit_in_bytes"  # with swap accounting: no swapping
-            if swap.exists():
-                swap.write_text(limit)
-        return str(path / "cgroup.procs")
+            return
+        files = [path / "memory.limit_in_bytes"]
+        swap = path / "memory.memsw.limit_in_bytes"  # with swap accounting: no swapping
+        if swap.exists():  # memory + swap may never be below memory: order the writes
+            growing = int(limit) > int(files[0].read_text())
+            files = [swap, files[0]] if growing else [files[0], swap]
+        for file in files:
+            file.write_text(limit)
 
     def move(self, procs: str, pid: int) -> None:
         with open(procs, "w") as f:

@@ -6,9 +6,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
+import socket
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import msgspec
 
 from ember.autoscaler.keepalive import decide
 from ember.config import ServerConfig
@@ -17,15 +22,34 @@ from ember.pool.capabilities import Check, SandboxProbe, missing, probe_sandbox,
 from ember.pool.cgroup import Cgroups
 from ember.pool.instance import Instance
 from ember.pool.revision import RevisionPool, RevisionStats
-from ember.pool.root import RootZygote
+from ember.pool.root import RootZygote, spec_message
 from ember.pool.target import RevisionKey, Target
+from ember.pool.zygote import FunctionZygote
 from ember.spec import Quota
 from ember.telemetry.buffer import TelemetryBuffer
 from ember.telemetry.records import LogRecord
-from ember.wire.messages import Log, SandboxPlan, ZygoteReady
+from ember.wire.messages import Log, SandboxPlan, SpareReady, ZygoteMessage, ZygoteReady
 
 log = logging.getLogger("ember.pool")
 TICK = 0.25  # seconds between keep-alive decisions
+_SPARE_DECODER = msgspec.msgpack.Decoder(ZygoteMessage)
+
+
+class Spare(NamedTuple):
+    """A zygote-to-be in cgroups of its own, waiting to be given a function."""
+
+    slug: str
+    joins: list[str]
+    sock: socket.socket
+
+
+def _alive(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True  # nothing to read: still there
+    except OSError:
+        return False
 
 
 class Pool:
@@ -45,6 +69,9 @@ class Pool:
         self._unremoved: set[str] = set()  # revision cgroups that still had processes
         self._unremoved_leaves: set[str] = set()  # instance and zygote leaves, likewise
         self._zygote_leaf: dict[RevisionKey, str] = {}  # memory leaf of each revision's zygote
+        self._spare: Spare | None = None
+        self._spare_task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         if self.config.use_cgroups:
@@ -72,6 +99,7 @@ class Pool:
             self.config.sandbox_root.mkdir(parents=True, exist_ok=True)
         await self.root.ensure()
         self._loop_task = asyncio.get_running_loop().create_task(self._keepalive_loop())
+        self._replenish()
 
     # ---- revisions ----
     def revision(self, target: Target) -> RevisionPool:
@@ -141,24 +169,44 @@ class Pool:
                 headers={"Retry-After": "1"},
             )
 
-    # ---- sandbox ----
-    async def sandbox_plan(self, target: Target) -> SandboxPlan | None:
-        """What the revision's zygote sets up before its import; None without privileges.
+    # ---- zygotes and the sandbox ----
+    async def start_zygote(self, target: Target, init_timeout: float) -> FunctionZygote:
+        """Fork a zygote-to-be and send it `target`'s spec on its own channel.
 
-        Creating cgroups takes the kernel's cgroup lock: a worker thread does it.
+        In the root sandbox a spare, already in cgroups of its own, is used when there is one:
+        its cgroups are renamed to the revision's and given its limits (no migration, which can
+        wait out an RCU grace period); a new spare is then made in the background.
         """
+        plan = self._plan(target)
+        sock: socket.socket | None = None
+        if plan is None or self.cgroups is None or self.probe.mode != "root":
+            sock = self._spawn([], split=False)
+        else:
+            spec = target.spec
+            zygote_mb = spec.memory * (spec.scale.max + 1)  # instances count here until moved
+            sock = await self._use_spare(target, zygote_mb)
+            if sock is None:
+                joins = await asyncio.get_running_loop().run_in_executor(
+                    self._mover, self.cgroups.revision, target.slug, zygote_mb, spec.pids, spec.cpu
+                )
+                self._note_zygote_leaf(target, joins[-1])
+                sock = self._spawn(joins, split=True)
+            self._replenish()
+        zygote = FunctionZygote(sock, target)
+        zygote.channel.send(spec_message(target, init_timeout, plan))
+        return zygote
+
+    def _spawn(self, cgroups: list[str], split: bool) -> socket.socket:
+        try:
+            return self.root.spawn_blank(cgroups, split)
+        except OSError:  # the root died and we have not read its EOF yet: the caller retries
+            self.root.forget()
+            raise
+
+    def _plan(self, target: Target) -> SandboxPlan | None:
+        """What the revision's zygote sets up before its import; None without a sandbox."""
         if not self.sandboxed:
             return None
-        joins: list[str] = []
-        if self.cgroups is not None and self.probe.mode == "root":  # userns keepers may not
-            spec = target.spec
-            joins = await asyncio.get_running_loop().run_in_executor(
-                self._mover, self.cgroups.revision, target.slug, spec.memory, spec.pids, spec.cpu
-            )
-            previous = self._zygote_leaf.pop(target.key, None)
-            if previous:  # the zygote it held is gone: that is why a new one starts
-                self.release_cgroup(previous)
-            self._zygote_leaf[target.key] = joins[-1]
         uid = target.uid or self.config.sandbox_uid_base
         return SandboxPlan(
             root=str(self.config.sandbox_root),
@@ -166,11 +214,77 @@ class Pool:
             gid=uid,
             hostname=target.function[:63],
             tmp_mb=target.spec.tmp,
-            cgroups=joins,
             hide=[str(self.config.home)],
             secrets=dict(target.secrets),
             userns=self.probe.mode == "userns",
         )
+
+    def _note_zygote_leaf(self, target: Target, leaf: str) -> None:
+        previous = self._zygote_leaf.pop(target.key, None)
+        if previous:  # the zygote it held is gone: that is why a new one starts
+            self.release_cgroup(previous)
+        self._zygote_leaf[target.key] = leaf
+
+    async def _use_spare(self, target: Target, zygote_mb: int) -> socket.socket | None:
+        spare, self._spare = self._spare, None
+        if spare is None or self.cgroups is None:
+            return None
+        if not _alive(spare.sock):  # e.g. the root zygote was restarted since
+            self._drop_spare(spare)
+            return None
+        spec = target.spec
+        try:
+            leaf = await asyncio.get_running_loop().run_in_executor(
+                self._mover,
+                self.cgroups.assign,
+                spare.slug,
+                spare.joins[-1],
+                target.slug,
+                zygote_mb,
+                spec.pids,
+                spec.cpu,
+            )
+        except OSError as exc:
+            log.warning("could not hand a spare zygote to %s: %s", target.label, exc)
+            leaf = None
+        if leaf is None:  # the revision has cgroups already (a restarted zygote): keep it
+            self._spare = spare
+            return None
+        self._note_zygote_leaf(target, leaf)
+        return spare.sock
+
+    def _replenish(self) -> None:
+        if self._spare is None and (self._spare_task is None or self._spare_task.done()):
+            self._spare_task = asyncio.get_running_loop().create_task(self._make_spare())
+
+    async def _make_spare(self) -> None:
+        if self.cgroups is None or self.probe.mode != "root" or self._stopping:
+            return
+        slug = f"spare-{secrets.token_hex(4)}"
+        loop = asyncio.get_running_loop()
+        sock: socket.socket | None = None
+        try:
+            joins = await loop.run_in_executor(
+                self._mover, self.cgroups.revision, slug, 64, 64, 0.0
+            )
+            await self.root.ensure()
+            sock = self.root.spawn_blank(joins, split=True, spare=True)
+            sock.setblocking(False)
+            async with asyncio.timeout(30):  # until it is in its cgroups
+                report = _SPARE_DECODER.decode(await loop.sock_recv(sock, 65536))
+            if not isinstance(report, SpareReady):
+                raise OSError(f"the spare zygote reported {report!r}")
+        except (OSError, TimeoutError, msgspec.DecodeError) as exc:
+            log.warning("could not make a spare zygote: %s", exc)
+            if sock is not None:
+                sock.close()
+            self._unremoved.add(slug)
+            return
+        self._spare = Spare(slug, joins, sock)
+
+    def _drop_spare(self, spare: Spare) -> None:
+        spare.sock.close()  # it sees EOF and exits
+        self._unremoved.add(spare.slug)
 
     def _release_revision(self, target: Target) -> None:
         self._zygote_leaf.pop(target.key, None)
@@ -222,6 +336,10 @@ class Pool:
 
     def oom_killed(self, procs: str) -> bool:
         return bool(procs) and self.cgroups is not None and self.cgroups.oom_killed(procs)
+
+    def zygote_peak_kb(self, target: Target) -> int:
+        """Peak memory charged to the revision's zygote cgroup (0 without one)."""
+        return self.peak_kb(self._zygote_leaf.get(target.key, ""))
 
     def peak_kb(self, procs: str) -> int:
         return self.cgroups.peak_kb(procs) if procs and self.cgroups is not None else 0
@@ -280,6 +398,14 @@ class Pool:
         return [rp.statistics() for rp in self.revisions.values()]
 
     async def shutdown(self) -> None:
+        self._stopping = True
+        if self._spare_task is not None:
+            self._spare_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._spare_task
+        if self._spare is not None:
+            self._spare.sock.close()
+            self._spare = None
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -216,13 +216,11 @@ class RevisionPool:
     async def _spawn_zygote(self) -> str:
         fresh = await self.pool.root.ensure()
         timeout = self.pool.config.init_timeout
-        plan = await self.pool.sandbox_plan(self.target)
         try:
-            zygote = self.pool.root.spawn(self.target, timeout, plan)
+            zygote = await self.pool.start_zygote(self.target, timeout)
         except OSError:  # the root died and we have not read its EOF yet
-            self.pool.root.forget()
             fresh = await self.pool.root.ensure()
-            zygote = self.pool.root.spawn(self.target, timeout, plan)
+            zygote = await self.pool.start_zygote(self.target, timeout)
         self.zygote = zygote
         try:  # the zygote enforces init_timeout itself; this bounds a zygote that hangs anyway
             ready = await asyncio.wait_for(asyncio.shield(zygote.ready), timeout + 5.0)
@@ -237,6 +235,15 @@ class RevisionPool:
             self.zygote = None
             zygote.stop()
             raise
+        used_mb = self.pool.zygote_peak_kb(self.target) // 1024
+        if used_mb > self.spec.memory:  # its cgroup allows more, for instances not yet moved
+            self.zygote = None
+            zygote.stop()
+            raise DeployRejected(
+                f"function '{self.target.function}' used {used_mb} MB while importing its "
+                f"module, more than memory: {self.spec.memory} MB; raise memory: in ember.yaml "
+                "or import less at module level"
+            )
         for warning in ready.warnings:
             self.pool.system_log(self.target, f"[ember] warning: {warning}\n")
         if ready.output:

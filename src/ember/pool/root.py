@@ -10,8 +10,7 @@ import sys
 
 from ember.pool.channel import AsyncChannel
 from ember.pool.target import Target
-from ember.pool.zygote import FunctionZygote
-from ember.wire.messages import SandboxPlan, Shutdown, SpawnZygote
+from ember.wire.messages import SandboxPlan, Shutdown, SpawnBlank, SpawnZygote
 
 log = logging.getLogger("ember.pool")
 
@@ -70,34 +69,16 @@ class RootZygote:
         if self.proc is not None and self.proc.returncode is None:
             log.warning("root zygote channel closed; it will be restarted on the next start")
 
-    def spawn(
-        self, target: Target, init_timeout: float, sandbox: SandboxPlan | None
-    ) -> FunctionZygote:
+    def spawn_blank(self, cgroups: list[str], split: bool, spare: bool = False) -> socket.socket:
+        """Fork a zygote-to-be; the server's end of its channel. It waits there for its spec."""
         assert self.channel is not None
-        spec = target.spec
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        msg = SpawnZygote(
-            revision=target.label,
-            code_dir=target.code_dir,
-            source=spec.source,
-            module=spec.module,
-            attribute=spec.attribute,
-            env=_env(target),
-            function=target.function,
-            number=target.number,
-            memory_mb=spec.memory,
-            concurrency=spec.concurrency,
-            init_timeout=init_timeout,
-            network=spec.network,
-            sandbox=sandbox,
-            namespace=target.namespace,
-        )
         try:  # the channel owns `child` from here and closes it once the fd is sent
-            self.channel.send(msg, child)
+            self.channel.send(SpawnBlank(cgroups=cgroups, split=split, spare=spare), child)
         except OSError:
             parent.close()
             raise
-        return FunctionZygote(parent, target)
+        return parent
 
     async def stop(self) -> None:
         if self.channel is not None and not self.channel.closed:
@@ -112,3 +93,24 @@ class RootZygote:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
+
+
+def spec_message(target: Target, init_timeout: float, sandbox: SandboxPlan | None) -> SpawnZygote:
+    """What a zygote-to-be needs to become `target`'s zygote; sent on its own channel."""
+    spec = target.spec
+    return SpawnZygote(
+        revision=target.label,
+        code_dir=target.code_dir,
+        source=spec.source,
+        module=spec.module,
+        attribute=spec.attribute,
+        env=_env(target),
+        function=target.function,
+        number=target.number,
+        memory_mb=spec.memory,
+        concurrency=spec.concurrency,
+        init_timeout=init_timeout,
+        network=spec.network,
+        sandbox=sandbox,
+        namespace=target.namespace,
+    )

@@ -15,7 +15,7 @@ import sys
 
 from ember.runtime import instance, zygote  # noqa: F401
 from ember.runtime.channel import Channel
-from ember.wire.messages import RootMessage, Shutdown, SpawnZygote
+from ember.wire.messages import RootMessage, Shutdown, SpawnBlank
 
 try:
     import uvloop  # noqa: F401
@@ -52,7 +52,7 @@ def serve(fd: int) -> None:
         if got is None or isinstance(got[0], Shutdown):
             return
         msg, fds = got
-        if isinstance(msg, SpawnZygote) and fds:
+        if isinstance(msg, SpawnBlank) and fds:
             root = os.getpid()
             if os.fork() == 0:
                 try:

@@ -30,6 +30,7 @@ from ember.runtime import limits, seccomp
 from ember.wire.messages import SandboxPlan
 
 CODE_DIR = "/code"  # where the revision's code appears inside the sandbox
+ZYGOTE_OOM_SCORE_ADJ = -900  # instances set their own back to 0
 SECRETS_DIR = "/run/secrets"
 
 _CLONE_NEWUSER = 0x10000000
@@ -111,22 +112,25 @@ def _bind(source: str, target: str, *, read_only: bool = True, flags: int = 0) -
 # ---- 1: namespaces and the keeper ----
 
 
-def split(plan: SandboxPlan, network_none: bool) -> int:
-    """Unshare the namespaces and fork; returns in the child (the zygote to be) the read end of
-    the pipe on which the keeper reports the cgroup placement. The keeper never returns."""
-    if plan.userns:  # no privileges: a user namespace of our own gives them, inside only
+def split(cgroups: list[str], userns: SandboxPlan | None = None) -> int:
+    """Unshare a pid namespace (and, with `userns`, a user namespace) and fork; returns in the
+    child (the zygote to be) the read end of the pipe on which the keeper reports the cgroup
+    placement. The keeper never returns. A spare zygote stops after this step until it is
+    given its function; the placement, which can wait out an RCU grace period, is done by then.
+    """
+    if userns is not None:  # no privileges: a user namespace of our own gives them, inside only
         if os.geteuid() == 0:  # never map a tenant to root outside: become the tenant first
             os.setgroups([])
-            os.setresgid(plan.gid, plan.gid, plan.gid)
-            os.setresuid(plan.uid, plan.uid, plan.uid)
+            os.setresgid(userns.gid, userns.gid, userns.gid)
+            os.setresuid(userns.uid, userns.uid, userns.uid)
             limits.die_with_parent(os.getppid())  # the change of uid cleared it
         uid, gid = os.geteuid(), os.getegid()
         _check(
             _libc().unshare(_CLONE_NEWUSER | _CLONE_NEWPID), "unshare of user and pid namespaces"
         )
         _write("/proc/self/setgroups", "deny")
-        _write("/proc/self/uid_map", f"{plan.uid} {uid} 1")
-        _write("/proc/self/gid_map", f"{plan.gid} {gid} 1")
+        _write("/proc/self/uid_map", f"{userns.uid} {uid} 1")
+        _write("/proc/self/gid_map", f"{userns.gid} {gid} 1")
     else:
         _check(_libc().unshare(_CLONE_NEWPID), "unshare of a pid namespace")
     ready_r, ready_w = os.pipe()
@@ -135,19 +139,22 @@ def split(plan: SandboxPlan, network_none: bool) -> int:
     if child == 0:
         os.close(ready_w)
         limits.die_with_parent(keeper, in_new_pid_namespace=True)
-        # The keeper keeps the host's mounts: pivot_root moves every process of a mount
-        # namespace, so the others are unshared here, in the zygote alone.
-        flags = _CLONE_NEWNS | _CLONE_NEWIPC | _CLONE_NEWUTS
-        if network_none:
-            flags |= _CLONE_NEWNET
-        _check(_libc().unshare(flags), "unshare of mount, ipc and uts namespaces")
-        if network_none:
-            limits.loopback_up()
         return ready_r
     os.close(ready_r)
     limits.close_fds_except(ready_w)  # the zygote's channel is the zygote's alone
-    _keep(child, plan.cgroups, ready_w)
+    _keep(child, cgroups, ready_w)
     raise AssertionError("unreachable")
+
+
+def _unshare_rest(network_none: bool) -> None:
+    """In the zygote alone: the keeper keeps the host's mounts (pivot_root moves every process
+    of a mount namespace)."""
+    flags = _CLONE_NEWNS | _CLONE_NEWIPC | _CLONE_NEWUTS
+    if network_none:
+        flags |= _CLONE_NEWNET
+    _check(_libc().unshare(flags), "unshare of mount, ipc and uts namespaces")
+    if network_none:
+        limits.loopback_up()
 
 
 def _write(path: str, text: str) -> None:
@@ -163,6 +170,11 @@ def _write(path: str, text: str) -> None:
 def _keep(child: int, cgroups: list[str], ready_w: int) -> None:
     """The keeper: place the zygote in its cgroups, report, then wait for it and exit."""
     report = b"ok"
+    if cgroups:  # the cgroup's OOM killer must pick an instance, never pid 1 of the sandbox
+        try:
+            _write(f"/proc/{child}/oom_score_adj", str(ZYGOTE_OOM_SCORE_ADJ))
+        except SandboxError:
+            pass
     for procs in cgroups:
         try:
             with open(procs, "w") as f:
@@ -303,12 +315,19 @@ def build_root(plan: SandboxPlan, code_dir: str) -> None:
 # ---- 3: privileges ----
 
 
-def lock_down(plan: SandboxPlan, ready_r: int) -> None:
-    """Wait for the cgroup placement, then drop every privilege for good."""
+def placed(ready_r: int) -> None:
+    """Wait for the keeper's report that the zygote is in its cgroups."""
     report = os.read(ready_r, 512)
     os.close(ready_r)
     if report != b"ok":
         raise SandboxError(0, f"sandbox: {report.decode(errors='replace') or 'keeper died'}")
+
+
+def lock_down(plan: SandboxPlan, ready_r: int) -> None:
+    """Wait for the cgroup placement (unless a spare did already: -1), then drop every
+    privilege for good."""
+    if ready_r >= 0:
+        placed(ready_r)
     # fds 0-2 were the server's (its terminal or log file): not for a tenant to read or write.
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
@@ -351,11 +370,17 @@ def _drop_capabilities() -> None:
     _check(_libc().capset(ctypes.byref(header), data), "dropping capabilities")
 
 
-def enter(plan: SandboxPlan, code_dir: str, network_none: bool) -> None:
-    """All three steps; returns in the sandboxed zygote (pid 1 of its pid namespace)."""
-    ready_r = split(plan, network_none)
+def finish(plan: SandboxPlan, code_dir: str, network_none: bool, ready_r: int) -> None:
+    """Steps 2 and 3, in the zygote `split` returned in."""
+    _unshare_rest(network_none)
     build_root(plan, code_dir)
     lock_down(plan, ready_r)
+
+
+def enter(plan: SandboxPlan, code_dir: str, network_none: bool) -> None:
+    """All three steps; returns in the sandboxed zygote (pid 1 of its pid namespace)."""
+    ready_r = split(plan.cgroups, plan if plan.userns else None)
+    finish(plan, code_dir, network_none, ready_r)
 
 
 # ---- what this host allows: `python -m ember.runtime.sandbox DIR` ----

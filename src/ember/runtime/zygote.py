@@ -26,8 +26,10 @@ from ember.wire.messages import (
     ForkFailed,
     ForkInstance,
     InstanceExited,
-    SandboxPlan,
     Shutdown,
+    SpareCommand,
+    SpareReady,
+    SpawnBlank,
     SpawnZygote,
     ZygoteCommand,
     ZygoteFailed,
@@ -37,6 +39,7 @@ from ember.wire.messages import (
 
 MAX_TEXT = 48 * 1024  # bytes of output or traceback in one control message (a packet)
 decoder_for(ZygoteCommand)  # built in the root zygote, before any fork
+decoder_for(SpareCommand)
 
 
 def _prepare(spec: SpawnZygote) -> None:
@@ -118,6 +121,8 @@ class Zygote:
         limits.close_fds_except(fd)
         limits.die_with_parent(zygote)
         limits.default_signals()
+        if self.spec.sandbox is not None and self.spec.sandbox.cgroups:
+            limits.unprotect_from_oom()  # the zygote is protected; its instances are not
         if cmd.rlimit_as:  # without cgroups; with them the server moves us (off this path)
             limits.limit_address_space(cmd.rlimit_as)
         instance.run(fd, self.handler, self.spec, self.prepared)
@@ -221,30 +226,67 @@ def _warnings() -> list[str]:
     return []
 
 
-def _enter_sandbox(spec: SpawnZygote, plan: SandboxPlan, channel: Channel[ZygoteCommand]) -> None:
-    try:
-        sandbox.enter(plan, spec.code_dir, network_none=spec.network == "none")
-    except OSError as exc:
-        channel.send(
-            ZygoteFailed(
-                error_type=type(exc).__name__,
-                message=_clip(str(exc), 4096),
-                traceback="",
-                platform=True,
-            )
+def _sandbox_failed(exc: OSError, channel: Channel[ZygoteCommand]) -> None:
+    channel.send(
+        ZygoteFailed(
+            error_type=type(exc).__name__,
+            message=_clip(str(exc), 4096),
+            traceback="",
+            platform=True,
         )
-        os._exit(1)
+    )
+    os._exit(1)
 
 
-def run(spec: SpawnZygote, fd: int, parent: int) -> None:
-    """Entry point in the child of the root zygote; never returns."""
+def _prologue(fd: int, parent: int) -> socket.socket:
     limits.close_fds_except(fd)
     limits.die_with_parent(parent)
     limits.default_signals()
     sys.dont_write_bytecode = True  # the revision's code directory is shared and read-only
-    channel: Channel[ZygoteCommand] = Channel(socket.socket(fileno=fd), ZygoteCommand)
+    return socket.socket(fileno=fd)
+
+
+def run(cmd: SpawnBlank, fd: int, parent: int) -> None:
+    """Entry point in the child of the root zygote; never returns.
+
+    A spare (`cmd.split`) enters its pid namespace and cgroups at once, ahead of need: placing a
+    process in a cgroup can wait out an RCU grace period (5-20 ms), which a specialize start
+    then skips. Then it waits for the function it will become.
+    """
+    sock = _prologue(fd, parent)
+    channel: Channel[ZygoteCommand] = Channel(sock, ZygoteCommand)
+    ready_r = -1
+    if cmd.split:
+        try:
+            ready_r = sandbox.split(cmd.cgroups)
+            if cmd.spare:  # the server renames these cgroups once told: be in them first
+                sandbox.placed(ready_r)
+                ready_r = -1
+        except OSError as exc:
+            _sandbox_failed(exc, channel)
+        if cmd.spare:
+            channel.send(SpareReady())
+    waiting: Channel[SpareCommand] = Channel(sock, SpareCommand)
+    got = waiting.recv()
+    if got is None or not isinstance(got[0], SpawnZygote):
+        os._exit(0)  # not needed after all (the server stopped, or the spare was retired)
+    spec = got[0]
+    plan = spec.sandbox
+    if plan is not None and not cmd.split:
+        try:
+            ready_r = sandbox.split(plan.cgroups, plan if plan.userns else None)
+        except OSError as exc:
+            _sandbox_failed(exc, channel)
+    _become(spec, channel, ready_r)
+
+
+def _become(spec: SpawnZygote, channel: Channel[ZygoteCommand], ready_r: int) -> None:
+    """Finish the sandbox, import the module, serve forks; never returns."""
     if spec.sandbox is not None:
-        _enter_sandbox(spec, spec.sandbox, channel)
+        try:
+            sandbox.finish(spec.sandbox, spec.code_dir, spec.network == "none", ready_r)
+        except OSError as exc:
+            _sandbox_failed(exc, channel)
     channel.send(ZygoteStarted(pid=os.getpid()))
     started = time.perf_counter()
     handler, output = _import(spec, channel)

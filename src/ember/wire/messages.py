@@ -14,7 +14,8 @@ class _Msg(msgspec.Struct, frozen=True, tag_field="t", array_like=False):
     pass
 
 
-# ---- server → root zygote (control channel), fd of the new zygote's channel rides along ----
+# ---- server → root zygote (control channel), fd of the new zygote's channel rides along;
+# ---- then server → that new zygote: SpawnZygote ----
 
 
 class SandboxPlan(msgspec.Struct, frozen=True):
@@ -48,6 +49,17 @@ class SpawnZygote(_Msg, tag="spawn", frozen=True):
     namespace: str = "default"
 
 
+class SpawnBlank(_Msg, tag="blank", frozen=True):
+    """Fork a zygote-to-be. It waits on its own channel (the fd that rides along) for the
+    `SpawnZygote` of the function it will serve, so the function's code, environment and
+    secrets never pass through the root zygote. With `split`, it first enters its pid
+    namespace and `cgroups` (a spare made ahead of need, or the root sandbox's first step)."""
+
+    cgroups: list[str] = []
+    split: bool = False
+    spare: bool = False  # report `SpareReady` once placed, before waiting for a function
+
+
 class Shutdown(_Msg, tag="shutdown", frozen=True):
     pass
 
@@ -57,6 +69,10 @@ class Shutdown(_Msg, tag="shutdown", frozen=True):
 
 class ZygoteStarted(_Msg, tag="started", frozen=True):
     pid: int  # sent before the import, so a zygote that hangs in it can be killed
+
+
+class SpareReady(_Msg, tag="spare-ready", frozen=True):
+    """A spare is in its cgroups: its cgroup directories may now be renamed."""
 
 
 class ZygoteReady(_Msg, tag="ready", frozen=True):
@@ -138,8 +154,11 @@ class Log(_Msg, tag="log", frozen=True):
     data: str
 
 
-RootMessage = SpawnZygote | Shutdown
-ZygoteMessage = ZygoteStarted | ZygoteReady | ZygoteFailed | Forked | ForkFailed | InstanceExited
+RootMessage = SpawnBlank | Shutdown
+SpareCommand = SpawnZygote | Shutdown  # what a spare waits for
+ZygoteMessage = (
+    SpareReady | ZygoteStarted | ZygoteReady | ZygoteFailed | Forked | ForkFailed | InstanceExited
+)
 ZygoteCommand = ForkInstance | Shutdown
 InstanceMessage = Result | Log
 InstanceCommand = Invoke | Shutdown
