@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ember.errors import PlatformError, UserError
 
-MAX_SECRET_BYTES = 64 * 1024
+MAX_SECRET_BYTES = 32 * 1024
 _NONCE = 12
 
 

@@ -33,6 +33,7 @@ log = logging.getLogger("ember.api")
 
 
 MAX_MANIFEST = 256 * 1024
+MAX_FUNCTION_SECRETS = 32 * 1024  # bytes of secrets one function may list, in all
 DEFAULT_NS = "default"
 
 
@@ -277,6 +278,8 @@ class Control:
                     status=409,
                 )
             missing = [r.name for r in spec.secrets if (namespace, r.name) not in self._sealed]
+            if not missing:
+                self._check_secret_fit(namespace, spec, {})
             if missing:
                 raise UserError(
                     f"function '{spec.name}' lists secret(s) {', '.join(missing)} that namespace "
@@ -422,6 +425,11 @@ class Control:
         manifest.validate_secret_name(name)
         sealed = self.box.seal(namespace, name, value)
         async with self._deploying:
+            for target in self._targets.values():  # functions listing it must still start
+                if target.namespace == namespace and any(
+                    r.name == name for r in target.spec.secrets
+                ):
+                    self._check_secret_fit(namespace, target.spec, {name: value})
             if namespace not in self.namespaces:
                 self._admit(namespace, [])
                 self.namespaces[namespace] = await self.store.ensure_namespace(
@@ -450,6 +458,35 @@ class Control:
             if not await self.store.delete_secret(namespace, name):
                 raise NotFound(f"namespace '{namespace}' has no secret '{name}'")
             self._sealed.pop((namespace, name), None)
+
+    def _check_secret_fit(self, namespace: str, spec: FunctionSpec, new: dict[str, bytes]) -> None:
+        """A function's secrets travel in one control message and its env form must be text:
+        at most MAX_FUNCTION_SECRETS bytes in all, UTF-8 where `env:` is asked for. `new`
+        holds values about to replace stored ones."""
+        total = 0
+        for ref in spec.secrets:
+            value = new.get(ref.name)
+            if value is None:
+                value = self.box.open(namespace, ref.name, self._sealed[(namespace, ref.name)])
+            total += len(value)
+            if ref.env:
+                try:
+                    value.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise UserError(
+                        f"secret '{ref.name}' is not UTF-8 text, so function '{spec.name}' "
+                        f"cannot have it as ${ref.env}; read /run/secrets/{ref.name} instead",
+                        code="secret_not_text",
+                        status=422,
+                    ) from None
+        if total > MAX_FUNCTION_SECRETS:
+            raise UserError(
+                f"function '{spec.name}' would get {total} bytes of secrets; at most "
+                f"{MAX_FUNCTION_SECRETS // 1024} KB in all: keep large material in the bundle "
+                "and only its key in a secret",
+                code="secrets_too_large",
+                status=422,
+            )
 
     def secret_names(self, namespace: str) -> list[str]:
         return sorted(name for ns, name in self._sealed if ns == namespace)

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from ember.api import schemas as s
+from ember.secretbox import MAX_SECRET_BYTES
 from ember.spec import Quota
 
 NAME_PATTERN = "^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$"  # manifest.NAME_RE: functions, namespaces
@@ -329,7 +330,7 @@ OPERATIONS: list[Op] = [
         s.SecretSet,
         (400, 403, 409, 413, *_AUTH),
         (SECRET, NAMESPACE),
-        body=("application/octet-stream", {"type": "string", "maxLength": 64 * 1024}),
+        body=("application/octet-stream", {"type": "string", "maxLength": MAX_SECRET_BYTES}),
         status=(200, 201),
     ),
     Op(

@@ -94,17 +94,22 @@ class Cgroups:
 
     def assign(
         self, spare: str, zygote_leaf: str, rev: str, zygote_mb: int, pids: int, cpu: float
-    ) -> str | None:
-        """Hand a spare's cgroups (its zygote already inside) to a revision: a rename and a few
-        limit writes, no migration. None when the revision has cgroups already."""
-        if any((parent / rev).exists() for parent in self.trees.values()):
-            return None
+    ) -> tuple[str, str]:
+        """Hand a spare's cgroups (its zygote already inside) to a revision: renames and a few
+        limit writes, no migration. Cgroups the revision still has (its previous zygote died,
+        and with it, as pid 1, every instance) are renamed aside first: `(leaf, aside)`, where
+        `aside` is to be removed once empty ("" when there was none)."""
+        aside = ""
+        for parent in self.trees.values():
+            if (parent / rev).exists():
+                aside = aside or f"{rev}.old-{secrets.token_hex(3)}"
+                (parent / rev).rename(parent / aside)
         for parent in self.trees.values():
             (parent / spare).rename(parent / rev)
         self.set_limits(rev, pids, cpu)
         leaf = self._dir("memory") / rev / Path(zygote_leaf).parent.name
         self._limit_memory(leaf, zygote_mb)
-        return str(leaf / "cgroup.procs")
+        return str(leaf / "cgroup.procs"), aside
 
     def create(self, rev: str, leaf: str, memory_mb: int) -> str:
         """A memory leaf below the revision; its `cgroup.procs`."""

@@ -46,6 +46,7 @@ class Instance(asyncio.Protocol):
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(InstanceMessage)
         self._pending_kill = False
+        self._pidfd = -1
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -90,6 +91,10 @@ class Instance(asyncio.Protocol):
 
     def set_pid(self, pid: int) -> None:
         self.pid = pid
+        try:  # signals go through a pidfd: a pid the instance left may be someone else's soon
+            self._pidfd = os.pidfd_open(pid)
+        except (OSError, AttributeError):
+            self._pidfd = -1
         if not self.pid_known.done():
             self.pid_known.set_result(pid)
         if self._pending_kill:
@@ -105,9 +110,17 @@ class Instance(asyncio.Protocol):
         if self.exit_status.done():  # reaped already: the pid may belong to someone else now
             return
         try:
-            os.kill(self.pid, signal.SIGKILL)
+            if self._pidfd >= 0:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            else:
+                os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    def close_pidfd(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
 
     def stop(self) -> None:
         """Polite stop: the instance exits after the frame; used when it is idle."""

@@ -234,7 +234,7 @@ class Pool:
             return None
         spec = target.spec
         try:
-            leaf = await asyncio.get_running_loop().run_in_executor(
+            leaf, aside = await asyncio.get_running_loop().run_in_executor(
                 self._mover,
                 self.cgroups.assign,
                 spare.slug,
@@ -246,10 +246,11 @@ class Pool:
             )
         except OSError as exc:
             log.warning("could not hand a spare zygote to %s: %s", target.label, exc)
-            leaf = None
-        if leaf is None:  # the revision has cgroups already (a restarted zygote): keep it
-            self._spare = spare
+            self._drop_spare(spare)
             return None
+        if aside:
+            self._unremoved.add(aside)
+            self._zygote_leaf.pop(target.key, None)  # it went aside with the rest
         self._note_zygote_leaf(target, leaf)
         return spare.sock
 

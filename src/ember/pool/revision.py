@@ -284,6 +284,7 @@ class RevisionPool:
             await asyncio.wait({inst.placed}, timeout=5.0)  # a move under way finishes first
         if inst.inflight:
             inst.fail_all(inst.death or self._cause(inst, status))
+        inst.close_pidfd()
         self.pool.release_cgroup(inst.cgroup)
 
     def _cause(self, inst: Instance, status: int | None) -> EmberError:

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import json
 import logging
+import resource
 import signal
 import sys
 import time
@@ -226,6 +227,9 @@ async def run(config: ServerConfig, deploy: list[Path]) -> int:
 
 def serve(config: ServerConfig, deploy: list[Path]) -> int:
     """Run the server in the foreground until SIGTERM or SIGINT; returns the exit code."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # two fds per instance (its socket and a pidfd): take what we may
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     logging.basicConfig(
         level=config.log_level.upper(),
         stream=sys.stderr,
