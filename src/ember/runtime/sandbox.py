@@ -4,16 +4,19 @@ Small wrappers over the kernel's interfaces (unshare, mount, pivot_root, setresu
 no helper binary, because the zygote must stay a fork of the root zygote to keep the
 runtime it already imported. The steps, in order:
 
-1. `split()`: unshare mount, pid, ipc and uts namespaces (and network for `network: none`) and
+1. `split()`: unshare a pid namespace (and, without privileges, a user namespace first) and
    fork. The child is pid 1 of the new pid namespace and becomes the zygote; the parent stays
-   outside as a *keeper*: it moves the child into the revision's cgroups (while the child builds
-   its root, on another core) and then only waits, so that the child dies with the server.
-2. `build_root()`: a tmpfs root with read-only bind mounts of the system (`/usr`, `/etc`, the
-   interpreter and the packages on `sys.path`), the revision's code read-only at `/code`, a
-   size-capped private `/tmp`, a minimal `/dev`, a `/proc` of the new pid namespace and the
-   function's secrets at `/run/secrets`; then `pivot_root` into it and forget the host's tree.
+   outside as a *keeper*: it moves the child into the revision's cgroups and then only waits,
+   so that the child dies with the server. A spare zygote does this step ahead of need.
+2. `finish()`: unshare mount, ipc and uts namespaces (and network for `network: none`) in the
+   zygote alone, and `build_root()`: a tmpfs root with read-only bind mounts of the system
+   (`/usr`, `/etc`, the interpreter, site-packages and Ember), the revision's code read-only at
+   `/code`, a size-capped private `/tmp`, a minimal `/dev`, a `/proc` of the new pid namespace
+   and the function's secrets at `/run/secrets`; then `pivot_root` into it and forget the
+   host's tree.
 3. `lock_down()`: wait until the keeper placed us in the cgroups, drop to the namespace's
-   unprivileged uid/gid, set no_new_privs and install the seccomp filter.
+   unprivileged uid/gid (or drop every capability inside a user namespace), set
+   no_new_privs, and install the seccomp filter.
 
 Everything the zygote forks afterwards (its instances) inherits all of it.
 """
