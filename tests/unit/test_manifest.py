@@ -345,6 +345,31 @@ BAD_MANIFESTS = {
         "functions:\n  f:\n    env: {A: 2024-01-01}\n",
         "functions.f.env.A: datetime.date(2024, 1, 1) is not a valid value",
     ),
+    "access unknown": (
+        "functions:\n  f:\n    access: world\n",
+        "functions.f.access: 'world' is not an access policy; write access: public",
+    ),
+    "cpu zero": ("functions:\n  f:\n    cpu: 0\n", "functions.f.cpu: 0 is not a number of cores"),
+    "cpu text": ("functions:\n  f:\n    cpu: half\n", "'half' is not a number of cores"),
+    "pids too few": ("functions:\n  f:\n    pids: 2\n", "functions.f.pids: 2 is out of range"),
+    "tmp text": ("functions:\n  f:\n    tmp: big\n", "'big' is not a whole number of MB"),
+    "secrets not a list": (
+        "functions:\n  f:\n    secrets: db\n",
+        "functions.f.secrets: expected a list of secret names",
+    ),
+    "secret traversal": (
+        "functions:\n  f:\n    secrets: ['../etc']\n",
+        "functions.f.secrets[0]: '../etc' is invalid",
+    ),
+    "secret twice": ("functions:\n  f:\n    secrets: [a, a]\n", "lists a secret twice"),
+    "secret bad env": (
+        "functions:\n  f:\n    secrets: [{name: a, env: 1BAD}]\n",
+        "'1BAD' is not a valid variable name",
+    ),
+    "secret unknown key": (
+        "functions:\n  f:\n    secrets: [{name: a, file: x}]\n",
+        "functions.f.secrets[0].file: unknown key",
+    ),
 }
 
 
@@ -400,3 +425,18 @@ def test_revision_hash_ignores_settings_left_at_their_default() -> None:
     assert canonical(FunctionSpec(name="f", scale=ScaleSpec(max=3))) != canonical(
         FunctionSpec(name="f")
     )
+
+
+def test_isolation_settings() -> None:
+    text = """
+    functions:
+      f:
+        access: private
+        cpu: 0.5
+        pids: 64
+        tmp: 8
+        secrets: [db, {name: token, env: API_TOKEN}]
+    """
+    [spec] = load_manifest(textwrap.dedent(text), "f")
+    assert (spec.access, spec.cpu, spec.pids, spec.tmp) == ("private", 0.5, 64, 8)
+    assert [(r.name, r.env) for r in spec.secrets] == [("db", ""), ("token", "API_TOKEN")]
