@@ -328,3 +328,38 @@ def test_a_burst_of_forks_does_not_kill_the_zygote(
     with cf.ThreadPoolExecutor(60) as pool:
         codes = list(pool.map(lambda _: server.http.get("/fn/bursty").status_code, range(60)))
     assert codes == [200] * 60
+
+
+HOG_LATER = """
+import threading, time
+
+def _grow():
+    time.sleep(1.0)
+    global BALLAST
+    BALLAST = [bytearray(16 * 1024 * 1024) for _ in range(40)]  # 640 MB, after the import
+
+threading.Thread(target=_grow, daemon=True).start()
+
+def handle(req, ctx):
+    return "ok"
+"""
+
+
+def test_a_thread_in_the_zygote_cannot_use_the_room_kept_for_new_instances(
+    server: EmberServer, fn_dir: Callable[..., Path]
+):
+    """Regression: the zygote's cgroup held memory x (scale.max + 1); a thread started at import
+    could fill it after the import-time check."""
+    manifest = "functions:\n  hog-later:\n    memory: 64\n    scale: {max: 20}\n"
+    server.deploy(fn_dir("hog-later", HOG_LATER, manifest))
+    time.sleep(2.5)
+    biggest = 0
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and ".hog-later." in (entry / "cgroup").read_text():
+                status = (entry / "status").read_text()
+                rss = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
+                biggest = max(biggest, int(rss.split()[1]) // 1024)
+        except (OSError, StopIteration):
+            continue
+    assert biggest < 64 + 80 + 40, f"a process of the revision holds {biggest} MB"

@@ -261,3 +261,30 @@ def test_a_function_that_turns_private_mid_request_is_not_served_without_a_key(
         sock.sendall(b"cd")
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:300]
+
+
+SPOOF = """
+import ember
+import ember.runtime.convert as convert
+
+convert.RESERVED_HEADERS = set()  # the function's own copy of the runtime: it may change it
+
+def handle(req, ctx):
+    return ember.Response(
+        {"auth": req.headers.get("authorization")},
+        headers={"X-Ember-Auth": "required", "X-Ember-Request-Id": "spoofed",
+                 "Transfer-Encoding": "chunked"},
+    )
+"""
+
+
+def test_the_gateway_not_the_sandboxed_runtime_filters_what_functions_answer(
+    server: EmberServer, fn_dir: Callable[..., Path]
+):
+    """Regression: the header filter ran only inside the instance, which the function controls."""
+    server.deploy(fn_dir("spoof", SPOOF))
+    resp = server.http.get("/fn/spoof", headers={"Authorization": f"Bearer  {server.admin_key}"})
+    assert resp.status_code == 200
+    assert "x-ember-auth" not in resp.headers and "transfer-encoding" not in resp.headers
+    assert resp.headers["x-ember-request-id"] != "spoofed"
+    assert resp.json()["auth"] is None, "an Ember key is never passed on, however it is spaced"

@@ -299,10 +299,11 @@ class Control:
                 "to raise it",
             )
         for spec in specs:
-            if quota.memory_mb and spec.memory > quota.memory_mb:
+            if quota.memory_mb and 2 * spec.memory > quota.memory_mb:
                 raise QuotaExceeded(
-                    f"function '{spec.name}' asks for memory: {spec.memory} MB, more than "
-                    f"namespace '{namespace}' may use in all (max_memory={quota.memory_mb} MB)"
+                    f"function '{spec.name}' needs 2 x memory: {spec.memory} MB for its zygote "
+                    f"and one instance, more than namespace '{namespace}' may use in all "
+                    f"(max_memory={quota.memory_mb} MB)"
                 )
             if quota.instances and spec.scale.min > quota.instances:
                 raise QuotaExceeded(

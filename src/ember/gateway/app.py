@@ -11,10 +11,18 @@ from typing import Any
 import msgspec
 
 from ember.auth import KeyTable, is_ember_token
-from ember.errors import EmberError, FunctionMemoryExceeded, NotFound, PlatformError, TooLarge
+from ember.errors import (
+    EmberError,
+    FunctionError,
+    FunctionMemoryExceeded,
+    NotFound,
+    PlatformError,
+    TooLarge,
+)
 from ember.gateway.router import RouteTable
 from ember.pool.manager import Pool
 from ember.pool.target import Target
+from ember.runtime.convert import BAD_HEADER_VALUE, HEADER_TOKEN, RESERVED_HEADERS
 from ember.telemetry.buffer import TelemetryBuffer, billed_ms
 from ember.telemetry.metrics import Metrics
 from ember.telemetry.records import ActivationRecord
@@ -82,7 +90,8 @@ class Gateway:
             if result.error is not None and result.error.kind == "memory":
                 raise _memory_error(target, result)
             status = result.status
-            await _respond(send, status, result.headers, result.body, rid, target, tier)
+            headers = _function_headers(result.headers, target)
+            await _respond(send, status, headers, result.body, rid, target, tier)
             error = result.error.error_type if result.error is not None else None
         except EmberError as exc:
             status, error = exc.status, exc.code
@@ -190,6 +199,23 @@ async def _respond(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def _function_headers(headers: Headers, target: Target) -> Headers:
+    """The instance filters these too, but it runs the function's code: check again here.
+    Framing and `X-Ember-*` headers are dropped; an invalid name or value is the function's
+    error (502)."""
+    out: Headers = []
+    for name, value in headers:
+        if not HEADER_TOKEN.match(name) or BAD_HEADER_VALUE.search(value):
+            raise FunctionError(
+                f"function '{target.function}' returned an invalid response header "
+                f"{name[:40]!r}; names must be HTTP tokens, values without CR, LF or NUL",
+                code="bad_response",
+            )
+        if name not in RESERVED_HEADERS and not name.startswith(b"x-ember-"):
+            out.append((name, value))
+    return out
 
 
 def _internal(exc: Exception) -> PlatformError:

@@ -92,24 +92,18 @@ class Cgroups:
             quota = str(int(cpu * CPU_PERIOD_US)) if cpu > 0 else "-1"
             (path / "cpu.cfs_quota_us").write_text(quota)
 
-    def assign(
-        self, spare: str, zygote_leaf: str, rev: str, zygote_mb: int, pids: int, cpu: float
-    ) -> tuple[str, str]:
-        """Hand a spare's cgroups (its zygote already inside) to a revision: renames and a few
-        limit writes, no migration. Cgroups the revision still has (its previous zygote died,
-        and with it, as pid 1, every instance) are renamed aside first: `(leaf, aside)`, where
-        `aside` is to be removed once empty ("" when there was none)."""
-        aside = ""
-        for parent in self.trees.values():
-            if (parent / rev).exists():
-                aside = aside or f"{rev}.old-{secrets.token_hex(3)}"
-                (parent / rev).rename(parent / aside)
-        for parent in self.trees.values():
-            (parent / spare).rename(parent / rev)
-        self.set_limits(rev, pids, cpu)
-        leaf = self._dir("memory") / rev / Path(zygote_leaf).parent.name
-        self._limit_memory(leaf, zygote_mb)
-        return str(leaf / "cgroup.procs"), aside
+    def assign(self, spare: str, zygote_leaf: str, zygote_mb: int, pids: int, cpu: float) -> None:
+        """Give a spare's cgroups (its zygote already inside) a revision's limits: a few
+        writes, no migration. (They keep the spare's name: cgroup v2 cannot rename.)"""
+        self.set_limits(spare, pids, cpu)
+        self._limit_memory(Path(zygote_leaf).parent, zygote_mb)
+
+    def parent_for_instances(self, rev: str) -> None:
+        """The memory directory instance leaves go below when the zygote is not placed."""
+        path = self._dir("memory") / rev
+        path.mkdir(exist_ok=True)
+        if self.version == 2:
+            (path / "cgroup.subtree_control").write_text("+memory")
 
     def create(self, rev: str, leaf: str, memory_mb: int) -> str:
         """A memory leaf below the revision; its `cgroup.procs`."""

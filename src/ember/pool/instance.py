@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -14,6 +15,8 @@ import msgspec
 from ember.errors import EmberError
 from ember.wire.frames import FrameDecoder, frame
 from ember.wire.messages import InstanceMessage, Invoke, Log, Result, Shutdown
+
+log = logging.getLogger("ember.pool")
 
 
 class Instance(asyncio.Protocol):
@@ -59,7 +62,12 @@ class Instance(asyncio.Protocol):
             self.kill()
             return
         for raw in raws:
-            msg = self._decoder.decode(raw)
+            try:
+                msg = self._decoder.decode(raw)
+            except msgspec.DecodeError as exc:  # the function's code wrote to our socket
+                log.warning("instance %s sent an invalid frame (%s); killing it", self.id, exc)
+                self.kill()
+                return
             if isinstance(msg, Result):
                 fut = self.inflight.pop(msg.id, None)
                 if fut is not None and not fut.done():

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import secrets
 import socket
 import time
@@ -32,6 +33,10 @@ from ember.wire.messages import Log, SandboxPlan, SpareReady, ZygoteMessage, Zyg
 
 log = logging.getLogger("ember.pool")
 TICK = 0.25  # seconds between keep-alive decisions
+# A new instance is charged to its zygote's cgroup until the server moves it into its own:
+# the zygote's limit is `memory` plus this much per instance of `scale.max`, at most the cap.
+PRE_MOVE_MB = 4
+PRE_MOVE_CAP_MB = 256
 _SPARE_DECODER = msgspec.msgpack.Decoder(ZygoteMessage)
 
 
@@ -56,7 +61,8 @@ class Pool:
     def __init__(self, config: ServerConfig, telemetry: TelemetryBuffer) -> None:
         self.config = config
         self.telemetry = telemetry
-        self.root = RootZygote(dict(config.base_env))
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # before the server raises it
+        self.root = RootZygote(dict(config.base_env), nofile)
         self.cgroups: Cgroups | None = None
         self.revisions: dict[RevisionKey, RevisionPool] = {}
         self._live: set[RevisionKey] = set()
@@ -68,7 +74,7 @@ class Pool:
         self.quotas: dict[str, Quota] = {}
         self._unremoved: set[str] = set()  # revision cgroups that still had processes
         self._unremoved_leaves: set[str] = set()  # instance and zygote leaves, likewise
-        self._zygote_leaf: dict[RevisionKey, str] = {}  # memory leaf of each revision's zygote
+        self._zygote_dirs: dict[RevisionKey, list[str]] = {}  # cgroups of each zygote started
         self._spare: Spare | None = None
         self._spare_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -152,7 +158,8 @@ class Pool:
         for rp in self.revisions.values():
             if rp.target.namespace == target.namespace:
                 count += rp.count
-                memory += rp.count * rp.spec.memory
+                zygote = rp.zygote is not None and not rp.zygote.dead
+                memory += (rp.count + zygote) * rp.spec.memory  # a zygote counts as one more
         ns = target.namespace
         if quota.instances and count + 1 > quota.instances:
             raise QuotaReached(
@@ -161,10 +168,13 @@ class Pool:
                 "--instances N`)",
                 headers={"Retry-After": "1"},
             )
-        if quota.memory_mb and memory + target.spec.memory > quota.memory_mb:
+        own = self.revisions.get(target.key)
+        warm = own is not None and own.zygote is not None and not own.zygote.dead
+        needs = target.spec.memory * (1 if warm else 2)
+        if quota.memory_mb and memory + needs > quota.memory_mb:
             raise QuotaReached(
-                f"namespace '{ns}' instances use {memory} MB, one more of "
-                f"'{target.function}' needs {target.spec.memory} MB over its quota "
+                f"namespace '{ns}' instances and zygotes use {memory} MB, one more instance "
+                f"of '{target.function}' needs {needs} MB over its quota "
                 f"max_memory={quota.memory_mb} MB; retry later or raise it",
                 headers={"Retry-After": "1"},
             )
@@ -173,26 +183,42 @@ class Pool:
     async def start_zygote(self, target: Target, init_timeout: float) -> FunctionZygote:
         """Fork a zygote-to-be and send it `target`'s spec on its own channel.
 
-        In the root sandbox a spare, already in cgroups of its own, is used when there is one:
-        its cgroups are renamed to the revision's and given its limits (no migration, which can
-        wait out an RCU grace period); a new spare is then made in the background.
+        Each zygote gets cgroups of its own (a directory per zygote start, so no name is ever
+        reused); its instances' memory leaves go below them. In the root sandbox a spare,
+        already placed in cgroups of its own, is used when there is one: it only gets the
+        revision's limits (no migration, which can wait out an RCU grace period), and a new
+        spare is made in the background.
         """
         plan = self._plan(target)
-        sock: socket.socket | None = None
-        if plan is None or self.cgroups is None or self.probe.mode != "root":
+        directory = ""
+        if self.cgroups is not None and (plan is None or self.probe.mode != "root"):
+            # The zygote stays in the server's cgroups; its instances still get memory leaves.
+            self._forget_zygote_dirs(target)
+            directory = f"{target.slug}.{secrets.token_hex(3)}"
+            await asyncio.get_running_loop().run_in_executor(
+                self._mover, self.cgroups.parent_for_instances, directory
+            )
+            self._zygote_dirs.setdefault(target.key, []).append(directory)
+            sock = self._spawn([], split=False)
+        elif plan is None or self.cgroups is None or self.probe.mode != "root":
             sock = self._spawn([], split=False)
         else:
+            self._forget_zygote_dirs(target)  # their processes died with the previous pid 1
             spec = target.spec
-            zygote_mb = spec.memory * (spec.scale.max + 1)  # instances count here until moved
-            sock = await self._use_spare(target, zygote_mb)
-            if sock is None:
+            zygote_mb = spec.memory + min(spec.scale.max * PRE_MOVE_MB, PRE_MOVE_CAP_MB)
+            spare = await self._use_spare(target, zygote_mb)
+            if spare is not None:
+                sock, directory = spare.sock, spare.slug
+            else:
+                directory = f"{target.slug}.{secrets.token_hex(3)}"
                 joins = await asyncio.get_running_loop().run_in_executor(
-                    self._mover, self.cgroups.revision, target.slug, zygote_mb, spec.pids, spec.cpu
+                    self._mover, self.cgroups.revision, directory, zygote_mb, spec.pids, spec.cpu
                 )
-                self._note_zygote_leaf(target, joins[-1])
                 sock = self._spawn(joins, split=True)
+            self._zygote_dirs.setdefault(target.key, []).append(directory)
             self._replenish()
         zygote = FunctionZygote(sock, target)
+        zygote.cgroup_dir = directory
         zygote.channel.send(spec_message(target, init_timeout, plan))
         return zygote
 
@@ -219,13 +245,12 @@ class Pool:
             userns=self.probe.mode == "userns",
         )
 
-    def _note_zygote_leaf(self, target: Target, leaf: str) -> None:
-        previous = self._zygote_leaf.pop(target.key, None)
-        if previous:  # the zygote it held is gone: that is why a new one starts
-            self.release_cgroup(previous)
-        self._zygote_leaf[target.key] = leaf
+    def _forget_zygote_dirs(self, target: Target) -> None:
+        """Queue the cgroups of a revision's earlier zygotes for removal (retried until empty)."""
+        for directory in self._zygote_dirs.pop(target.key, []):
+            self._unremoved.add(directory)
 
-    async def _use_spare(self, target: Target, zygote_mb: int) -> socket.socket | None:
+    async def _use_spare(self, target: Target, zygote_mb: int) -> Spare | None:
         spare, self._spare = self._spare, None
         if spare is None or self.cgroups is None:
             return None
@@ -234,12 +259,11 @@ class Pool:
             return None
         spec = target.spec
         try:
-            leaf, aside = await asyncio.get_running_loop().run_in_executor(
+            await asyncio.get_running_loop().run_in_executor(
                 self._mover,
                 self.cgroups.assign,
                 spare.slug,
                 spare.joins[-1],
-                target.slug,
                 zygote_mb,
                 spec.pids,
                 spec.cpu,
@@ -248,11 +272,7 @@ class Pool:
             log.warning("could not hand a spare zygote to %s: %s", target.label, exc)
             self._drop_spare(spare)
             return None
-        if aside:
-            self._unremoved.add(aside)
-            self._zygote_leaf.pop(target.key, None)  # it went aside with the rest
-        self._note_zygote_leaf(target, leaf)
-        return spare.sock
+        return spare
 
     def _replenish(self) -> None:
         if self._spare is None and (self._spare_task is None or self._spare_task.done()):
@@ -288,25 +308,23 @@ class Pool:
         self._unremoved.add(spare.slug)
 
     def _release_revision(self, target: Target) -> None:
-        self._zygote_leaf.pop(target.key, None)
-        if self.cgroups is not None and not self.cgroups.remove_revision(target.slug):
-            self._unremoved.add(target.slug)  # processes still leaving: retried on tick
+        self._forget_zygote_dirs(target)
 
     # ---- limits ----
     def rlimit_for(self, memory_mb: int) -> int:
         """Address-space limit the instance sets itself, where there are no cgroups."""
         return 0 if self.cgroups is not None else memory_mb * 1024 * 1024
 
-    def place(self, inst: Instance, target: Target, memory_mb: int) -> None:
+    def place(self, inst: Instance, zygote_dir: str, memory_mb: int) -> None:
         """Move a new instance into its own memory cgroup, off the request's path.
 
         Moving a process between cgroups can wait out an RCU grace period (7-19 ms measured
         here), so a worker thread does it once the pid is known; the instance serves meanwhile,
         for those few milliseconds under its zygote's cgroup.
         """
-        if self.cgroups is None:
+        if self.cgroups is None or not zygote_dir:
             return
-        task = asyncio.get_running_loop().create_task(self._place(inst, target.slug, memory_mb))
+        task = asyncio.get_running_loop().create_task(self._place(inst, zygote_dir, memory_mb))
         inst.placed = task
 
     async def _place(self, inst: Instance, rev: str, memory_mb: int) -> None:
@@ -337,10 +355,6 @@ class Pool:
 
     def oom_killed(self, procs: str) -> bool:
         return bool(procs) and self.cgroups is not None and self.cgroups.oom_killed(procs)
-
-    def zygote_peak_kb(self, target: Target) -> int:
-        """Peak memory charged to the revision's zygote cgroup (0 without one)."""
-        return self.peak_kb(self._zygote_leaf.get(target.key, ""))
 
     def peak_kb(self, procs: str) -> int:
         return self.cgroups.peak_kb(procs) if procs and self.cgroups is not None else 0

@@ -199,7 +199,7 @@ class RevisionPool:
         inst = await zygote.fork(
             iid, self.pool.rlimit_for(self.spec.memory), self._on_log, self._on_lost
         )
-        self.pool.place(inst, self.target, self.spec.memory)
+        self.pool.place(inst, zygote.cgroup_dir, self.spec.memory)
         return inst
 
     async def ensure_zygote(self) -> str:
@@ -235,7 +235,7 @@ class RevisionPool:
             self.zygote = None
             zygote.stop()
             raise
-        used_mb = self.pool.zygote_peak_kb(self.target) // 1024
+        used_mb = ready.import_anon_kb // 1024
         if used_mb > self.spec.memory:  # its cgroup allows more, for instances not yet moved
             self.zygote = None
             zygote.stop()

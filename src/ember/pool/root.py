@@ -25,11 +25,14 @@ def _env(target: Target) -> dict[str, str]:
 
 
 class RootZygote:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], nofile: int = 0) -> None:
+        self.nofile = nofile  # the fd limit functions get (the server raises its own)
         self.env = env  # the root zygote's whole environment, inherited by every function
         self.proc: asyncio.subprocess.Process | None = None
         self.channel: AsyncChannel[object] | None = None
         self.starts = 0
+        self._starting = asyncio.Lock()
+        self._stopping = False
 
     @property
     def alive(self) -> bool:
@@ -37,6 +40,10 @@ class RootZygote:
 
     async def ensure(self) -> bool:
         """Start the root zygote if it is not running; True if it had to be started."""
+        async with self._starting:  # one root, however many starts ask at once
+            return await self._ensure()
+
+    async def _ensure(self) -> bool:
         if self.alive:
             return False
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -46,6 +53,7 @@ class RootZygote:
             "-m",
             "ember.runtime.root",
             str(child.fileno()),
+            str(self.nofile),
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,
             env=self.env,
@@ -66,7 +74,7 @@ class RootZygote:
             self.proc.kill()
 
     def _lost(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
+        if self.proc is not None and self.proc.returncode is None and not self._stopping:
             log.warning("root zygote channel closed; it will be restarted on the next start")
 
     def spawn_blank(self, cgroups: list[str], split: bool, spare: bool = False) -> socket.socket:
@@ -81,6 +89,7 @@ class RootZygote:
         return parent
 
     async def stop(self) -> None:
+        self._stopping = True
         if self.channel is not None and not self.channel.closed:
             try:
                 self.channel.send(Shutdown())

@@ -33,6 +33,7 @@ class FunctionZygote:
         self.ready: asyncio.Future[ZygoteReady] = asyncio.get_running_loop().create_future()
         self.dead = False
         self.pid = 0
+        self.cgroup_dir = ""  # its cgroups (below the server's); its instances' leaves go there
         self.last_used = time.monotonic()
         self._by_id: dict[str, Instance] = {}
         self._by_pid: dict[int, Instance] = {}
@@ -85,7 +86,11 @@ class FunctionZygote:
         self.dead = True
         if not self.ready.done():
             self.ready.set_exception(
-                PlatformError(f"the zygote of '{self.target.label}' exited before it was ready")
+                PlatformError(
+                    f"the zygote of '{self.target.label}' exited before it was ready (module "
+                    "code that calls os._exit or crashes the interpreter, or a host out of "
+                    "memory or processes)"
+                )
             )
         for inst in [*self._by_id.values(), *self._by_pid.values()]:
             if not inst.exit_status.done():

@@ -44,7 +44,7 @@ def _body(value: object, content_type: str | None) -> tuple[bytes, bytes]:
 
 
 # Framing belongs to the server; ours identify the invocation. A function may not set them.
-_RESERVED = {
+RESERVED_HEADERS = {
     b"content-length",
     b"transfer-encoding",
     b"connection",
@@ -55,18 +55,18 @@ _RESERVED = {
     b"proxy-authenticate",
     b"proxy-authorization",
 }
-_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9a-z-]+$")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab
+HEADER_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9a-z-]+$")
+BAD_HEADER_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab
 
 
 def _header(key: object, value: object) -> tuple[bytes, bytes] | None:
     name = str(key).lower().encode("latin-1", "replace")
     data = str(value).encode("latin-1", "replace")
-    if not _TOKEN.match(name):
+    if not HEADER_TOKEN.match(name):
         raise BadReturn(f"response header name {str(key)[:40]!r} is not a valid HTTP token")
-    if _BAD_VALUE.search(data):
+    if BAD_HEADER_VALUE.search(data):
         raise BadReturn(f"response header {str(key)[:40]!r} has a CR, LF or NUL in its value")
-    if name in _RESERVED or name.startswith(b"x-ember-"):
+    if name in RESERVED_HEADERS or name.startswith(b"x-ember-"):
         return None  # dropped: the server sets these
     return name, data
 

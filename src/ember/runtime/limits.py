@@ -62,13 +62,16 @@ def loopback_up() -> None:
         fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH14s", b"lo", flags | _IFF_UP, b""))
 
 
-def unprotect_from_oom() -> None:
-    """oom_score_adj back to 0 (raising it needs no privilege)."""
+def anon_kb() -> int:
+    """Resident anonymous memory of this process (not page cache, not mapped files)."""
     try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("0")
-    except OSError:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
         pass
+    return 0
 
 
 def default_signals() -> None:

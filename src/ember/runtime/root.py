@@ -9,6 +9,7 @@ import asyncio  # noqa: F401  (pre-imported so instances do not pay for it)
 import gc
 import json  # noqa: F401
 import os
+import resource
 import signal
 import socket
 import sys
@@ -33,8 +34,12 @@ def _reap(*_: object) -> None:
             return
 
 
-def serve(fd: int) -> None:
+def serve(fd: int, nofile: int = 0) -> None:
     from ember.runtime import limits
+
+    if nofile > 0:  # the server raised its own fd limit; functions get the usual one
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
 
     limits.die_with_parent(os.getppid())
     signal.signal(signal.SIGCHLD, _reap)
@@ -63,4 +68,4 @@ def serve(fd: int) -> None:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    serve(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0)

@@ -33,7 +33,6 @@ from ember.runtime import limits, seccomp
 from ember.wire.messages import SandboxPlan
 
 CODE_DIR = "/code"  # where the revision's code appears inside the sandbox
-ZYGOTE_OOM_SCORE_ADJ = -900  # instances set their own back to 0
 SECRETS_DIR = "/run/secrets"
 
 _CLONE_NEWUSER = 0x10000000
@@ -122,11 +121,8 @@ def split(cgroups: list[str], userns: SandboxPlan | None = None) -> int:
     given its function; the placement, which can wait out an RCU grace period, is done by then.
     """
     if userns is not None:  # no privileges: a user namespace of our own gives them, inside only
-        if os.geteuid() == 0:  # never map a tenant to root outside: become the tenant first
-            os.setgroups([])
-            os.setresgid(userns.gid, userns.gid, userns.gid)
-            os.setresuid(userns.uid, userns.uid, userns.uid)
-            limits.die_with_parent(os.getppid())  # the change of uid cleared it
+        if os.geteuid() == 0:  # the tenant would be uid 0 outside its namespaces
+            raise SandboxError(0, "sandbox: a user namespace would map the tenant to uid 0")
         uid, gid = os.geteuid(), os.getegid()
         _check(
             _libc().unshare(_CLONE_NEWUSER | _CLONE_NEWPID), "unshare of user and pid namespaces"
@@ -173,11 +169,6 @@ def _write(path: str, text: str) -> None:
 def _keep(child: int, cgroups: list[str], ready_w: int) -> None:
     """The keeper: place the zygote in its cgroups, report, then wait for it and exit."""
     report = b"ok"
-    if cgroups:  # the cgroup's OOM killer must pick an instance, never pid 1 of the sandbox
-        try:
-            _write(f"/proc/{child}/oom_score_adj", str(ZYGOTE_OOM_SCORE_ADJ))
-        except SandboxError:
-            pass
     for procs in cgroups:
         try:
             with open(procs, "w") as f:
@@ -410,6 +401,11 @@ def probe(workdir: str, mode: str = "auto") -> tuple[str, str]:
         return "none", f"no seccomp filter for {os.uname().machine}"
     if mode == "auto":
         mode = "root" if privileged() else "userns"
+    if mode == "userns" and os.geteuid() == 0 and not privileged():
+        return "none", (
+            "uid 0 without CAP_SYS_ADMIN (a default container?): give Ember CAP_SYS_ADMIN for "
+            "the root sandbox, or run it as an ordinary user for the user-namespace sandbox"
+        )
     elif mode == "userns" and privileged():
         return "none", (
             "--sandbox userns is for servers without root; as root, --sandbox auto gives "

@@ -121,8 +121,6 @@ class Zygote:
         limits.close_fds_except(fd)
         limits.die_with_parent(zygote)
         limits.default_signals()
-        if self.spec.sandbox is not None and self.spec.sandbox.cgroups:
-            limits.unprotect_from_oom()  # the zygote is protected; its instances are not
         if cmd.rlimit_as:  # without cgroups; with them the server moves us (off this path)
             limits.limit_address_space(cmd.rlimit_as)
         instance.run(fd, self.handler, self.spec, self.prepared)
@@ -289,6 +287,7 @@ def _become(spec: SpawnZygote, channel: Channel[ZygoteCommand], ready_r: int) ->
             _sandbox_failed(exc, channel)
     channel.send(ZygoteStarted(pid=os.getpid()))
     started = time.perf_counter()
+    anon_before = limits.anon_kb()
     handler, output = _import(spec, channel)
     # Young generations only: a full collection after importing numpy + pandas walks ~50,000
     # objects for ~13 ms and finds nothing. Freezing keeps instances from touching (and so
@@ -300,6 +299,7 @@ def _become(spec: SpawnZygote, channel: Channel[ZygoteCommand], ready_r: int) ->
         ZygoteReady(
             pid=os.getpid(),
             import_ms=(time.perf_counter() - started) * 1000,
+            import_anon_kb=max(0, limits.anon_kb() - anon_before),
             warnings=_warnings(),
             output=_clip(output),
         )

@@ -179,7 +179,10 @@ async def _deploy_dirs(server: Server, dirs: list[Path]) -> None:
 
 
 async def run(config: ServerConfig, deploy: list[Path]) -> int:
-    server = Server(config)
+    server = Server(config)  # the pool notes the fd limit functions get: the one we started with
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # two fds per instance (its socket and a pidfd): take what we may
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         await server.start()
     except EmberError as exc:
@@ -227,9 +230,6 @@ async def run(config: ServerConfig, deploy: list[Path]) -> int:
 
 def serve(config: ServerConfig, deploy: list[Path]) -> int:
     """Run the server in the foreground until SIGTERM or SIGINT; returns the exit code."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:  # two fds per instance (its socket and a pidfd): take what we may
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     logging.basicConfig(
         level=config.log_level.upper(),
         stream=sys.stderr,

@@ -78,6 +78,7 @@ class SpareReady(_Msg, tag="spare-ready", frozen=True):
 class ZygoteReady(_Msg, tag="ready", frozen=True):
     pid: int
     import_ms: float
+    import_anon_kb: int = 0  # anonymous memory the import added (not page cache)
     warnings: list[str] = []
     output: str = ""  # what the module printed while it was imported
 
