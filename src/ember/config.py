@@ -19,7 +19,14 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     grace_period: float = 30.0  # seconds in-flight invocations get on shutdown
     queue_depth: int = 100  # waiting requests per revision before 429
     init_timeout: float = 60.0  # seconds a module may take to import (its init phase)
-    zygote_keepalive: float = 600.0  # seconds an unused function zygote stays warm
+    # Seconds an unused function zygote stays warm while its idle-time histogram is not yet
+    # representative (then the histogram decides: autoscaler/histogram.py).
+    zygote_keepalive: float = 600.0
+    # MB instances and zygotes may use on this node (each counts its memory: setting);
+    # 0: 80 % of the machine's memory.
+    memory_budget_mb: int = 0
+    budget_wait: float = 5.0  # seconds a start may wait for memory before 429
+    revision_retention: int = 10  # revisions kept per function (aliases keep theirs too)
     max_body_bytes: int = 6 * 1024 * 1024  # request bodies; larger → 413
     max_bundle_bytes: int = 64 * 1024 * 1024  # compressed upload
     max_unpacked_bytes: int = 256 * 1024 * 1024
@@ -45,6 +52,14 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
             ("queue_depth", self.queue_depth, self.queue_depth >= 0, "must be >= 0"),
             ("zygote_keepalive", self.zygote_keepalive, self.zygote_keepalive >= 0, "must be >= 0"),
             ("init_timeout", self.init_timeout, self.init_timeout > 0, "must be > 0"),
+            ("memory_budget_mb", self.memory_budget_mb, self.memory_budget_mb >= 0, "must be >= 0"),
+            ("budget_wait", self.budget_wait, self.budget_wait >= 0, "must be >= 0"),
+            (
+                "revision_retention",
+                self.revision_retention,
+                self.revision_retention >= 1,
+                "must be >= 1",
+            ),
             ("max_body_bytes", self.max_body_bytes, self.max_body_bytes > 0, "must be > 0"),
             ("flush_interval", self.flush_interval, self.flush_interval > 0, "must be > 0"),
             (

@@ -50,6 +50,10 @@ _EXAMPLES = {
     "min": "0",
     "max": "10",
     "idle": "60s",
+    "target": "1",
+    "window": "60s",
+    "panic_window": "6s",
+    "down_rate": "2",
 }
 
 _Parser = Callable[[object, str], object]
@@ -230,7 +234,34 @@ def _scale(value: object, path: str) -> ScaleSpec:
         raise _fail(
             path, f"min ({scale.min}) is greater than max ({scale.max}); lower min or raise max"
         )
+    if scale.panic_window > scale.window:
+        raise _fail(
+            path,
+            f"panic_window ({scale.panic_window:g} s) is longer than window ({scale.window:g} s); "
+            "the panic window is the short one, e.g. window: 60s, panic_window: 6s",
+        )
     return scale
+
+
+def _number(value: object, path: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise _fail(
+            path,
+            f"{_show(value)} is not a number from {low:g} to {high:g}; write e.g. "
+            f"{_leaf(path)}: {_EXAMPLES[_leaf(path)]}",
+        )
+    return float(value)
+
+
+def _window(value: object, path: str, low: float, high: float) -> float:
+    seconds = _duration(value, path)
+    if not low <= seconds <= high:
+        raise _fail(
+            path,
+            f"{_show(value)} is out of range; use {low:g}s to {high / 60:g}m, e.g. "
+            f"{_leaf(path)}: {_EXAMPLES[_leaf(path)]}",
+        )
+    return seconds
 
 
 def _env(value: object, path: str) -> dict[str, str]:
@@ -384,6 +415,10 @@ _SCALE_PARSERS: dict[str, _Parser] = {
     "min": lambda value, path: _whole(value, path, 0, 1000),
     "max": lambda value, path: _whole(value, path, 1, 1000),
     "idle": _duration,
+    "target": lambda value, path: _number(value, path, 0.01, 1000),
+    "window": lambda value, path: _window(value, path, 6, 3600),
+    "panic_window": lambda value, path: _window(value, path, 1, 600),
+    "down_rate": lambda value, path: _number(value, path, 1.01, 1000),
 }
 _FUNCTION_PARSERS: dict[str, _Parser] = {
     "handler": _handler,

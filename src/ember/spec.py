@@ -10,7 +10,11 @@ MAX_TIMEOUT_S = 15 * 60.0
 class ScaleSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     min: int = 0
     max: int = 10
-    idle: float = 60.0  # seconds an idle instance is kept before it is reaped
+    idle: float = 60.0  # seconds without requests before scaling to zero (the idle grace)
+    target: float = 0.0  # concurrent requests per instance the autoscaler aims at; 0 = concurrency
+    window: float = 60.0  # seconds of the stable window (mean concurrency)
+    panic_window: float = 6.0  # seconds of the panic window
+    down_rate: float = 2.0  # one scale-down step keeps at least ceil(current / down_rate)
 
 
 class SecretRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

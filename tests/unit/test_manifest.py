@@ -106,7 +106,8 @@ def test_every_setting() -> None:
             memory: 256
             timeout: 1.5m
             concurrency: 8
-            scale: {min: 1, max: 4, idle: 500ms}
+            scale: {min: 1, max: 4, idle: 500ms, target: 2.5, window: 2m, panic_window: 10s,
+                    down_rate: 4}
             env: {LOG_LEVEL: debug, RETRIES: 3, RATIO: 0.5, DEBUG: true, QUIET: false, EMPTY: ""}
     """)
     assert load_manifest(text, "ignored") == [
@@ -117,7 +118,9 @@ def test_every_setting() -> None:
             memory=256,
             timeout=90.0,
             concurrency=8,
-            scale=ScaleSpec(min=1, max=4, idle=0.5),
+            scale=ScaleSpec(
+                min=1, max=4, idle=0.5, target=2.5, window=120.0, panic_window=10.0, down_rate=4.0
+            ),
             env={
                 "LOG_LEVEL": "debug",
                 "RETRIES": "3",
@@ -211,6 +214,22 @@ BAD_MANIFESTS = {
         "functions:\n  f:\n    scale: {maximum: 3}\n",
         "functions.f.scale.maximum: unknown key; valid keys are min, max, idle",
     ),
+    "panic window longer than window": (
+        "functions:\n  f:\n    scale: {window: 10s, panic_window: 20s}\n",
+        "functions.f.scale: panic_window (20 s) is longer than window (10 s)",
+    ),
+    "window too short": (
+        "functions:\n  f:\n    scale: {window: 1s}\n",
+        "functions.f.scale.window: '1s' is out of range; use 6s to 60m",
+    ),
+    "target zero": (
+        "functions:\n  f:\n    scale: {target: 0}\n",
+        "functions.f.scale.target: 0 is not a number from 0.01 to 1000",
+    ),
+    "down rate one": (
+        "functions:\n  f:\n    scale: {down_rate: 1}\n",
+        "functions.f.scale.down_rate: 1 is not a number from 1.01 to 1000",
+    ),
     "null setting": (
         "functions:\n  f:\n    memory:\n",
         "functions.f.memory: has no value; write e.g. memory: 256",
@@ -291,7 +310,8 @@ BAD_MANIFESTS = {
     ),
     "scale not mapping": (
         "functions:\n  f:\n    scale: 3\n",
-        "functions.f.scale: expected a mapping of min, max, idle, got a number",
+        "functions.f.scale: expected a mapping of min, max, idle, target, window, panic_window, "
+        "down_rate, got a number",
     ),
     "scale min negative": (
         "functions:\n  f:\n    scale: {min: -1}\n",

@@ -1,48 +1,35 @@
-"""Which idle instances and zygotes to release, and how many instances to keep warm.
+"""Whether a revision's function zygote should be loaded now.
 
-`decide()` is pure: the pool passes what it observes and the time, and applies the decision.
+`zygote_action()` is pure: the pool passes what it observes (the function's keep-alive windows
+from its idle-time histogram, `autoscaler/histogram.py`, and how long the function has been
+idle) and applies the answer. A zygote that serves instances or requests is always kept.
 """
 
 from __future__ import annotations
 
-import msgspec
+import enum
 
-from ember.spec import ScaleSpec
-
-
-class PoolView(msgspec.Struct, frozen=True):
-    idle: list[tuple[str, float]]  # (instance id, idle since), any order
-    busy: int
-    starting: int
-    waiting: int
-    zygote: bool  # a zygote is running (or starting)
-    zygote_last_used: float
-    retired: bool = False  # no route points here any more
+from ember.autoscaler.histogram import Windows, loaded
 
 
-class Decision(msgspec.Struct, frozen=True):
-    reap: list[str] = []  # idle instances to stop
-    start: int = 0  # instances to start now
-    reap_zygote: bool = False
+class Action(enum.Enum):
+    NONE = "none"  # nothing to do
+    KEEP = "keep"
+    RELEASE = "release"  # stop the zygote: its memory goes back to the node
+    PREWARM = "prewarm"  # start it ahead of the invocation the histogram expects
 
 
-def decide(scale: ScaleSpec, view: PoolView, now: float, zygote_keepalive: float) -> Decision:
-    total = len(view.idle) + view.busy + view.starting
-    if view.retired:
-        reap = [iid for iid, _ in view.idle]
-        empty = total - len(reap) == 0
-        return Decision(reap=reap, reap_zygote=view.zygote and empty)
-    floor = scale.min
-    expired = sorted((since, iid) for iid, since in view.idle if now - since >= scale.idle)
-    removable = max(0, total - floor)
-    reap = [iid for _, iid in expired[:removable]]
-    start = max(0, floor - total) if view.waiting == 0 else 0
-    remaining = total - len(reap) + start
-    reap_zygote = (
-        view.zygote
-        and remaining == 0
-        and floor == 0
-        and view.waiting == 0
-        and now - view.zygote_last_used >= zygote_keepalive
-    )
-    return Decision(reap=reap, start=start, reap_zygote=reap_zygote)
+def zygote_action(w: Windows, has_zygote: bool, in_use: bool, idle_for: float | None) -> Action:
+    """`idle_for`: seconds since the end of the function's last activity (or the zygote's
+    start, if later); None when the function was never used since the server started."""
+    if in_use:
+        return Action.KEEP if has_zygote else Action.NONE
+    if idle_for is None:
+        return Action.NONE
+    if loaded(w, idle_for):
+        if has_zygote:
+            return Action.KEEP
+        # Only a zygote the policy released on purpose comes back ahead of time; one released
+        # for memory (or never started) waits for its next request.
+        return Action.PREWARM if w.prewarm > 0 else Action.NONE
+    return Action.RELEASE if has_zygote else Action.NONE

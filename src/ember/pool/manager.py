@@ -15,10 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import msgspec
+import psutil
 
-from ember.autoscaler.keepalive import decide
+from ember.autoscaler.histogram import IdleHistogram, Windows, windows
+from ember.autoscaler.keepalive import Action, zygote_action
 from ember.config import ServerConfig
-from ember.errors import IsolationUnavailable, QuotaReached
+from ember.errors import CapacityError, IsolationUnavailable, QuotaReached
 from ember.pool.capabilities import Check, SandboxProbe, missing, probe_sandbox, protections
 from ember.pool.cgroup import Cgroups
 from ember.pool.instance import Instance
@@ -38,6 +40,11 @@ TICK = 0.25  # seconds between keep-alive decisions
 PRE_MOVE_MB = 4
 PRE_MOVE_CAP_MB = 256
 _SPARE_DECODER = msgspec.msgpack.Decoder(ZygoteMessage)
+
+
+def _default_budget_mb() -> int:
+    """80 % of the machine's memory."""
+    return int(psutil.virtual_memory().total * 0.8) // (1024 * 1024)
 
 
 class Spare(NamedTuple):
@@ -78,6 +85,13 @@ class Pool:
         self._spare: Spare | None = None
         self._spare_task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Zygote keep-alive: per function ("namespace/name"), its idle times and activity.
+        self.histograms: dict[str, IdleHistogram] = {}
+        self._busy: dict[str, int] = {}  # revisions of the function with requests now
+        self._idle_since: dict[str, float] = {}  # end of the function's last activity
+        # The node's memory budget (MB) and the starts waiting for some of it.
+        self.budget_mb = config.memory_budget_mb or _default_budget_mb()
+        self._memory_freed = asyncio.Event()
 
     async def start(self) -> None:
         if self.config.use_cgroups:
@@ -386,21 +400,47 @@ class Pool:
             )
         )
 
-    # ---- keep-alive ----
+    # ---- activity and keep-alive ----
+    def activity(self, target: Target, busy: bool, now: float) -> None:
+        """A revision of the function got its first request in flight, or its last one done;
+        the function's idle times (end of activity to the next request) feed its histogram."""
+        fn = target.qualified
+        count = self._busy.get(fn, 0)
+        if busy:
+            if count == 0 and fn in self._idle_since:
+                hist = self.histograms.setdefault(fn, IdleHistogram())
+                hist.record(now - self._idle_since[fn])
+            self._busy[fn] = count + 1
+        else:
+            self._busy[fn] = max(0, count - 1)
+            if self._busy[fn] == 0:
+                self._idle_since[fn] = now
+
+    def keepalive_windows(self, function: str) -> Windows:
+        hist = self.histograms.get(function)
+        if hist is None:
+            return Windows(0.0, self.config.zygote_keepalive, False, "fixed: no idle times yet")
+        return windows(hist, self.config.zygote_keepalive)
+
     async def _keepalive_loop(self) -> None:
         while True:
             await asyncio.sleep(TICK)
-            self.tick(time.monotonic())
+            try:
+                self.tick(time.monotonic())
+            except Exception:  # a bug here must not end keep-alive for every function
+                log.exception("keep-alive tick failed")
 
     def tick(self, now: float) -> None:
         for key, rp in list(self.revisions.items()):
-            decision = decide(rp.spec.scale, rp.view(now), now, self.config.zygote_keepalive)
-            rp.apply(decision)
-            zygote_gone = rp.zygote is None or rp.zygote.dead
-            if rp.retired and not rp.instances and zygote_gone and not rp.starting:
-                rp.stop()
-                del self.revisions[key]
-                self._release_revision(rp.target)
+            if rp.retired:
+                rp.drain()
+                if not rp.instances and not rp.zygote_alive and not rp.starting:
+                    rp.stop()
+                    del self.revisions[key]
+                    self._release_revision(rp.target)
+                continue
+            rp.autoscale(now)
+            self._keep_zygote(rp, now)
         if self.cgroups is not None:
             for procs in list(self._unremoved_leaves):
                 if self.cgroups.remove(procs):
@@ -408,6 +448,121 @@ class Pool:
             for slug in list(self._unremoved):
                 if self.cgroups.remove_revision(slug):
                     self._unremoved.discard(slug)
+
+    def _keep_zygote(self, rp: RevisionPool, now: float) -> None:
+        fn = rp.target.qualified
+        in_use = bool(rp.count or rp.demand or rp.waiters)
+        ended = self._idle_since.get(fn)
+        if rp.zygote is not None and not rp.zygote.dead:
+            ended = max(ended or 0.0, rp.zygote.last_used)
+        idle_for = None if ended is None else now - ended
+        w = self.keepalive_windows(fn)
+        action = zygote_action(w, rp.zygote_alive, in_use, idle_for)
+        if action is Action.RELEASE and rp.zygote is not None and rp.zygote.ready.done():
+            rp.release_zygote()
+        elif action is Action.PREWARM and now >= rp.backoff_until:
+            rp.prewarm()
+
+    # ---- the node's memory budget ----
+    def used_mb(self) -> int:
+        """Memory of every instance (running or starting) and zygote, each at its setting."""
+        return sum((rp.count + rp.zygote_alive) * rp.spec.memory for rp in self.revisions.values())
+
+    def _reserved_mb(self, asking: RevisionPool) -> int:
+        """What the other live revisions need to reach their scale.min: kept free for them."""
+        need = 0
+        for rp in self.revisions.values():
+            if rp is asking or rp.retired or rp.count >= rp.spec.scale.min:
+                continue
+            zygote = 0 if rp.zygote_alive else 1
+            need += (rp.spec.scale.min - rp.count + zygote) * rp.spec.memory
+        return need
+
+    async def make_room(self, rp: RevisionPool, loop_deadline: float | None) -> None:
+        """Return when one more instance of `rp` fits in the node's budget: evict idle
+        instances, then idle zygotes, least recently used first; else wait for memory to be
+        freed, until the request's deadline or `budget_wait`, then 429 naming the budget."""
+        loop = asyncio.get_running_loop()
+        waited_until = loop.time() + self.config.budget_wait
+        if loop_deadline is not None:
+            waited_until = min(waited_until, loop_deadline)
+        while True:
+            need = rp.spec.memory * (1 if rp.zygote_alive else 2)
+            within_min = rp.count < rp.spec.scale.min
+            reserved = 0 if within_min else self._reserved_mb(rp)
+            short = self.used_mb() + reserved + need - self.budget_mb
+            if short <= 0:
+                return
+            freed = self._evict(short, rp)
+            if freed >= short:
+                continue  # stopped instances leave the count at once
+            remaining = waited_until - loop.time()
+            if loop_deadline is None or remaining <= 0:
+                kept = f", {reserved} MB kept for scale.min of others" if reserved else ""
+                raise CapacityError(
+                    f"the node's memory budget is spent: {self.used_mb()} of {self.budget_mb} MB "
+                    f"in use{kept}; function '{rp.target.function}' needs {need} MB more. "
+                    "Retry later, lower memory: or scale.max, or give the server more "
+                    "(ember up --memory-budget MB)",
+                    code="memory_budget",
+                    headers={"Retry-After": "1"},
+                )
+            self._memory_freed.clear()
+            try:
+                await asyncio.wait_for(self._memory_freed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    def _evict(self, short: int, asking: RevisionPool) -> int:
+        """Stop idle instances (above their revision's scale.min), then zygotes with nothing
+        running, least recently used first, until `short` MB are freed; MB freed."""
+        candidates: list[tuple[float, int, RevisionPool, Instance | None]] = []
+        for rp in self.revisions.values():
+            spare = rp.count - (0 if rp.retired else rp.spec.scale.min)
+            idle = sorted(
+                (i for i in rp.instances.values() if not i.busy and not i.dead),
+                key=lambda i: i.idle_since,
+            )
+            for inst in idle[: max(0, spare)]:
+                candidates.append((inst.idle_since, 0, rp, inst))
+            zygote = rp.zygote
+            if (
+                rp is not asking
+                and zygote is not None
+                and zygote.ready.done()
+                and not zygote.dead
+                and not rp.starting
+                and not rp.demand
+                and len(idle) == rp.count  # everything in it is idle
+                and spare >= rp.count  # and may go (scale.min 0)
+            ):
+                candidates.append((zygote.last_used, 1, rp, None))
+        freed = 0
+        for _since, _kind, rp, victim in sorted(candidates, key=lambda c: (c[1], c[0])):
+            if freed >= short:
+                break
+            if victim is not None:
+                victim.stop()
+                rp.forget(victim)
+            elif not rp.instances:
+                rp.release_zygote()
+            else:
+                continue  # its instances are not all gone yet
+            freed += rp.spec.memory
+            what = "an instance" if victim is not None else "the zygote"
+            log.info("evicted %s of %s for memory", what, rp.target.label)
+        return freed
+
+    def memory_freed(self) -> None:
+        self._memory_freed.set()
+
+    async def make_room_for_zygote(self, rp: RevisionPool) -> None:
+        """A pre-warm only uses memory that is free: it never evicts nor waits."""
+        if self.used_mb() + self._reserved_mb(rp) + rp.spec.memory > self.budget_mb:
+            raise CapacityError(
+                f"no memory to pre-warm {rp.target.label} within the node's budget",
+                code="memory_budget",
+            )
 
     def statistics(self) -> list[RevisionStats]:
         return [rp.statistics() for rp in self.revisions.values()]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ember.autoscaler.keepalive import Decision, PoolView
+from ember.autoscaler.scaler import Decision, Window, decide
 from ember.errors import (
     CapacityError,
     DeployRejected,
@@ -48,6 +48,9 @@ class RevisionStats(msgspec.Struct, frozen=True):
     starts: dict[str, int]
     zygote_pid: int = 0  # on the host
     memory_mb: int = 0  # per instance
+    desired: int = 0  # what the autoscaler last asked for
+    panic: bool = False
+    concurrency: float = 0.0  # mean over the stable window
 
 
 class RevisionPool:
@@ -64,26 +67,49 @@ class RevisionPool:
         self.retired = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._failures = 0  # keep-warm starts that failed in a row
-        self._backoff_until = 0.0
+        self.backoff_until = 0.0
         self.starts = {WARM: 0, FORK: 0, SPECIALIZE: 0, FRESH: 0}
+        # Concurrency for the autoscaler: requests in flight or waiting, integrated over time.
+        self.demand = 0
+        self._area = 0.0
+        self._mark = self._sampled = time.monotonic()
+        self.window = Window(self.spec.scale.window)
+        self.decision = Decision(desired=0)
 
     # ---- the hot path ----
     async def invoke(self, msg: Invoke, loop_deadline: float) -> tuple[Result, str, Instance]:
-        inst, tier = await self.acquire(loop_deadline)
-        while inst.dead:  # died between the hand-off and now: take another
-            inst.reserved -= 1
-            inst, tier = await self.acquire(loop_deadline)
+        self._load(1)
         try:
-            fut = inst.call(msg)
-            timer = asyncio.get_running_loop().call_at(loop_deadline, self._timed_out, inst, msg)
+            inst, tier = await self.acquire(loop_deadline)
+            while inst.dead:  # died between the hand-off and now: take another
+                inst.reserved -= 1
+                inst, tier = await self.acquire(loop_deadline)
             try:
-                result = await fut
+                fut = inst.call(msg)
+                timer = asyncio.get_running_loop().call_at(
+                    loop_deadline, self._timed_out, inst, msg
+                )
+                try:
+                    result = await fut
+                finally:
+                    timer.cancel()
             finally:
-                timer.cancel()
+                self.release(inst)
         finally:
-            self.release(inst)
+            self._load(-1)
         self.starts[tier] += 1
         return result, tier, inst
+
+    def _load(self, delta: int) -> None:
+        now = time.monotonic()
+        self._area += self.demand * (now - self._mark)
+        self._mark = now
+        was_idle = self.demand == 0
+        self.demand += delta
+        if was_idle and delta > 0:
+            self.pool.activity(self.target, busy=True, now=now)
+        elif self.demand == 0:
+            self.pool.activity(self.target, busy=False, now=now)
 
     async def acquire(self, loop_deadline: float) -> tuple[Instance, str]:
         while True:
@@ -101,7 +127,7 @@ class RevisionPool:
         """A start bounded by the request's deadline; init failures are the function's (502)."""
         try:
             async with asyncio.timeout_at(loop_deadline):  # same task: `starting` counts at once
-                return await self._start()
+                return await self._start(loop_deadline)
         except TimeoutError:
             raise FunctionTimeout(
                 f"function '{self.target.function}' timed out after {self.spec.timeout:g} s "
@@ -165,8 +191,16 @@ class RevisionPool:
             inst.idle_since = time.monotonic()
 
     # ---- starting instances ----
-    async def _start(self) -> tuple[Instance, str]:
+    @property
+    def zygote_alive(self) -> bool:
+        """A zygote runs or is being started (it counts against memory from the start)."""
+        if self.zygote is not None and not self.zygote.dead:
+            return True
+        return self._zygote_task is not None and not self._zygote_task.done()
+
+    async def _start(self, loop_deadline: float | None) -> tuple[Instance, str]:
         self.pool.admit(self.target)  # the namespace's quotas (429 naming the one reached)
+        await self.pool.make_room(self, loop_deadline)  # the node's memory budget
         self.starting += 1
         try:
             tier = await self.ensure_zygote()
@@ -181,6 +215,7 @@ class RevisionPool:
         except BaseException:
             self.starting -= 1
             self._wake_waiter()  # the room this start held is free again
+            self.pool.memory_freed()
             raise
         self.starting -= 1
         inst.reserved += 1
@@ -252,7 +287,7 @@ class RevisionPool:
         return FRESH if fresh else SPECIALIZE
 
     async def warm_one(self) -> None:
-        inst, _tier = await self._start()
+        inst, _tier = await self._start(None)
         inst.reserved -= 1
         self.release(inst)
 
@@ -266,12 +301,10 @@ class RevisionPool:
         self.pool.instance_log(self.target, inst.id, msg)
 
     def _on_lost(self, inst: Instance) -> None:
-        self.instances.pop(inst.id, None)
-        if inst.listed:
-            self.idle.remove(inst)
-            inst.listed = False
+        self.forget(inst)
         self._background(self._bury(inst))
         self._wake_waiter()
+        self.pool.memory_freed()
 
     async def _bury(self, inst: Instance) -> None:
         try:
@@ -322,47 +355,87 @@ class RevisionPool:
             )
         )
 
-    # ---- keep-alive and scale ----
-    def view(self, now: float) -> PoolView:
-        zygote = self.zygote is not None and not self.zygote.dead
-        return PoolView(
-            idle=[(i.id, i.idle_since) for i in self.instances.values() if not i.busy],
-            busy=sum(1 for i in self.instances.values() if i.busy),
-            starting=self.starting,
-            waiting=len(self.waiters),
-            zygote=zygote,
-            zygote_last_used=self.zygote.last_used if self.zygote else now,
-            retired=self.retired,
-        )
-
-    def apply(self, decision: Decision) -> None:
-        for iid in decision.reap:
-            inst = self.instances.get(iid)
-            if inst is not None and not inst.busy:
-                inst.stop()
-        if time.monotonic() >= self._backoff_until:
-            for _ in range(decision.start):
+    # ---- autoscaling ----
+    def autoscale(self, now: float) -> Decision:
+        """One tick: sample the concurrency, ask the scaler, start or stop instances."""
+        self._area += self.demand * (now - self._mark)
+        span = now - self._sampled
+        mean = self._area / span if span > 0 else float(self.demand)
+        self._area, self._mark, self._sampled = 0.0, now, now
+        self.window.add(now, mean, self.count, active=self.demand > 0 or mean > 0)
+        self.decision = decide(self.spec.scale, self.spec.concurrency, self.window, now)
+        self.window.keep(self.decision)
+        desired = self.decision.desired
+        if desired > self.count and not self.waiters and time.monotonic() >= self.backoff_until:
+            for _ in range(desired - self.count):
                 self._background(self._warm_quietly())
-        if decision.reap_zygote and self.zygote is not None:
+        elif desired < self.count:
+            idle = sorted(
+                (i for i in self.instances.values() if not i.busy and not i.dead),
+                key=lambda i: i.idle_since,
+            )
+            for inst in idle[: self.count - desired]:
+                inst.stop()
+        return self.decision
+
+    def drain(self) -> None:
+        """A retired revision: stop what is idle; the zygote goes once nothing runs."""
+        for inst in list(self.instances.values()):
+            if not inst.busy:
+                inst.stop()
+        if not self.instances and not self.starting and self.zygote is not None:
             self.zygote.stop()
             self.zygote = None
+
+    def release_zygote(self) -> None:
+        if self.zygote is not None:
+            self.zygote.stop()
+            self.zygote = None
+            self.pool.memory_freed()
+
+    def forget(self, inst: Instance) -> None:
+        """An instance being stopped no longer counts (its memory is on its way back)."""
+        self.instances.pop(inst.id, None)
+        if inst.listed:
+            self.idle.remove(inst)
+            inst.listed = False
+
+    def prewarm(self) -> None:
+        """Start the zygote ahead of the request the keep-alive histogram expects."""
+        if not self.zygote_alive:
+            self._background(self._prewarm_quietly())
+
+    async def _prewarm_quietly(self) -> None:
+        try:
+            await self.pool.make_room_for_zygote(self)
+            await self.ensure_zygote()
+        except Exception as exc:
+            self._back_off(exc, "pre-warm")
+        else:
+            self._failures = 0
+
+    def keep_scale(self, n: int, now: float) -> None:
+        """`ember scale N`: the autoscaler keeps N instances for the idle grace, then decides."""
+        self.window.held, self.window.held_until = n, now + self.spec.scale.idle
 
     async def _warm_quietly(self) -> None:
         try:
             await self.warm_one()
         except Exception as exc:  # any failure: back off, never retry every tick
-            self._failures += 1
-            delay = min(60.0, 0.5 * 2**self._failures)
-            self._backoff_until = time.monotonic() + delay
-            log.warning(
-                "could not keep %s warm (retrying in %.0f s): %s", self.target.label, delay, exc
-            )
+            self._back_off(exc, "keep warm")
         else:
             self._failures = 0
+
+    def _back_off(self, exc: Exception, what: str) -> None:
+        self._failures += 1
+        delay = min(60.0, 0.5 * 2**self._failures)
+        self.backoff_until = time.monotonic() + delay
+        log.warning("could not %s %s (retrying in %.0f s): %s", what, self.target.label, delay, exc)
 
     async def scale_to(self, n: int) -> int:
         """`ember scale`: stop idle instances down to n, or start up to n (within scale.max)."""
         n = min(n, self.spec.scale.max)
+        self.keep_scale(n, time.monotonic())
         idle = [i for i in self.instances.values() if not i.busy]
         for inst in idle[: max(0, self.count - n)]:
             inst.stop()
@@ -388,6 +461,9 @@ class RevisionPool:
             starts=dict(self.starts),
             zygote_pid=self.zygote.pid if self.zygote is not None else 0,
             memory_mb=self.spec.memory,
+            desired=self.decision.desired,
+            panic=self.decision.panic,
+            concurrency=round(self.decision.stable, 3),
         )
 
     def stop(self) -> None:
