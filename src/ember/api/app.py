@@ -67,6 +67,7 @@ class Api:
     def info(self, target: Target) -> s.FunctionInfo:
         counts = s.InstanceCounts()
         zygote = False
+        desired, panic, concurrency = 0, False, 0.0
         for st in self.control.pool.statistics():
             if st.function == target.qualified:
                 counts = s.InstanceCounts(
@@ -76,6 +77,11 @@ class Api:
                     waiting=counts.waiting + st.waiting,
                 )
                 zygote = zygote or (st.zygote == "ready" and st.revision == target.number)
+                if not st.retired:
+                    desired += st.desired
+                    panic = panic or st.panic
+                    concurrency += st.concurrency
+        windows = self.control.pool.keepalive_windows(target.qualified)
         return s.FunctionInfo(
             name=target.function,
             namespace=target.namespace,
@@ -87,6 +93,13 @@ class Api:
             instances=counts,
             zygote=zygote,
             url=self.control.url(target.namespace, target.function),
+            autoscaler=s.AutoscalerInfo(
+                desired=desired,
+                panic=panic,
+                concurrency=round(concurrency, 3),
+                keepalive=f"pre-warm {windows.prewarm:g} s, keep {windows.keepalive:g} s "
+                f"({windows.reason})",
+            ),
         )
 
     async def functions(self, request: Request) -> Response:

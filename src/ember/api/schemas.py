@@ -16,6 +16,13 @@ class InstanceCounts(msgspec.Struct, frozen=True):
     waiting: int = 0
 
 
+class AutoscalerInfo(msgspec.Struct, frozen=True):
+    desired: int = 0  # instances the autoscaler asks for, over the function's live revisions
+    panic: bool = False
+    concurrency: float = 0.0  # mean requests in flight or waiting over the stable window
+    keepalive: str = ""  # how the zygote keep-alive is decided (histogram or fixed)
+
+
 class FunctionInfo(msgspec.Struct, frozen=True):
     name: str
     namespace: str
@@ -27,6 +34,7 @@ class FunctionInfo(msgspec.Struct, frozen=True):
     instances: InstanceCounts
     zygote: bool
     url: str
+    autoscaler: AutoscalerInfo = AutoscalerInfo()
 
 
 class RevisionInfo(msgspec.Struct, frozen=True):

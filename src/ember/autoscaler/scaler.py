@@ -8,9 +8,11 @@ starts or stops instances to reach `Decision.desired`, and stores the decision's
   default 60 s), clamped to [scale.min, scale.max]; target = `scale.target`, or the
   function's `concurrency` when unset.
 * **Panic**: when the mean over the short **panic window** (`scale.panic_window`, 6 s) asks
-  for at least twice the current instances, the scaler follows the short window, and keeps
-  doing so until a whole stable window has passed without that condition. It never scales
-  down while panicking.
+  for at least twice the instances the scaler itself provided (its previous decision), it
+  follows the short window, and keeps doing so until a whole stable window has passed without
+  that condition. It never scales down while panicking. (Requests start instances of their
+  own when none is free, so the running count already follows a burst within milliseconds;
+  compared with it, a burst would never look like one.)
 * **Scale-down** is rate limited: at most one step every `DOWN_STEP` seconds, each to no fewer
   than ceil(current / scale.down_rate) instances, and never below what the panic window asks
   for (a panic that ends during a burst does not drop instances the burst still uses).
@@ -47,6 +49,7 @@ class Window:
         self.last_active = -math.inf  # last time any request was in flight or waiting
         self.panic_until = -math.inf
         self.last_down = -math.inf
+        self.provided = 0  # the previous decision's desired instances
         self.held, self.held_until = 0, -math.inf  # `ember scale N`: N instances until then
 
     def add(self, now: float, concurrency: float, instances: int, active: bool) -> None:
@@ -70,6 +73,7 @@ class Window:
     def keep(self, decision: Decision) -> None:
         self.panic_until = decision.panic_until
         self.last_down = decision.last_down
+        self.provided = decision.desired
 
 
 class Decision(msgspec.Struct, frozen=True):
@@ -89,7 +93,7 @@ def decide(scale: ScaleSpec, concurrency: int, window: Window, now: float) -> De
     want_stable = _instances(stable, target)
     want_short = _instances(short, target)
     panic_until = window.panic_until
-    if want_short >= PANIC_FACTOR * max(current, 1):
+    if want_short >= PANIC_FACTOR * max(window.provided, 1):
         panic_until = now + scale.window
     last_down = window.last_down
     if now - window.last_active >= scale.idle:

@@ -158,6 +158,18 @@ def up(
     zygote_keepalive: Annotated[
         float, typer.Option(help="Seconds an unused function zygote stays warm.")
     ] = server_default("zygote_keepalive"),
+    memory_budget: Annotated[
+        int,
+        typer.Option(
+            help="MB that instances and zygotes may use on this node (0: 80 % of the RAM)."
+        ),
+    ] = server_default("memory_budget_mb"),
+    budget_wait: Annotated[
+        float, typer.Option(help="Seconds a start may wait for memory before 429.")
+    ] = server_default("budget_wait"),
+    revision_retention: Annotated[
+        int, typer.Option(help="Revisions kept per function (aliases keep theirs too).")
+    ] = server_default("revision_retention"),
     require_isolation: Annotated[
         bool,
         typer.Option(
@@ -190,6 +202,9 @@ def up(
         grace_period=grace,
         init_timeout=init_timeout,
         zygote_keepalive=zygote_keepalive,
+        memory_budget_mb=memory_budget,
+        budget_wait=budget_wait,
+        revision_retention=revision_retention,
         log_level=log_level,
         sandbox="off" if no_sandbox else sandbox,
         require_isolation=require_isolation,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -18,6 +19,7 @@ from ember.errors import (
     NotFound,
     PlatformError,
     TooLarge,
+    UserError,
 )
 from ember.gateway.router import RouteTable
 from ember.pool.manager import Pool
@@ -74,6 +76,7 @@ class Gateway:
             target = self.routes.get(key) or target  # a deploy may have landed meanwhile
             if target.spec.access == "private" and not authorized:  # it became private
                 headers = self._authorize(target, scope["headers"])
+            timeout = _timeout(headers, target)
             msg = Invoke(
                 id=rid,
                 method=scope["method"],
@@ -81,10 +84,10 @@ class Gateway:
                 query=scope.get("query_string", b""),
                 headers=headers,
                 body=body,
-                deadline=started + target.spec.timeout,
+                deadline=started + timeout,
                 revision=target.number,
             )
-            loop_deadline = asyncio.get_running_loop().time() + target.spec.timeout
+            loop_deadline = asyncio.get_running_loop().time() + timeout
             result, tier, inst = await self.pool.revision(target).invoke(msg, loop_deadline)
             instance, peak = inst.id, result.max_rss_kb
             if result.error is not None and result.error.kind == "memory":
@@ -216,6 +219,25 @@ def _function_headers(headers: Headers, target: Target) -> Headers:
         if name not in RESERVED_HEADERS and not name.startswith(b"x-ember-"):
             out.append((name, value))
     return out
+
+
+def _timeout(headers: Headers, target: Target) -> float:
+    """The function's timeout, or less when the caller sends `X-Ember-Timeout: SECONDS` (a
+    deadline of its own, e.g. what its client still waits; never more than the function's)."""
+    raw = next((v for k, v in headers if k == b"x-ember-timeout"), None)
+    if raw is None:
+        return target.spec.timeout
+    try:
+        asked = float(raw)
+    except ValueError:
+        asked = math.nan
+    if not 0 < asked < math.inf:
+        raise UserError(
+            f"X-Ember-Timeout: {raw[:40].decode('latin-1')!r} is not a number of seconds above "
+            f"0; send e.g. X-Ember-Timeout: 2.5 (at most the function's {target.spec.timeout:g} s)",
+            code="bad_timeout",
+        )
+    return min(asked, target.spec.timeout)
 
 
 def _internal(exc: Exception) -> PlatformError:

@@ -168,7 +168,7 @@ class RevisionPool:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Instance | None] = loop.create_future()
         self.waiters.append(fut)
-        timer = loop.call_at(loop_deadline, _expire, fut, self.target.function, self.spec.timeout)
+        timer = loop.call_at(loop_deadline, _expire, fut, self.target.function, self.spec.scale.max)
         try:
             return await fut
         finally:
@@ -474,11 +474,12 @@ class RevisionPool:
             self.zygote = None
 
 
-def _expire(fut: asyncio.Future[Instance | None], function: str, timeout: float) -> None:
+def _expire(fut: asyncio.Future[Instance | None], function: str, scale_max: int) -> None:
     if not fut.done():
         fut.set_exception(
             FunctionTimeout(
-                f"function '{function}' timed out after {timeout:g} s waiting for a free instance "
-                "(all were busy at scale.max); raise scale.max or timeout: in ember.yaml"
+                f"function '{function}': the request's deadline passed while it was waiting for "
+                f"a free instance (all {scale_max} busy at scale.max); it never ran. Raise "
+                "scale.max or timeout: in ember.yaml"
             )
         )

@@ -1,0 +1,183 @@
+"""The autoscaler, the request queue and the node's memory budget, on a real server."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.integration.conftest import EmberServer, wait_for
+
+SLEEPY = """
+import os, time
+def handle(req, ctx):
+    time.sleep(float(req.query.get("s", "0.3")))
+    return {"pid": os.getpid()}
+"""
+
+
+def _info(server: EmberServer, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = server.api.get(f"/api/v1/functions/{name}").json()
+    return data
+
+
+def test_load_scales_up_with_panic_then_back_to_zero(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+) -> None:
+    server = server_factory()
+    manifest = """
+    functions:
+      elastic:
+        scale: {max: 20, window: 6s, panic_window: 1s, idle: 2s}
+    """
+    server.deploy(fn_dir("elastic", SLEEPY, manifest))
+    stop = threading.Event()
+    seen: list[dict[str, Any]] = []
+
+    def client() -> int:
+        failures = 0
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            while not stop.is_set():
+                failures += http.get("/fn/elastic?s=0.2").status_code != 200
+        return failures
+
+    def watch(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            seen.append(_info(server, "elastic")["autoscaler"])
+            time.sleep(0.1)
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        clients = [pool.submit(client)]
+        watch(3.0)  # one client: the scaler provides one instance
+        assert seen[-1]["desired"] == 1 and not seen[-1]["panic"], seen[-1]
+        seen.clear()
+        clients += [pool.submit(client) for _ in range(7)]  # a step to eight
+        watch(2.0)
+        stop.set()
+        assert sum(c.result() for c in clients) == 0
+    assert any(s["panic"] for s in seen), seen
+    assert max(s["desired"] for s in seen) >= 6, seen
+    # no request for the idle grace (2 s): every instance goes
+    wait_for(
+        lambda: _info(server, "elastic")["instances"]["idle"] == 0, 10, "scale to zero after idle"
+    )
+    assert _info(server, "elastic")["autoscaler"]["desired"] == 0
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_never_runs(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+) -> None:
+    server = server_factory()
+    code = """
+    import time
+    def handle(req, ctx):
+        print("ran", req.query.get("n"))
+        time.sleep(float(req.query.get("s", "0")))
+        return "done"
+    """
+    manifest = "functions:\n  single:\n    timeout: 5s\n    scale: {max: 1}\n"
+    server.deploy(fn_dir("single", code, manifest))
+    server.http.get("/fn/single?n=warm")  # the instance exists: no start in what follows
+
+    def call(n: int, delay: float, query: str, headers: dict[str, str]) -> httpx.Response:
+        time.sleep(delay)  # arrive in order
+        return server.http.get(f"/fn/single?n={n}&{query}", headers=headers)
+
+    with cf.ThreadPoolExecutor(3) as pool:
+        futures = [
+            pool.submit(call, 0, 0.0, "s=1.5", {}),  # holds the one instance
+            pool.submit(call, 1, 0.2, "s=0", {}),  # waits, then runs
+            pool.submit(call, 2, 0.3, "s=0", {"X-Ember-Timeout": "0.5"}),  # expires waiting
+        ]
+        wait_for(lambda: _info(server, "single")["instances"]["waiting"] >= 2, 5, "queued requests")
+        metrics = server.http.get("/metrics").text
+        queued = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith('ember_waiting_requests{function="single",namespace="default"}')
+        ]
+        assert queued and float(queued[0].split()[-1]) >= 1
+        results = [f.result() for f in futures]
+    assert [r.status_code for r in results[:2]] == [200, 200]
+    late = results[2]
+    assert late.status_code == 504
+    assert "waiting for a free instance" in late.json()["error"]["message"]
+    assert "never ran" in late.json()["error"]["message"]
+    bad = server.http.get("/fn/single", headers={"X-Ember-Timeout": "soon"})
+    assert bad.status_code == 400 and "X-Ember-Timeout" in bad.json()["error"]["message"]
+    rid = late.headers["x-ember-request-id"]
+
+    def flushed() -> bool:
+        acts = server.api.get("/api/v1/functions/single/activations").json()["activations"]
+        return any(a["id"] == rid for a in acts)
+
+    wait_for(flushed, 5, "the activation records")
+    acts = server.api.get("/api/v1/functions/single/activations").json()["activations"]
+    record = next(a for a in acts if a["id"] == rid)
+    assert record["status"] == 504 and record["instance"] == ""
+    logs = server.cli("logs", "single").stdout.decode()
+    assert "ran 0" in logs and "ran 1" in logs and "ran 2" not in logs
+
+
+def test_memory_budget_evicts_idle_instances_then_zygotes_then_says_429(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+) -> None:
+    # 64 MB each: budget 256 MB = four of zygotes and instances
+    server = server_factory("--memory-budget", "256", "--budget-wait", "1")
+    for name in ("alpha", "beta"):
+        server.deploy(
+            fn_dir(name, SLEEPY, f"functions:\n  {name}:\n    memory: 64\n    scale: {{max: 5}}\n")
+        )
+    # zygotes: 128 MB. One instance each: 256.
+    assert server.http.get("/fn/alpha?s=0").status_code == 200
+    assert server.http.get("/fn/beta?s=0").status_code == 200
+    assert _info(server, "beta")["instances"]["idle"] == 1
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        # alpha's idle instance serves the first; the second needs room: beta's idle instance
+        first = [pool.submit(server.http.get, "/fn/alpha?s=2") for _ in range(2)]
+        wait_for(lambda: _info(server, "alpha")["instances"]["busy"] == 2, 5, "two alpha busy")
+        assert _info(server, "beta")["instances"]["idle"] == 0  # evicted
+        assert _info(server, "beta")["zygote"] is True  # instances go before zygotes
+        # the third takes beta's zygote (nothing of beta runs); the fourth finds nothing
+        third = pool.submit(server.http.get, "/fn/alpha?s=2")
+        wait_for(lambda: _info(server, "alpha")["instances"]["busy"] == 3, 5, "three alpha busy")
+        assert _info(server, "beta")["zygote"] is False
+        t0 = time.monotonic()
+        fourth = server.http.get("/fn/alpha?s=0")
+        waited = time.monotonic() - t0
+        results = [f.result() for f in [*first, third]]
+    assert [r.status_code for r in results] == [200, 200, 200]
+    assert fourth.status_code == 429, fourth.text
+    error = fourth.json()["error"]
+    assert error["code"] == "memory_budget"
+    assert "256 MB" in error["message"] and "--memory-budget" in error["message"]
+    assert fourth.headers["retry-after"] == "1"
+    assert 0.9 <= waited < 2.0  # it waited --budget-wait for memory first
+    # with memory back, beta starts again (its zygote too)
+    again = server.http.get("/fn/beta?s=0")
+    assert again.status_code == 200 and again.headers["x-ember-start"] == "specialize"
+
+
+def test_a_hot_function_cannot_take_the_scale_min_of_another(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+) -> None:
+    server = server_factory("--memory-budget", "320", "--budget-wait", "0.5")
+    steady = "functions:\n  steady:\n    memory: 64\n    scale: {min: 1}\n"
+    server.deploy(fn_dir("steady", SLEEPY, steady))
+    wait_for(lambda: _info(server, "steady")["instances"]["idle"] == 1, 10, "steady's min")
+    hot = "functions:\n  hot:\n    memory: 64\n    scale: {max: 10}\n"
+    server.deploy(fn_dir("hot", SLEEPY, hot))
+    # used: steady 128 (zygote + 1), hot's zygote 64: room for two hot instances
+    with cf.ThreadPoolExecutor(5) as pool:
+        results = list(pool.map(lambda _: server.http.get("/fn/hot?s=1"), range(5)))
+    codes = sorted(r.status_code for r in results)
+    assert codes.count(200) >= 2 and codes.count(429) >= 1, codes
+    assert _info(server, "steady")["instances"]["idle"] == 1  # never evicted
+    assert server.http.get("/fn/steady?s=0").headers["x-ember-start"] == "warm"
