@@ -7,6 +7,7 @@ pushed to the data plane whenever it changes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -18,20 +19,31 @@ from pathlib import Path
 import msgspec
 
 from ember import auth, bundle, manifest
-from ember.api.schemas import Deployed
+from ember.api import rollout as rollouts
+from ember.api.schemas import CanaryPlan, Deployed
 from ember.blobs.base import Blobs
 from ember.config import ServerConfig
 from ember.errors import EmberError, NotFound, QuotaExceeded, TooLarge, UserError
-from ember.gateway.router import RouteTable
+from ember.gateway.router import BUCKETS, Route, RouteTable, split_of
 from ember.pool.manager import Pool
 from ember.pool.target import Target
 from ember.secretbox import SecretBox
 from ember.spec import FunctionSpec, Quota, canonical
-from ember.store.base import KeyRecord, NamespaceRecord, RevisionRecord, Store
+from ember.store.base import (
+    Alias,
+    FunctionRecord,
+    KeyRecord,
+    NamespaceRecord,
+    RevisionRecord,
+    Rollout,
+    Store,
+)
+from ember.telemetry.outcomes import Outcomes
 
 log = logging.getLogger("ember.api")
 
 
+ROLLOUT_TICK = 1.0  # seconds between rollout checks
 MAX_MANIFEST = 256 * 1024
 MAX_FUNCTION_SECRETS = 32 * 1024  # bytes of secrets one function may list, in all
 DEFAULT_NS = "default"
@@ -82,6 +94,7 @@ class Control:
         routes: RouteTable,
         keys: auth.KeyTable,
         box: SecretBox,
+        outcomes: Outcomes,
     ) -> None:
         self.config = config
         self.store = store
@@ -90,7 +103,12 @@ class Control:
         self.routes = routes
         self.keys = keys
         self.box = box
-        self._targets: dict[str, Target] = {}  # by "namespace/name"
+        self.outcomes = outcomes
+        self._targets: dict[str, Target] = {}  # the serving revision, by "namespace/name"
+        self._functions: dict[str, FunctionRecord] = {}  # pointers: serving, aliases, rollout
+        self._revs: dict[str, dict[int, Target]] = {}  # every revision a route points at
+        self._latest: dict[str, int] = {}  # newest revision number
+        self._rollout_task: asyncio.Task[None] | None = None
         self.namespaces: dict[str, NamespaceRecord] = {}
         self._sealed: dict[tuple[str, str], bytes] = {}  # (namespace, secret) -> sealed value
         self._deploying = asyncio.Lock()
@@ -128,9 +146,48 @@ class Control:
         return out
 
     def publish(self) -> None:
-        self.routes.publish(self._targets, frozenset(self.namespaces))
+        routes = {key: self._route(key, main) for key, main in self._targets.items()}
+        self.routes.publish(routes, frozenset(self.namespaces))
         self.pool.set_quotas({name: ns.quota for name, ns in self.namespaces.items()})
-        self.pool.retire_all_but(t.key for t in self._targets.values())
+        self.pool.retire_all_but(t.key for route in routes.values() for t in route.targets())
+
+    def _route(self, key: str, main: Target) -> Route:
+        fn = self._functions.get(key)
+        revs = self._revs.get(key, {})
+        if fn is None:
+            return Route(main=main)
+        aliases = {a.name: revs[a.revision] for a in fn.aliases if a.revision in revs}
+        latest = revs.get(self._latest.get(key, 0))
+        if latest is not None:
+            aliases.setdefault("latest", latest)
+        weights = [(a.name, a.weight) for a in fn.aliases if a.name in aliases]
+        split = split_of(weights) if sum(w for _, w in weights) == BUCKETS else ()
+        return Route(main=main, aliases=aliases, split=split)
+
+    async def _load(self, key: str) -> None:
+        """Read a function's pointers and build a target for every revision they name."""
+        fn = await self.store.function(key)
+        if fn is None:
+            self._forget(key)
+            return
+        by_number = {r.number: r for r in await self.store.revisions(key)}
+        wanted = {fn.revision, max(by_number)} | {a.revision for a in fn.aliases}
+        targets: dict[int, Target] = {}
+        for number in sorted(wanted):
+            rec = by_number.get(number)
+            if rec is not None:
+                await asyncio.to_thread(self._ensure_code, rec.bundle)
+                targets[number] = self.target(rec)
+        self._functions[key] = fn
+        self._revs[key] = targets
+        self._latest[key] = max(by_number)
+        self._targets[key] = targets[fn.revision]
+
+    def _forget(self, key: str) -> None:
+        self._targets.pop(key, None)
+        self._functions.pop(key, None)
+        self._revs.pop(key, None)
+        self._latest.pop(key, None)
 
     def require(self, namespace: str, name: str) -> Target:
         target = self._targets.get(qualified(namespace, name))
@@ -152,15 +209,11 @@ class Control:
         self._sealed = {(r.namespace, r.name): r.sealed for r in await self.store.secrets()}
         await self._load_keys()
         for fn in await self.store.functions():
-            rec = await self.store.revision(fn.name, fn.revision)
-            if rec is None:
-                log.error("function %s points at missing revision %d", fn.name, fn.revision)
-                continue
             try:
-                await asyncio.to_thread(self._ensure_code, rec.bundle)
-                self._targets[fn.name] = self.target(rec)
-            except (EmberError, OSError) as exc:  # one broken function must not stop the rest
+                await self._load(fn.name)
+            except (EmberError, OSError, KeyError) as exc:  # one broken function: not the rest
                 log.error("function %s cannot be restored: %s", fn.name, exc)
+                self._forget(fn.name)
         self.publish()  # the keep-alive loop starts scale.min instances from here
         log.info("restored %d function(s)", len(self._targets))
 
@@ -175,7 +228,9 @@ class Control:
         return path
 
     # ---- deploy ----
-    async def deploy(self, data: bytes, default_name: str, namespace: str) -> list[Deployed]:
+    async def deploy(
+        self, data: bytes, default_name: str, namespace: str, canary: CanaryPlan | None = None
+    ) -> list[Deployed]:
         if len(data) > self.config.max_bundle_bytes:
             raise TooLarge(
                 f"bundle of {len(data)} bytes exceeds the "
@@ -185,15 +240,23 @@ class Control:
             )
         validate_namespace(namespace)
         async with self._deploying:
-            return await self._deploy(data, default_name, namespace)
+            deployed = await self._deploy(data, default_name, namespace, canary)
+            for d in deployed:
+                if d.created:
+                    await self._collect(qualified(namespace, d.name))
+            return deployed
 
-    async def _deploy(self, data: bytes, default_name: str, namespace: str) -> list[Deployed]:
+    async def _deploy(
+        self, data: bytes, default_name: str, namespace: str, canary: CanaryPlan | None
+    ) -> list[Deployed]:
         self.config.code_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=self.config.code_dir, prefix=".tmp-"))
         shutil.rmtree(staging)
         try:
             specs = await asyncio.to_thread(self._unpack, data, staging, default_name)
             self._admit(namespace, specs)
+            if canary is not None:
+                self._check_canary(namespace, specs, canary)
             plans = [await self._plan(staging, spec) for spec in specs]
             if namespace not in self.namespaces:
                 self.namespaces[namespace] = await self.store.ensure_namespace(
@@ -207,7 +270,7 @@ class Control:
                 await asyncio.to_thread(_read_only, code_dir)
             committed: list[str] = []
             try:
-                results = await self._commit(namespace, plans, digest, data, committed)
+                results = await self._commit(namespace, plans, digest, data, committed, canary)
             except BaseException:
                 if created_dir and not committed:
                     shutil.rmtree(code_dir, ignore_errors=True)
@@ -241,7 +304,7 @@ class Control:
                 )
         return manifest.load_manifest(bundle.read_manifest(staging), default_name)
 
-    async def _plan(self, staging: Path, spec: FunctionSpec) -> tuple[FunctionSpec, str]:
+    async def _plan(self, staging: Path, spec: FunctionSpec) -> tuple[FunctionSpec, str, str]:
         source = staging / spec.source
         if not source.is_dir():
             raise UserError(
@@ -258,7 +321,7 @@ class Control:
                 code="bad_manifest",
             )
         tree = await asyncio.to_thread(bundle.tree_hash, source)
-        return spec, revision_hash(tree, spec)
+        return spec, revision_hash(tree, spec), tree
 
     def _admit(self, namespace: str, specs: list[FunctionSpec]) -> None:
         """Names, secrets and quotas, checked before anything is imported or stored."""
@@ -314,16 +377,19 @@ class Control:
     async def _commit(
         self,
         namespace: str,
-        plans: list[tuple[FunctionSpec, str]],
+        plans: list[tuple[FunctionSpec, str, str]],
         digest: str,
         data: bytes,
         committed: list[str],
+        canary: CanaryPlan | None,
     ) -> list[Deployed]:
         """Probe every new revision, then store and publish them; `committed` names the ones
         the store took, so a failure half-way knows what is already live."""
         probes: list[tuple[FunctionSpec, str, Target | None, float | None, list[str]]] = []
         try:
-            return await self._probe_and_store(namespace, plans, digest, data, committed, probes)
+            return await self._probe_and_store(
+                namespace, plans, digest, data, committed, probes, canary
+            )
         except BaseException:
             for spec, _h, prepared, _m, _w in probes:
                 if prepared is not None and spec.name not in committed:
@@ -335,13 +401,15 @@ class Control:
     async def _probe_and_store(
         self,
         namespace: str,
-        plans: list[tuple[FunctionSpec, str]],
+        plans: list[tuple[FunctionSpec, str, str]],
         digest: str,
         data: bytes,
         committed: list[str],
         probes: list[tuple[FunctionSpec, str, Target | None, float | None, list[str]]],
+        canary: CanaryPlan | None,
     ) -> list[Deployed]:
-        for spec, sha in plans:
+        trees = {spec.name: tree for spec, _sha, tree in plans}
+        for spec, sha, _tree in plans:
             key = qualified(namespace, spec.name)
             current = self._targets.get(key)
             if current is not None and current.sha256 == sha:
@@ -367,10 +435,17 @@ class Control:
         now = time.time()
         for spec, sha, _target, import_ms, warnings in probes:
             key = qualified(namespace, spec.name)
-            rec, created = await self.store.add_revision(key, spec, sha, digest, now)
+            serving = self._functions.get(key)
+            rec, created = await self.store.add_revision(
+                key, spec, sha, digest, now, tree=trees[spec.name], serve=canary is None
+            )
             if created:
                 committed.append(spec.name)
-                self._targets[key] = self.target(rec)
+                if canary is not None and serving is not None:
+                    await self._start_rollout(key, serving, rec.number, canary, now)
+                elif serving is not None and serving.rollout is not None:
+                    await self._supersede(key, "a plain deploy replaced it", now)
+                await self._load(key)
             results.append(
                 Deployed(
                     name=spec.name,
@@ -390,14 +465,256 @@ class Control:
     async def delete(self, namespace: str, name: str) -> None:
         async with self._deploying:  # not while a deploy of the same name is half-way
             self.require(namespace, name)
-            await self.store.delete_function(qualified(namespace, name))
-            self._targets.pop(qualified(namespace, name), None)
+            key = qualified(namespace, name)
+            bundles = {r.bundle for r in await self.store.revisions(key)}
+            fn = self._functions.get(key)
+            if fn is not None and fn.rollout is not None:
+                self.outcomes.unwatch(key, fn.rollout.to_revision)
+            await self.store.delete_function(key)
+            self._forget(key)
             self.publish()
+            await self._drop_bundles(bundles)
 
     async def scale(self, namespace: str, name: str, instances: int) -> int:
         if instances < 0:
             raise UserError(f"instances={instances} must be >= 0", code="bad_request")
         return await self.pool.scale(self.require(namespace, name), instances)
+
+    # ---- revisions and traffic ----
+    def function_record(self, namespace: str, name: str) -> FunctionRecord:
+        self.require(namespace, name)
+        return self._functions[qualified(namespace, name)]
+
+    def _check_canary(self, namespace: str, specs: list[FunctionSpec], plan: CanaryPlan) -> None:
+        if not 0 < plan.percent < 100 or not 0 < plan.step <= 100:
+            raise UserError(
+                f"--canary {plan.percent} and --step {plan.step} must be percentages: canary "
+                "1-99, step 1-100, e.g. --canary 10 --step 10",
+                code="bad_rollout",
+            )
+        if plan.every < 1 or not 0 <= plan.max_error_rate <= 1 or plan.max_p99_ms < 0:
+            raise UserError(
+                f"--every {plan.every:g} s must be at least 1 s, --max-error-rate "
+                f"{plan.max_error_rate:g} a fraction 0-1 (e.g. 1%), --max-p99 >= 0",
+                code="bad_rollout",
+            )
+        for spec in specs:
+            key = qualified(namespace, spec.name)
+            if key not in self._targets:
+                raise UserError(
+                    f"function '{spec.name}' has no revision yet, so there is nothing to compare "
+                    "a canary with; deploy it without --canary first",
+                    code="no_stable_revision",
+                    status=409,
+                )
+
+    async def _start_rollout(
+        self, key: str, serving: FunctionRecord, number: int, plan: CanaryPlan, now: float
+    ) -> None:
+        """The new revision gets `percent` of the traffic as alias `canary`, the serving one
+        the rest as `stable`; the rollout loop moves the weights from here."""
+        stable = serving.revision
+        rollout = Rollout(
+            from_revision=stable,
+            to_revision=number,
+            weight=plan.percent,
+            step=plan.step,
+            every=plan.every,
+            max_error_rate=plan.max_error_rate,
+            max_p99_ms=plan.max_p99_ms,
+            reason=f"{plan.percent}% on {number}",
+            started_at=now,
+            updated_at=now,
+            next_at=now + plan.every,
+        )
+        aliases = _with_weights(
+            serving.aliases,
+            {"stable": (stable, 100 - plan.percent), "canary": (number, plan.percent)},
+        )
+        await self.store.set_traffic(key, stable, serving.previous, aliases, rollout, now)
+        self.outcomes.take(key, number)
+        self.outcomes.watch(key, number)
+        log.info("rollout of %s: %d%% on revision %d", key, plan.percent, number)
+
+    async def _supersede(self, key: str, why: str, now: float) -> None:
+        fn = await self.store.function(key)
+        if fn is None or fn.rollout is None or fn.rollout.state != "running":
+            return
+        ended = msgspec.structs.replace(fn.rollout, state="superseded", reason=why, updated_at=now)
+        await self.store.set_traffic(key, fn.revision, fn.previous, fn.aliases, ended, now)
+        self.outcomes.unwatch(key, fn.rollout.to_revision)
+
+    async def set_traffic(self, namespace: str, name: str, aliases: list[Alias]) -> FunctionRecord:
+        """`ember traffic NAME stable=3:90 canary=4:10`: the whole alias table at once."""
+        key = qualified(namespace, name)
+        async with self._deploying:
+            self.require(namespace, name)
+            numbers = {r.number for r in await self.store.revisions(key)}
+            _check_aliases(name, aliases, numbers)
+            fn = self._functions[key]
+            await self._warm([a.revision for a in aliases if a.weight], key)
+            now = time.time()
+            rollout = fn.rollout
+            if rollout is not None and rollout.state == "running":
+                rollout = msgspec.structs.replace(
+                    rollout, state="superseded", reason="traffic set by hand", updated_at=now
+                )
+                self.outcomes.unwatch(key, rollout.to_revision)
+            await self.store.set_traffic(key, fn.revision, fn.previous, aliases, rollout, now)
+            await self._load(key)
+            self.publish()
+            return self._functions[key]
+
+    async def rollback(self, namespace: str, name: str, to: int = 0) -> FunctionRecord:
+        """All traffic to one revision in one step: `to`, else the running rollout's stable
+        revision, else the one that served before. Aliases stay, their weights go."""
+        key = qualified(namespace, name)
+        async with self._deploying:
+            self.require(namespace, name)
+            fn = self._functions[key]
+            running = fn.rollout is not None and fn.rollout.state == "running"
+            if not to:
+                if running:
+                    assert fn.rollout is not None
+                    to = fn.rollout.from_revision
+                elif fn.previous:
+                    to = fn.previous
+                else:
+                    raise UserError(
+                        f"function '{name}' has no earlier revision to roll back to; list "
+                        f"them with `ember revisions {name}` and pass --to N",
+                        code="no_previous_revision",
+                        status=409,
+                    )
+            await self._move_all(key, fn, to, "rolled back by hand")
+            return self._functions[key]
+
+    async def _move_all(self, key: str, fn: FunctionRecord, to: int, why: str) -> None:
+        if await self.store.revision(key, to) is None:
+            numbers = [r.number for r in await self.store.revisions(key)]
+            raise NotFound(
+                f"function '{key.partition('/')[2]}' has no revision {to}; it has "
+                f"{', '.join(map(str, numbers))}"
+            )
+        await self._warm([to], key)  # the revision imports before any request reaches it
+        now = time.time()
+        rollout = fn.rollout
+        if rollout is not None and rollout.state == "running":
+            rollout = msgspec.structs.replace(
+                rollout,
+                state="rolled_back",
+                reason=f"rolled back to {to}: {why}",
+                updated_at=now,
+            )
+            self.outcomes.unwatch(key, rollout.to_revision)
+        previous = fn.revision if to != fn.revision else fn.previous
+        aliases = [msgspec.structs.replace(a, weight=0) for a in fn.aliases]
+        await self.store.set_traffic(key, to, previous, aliases, rollout, now)
+        await self._load(key)
+        self.publish()
+        log.info("%s: all traffic to revision %d (%s)", key, to, why)
+
+    async def _warm(self, numbers: list[int], key: str) -> None:
+        """Start the zygotes of revisions about to get traffic: a failed import refuses the
+        change (422) while the current routes keep serving."""
+        for number in set(numbers):
+            rec = await self.store.revision(key, number)
+            if rec is None:
+                continue
+            await asyncio.to_thread(self._ensure_code, rec.bundle)
+            target = self.target(rec)
+            current = self._revs.get(key, {}).get(number)
+            await self.pool.prepare(current if current is not None else target)
+
+    # ---- rollouts ----
+    def start_rollouts(self) -> None:
+        for key, fn in self._functions.items():
+            if fn.rollout is not None and fn.rollout.state == "running":
+                self.outcomes.watch(key, fn.rollout.to_revision)
+        self._rollout_task = asyncio.get_running_loop().create_task(self._rollout_loop())
+
+    async def stop_rollouts(self) -> None:
+        if self._rollout_task is not None:
+            self._rollout_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rollout_task
+
+    async def _rollout_loop(self) -> None:
+        while True:
+            await asyncio.sleep(ROLLOUT_TICK)
+            for key in list(self._functions):
+                try:
+                    await self.advance_rollout(key, time.time())
+                except Exception:  # one function's rollout must not stop the others
+                    log.exception("rollout of %s failed to advance", key)
+
+    async def advance_rollout(self, key: str, now: float) -> None:
+        fn = self._functions.get(key)
+        if fn is None or fn.rollout is None or fn.rollout.state != "running":
+            return
+        rollout = fn.rollout
+        summary = self.outcomes.peek(key, rollout.to_revision)
+        updated, verdict = rollouts.step(rollout, summary, now)
+        if verdict is rollouts.Verdict.WAIT:
+            return
+        async with self._deploying:
+            fn = self._functions.get(key)
+            if fn is None or fn.rollout != rollout:  # changed meanwhile
+                return
+            self.outcomes.take(key, rollout.to_revision)
+            if verdict is rollouts.Verdict.ROLL_BACK:
+                log.warning("%s: %s", key, updated.reason)
+                aliases = [msgspec.structs.replace(a, weight=0) for a in fn.aliases]
+                await self.store.set_traffic(
+                    key, rollout.from_revision, fn.previous, aliases, updated, now
+                )
+                self.outcomes.unwatch(key, rollout.to_revision)
+            elif verdict is rollouts.Verdict.DONE:
+                aliases = _with_weights(fn.aliases, {"stable": (rollout.to_revision, 0)})
+                aliases = [a for a in aliases if a.name != "canary"]
+                await self.store.set_traffic(
+                    key, rollout.to_revision, rollout.from_revision, aliases, updated, now
+                )
+                self.outcomes.unwatch(key, rollout.to_revision)
+                log.info("%s: rollout done, revision %d serves all", key, rollout.to_revision)
+            else:
+                aliases = _with_weights(
+                    fn.aliases,
+                    {
+                        "stable": (rollout.from_revision, 100 - updated.weight),
+                        "canary": (rollout.to_revision, updated.weight),
+                    },
+                )
+                await self.store.set_traffic(key, fn.revision, fn.previous, aliases, updated, now)
+                log.info("%s: rollout at %d%%", key, updated.weight)
+            await self._load(key)
+            self.publish()
+
+    # ---- garbage collection of revisions ----
+    async def _collect(self, key: str) -> None:
+        """Keep the newest `revision_retention` revisions and every one a pointer names (the
+        serving and previous ones, aliases, a running rollout); then drop code and blobs no
+        revision uses."""
+        fn = await self.store.function(key)
+        if fn is None:
+            return
+        revs = await self.store.revisions(key)
+        keep = {r.number for r in revs[-self.config.revision_retention :]}
+        keep |= {fn.revision, fn.previous} | {a.revision for a in fn.aliases}
+        if fn.rollout is not None and fn.rollout.state == "running":
+            keep |= {fn.rollout.from_revision, fn.rollout.to_revision}
+        gone = [r for r in revs if r.number not in keep]
+        if not gone:
+            return
+        await self.store.delete_revisions(key, [r.number for r in gone])
+        await self._drop_bundles({r.bundle for r in gone})
+        log.info("%s: removed %d old revision(s)", key, len(gone))
+
+    async def _drop_bundles(self, candidates: set[str]) -> None:
+        unused = candidates - await self.store.bundles_in_use()
+        for digest in unused:
+            await asyncio.to_thread(self.blobs.delete, digest)
+            shutil.rmtree(self.config.code_dir / digest, ignore_errors=True)
 
     # ---- namespaces and quotas ----
     def uid(self, ns: NamespaceRecord) -> int:
@@ -495,12 +812,18 @@ class Control:
     def _refresh_users(self, namespace: str, secret: str) -> None:
         """Functions listing the secret get new targets: new requests go to a new zygote with
         the new value; requests on the old one finish there, then it is reaped."""
-        for key, target in list(self._targets.items()):
-            if target.namespace == namespace and any(r.name == secret for r in target.spec.secrets):
-                secrets = self._open_secrets(namespace, target.spec)
-                self._targets[key] = msgspec.structs.replace(
-                    target, secrets=secrets, generation=_generation(secrets)
-                )
+        for key, revs in self._revs.items():
+            for number, target in list(revs.items()):
+                if target.namespace == namespace and any(
+                    r.name == secret for r in target.spec.secrets
+                ):
+                    secrets = self._open_secrets(namespace, target.spec)
+                    revs[number] = msgspec.structs.replace(
+                        target, secrets=secrets, generation=_generation(secrets)
+                    )
+            fn = self._functions.get(key)
+            if fn is not None and fn.revision in revs:
+                self._targets[key] = revs[fn.revision]
         self.publish()
 
     # ---- API keys ----
@@ -558,3 +881,43 @@ class Control:
             f.write(token + "\n")
         tmp.replace(path)
         log.info("admin key written to %s", path)
+
+
+def _with_weights(aliases: list[Alias], changes: dict[str, tuple[int, int]]) -> list[Alias]:
+    """Every other alias keeps its revision at weight 0; `changes` (name → revision, weight)
+    are set or added."""
+    out = [msgspec.structs.replace(a, weight=0) for a in aliases if a.name not in changes]
+    out += [Alias(name, revision, weight) for name, (revision, weight) in changes.items()]
+    return out
+
+
+def _check_aliases(name: str, aliases: list[Alias], numbers: set[int]) -> None:
+    seen: set[str] = set()
+    for alias in aliases:
+        if not manifest.NAME_RE.match(alias.name) or alias.name == "latest":
+            raise UserError(
+                f"alias {alias.name[:64]!r} is invalid: {manifest.NAME_RULE}; 'latest' is "
+                "reserved (it always names the newest revision)",
+                code="bad_alias",
+            )
+        if alias.name in seen:
+            raise UserError(f"alias '{alias.name}' is given twice", code="bad_alias")
+        seen.add(alias.name)
+        if alias.revision not in numbers:
+            raise UserError(
+                f"alias '{alias.name}': function '{name}' has no revision {alias.revision} "
+                f"(it has {', '.join(map(str, sorted(numbers)))})",
+                code="bad_alias",
+                status=422,
+            )
+        if not 0 <= alias.weight <= 100:
+            raise UserError(
+                f"alias '{alias.name}': weight {alias.weight} must be 0-100 (%)", code="bad_alias"
+            )
+    total = sum(a.weight for a in aliases)
+    if total not in (0, BUCKETS):
+        raise UserError(
+            f"the weights add up to {total}%; they must add up to 100 (or all be 0 to only "
+            "name revisions), e.g. stable=3:90 canary=4:10",
+            code="bad_weights",
+        )

@@ -6,6 +6,7 @@ import msgspec
 
 from ember.pool.capabilities import Check
 from ember.spec import FunctionSpec, Quota
+from ember.store.base import Alias, Rollout
 from ember.telemetry.records import ActivationRecord
 
 
@@ -42,10 +43,40 @@ class RevisionInfo(msgspec.Struct, frozen=True):
     sha256: str
     created_at: float
     spec: FunctionSpec
+    # what changed from the revision before it: "code", "memory: 128 -> 256", ...
+    changes: list[str] = []
+    serving: bool = False  # /fn/NAME reaches it without weights
+    aliases: list[str] = []  # "stable 90%", "canary 10%", "latest"
+
+
+class Traffic(msgspec.Struct, frozen=True):
+    serving: int  # the revision /fn/NAME reaches when no weights are set
+    previous: int  # where `ember rollback` goes without --to
+    aliases: list[Alias] = []
+    rollout: Rollout | None = None  # the latest rollout, whatever its state
 
 
 class FunctionDetail(FunctionInfo, frozen=True):
     revisions: list[RevisionInfo] = []
+    traffic: Traffic | None = None
+
+
+class TrafficRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    aliases: list[Alias]
+
+
+class RollbackRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    to: int = 0  # 0: the running rollout's stable revision, else the previous one
+
+
+class CanaryPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`ember deploy --canary 10 --step 10 --every 1m --max-error-rate 1% --max-p99 500ms`."""
+
+    percent: int
+    step: int = 10
+    every: float = 60.0  # seconds per step
+    max_error_rate: float = 0.01  # of the canary's requests (5xx), 0-1
+    max_p99_ms: float = 0.0  # 0: not checked
 
 
 class FunctionList(msgspec.Struct, frozen=True):

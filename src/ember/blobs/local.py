@@ -41,3 +41,11 @@ class LocalBlobs:
 
     def has(self, digest: str) -> bool:
         return self._path(digest).exists()
+
+    def delete(self, digest: str) -> bool:
+        """Remove a blob no revision uses any more; False if it was not there."""
+        try:
+            self._path(digest).unlink()
+        except FileNotFoundError:
+            return False
+        return True

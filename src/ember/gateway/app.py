@@ -21,12 +21,13 @@ from ember.errors import (
     TooLarge,
     UserError,
 )
-from ember.gateway.router import RouteTable
+from ember.gateway.router import Route, RouteTable
 from ember.pool.manager import Pool
 from ember.pool.target import Target
 from ember.runtime.convert import BAD_HEADER_VALUE, HEADER_TOKEN, RESERVED_HEADERS
 from ember.telemetry.buffer import TelemetryBuffer, billed_ms
 from ember.telemetry.metrics import Metrics
+from ember.telemetry.outcomes import Outcomes
 from ember.telemetry.records import ActivationRecord
 from ember.wire.messages import Headers, Invoke, Result
 
@@ -45,7 +46,9 @@ class Gateway:
         metrics: Metrics,
         keys: KeyTable,
         max_body_bytes: int,
+        outcomes: Outcomes,
     ) -> None:
+        self.outcomes = outcomes
         self.routes = routes
         self.keys = keys
         self.pool = pool
@@ -56,16 +59,19 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         started, t0 = time.time(), time.perf_counter()
         rid = request_id()
-        key, name, rest = self.routes.resolve(scope["path"][len(PREFIX) :])
-        target = self.routes.get(key)
+        key, name, alias, rest = self.routes.resolve(scope["path"][len(PREFIX) :])
+        route = self.routes.get(key)
+        sticky = _sticky(scope["headers"], rid)
+        target: Target | None = None
         tier, instance, result, peak = "none", "", None, 0
         try:
-            if target is None:
+            if route is None:
                 where = "" if key.startswith("default/") else f" in namespace '{key.split('/')[0]}'"
                 raise NotFound(
                     f"no function named '{name}'{where}; deploy it with `ember deploy` "
                     "or list functions with `ember ls`"
                 )
+            target, alias = _choose(route, alias, sticky, name)
             headers = scope["headers"]
             authorized = target.spec.access == "private"
             if authorized:
@@ -73,7 +79,8 @@ class Gateway:
             elif any(k == b"authorization" and is_ember_token(v) for k, v in headers):
                 headers = [(k, v) for k, v in headers if k != b"authorization"]
             body = await self._body(scope, receive)
-            target = self.routes.get(key) or target  # a deploy may have landed meanwhile
+            route = self.routes.get(key) or route  # a deploy may have landed meanwhile
+            target, alias = _choose(route, alias, sticky, name)
             if target.spec.access == "private" and not authorized:  # it became private
                 headers = self._authorize(target, scope["headers"])
             timeout = _timeout(headers, target)
@@ -94,7 +101,7 @@ class Gateway:
                 raise _memory_error(target, result)
             status = result.status
             headers = _function_headers(result.headers, target)
-            await _respond(send, status, headers, result.body, rid, target, tier)
+            await _respond(send, status, headers, result.body, rid, target, tier, alias)
             error = result.error.error_type if result.error is not None else None
         except EmberError as exc:
             status, error = exc.status, exc.code
@@ -178,6 +185,7 @@ class Gateway:
             )
         )
         self.metrics.observe(target.qualified, status, elapsed, tier)
+        self.outcomes.add(target.qualified, target.number, status, elapsed)
 
 
 async def _respond(
@@ -188,10 +196,13 @@ async def _respond(
     rid: str,
     target: Target | None,
     tier: str,
+    alias: str = "",
 ) -> None:
     extra = [(b"x-ember-request-id", rid.encode())]
     if target is not None:
         extra.append((b"x-ember-revision", str(target.number).encode()))
+    if alias:
+        extra.append((b"x-ember-alias", alias.encode()))
     if tier != "none":
         extra.append((b"x-ember-start", tier.encode()))
     await send(
@@ -219,6 +230,27 @@ def _function_headers(headers: Headers, target: Target) -> Headers:
         if name not in RESERVED_HEADERS and not name.startswith(b"x-ember-"):
             out.append((name, value))
     return out
+
+
+def _sticky(headers: Headers, rid: str) -> bytes:
+    """What weighted routing hashes: the caller's X-Request-Id (a retry that repeats it lands
+    on the same revision), else Ember's own request id."""
+    own = next((v for k, v in headers if k == b"x-request-id"), None)
+    return own[:200] if own else rid.encode()
+
+
+def _choose(route: Route, alias: str, sticky: bytes, name: str) -> tuple[Target, str]:
+    """`/fn/NAME@ALIAS` reaches the alias; `/fn/NAME` the split or the serving revision."""
+    if not alias:
+        return route.pick(sticky)
+    target = route.aliases.get(alias)
+    if target is None:
+        known = ", ".join(sorted(route.aliases)) or "none"
+        raise NotFound(
+            f"function '{name}' has no alias '{alias[:64]}' (aliases: {known}); set one with "
+            f"`ember traffic {name} {alias[:64]}=REVISION:WEIGHT`"
+        )
+    return target, alias
 
 
 def _timeout(headers: Headers, target: Target) -> float:

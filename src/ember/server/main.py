@@ -33,6 +33,7 @@ from ember.server.app import EmberApp
 from ember.store.sqlite import SQLiteStore
 from ember.telemetry.buffer import TelemetryBuffer
 from ember.telemetry.metrics import Metrics
+from ember.telemetry.outcomes import Outcomes
 
 log = logging.getLogger("ember")
 PRUNE_EVERY = 60.0
@@ -49,6 +50,7 @@ class Server:
         self.pool = Pool(config, self.telemetry)
         self.routes = RouteTable()
         self.metrics = Metrics(self.pool.statistics)
+        self.outcomes = Outcomes()
         self.control = Control(
             config,
             self.store,
@@ -57,9 +59,16 @@ class Server:
             self.routes,
             self.keys,
             SecretBox.load_or_create(config.master_key_path),
+            self.outcomes,
         )
         gateway = Gateway(
-            self.routes, self.pool, self.telemetry, self.metrics, self.keys, config.max_body_bytes
+            self.routes,
+            self.pool,
+            self.telemetry,
+            self.metrics,
+            self.keys,
+            config.max_body_bytes,
+            self.outcomes,
         )
         self.app = EmberApp(gateway, build(self.control, self.metrics))
         self._flusher: asyncio.Task[None] | None = None
@@ -71,6 +80,7 @@ class Server:
         await self.pool.start()
         await self.control.restore()
         await self.control.ensure_admin_credentials()
+        self.control.start_rollouts()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def _flush_loop(self) -> None:
@@ -93,6 +103,7 @@ class Server:
 
     async def stop(self) -> None:
         self.control.stopping.set()
+        await self.control.stop_rollouts()
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -10,11 +10,43 @@ from ember.spec import FunctionSpec, Quota
 from ember.telemetry.records import ActivationRecord, LogRecord
 
 
+class Alias(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A named pointer at a revision, reachable at /fn/NAME@ALIAS; `weight` is its share (%)
+    of the traffic to /fn/NAME when the function's weights are set (they sum to 100)."""
+
+    name: str
+    revision: int
+    weight: int = 0
+
+
+class Rollout(msgspec.Struct, frozen=True):
+    """A gradual rollout: the canary's share grows by `step` every `every` seconds while its
+    error rate and p99 stay within bounds; otherwise traffic goes back to `from_revision`."""
+
+    from_revision: int
+    to_revision: int
+    weight: int  # the canary's share now, %
+    step: int
+    every: float  # seconds
+    max_error_rate: float  # 0-1, of the canary's requests in a step (5xx)
+    max_p99_ms: float  # 0: not checked
+    state: str = "running"  # running | done | rolled_back | superseded
+    reason: str = ""
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    next_at: float = 0.0  # wall clock of the next step
+    requests: int = 0  # the canary's, over the whole rollout
+    errors: int = 0
+
+
 class FunctionRecord(msgspec.Struct, frozen=True):
     name: str  # "namespace/name": the key of a function
-    revision: int  # the revision that serves
+    revision: int  # the revision that serves (all of /fn/NAME when no weights are set)
     created_at: float
     updated_at: float
+    previous: int = 0  # the one that served before: `ember rollback` goes back to it
+    aliases: list[Alias] = []
+    rollout: Rollout | None = None  # the latest one, whatever its state
 
 
 class RevisionRecord(msgspec.Struct, frozen=True):
@@ -24,6 +56,7 @@ class RevisionRecord(msgspec.Struct, frozen=True):
     bundle: str  # sha256 of the stored bundle blob
     spec: FunctionSpec
     created_at: float
+    tree: str = ""  # sha256 of the code tree alone (config changes keep it); "" before v3
 
 
 class NamespaceRecord(msgspec.Struct, frozen=True):
@@ -66,10 +99,35 @@ class Store(Protocol):
     async def revision(self, name: str, number: int) -> RevisionRecord | None: ...
 
     async def add_revision(
-        self, key: str, spec: FunctionSpec, sha256: str, bundle: str, now: float
+        self,
+        key: str,
+        spec: FunctionSpec,
+        sha256: str,
+        bundle: str,
+        now: float,
+        tree: str = "",
+        serve: bool = True,
     ) -> tuple[RevisionRecord, bool]:
-        """Make `sha256` the serving revision of function `key`; False if it already was."""
+        """Add `sha256` as function `key`'s next revision and, with `serve`, make it the
+        serving one (weights cleared, the old one kept as `previous`); False if it already
+        served."""
         ...
+
+    async def set_traffic(
+        self,
+        key: str,
+        revision: int,
+        previous: int,
+        aliases: list[Alias],
+        rollout: Rollout | None,
+        now: float,
+    ) -> None:
+        """Move the serving pointer, the aliases and the rollout in one transaction."""
+        ...
+
+    async def delete_revisions(self, key: str, numbers: list[int]) -> None: ...
+
+    async def bundles_in_use(self) -> set[str]: ...
 
     async def delete_function(self, name: str) -> bool: ...
 

@@ -13,10 +13,12 @@ import msgspec
 
 from ember.spec import FunctionSpec, Quota
 from ember.store.base import (
+    Alias,
     FunctionRecord,
     KeyRecord,
     NamespaceRecord,
     RevisionRecord,
+    Rollout,
     SecretRecord,
 )
 from ember.telemetry.records import ActivationRecord, LogRecord
@@ -62,9 +64,22 @@ MIGRATIONS = [
         namespace TEXT NOT NULL, name TEXT NOT NULL, sealed BLOB NOT NULL,
         created_at REAL NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (namespace, name));
     """,
+    # Revisions and traffic: code tree hashes, the previous revision, aliases, rollouts.
+    """
+    ALTER TABLE revisions ADD COLUMN tree TEXT NOT NULL DEFAULT '';
+    ALTER TABLE functions ADD COLUMN previous INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE functions ADD COLUMN aliases TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE functions ADD COLUMN rollout TEXT;
+    """,
 ]
 
 _spec_decoder = msgspec.json.Decoder(FunctionSpec)
+_aliases_decoder = msgspec.json.Decoder(list[Alias])
+_rollout_decoder = msgspec.json.Decoder(Rollout)
+_FUNCTIONS = (
+    "SELECT name, revision, created_at, updated_at, previous, aliases, rollout FROM functions"
+)
+_REVISIONS = "SELECT function, number, sha256, bundle, spec, created_at, tree FROM revisions"
 
 _ACTIVATION_FIELDS = [f.name for f in msgspec.structs.fields(ActivationRecord)]
 _LOG_FIELDS = ["ts", "function", "revision", "request_id", "instance", "stream", "message"]
@@ -115,28 +130,19 @@ class SQLiteStore:
         self._thread.shutdown(wait=True)
 
     async def functions(self) -> list[FunctionRecord]:
-        rows = await self._run(
-            lambda db: db.execute(
-                "SELECT name, revision, created_at, updated_at FROM functions ORDER BY name"
-            ).fetchall()
-        )
-        return [FunctionRecord(*row) for row in rows]
+        rows = await self._run(lambda db: db.execute(_FUNCTIONS + " ORDER BY name").fetchall())
+        return [_function(row) for row in rows]
 
     async def function(self, name: str) -> FunctionRecord | None:
         row = await self._run(
-            lambda db: db.execute(
-                "SELECT name, revision, created_at, updated_at FROM functions WHERE name = ?",
-                (name,),
-            ).fetchone()
+            lambda db: db.execute(_FUNCTIONS + " WHERE name = ?", (name,)).fetchone()
         )
-        return FunctionRecord(*row) if row else None
+        return _function(row) if row else None
 
     async def revisions(self, name: str) -> list[RevisionRecord]:
         rows = await self._run(
             lambda db: db.execute(
-                "SELECT function, number, sha256, bundle, spec, created_at FROM revisions "
-                "WHERE function = ? ORDER BY number",
-                (name,),
+                _REVISIONS + " WHERE function = ? ORDER BY number", (name,)
             ).fetchall()
         )
         return [_revision(row) for row in rows]
@@ -144,19 +150,24 @@ class SQLiteStore:
     async def revision(self, name: str, number: int) -> RevisionRecord | None:
         row = await self._run(
             lambda db: db.execute(
-                "SELECT function, number, sha256, bundle, spec, created_at FROM revisions "
-                "WHERE function = ? AND number = ?",
-                (name, number),
+                _REVISIONS + " WHERE function = ? AND number = ?", (name, number)
             ).fetchone()
         )
         return _revision(row) if row else None
 
     async def add_revision(
-        self, key: str, spec: FunctionSpec, sha256: str, bundle: str, now: float
+        self,
+        key: str,
+        spec: FunctionSpec,
+        sha256: str,
+        bundle: str,
+        now: float,
+        tree: str = "",
+        serve: bool = True,
     ) -> tuple[RevisionRecord, bool]:
         def add(db: sqlite3.Connection) -> tuple[RevisionRecord, bool]:
             current = db.execute(
-                "SELECT r.function, r.number, r.sha256, r.bundle, r.spec, r.created_at "
+                "SELECT r.function, r.number, r.sha256, r.bundle, r.spec, r.created_at, r.tree "
                 "FROM functions f JOIN revisions r "
                 "ON r.function = f.name AND r.number = f.revision "
                 "WHERE f.name = ?",
@@ -174,19 +185,70 @@ class SQLiteStore:
                 bundle=bundle,
                 spec=spec,
                 created_at=now,
+                tree=tree,
             )
             db.execute(
-                "INSERT INTO revisions VALUES (?, ?, ?, ?, ?, ?)",
-                (rec.function, rec.number, sha256, bundle, msgspec.json.encode(spec), now),
+                "INSERT INTO revisions (function, number, sha256, bundle, spec, created_at, tree) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (rec.function, rec.number, sha256, bundle, msgspec.json.encode(spec), now, tree),
             )
-            db.execute(
-                "INSERT INTO functions VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
-                "revision = excluded.revision, updated_at = excluded.updated_at",
-                (key, rec.number, now, now),
-            )
+            if current is None:
+                db.execute(
+                    "INSERT INTO functions (name, revision, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (key, rec.number, now, now),
+                )
+            elif serve:  # weights go; aliases stay as pointers
+                aliases = _aliases_decoder.decode(
+                    db.execute("SELECT aliases FROM functions WHERE name = ?", (key,)).fetchone()[0]
+                )
+                kept = [msgspec.structs.replace(a, weight=0) for a in aliases]
+                db.execute(
+                    "UPDATE functions SET revision = ?, previous = revision, aliases = ?, "
+                    "updated_at = ? WHERE name = ?",
+                    (rec.number, msgspec.json.encode(kept).decode(), now, key),
+                )
             return rec, True
 
         return await self._run(add)
+
+    async def set_traffic(
+        self,
+        key: str,
+        revision: int,
+        previous: int,
+        aliases: list[Alias],
+        rollout: Rollout | None,
+        now: float,
+    ) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE functions SET revision = ?, previous = ?, aliases = ?, rollout = ?, "
+                "updated_at = ? WHERE name = ?",
+                (
+                    revision,
+                    previous,
+                    msgspec.json.encode(aliases).decode(),
+                    msgspec.json.encode(rollout).decode() if rollout is not None else None,
+                    now,
+                    key,
+                ),
+            )
+        )
+
+    async def delete_revisions(self, key: str, numbers: list[int]) -> None:
+        await self._run(
+            lambda db: db.executemany(
+                "DELETE FROM revisions WHERE function = ? AND number = ?",
+                [(key, n) for n in numbers],
+            )
+        )
+
+    async def bundles_in_use(self) -> set[str]:
+        rows = await self._run(
+            lambda db: db.execute("SELECT DISTINCT bundle FROM revisions").fetchall()
+        )
+        return {row[0] for row in rows}
 
     async def delete_function(self, name: str) -> bool:
         def delete(db: sqlite3.Connection) -> bool:
@@ -362,7 +424,7 @@ def _namespace(row: Any) -> NamespaceRecord:
 
 
 def _revision(row: Any) -> RevisionRecord:
-    function, number, sha256, bundle, spec, created_at = row
+    function, number, sha256, bundle, spec, created_at, tree = row
     return RevisionRecord(
         function=function,
         number=number,
@@ -370,4 +432,18 @@ def _revision(row: Any) -> RevisionRecord:
         bundle=bundle,
         spec=_spec_decoder.decode(spec),
         created_at=created_at,
+        tree=tree,
+    )
+
+
+def _function(row: Any) -> FunctionRecord:
+    name, revision, created_at, updated_at, previous, aliases, rollout = row
+    return FunctionRecord(
+        name=name,
+        revision=revision,
+        created_at=created_at,
+        updated_at=updated_at,
+        previous=previous,
+        aliases=_aliases_decoder.decode(aliases),
+        rollout=_rollout_decoder.decode(rollout) if rollout else None,
     )
