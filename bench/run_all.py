@@ -21,7 +21,16 @@ from typing import Any
 
 import psutil
 
-from bench import burst, fork_breakdown, fork_start, memory, specialize_start, warm
+from bench import (
+    autoscale,
+    burst,
+    fork_breakdown,
+    fork_start,
+    keepalive_sim,
+    memory,
+    specialize_start,
+    warm,
+)
 from bench.common import RESULTS, log
 
 SUITE: dict[str, Callable[[float], dict[str, Any]]] = {
@@ -31,6 +40,8 @@ SUITE: dict[str, Callable[[float], dict[str, Any]]] = {
     "warm": warm.run,
     "memory": memory.run,
     "burst": burst.run,
+    "autoscale": autoscale.run,
+    "keepalive_sim": keepalive_sim.run,
 }
 
 
