@@ -24,6 +24,7 @@ from ember.errors import EmberError, Forbidden, UserError
 from ember.pool.target import Target
 from ember.secretbox import MAX_SECRET_BYTES
 from ember.spec import Quota
+from ember.store.base import FunctionRecord, RevisionRecord
 from ember.telemetry.metrics import Metrics
 
 log = logging.getLogger("ember.api")
@@ -128,14 +129,44 @@ class Api:
         target = self._target(request, "read")
         info = self.info(target)
         rec = await self.control.store.function(target.qualified)
-        revs = [
-            s.RevisionInfo(number=r.number, sha256=r.sha256, created_at=r.created_at, spec=r.spec)
-            for r in await self.control.store.revisions(target.qualified)
-        ]
+        revs = await self._revisions(target)
         fields = msgspec.structs.asdict(info)
+        traffic = None
         if rec is not None:
             fields.update(created_at=rec.created_at, updated_at=rec.updated_at)
-        return _ok(s.FunctionDetail(**fields, revisions=revs))
+            traffic = _traffic(rec)
+        return _ok(s.FunctionDetail(**fields, revisions=revs, traffic=traffic))
+
+    async def _revisions(self, target: Target) -> list[s.RevisionInfo]:
+        """Every kept revision, with what changed from the one before and what points at it."""
+        fn = await self.control.store.function(target.qualified)
+        records = await self.control.store.revisions(target.qualified)
+        latest = records[-1].number if records else 0
+        out = []
+        before: RevisionRecord | None = None
+        for r in records:
+            names = []
+            if fn is not None:
+                names = [
+                    f"{a.name} {a.weight}%" if a.weight else a.name
+                    for a in fn.aliases
+                    if a.revision == r.number
+                ]
+            if r.number == latest:
+                names.append("latest")
+            out.append(
+                s.RevisionInfo(
+                    number=r.number,
+                    sha256=r.sha256,
+                    created_at=r.created_at,
+                    spec=r.spec,
+                    changes=revision_changes(before, r),
+                    serving=fn is not None and fn.revision == r.number,
+                    aliases=names,
+                )
+            )
+            before = r
+        return out
 
     async def delete(self, request: Request) -> Response:
         _, namespace = self._allow(request, "deploy")
@@ -145,11 +176,19 @@ class Api:
 
     async def revisions(self, request: Request) -> Response:
         target = self._target(request, "read")
-        revs = [
-            s.RevisionInfo(number=r.number, sha256=r.sha256, created_at=r.created_at, spec=r.spec)
-            for r in await self.control.store.revisions(target.qualified)
-        ]
-        return _ok(s.RevisionList(revisions=revs))
+        return _ok(s.RevisionList(revisions=await self._revisions(target)))
+
+    async def traffic(self, request: Request) -> Response:
+        _, namespace = self._allow(request, "deploy")
+        body = await _body(request, s.TrafficRequest)
+        fn = await self.control.set_traffic(namespace, request.path_params["name"], body.aliases)
+        return _ok(_traffic(fn))
+
+    async def rollback(self, request: Request) -> Response:
+        _, namespace = self._allow(request, "deploy")
+        body = await _body(request, s.RollbackRequest)
+        fn = await self.control.rollback(namespace, request.path_params["name"], body.to)
+        return _ok(_traffic(fn))
 
     async def deploy(self, request: Request) -> Response:
         _, namespace = self._allow(request, "deploy")
@@ -165,7 +204,9 @@ class Api:
                 "(`ember deploy DIR` does it for you)",
                 code="bad_bundle",
             )
-        deployed = await self.control.deploy(bytes(data), name or "function", namespace)
+        deployed = await self.control.deploy(
+            bytes(data), name or "function", namespace, _canary(request)
+        )
         return _ok(
             s.DeployResponse(functions=deployed), 201 if any(d.created for d in deployed) else 200
         )
@@ -324,6 +365,72 @@ async def _body(request: Request, kind: type[Any]) -> Any:
     return body
 
 
+def _traffic(fn: FunctionRecord) -> s.Traffic:
+    return s.Traffic(
+        serving=fn.revision, previous=fn.previous, aliases=fn.aliases, rollout=fn.rollout
+    )
+
+
+def _canary(request: Request) -> s.CanaryPlan | None:
+    """`?canary=10&step=10&every=60&max_error_rate=0.01&max_p99_ms=500` of a deploy."""
+    if "canary" not in request.query_params:
+        return None
+    return s.CanaryPlan(
+        percent=_int(request, "canary", 10, 1, 99),
+        step=_int(request, "step", 10, 1, 100),
+        every=_number(request, "every", 60.0, 1.0, 86_400.0),
+        max_error_rate=_number(request, "max_error_rate", 0.01, 0.0, 1.0),
+        max_p99_ms=_number(request, "max_p99_ms", 0.0, 0.0, 3_600_000.0),
+    )
+
+
+def _number(request: Request, key: str, default: float, low: float, high: float) -> float:
+    raw = request.query_params.get(key)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:
+        raise UserError(f"query parameter {key}={raw[:40]!r} must be a number {low:g}-{high:g}")
+    return value
+
+
+def revision_changes(before: RevisionRecord | None, rec: RevisionRecord) -> list[str]:
+    """What differs from the revision before: the code (by its tree hash) and each setting."""
+    if before is None:
+        return ["first revision"]
+    out = []
+    if rec.tree and before.tree:
+        if rec.tree != before.tree:
+            out.append("code")
+    elif rec.bundle != before.bundle:
+        out.append("code (or only the bundle)")
+    old, new = _flat(msgspec.to_builtins(before.spec)), _flat(msgspec.to_builtins(rec.spec))
+    for key in sorted(old.keys() | new.keys()):
+        if key == "name" or old.get(key) == new.get(key):
+            continue
+        out.append(f"{key}: {_show(old.get(key))} -> {_show(new.get(key))}")
+    return out or ["no change (redeployed after another revision)"]
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}{key}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): value}
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    text = value if isinstance(value, str) else msgspec.json.encode(value).decode()
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _int(request: Request, key: str, default: int, low: int, high: int) -> int:
     raw = request.query_params.get(key)
     if raw is None:
@@ -359,6 +466,8 @@ def build(control: Control, metrics: Metrics) -> Starlette:
         Route("/api/v1/functions/{name}", api.delete, methods=["DELETE"]),
         Route("/api/v1/functions/{name}/revisions", api.revisions),
         Route("/api/v1/functions/{name}/scale", api.scale, methods=["POST"]),
+        Route("/api/v1/functions/{name}/traffic", api.traffic, methods=["PUT"]),
+        Route("/api/v1/functions/{name}/rollback", api.rollback, methods=["POST"]),
         Route("/api/v1/functions/{name}/logs", api.logs),
         Route("/api/v1/functions/{name}/activations", api.activations),
         Route("/api/v1/namespaces", api.namespaces),

@@ -43,6 +43,7 @@ from ember.telemetry.outcomes import Outcomes
 log = logging.getLogger("ember.api")
 
 
+CONFIG_FILES = frozenset({"ember.yaml", "ember.yml"})  # not code: revision diffs show settings
 ROLLOUT_TICK = 1.0  # seconds between rollout checks
 MAX_MANIFEST = 256 * 1024
 MAX_FUNCTION_SECRETS = 32 * 1024  # bytes of secrets one function may list, in all
@@ -321,7 +322,8 @@ class Control:
                 code="bad_manifest",
             )
         tree = await asyncio.to_thread(bundle.tree_hash, source)
-        return spec, revision_hash(tree, spec), tree
+        code = await asyncio.to_thread(bundle.tree_hash, source, CONFIG_FILES)
+        return spec, revision_hash(tree, spec), code
 
     def _admit(self, namespace: str, specs: list[FunctionSpec]) -> None:
         """Names, secrets and quotas, checked before anything is imported or stored."""

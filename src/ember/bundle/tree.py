@@ -13,13 +13,16 @@ from ember.errors import UserError
 MANIFEST_NAMES = ("ember.yaml", "ember.yml")
 
 
-def tree_hash(root: Path) -> str:
+def tree_hash(root: Path, skip: frozenset[str] = frozenset()) -> str:
     """Hex sha256 over the regular files below `root`: path, exec bit and content, not mtimes.
 
-    Symbolic links and special files are not part of the hash (`unpack` never creates them).
+    Symbolic links and special files are not part of the hash (`unpack` never creates them);
+    neither are the relative paths in `skip` (e.g. the manifest, for a code-only hash).
     """
     digest = hashlib.sha256()
     for rel, path, executable in sorted(_regular_files(root), key=lambda item: item[0]):
+        if rel in skip:
+            continue
         with open(path, "rb") as content:
             file_digest = hashlib.file_digest(content, "sha256").hexdigest()
         flag = "x" if executable else "-"

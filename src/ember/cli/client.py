@@ -107,6 +107,36 @@ def parse_duration(text: str) -> float:
     return sum(float(part.group(1)) * _UNITS[part.group(2)] for part in parts)
 
 
+_ALIAS = re.compile(r"([a-z][a-z0-9-]*)=(\d+)(?::(\d+))?")
+
+
+def parse_alias(text: str) -> dict[str, int | str]:
+    """'stable=3:90' → alias stable, revision 3, weight 90; 'stable=3' → weight 0."""
+    found = _ALIAS.fullmatch(text.strip())
+    if found is None:
+        raise UserError(
+            f"{text!r} is not ALIAS=REVISION[:WEIGHT]; write e.g. stable=3:90 canary=4:10",
+            code="bad_alias",
+        )
+    name, revision, weight = found.groups()
+    return {"name": name, "revision": int(revision), "weight": int(weight or 0)}
+
+
+def parse_percent(text: str, what: str) -> float:
+    """'1%' or '0.01' → 0.01."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise UserError(
+            f"{what} {text!r} is not a share; write a percentage like 1% or a fraction like 0.01",
+            code="bad_percent",
+        )
+    return value
+
+
 def parse_since(text: str, now: float) -> float:
     """A duration back from `now`, or a unix timestamp (a plain number above 1e9)."""
     try:

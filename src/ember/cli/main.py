@@ -222,6 +222,24 @@ def deploy(
         str | None, typer.Option(help="Function name. Default: the directory's name.")
     ] = None,
     namespace: Namespace = "default",
+    canary: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=99,
+            help="Roll out gradually: the new revision starts with this % of the traffic.",
+            show_default=False,
+        ),
+    ] = None,
+    step: Annotated[int, typer.Option(min=1, max=100, help="Rollout: % added per step.")] = 10,
+    every: Annotated[str, typer.Option(help="Rollout: time per step, e.g. 30s, 1m.")] = "1m",
+    max_error_rate: Annotated[
+        str, typer.Option(help="Rollout: the canary's 5xx share that rolls back, e.g. 1%.")
+    ] = "1%",
+    max_p99: Annotated[
+        str | None,
+        typer.Option(help="Rollout: the canary's p99 latency that rolls back, e.g. 500ms."),
+    ] = None,
 ) -> None:
     """Pack a directory (honouring .emberignore) and deploy the functions in it."""
     from ember.bundle import pack, read_manifest
@@ -230,12 +248,21 @@ def deploy(
 
     name = name or client.default_name(directory)
     load_manifest(read_manifest(directory), name)  # a bad ember.yaml fails before the upload
+    params = {"name": name, "namespace": namespace}
+    if canary is not None:
+        params |= {
+            "canary": str(canary),
+            "step": str(step),
+            "every": str(client.parse_duration(every)),
+            "max_error_rate": str(client.parse_percent(max_error_rate, "--max-error-rate")),
+            "max_p99_ms": str(client.parse_duration(max_p99) * 1000 if max_p99 else 0),
+        }
     bundle = pack(directory)
     with _connect(DEPLOY_TIMEOUT) as api:
         raw = api.fetch(
             "POST",
             "/api/v1/deploy",
-            params={"name": name, "namespace": namespace},
+            params=params,
             content=bundle,
             headers=[("Content-Type", "application/gzip")],
         )
@@ -397,6 +424,68 @@ def scale(
         )
     scaled = client.decode(raw, render.Scaled)
     render.out().print(f"{scaled.name} scaled to {scaled.instances} instances", markup=False)
+
+
+@command
+def revisions(name: Name, as_json: JsonFlag = False, namespace: Namespace = "default") -> None:
+    """List a function's revisions: what changed in each, which serve and which aliases."""
+    from ember.cli import client
+
+    with _connect() as api:
+        raw = api.fetch("GET", client.api_path(name, "revisions"), params={"namespace": namespace})
+    _show(raw, as_json, render.RevisionList, lambda r: render.revisions_table(r.revisions))
+
+
+@command
+def traffic(
+    name: Name,
+    aliases: Annotated[
+        list[str],
+        typer.Argument(
+            help="ALIAS=REVISION[:WEIGHT] ...; weights add up to 100 (or all 0 to only name "
+            "revisions), e.g. stable=3:90 canary=4:10. Reach one with /fn/NAME@ALIAS.",
+            show_default=False,
+        ),
+    ],
+    as_json: JsonFlag = False,
+    namespace: Namespace = "default",
+) -> None:
+    """Split a function's traffic across revisions by named aliases."""
+    from ember.cli import client
+
+    body = {"aliases": [client.parse_alias(a) for a in aliases]}
+    with _connect(DEPLOY_TIMEOUT) as api:
+        raw = api.fetch(
+            "PUT", client.api_path(name, "traffic"), json=body, params={"namespace": namespace}
+        )
+    _show(raw, as_json, render.Traffic, lambda t: render.traffic_text(t, time.time()))
+
+
+@command
+def rollback(
+    name: Name,
+    to: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Revision to go back to. Default: the rollout's stable one, else the previous.",
+            show_default=False,
+        ),
+    ] = 0,
+    as_json: JsonFlag = False,
+    namespace: Namespace = "default",
+) -> None:
+    """Move all traffic back to one revision in one step."""
+    from ember.cli import client
+
+    with _connect(DEPLOY_TIMEOUT) as api:
+        raw = api.fetch(
+            "POST",
+            client.api_path(name, "rollback"),
+            json={"to": to},
+            params={"namespace": namespace},
+        )
+    _show(raw, as_json, render.Traffic, lambda t: render.traffic_text(t, time.time()))
 
 
 @command

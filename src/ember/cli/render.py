@@ -49,6 +49,48 @@ class RevisionInfo(msgspec.Struct, frozen=True):
     sha256: str
     created_at: float
     spec: Spec = Spec()
+    changes: list[str] = []
+    serving: bool = False
+    aliases: list[str] = []
+
+
+class RevisionList(msgspec.Struct, frozen=True):
+    revisions: list[RevisionInfo]
+
+
+class Alias(msgspec.Struct, frozen=True):
+    name: str
+    revision: int
+    weight: int = 0
+
+
+class Rollout(msgspec.Struct, frozen=True):
+    from_revision: int
+    to_revision: int
+    weight: int
+    step: int = 0
+    every: float = 0.0
+    max_error_rate: float = 0.0
+    max_p99_ms: float = 0.0
+    state: str = ""
+    reason: str = ""
+    next_at: float = 0.0
+    requests: int = 0
+    errors: int = 0
+
+
+class Traffic(msgspec.Struct, frozen=True):
+    serving: int
+    previous: int = 0
+    aliases: list[Alias] = []
+    rollout: Rollout | None = None
+
+
+class Autoscaler(msgspec.Struct, frozen=True):
+    desired: int = 0
+    panic: bool = False
+    concurrency: float = 0.0
+    keepalive: str = ""
 
 
 class FunctionInfo(msgspec.Struct, frozen=True):
@@ -62,10 +104,12 @@ class FunctionInfo(msgspec.Struct, frozen=True):
     instances: Instances = Instances()
     zygote: bool = False
     url: str = ""
+    autoscaler: Autoscaler = Autoscaler()
 
 
 class FunctionDetail(FunctionInfo, frozen=True):
     revisions: list[RevisionInfo] = []
+    traffic: Traffic | None = None
 
 
 class FunctionList(msgspec.Struct, frozen=True):
@@ -251,28 +295,73 @@ def describe(fn: FunctionDetail, now: float) -> RenderableType:
         ("updated", f"{stamp(fn.updated_at)} ({ago(fn.updated_at, now)})"),
         *_spec_rows(fn.spec),
         ("instances", f"{inst.idle} idle, {inst.busy} busy, {inst.starting} starting"),
+        ("autoscaler", _autoscaler(fn.autoscaler)),
         ("zygote", "warm" if fn.zygote else "none"),
+        *_traffic_rows(fn.traffic, now),
     ]
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
     for key, value in rows:
         grid.add_row(key, Text(value))
-    revisions = Table(
+    return Group(Text(fn.name, style="bold"), grid, Text(), revisions_table(fn.revisions))
+
+
+def _autoscaler(a: Autoscaler) -> str:
+    panic = ", PANIC" if a.panic else ""
+    return f"desired {a.desired}{panic}, mean concurrency {a.concurrency:g}; zygote {a.keepalive}"
+
+
+def _traffic_rows(traffic: Traffic | None, now: float) -> list[tuple[str, str]]:
+    if traffic is None:
+        return []
+    split = [a for a in traffic.aliases if a.weight]
+    if split:
+        routed = ", ".join(f"{a.name}={a.revision}:{a.weight}%" for a in split)
+    else:
+        routed = f"all to revision {traffic.serving}"
+    rows = [("traffic", routed)]
+    pointers = [a for a in traffic.aliases if not a.weight]
+    if pointers:
+        rows.append(("aliases", ", ".join(f"{a.name}={a.revision}" for a in pointers)))
+    if traffic.previous:
+        rows.append(("rollback to", str(traffic.previous)))
+    r = traffic.rollout
+    if r is not None:
+        text = (
+            f"{r.state}: {r.from_revision} -> {r.to_revision} at {r.weight}% (+{r.step}% every "
+            f"{seconds(r.every)}, max error rate {r.max_error_rate:.1%}"
+            + (f", max p99 {r.max_p99_ms:g} ms" if r.max_p99_ms else "")
+            + f"); canary served {r.requests} requests, {r.errors} errors"
+        )
+        if r.state == "running":
+            text += f"; next step in {max(0.0, r.next_at - now):.0f} s"
+        if r.reason:
+            text += f"; {r.reason}"
+        rows.append(("rollout", text))
+    return rows
+
+
+def revisions_table(revs: Sequence[RevisionInfo]) -> Table:
+    table = Table(
         box=None, pad_edge=False, header_style="bold", title="revisions", title_justify="left"
     )
-    for column in ("REVISION", "SHA256", "CREATED", "MEMORY", "TIMEOUT", "HANDLER"):
-        revisions.add_column(column)
-    for rev in sorted(fn.revisions, key=lambda r: r.number, reverse=True):
-        revisions.add_row(
+    for column in ("REVISION", "CREATED", "SERVES", "SHA256", "CHANGES"):
+        table.add_column(column)
+    for rev in sorted(revs, key=lambda r: r.number, reverse=True):
+        serves = ", ".join((["serving"] if rev.serving else []) + rev.aliases)
+        table.add_row(
             str(rev.number),
-            rev.sha256[:12],
             stamp(rev.created_at),
-            f"{rev.spec.memory} MB",
-            seconds(rev.spec.timeout),
-            Text(rev.spec.handler),
+            Text(serves or "-"),
+            rev.sha256[:12],
+            Text("; ".join(rev.changes)),
         )
-    return Group(Text(fn.name, style="bold"), grid, Text(), revisions)
+    return table
+
+
+def traffic_text(traffic: Traffic, now: float) -> Text:
+    return Text("\n".join(f"{key}: {value}" for key, value in _traffic_rows(traffic, now)))
 
 
 def log_line(entry: LogEntry) -> Text:
