@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+from ember.autoscaler.histogram import IdleHistogram
 from ember.cli.main import PASSED_ENV
 from ember.config import ServerConfig
 from ember.pool.manager import Pool
@@ -63,3 +64,47 @@ def test_requests_arriving_together_never_exceed_scale_max(tmp_path: Path) -> No
 
     pids = asyncio.run(main())
     assert 1 <= len(pids) <= 2
+
+
+def test_zygote_keepalive_follows_the_idle_histogram(tmp_path: Path) -> None:
+    """A function whose idle times are all ~2 s: after its activity the zygote is released at
+    once, loaded again before the next request is due, and released past the tail."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "handler.py").write_text(CODE)
+    spec = FunctionSpec(name="periodic", scale=ScaleSpec(idle=0.2))
+    target = Target(function="periodic", number=1, sha256="p" * 64, code_dir=str(code), spec=spec)
+
+    async def main() -> list[tuple[float, bool]]:
+        env = {k: v for k, v in os.environ.items() if k in PASSED_ENV}
+        config = ServerConfig(home=tmp_path / "home", use_cgroups=False, base_env=env)
+        pool = Pool(config, TelemetryBuffer(1024))
+        await pool.start()
+        try:
+            await pool.prepare(target)
+            pool.retire_all_but([target.key])
+            hist = pool.histograms[target.qualified] = IdleHistogram(bins=240, bin_s=0.5)
+            for _ in range(20):
+                hist.record(2.0)  # learned: the next request comes ~2 s after the last
+            windows = pool.keepalive_windows(target.qualified)
+            assert (windows.prewarm, windows.keepalive) == (1.0, 2.0), windows
+            rp = pool.revision(target)
+            loop = asyncio.get_running_loop()
+            msg = Invoke(
+                id="r", method="GET", path="/", query=b"", headers=[], body=b"", deadline=0
+            )
+            await rp.invoke(msg, loop.time() + 30)
+            ended = time.monotonic()
+            seen = []
+            while time.monotonic() - ended < 4.0:
+                await asyncio.sleep(0.05)
+                seen.append((time.monotonic() - ended, rp.zygote_alive))
+            return seen
+        finally:
+            await pool.shutdown()
+
+    seen = asyncio.run(main())
+    alive = lambda lo, hi: {z for t, z in seen if lo <= t < hi}  # noqa: E731
+    assert alive(0.6, 0.9) == {False}  # released right after activity (instances went at 0.2)
+    assert alive(1.3, 2.9) == {True}  # pre-warmed from 1 s, for the expected request at ~2 s
+    assert alive(3.4, 4.0) == {False}  # released past the tail (1 + 2 s)

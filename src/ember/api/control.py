@@ -212,7 +212,7 @@ class Control:
         for fn in await self.store.functions():
             try:
                 await self._load(fn.name)
-            except (EmberError, OSError, KeyError) as exc:  # one broken function: not the rest
+            except (EmberError, OSError, KeyError, ValueError) as exc:  # one broken: not the rest
                 log.error("function %s cannot be restored: %s", fn.name, exc)
                 self._forget(fn.name)
         self.publish()  # the keep-alive loop starts scale.min instances from here

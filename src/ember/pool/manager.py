@@ -453,8 +453,8 @@ class Pool:
         fn = rp.target.qualified
         in_use = bool(rp.count or rp.demand or rp.waiters)
         ended = self._idle_since.get(fn)
-        if rp.zygote is not None and not rp.zygote.dead:
-            ended = max(ended or 0.0, rp.zygote.last_used)
+        if ended is None and rp.zygote is not None and not rp.zygote.dead:
+            ended = rp.zygote.last_used  # deployed (probed) but not used since the server began
         idle_for = None if ended is None else now - ended
         w = self.keepalive_windows(fn)
         action = zygote_action(w, rp.zygote_alive, in_use, idle_for)
