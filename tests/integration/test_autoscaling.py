@@ -185,3 +185,24 @@ def test_a_hot_function_cannot_take_the_scale_min_of_another(
     assert codes.count(200) >= 2 and codes.count(429) >= 1, codes
     assert _info(server, "steady")["instances"]["idle"] == 1  # never evicted
     assert server.http.get("/fn/steady?s=0").headers["x-ember-start"] == "warm"
+
+
+def test_a_callers_short_deadline_ends_only_its_own_request(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+) -> None:
+    server = server_factory()
+    code = """
+    import asyncio
+    async def handle(req, ctx):
+        await asyncio.sleep(float(req.query.get("s", "0")))
+        return "done"
+    """
+    manifest = "functions:\n  shared:\n    concurrency: 4\n    scale: {max: 1}\n"
+    server.deploy(fn_dir("shared", code, manifest))
+    with cf.ThreadPoolExecutor(2) as pool:
+        patient = pool.submit(server.http.get, "/fn/shared?s=1")
+        time.sleep(0.2)
+        hurried = server.http.get("/fn/shared?s=1", headers={"X-Ember-Timeout": "0.2"})
+        assert hurried.status_code == 504
+        assert "X-Ember-Timeout" in hurried.json()["error"]["message"]
+        assert patient.result().status_code == 200  # same instance, not killed

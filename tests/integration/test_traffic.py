@@ -301,3 +301,33 @@ def test_bad_rollout_options_and_canary_of_a_new_function_are_refused(
     assert [
         r["number"] for r in server.api.get("/api/v1/functions/svc/revisions").json()["revisions"]
     ] == [1]
+
+
+def test_an_alias_of_an_older_public_revision_does_not_open_a_private_function(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+) -> None:
+    server = server_factory()
+    deploy_version(server, fn_dir, "v1")
+    server.cli("traffic", "svc", "old=1")
+    private = "functions:\n  svc:\n    access: private\n    scale: {max: 20}\n"
+    deploy_version(server, fn_dir, "v2", manifest=private)
+    for path in ("/fn/svc", "/fn/svc@old", "/fn/svc@latest"):
+        assert server.http.get(path).status_code == 401, path
+    key = server.api.headers["Authorization"]
+    assert server.http.get("/fn/svc@old", headers={"Authorization": key}).json() == {
+        "version": "v1"
+    }
+
+
+def test_a_deploy_keeps_its_warmed_zygote_though_the_function_was_idle(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+) -> None:
+    server = server_factory("--zygote-keepalive", "1")
+    quick = "functions:\n  svc:\n    scale: {max: 20, idle: 0.5s}\n"
+    deploy_version(server, fn_dir, "v1", manifest=quick)
+    assert server.http.get("/fn/svc").status_code == 200
+    wait_for(lambda: detail(server)["zygote"] is False, 10, "the idle zygote to be released")
+    deploy_version(server, fn_dir, "v2", manifest=quick)
+    time.sleep(0.6)  # a few keep-alive ticks: the probed zygote stays (1 s from the deploy)
+    assert detail(server)["zygote"] is True
+    assert server.http.get("/fn/svc").headers["x-ember-start"] == "fork"

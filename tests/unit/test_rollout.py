@@ -6,7 +6,7 @@ import pytest
 
 from ember.api.rollout import MIN_REQUESTS, Verdict, step
 from ember.store.base import Rollout
-from ember.telemetry.outcomes import Outcomes, Summary
+from ember.telemetry.outcomes import MAX_SAMPLES, Outcomes, Summary
 
 BASE = Rollout(
     from_revision=3,
@@ -122,3 +122,15 @@ def test_outcomes_count_only_watched_revisions_and_start_over_on_take() -> None:
     outcomes.unwatch("default/f", 4)
     outcomes.add("default/f", 4, 500, 0.01)
     assert outcomes.peek("default/f", 4) == Summary()
+
+
+def test_outcomes_beyond_the_sample_keep_counting_every_request() -> None:
+    outcomes = Outcomes()
+    outcomes.watch("default/f", 4)
+    total = MAX_SAMPLES * 2
+    for i in range(total):
+        outcomes.add("default/f", 4, 500 if i % 100 == 0 else 200, 0.001 if i % 2 else 0.002)
+    summary = outcomes.peek("default/f", 4)
+    assert summary.requests == total
+    assert summary.error_rate == pytest.approx(0.01)
+    assert summary.p99_ms == pytest.approx(2.0)

@@ -144,3 +144,13 @@ def test_namespaces_keys_and_sealed_secrets(make_store: Callable[[], Store]) -> 
         assert not await store.delete_secret("team", "db")
 
     run(make_store, body)
+
+
+def test_effective_revision_is_the_heaviest_alias_while_weights_are_set() -> None:
+    from ember.store.base import Alias, effective_revision
+
+    assert effective_revision(5, []) == 5
+    assert effective_revision(5, [Alias("a", 3, 0), Alias("b", 4, 0)]) == 5  # pointers only
+    assert effective_revision(5, [Alias("a", 3, 90), Alias("b", 4, 10)]) == 3
+    assert effective_revision(4, [Alias("a", 3, 50), Alias("b", 4, 50)]) == 4  # tie: pointer
+    assert effective_revision(7, [Alias("a", 3, 50), Alias("b", 4, 50)]) == 3

@@ -14,7 +14,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -37,6 +39,7 @@ from ember.store.base import (
     RevisionRecord,
     Rollout,
     Store,
+    effective_revision,
 )
 from ember.telemetry.outcomes import Outcomes
 
@@ -110,6 +113,7 @@ class Control:
         self._revs: dict[str, dict[int, Target]] = {}  # every revision a route points at
         self._latest: dict[str, int] = {}  # newest revision number
         self._rollout_task: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[None]] = set()  # delayed clean-ups
         self.namespaces: dict[str, NamespaceRecord] = {}
         self._sealed: dict[tuple[str, str], bytes] = {}  # (namespace, secret) -> sealed value
         self._deploying = asyncio.Lock()
@@ -150,7 +154,11 @@ class Control:
         routes = {key: self._route(key, main) for key, main in self._targets.items()}
         self.routes.publish(routes, frozenset(self.namespaces))
         self.pool.set_quotas({name: ns.quota for name, ns in self.namespaces.items()})
-        self.pool.retire_all_but(t.key for route in routes.values() for t in route.targets())
+        serving = [
+            route.aliases[alias] for route in routes.values() for _bound, alias in route.split
+        ]
+        serving += [route.main for route in routes.values() if not route.split]
+        self.pool.serve(serving, [t for route in routes.values() for t in route.targets()])
 
     def _route(self, key: str, main: Target) -> Route:
         fn = self._functions.get(key)
@@ -173,6 +181,8 @@ class Control:
             return
         by_number = {r.number: r for r in await self.store.revisions(key)}
         wanted = {fn.revision, max(by_number)} | {a.revision for a in fn.aliases}
+        if fn.previous in by_number:  # not routed, but `ember rollback` may route it
+            wanted.add(fn.previous)
         targets: dict[int, Target] = {}
         for number in sorted(wanted):
             rec = by_number.get(number)
@@ -183,6 +193,10 @@ class Control:
         self._revs[key] = targets
         self._latest[key] = max(by_number)
         self._targets[key] = targets[fn.revision]
+
+    def _kept_targets(self) -> list[Target]:
+        """Every revision that serves or may serve again: routed, aliased or `previous`."""
+        return [t for revs in self._revs.values() for t in revs.values()]
 
     def _forget(self, key: str) -> None:
         self._targets.pop(key, None)
@@ -217,6 +231,15 @@ class Control:
                 self._forget(fn.name)
         self.publish()  # the keep-alive loop starts scale.min instances from here
         log.info("restored %d function(s)", len(self._targets))
+        await self._sweep()
+
+    async def _sweep(self) -> None:
+        """Code directories and blobs no revision uses: left by a clean-up a shutdown cut."""
+        in_use = await self.store.bundles_in_use()
+        stored = set(await asyncio.to_thread(self.blobs.all))
+        if self.config.code_dir.is_dir():
+            stored |= {p.name for p in self.config.code_dir.iterdir() if len(p.name) == 64}
+        await self._drop_bundles(stored - in_use)
 
     def _ensure_code(self, digest: str) -> Path:
         path = self.config.code_dir / digest
@@ -444,6 +467,8 @@ class Control:
             if created:
                 committed.append(spec.name)
                 if canary is not None and serving is not None:
+                    if serving.rollout is not None:  # a new rollout replaces a running one
+                        self.outcomes.unwatch(key, serving.rollout.to_revision)
                     await self._start_rollout(key, serving, rec.number, canary, now)
                 elif serving is not None and serving.rollout is not None:
                     await self._supersede(key, "a plain deploy replaced it", now)
@@ -472,10 +497,12 @@ class Control:
             fn = self._functions.get(key)
             if fn is not None and fn.rollout is not None:
                 self.outcomes.unwatch(key, fn.rollout.to_revision)
+            grace = max((t.spec.timeout for t in self._revs.get(key, {}).values()), default=0)
             await self.store.delete_function(key)
             self._forget(key)
             self.publish()
-            await self._drop_bundles(bundles)
+            # Requests still running on it finish first: they may read their code meanwhile.
+            self._later(grace + 5.0, self._drop_bundles_locked(bundles))
 
     async def scale(self, namespace: str, name: str, instances: int) -> int:
         if instances < 0:
@@ -609,7 +636,8 @@ class Control:
                 updated_at=now,
             )
             self.outcomes.unwatch(key, rollout.to_revision)
-        previous = fn.revision if to != fn.revision else fn.previous
+        serving = effective_revision(fn.revision, fn.aliases)
+        previous = serving if to != serving else fn.previous
         aliases = [msgspec.structs.replace(a, weight=0) for a in fn.aliases]
         await self.store.set_traffic(key, to, previous, aliases, rollout, now)
         await self._load(key)
@@ -636,6 +664,8 @@ class Control:
         self._rollout_task = asyncio.get_running_loop().create_task(self._rollout_loop())
 
     async def stop_rollouts(self) -> None:
+        for task in list(self._pending):  # delayed clean-ups: the next start need not redo
+            task.cancel()
         if self._rollout_task is not None:
             self._rollout_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -712,6 +742,19 @@ class Control:
         await self._drop_bundles({r.bundle for r in gone})
         log.info("%s: removed %d old revision(s)", key, len(gone))
 
+    def _later(self, delay: float, work: Coroutine[Any, Any, None]) -> None:
+        async def run() -> None:
+            await asyncio.sleep(delay)
+            await work
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _drop_bundles_locked(self, candidates: set[str]) -> None:
+        async with self._deploying:
+            await self._drop_bundles(candidates)
+
     async def _drop_bundles(self, candidates: set[str]) -> None:
         unused = candidates - await self.store.bundles_in_use()
         for digest in unused:
@@ -745,7 +788,7 @@ class Control:
         manifest.validate_secret_name(name)
         sealed = self.box.seal(namespace, name, value)
         async with self._deploying:
-            for target in self._targets.values():  # functions listing it must still start
+            for target in self._kept_targets():  # revisions listing it must still start
                 if target.namespace == namespace and any(
                     r.name == name for r in target.spec.secrets
                 ):
@@ -763,14 +806,17 @@ class Control:
 
     async def delete_secret(self, namespace: str, name: str) -> None:
         async with self._deploying:
-            users = [
-                t.function
-                for t in self._targets.values()
-                if t.namespace == namespace and any(r.name == name for r in t.spec.secrets)
-            ]
+            users = sorted(
+                {
+                    f"{t.function}@{t.number}"
+                    for t in self._kept_targets()
+                    if t.namespace == namespace and any(r.name == name for r in t.spec.secrets)
+                }
+            )
             if users:
                 raise UserError(
-                    f"secret '{name}' is listed by {', '.join(users)}; deploy them without it "
+                    f"secret '{name}' is listed by {', '.join(users)} (serving, aliased or the "
+                    "rollback target); deploy without it and move aliases off those revisions "
                     "first",
                     code="secret_in_use",
                     status=409,

@@ -49,3 +49,10 @@ class LocalBlobs:
         except FileNotFoundError:
             return False
         return True
+
+    def all(self) -> list[str]:
+        """Every stored digest."""
+        base = self.root / "sha256"
+        if not base.is_dir():
+            return []
+        return sorted(p.parent.name + p.name for p in base.glob("*/*") if len(p.parent.name) == 2)

@@ -64,6 +64,7 @@ class Gateway:
         sticky = _sticky(scope["headers"], rid)
         target: Target | None = None
         tier, instance, result, peak = "none", "", None, 0
+        caller = False  # the caller shortened the deadline: its 504 says nothing of the code
         try:
             if route is None:
                 where = "" if key.startswith("default/") else f" in namespace '{key.split('/')[0]}'"
@@ -73,7 +74,7 @@ class Gateway:
                 )
             target, alias = _choose(route, alias, sticky, name)
             headers = scope["headers"]
-            authorized = target.spec.access == "private"
+            authorized = _private(route, target)
             if authorized:
                 headers = self._authorize(target, headers)
             elif any(k == b"authorization" and is_ember_token(v) for k, v in headers):
@@ -81,7 +82,7 @@ class Gateway:
             body = await self._body(scope, receive)
             route = self.routes.get(key) or route  # a deploy may have landed meanwhile
             target, alias = _choose(route, alias, sticky, name)
-            if target.spec.access == "private" and not authorized:  # it became private
+            if _private(route, target) and not authorized:  # it became private
                 headers = self._authorize(target, scope["headers"])
             timeout = _timeout(headers, target)
             msg = Invoke(
@@ -95,7 +96,10 @@ class Gateway:
                 revision=target.number,
             )
             loop_deadline = asyncio.get_running_loop().time() + timeout
-            result, tier, inst = await self.pool.revision(target).invoke(msg, loop_deadline)
+            caller = timeout < target.spec.timeout
+            result, tier, inst = await self.pool.revision(target).invoke(
+                msg, loop_deadline, caller_deadline=caller
+            )
             instance, peak = inst.id, result.max_rss_kb
             if result.error is not None and result.error.kind == "memory":
                 raise _memory_error(target, result)
@@ -113,6 +117,8 @@ class Gateway:
         elapsed = time.perf_counter() - t0
         if target is not None:
             self._record(target, rid, started, elapsed, status, tier, instance, peak, error)
+            if not (caller and status == 504):  # a deadline the caller chose, not the code's
+                self.outcomes.add(target.qualified, target.number, status, elapsed)
 
     def _authorize(self, target: Target, headers: Headers) -> Headers:
         """A private function: the caller's key must allow invoke in its namespace. The key is
@@ -185,7 +191,6 @@ class Gateway:
             )
         )
         self.metrics.observe(target.qualified, status, elapsed, tier)
-        self.outcomes.add(target.qualified, target.number, status, elapsed)
 
 
 async def _respond(
@@ -230,6 +235,12 @@ def _function_headers(headers: Headers, target: Target) -> Headers:
         if name not in RESERVED_HEADERS and not name.startswith(b"x-ember-"):
             out.append((name, value))
     return out
+
+
+def _private(route: Route, target: Target) -> bool:
+    """A function is as private as its serving revision: an alias of an older, public
+    revision (or a canary) does not open it to callers without a key."""
+    return target.spec.access == "private" or route.main.spec.access == "private"
 
 
 def _sticky(headers: Headers, rid: str) -> bytes:

@@ -73,6 +73,7 @@ class Pool:
         self.cgroups: Cgroups | None = None
         self.revisions: dict[RevisionKey, RevisionPool] = {}
         self._live: set[RevisionKey] = set()
+        self._standby: set[RevisionKey] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._mover = ThreadPoolExecutor(1, thread_name_prefix="ember-cgroup")
         self.sandboxed = False
@@ -92,6 +93,7 @@ class Pool:
         # The node's memory budget (MB) and the starts waiting for some of it.
         self.budget_mb = config.memory_budget_mb or _default_budget_mb()
         self._memory_freed = asyncio.Event()
+        self._used_before = 0
 
     async def start(self) -> None:
         if self.config.use_cgroups:
@@ -129,18 +131,41 @@ class Pool:
         if rp is None:
             rp = self.revisions[target.key] = RevisionPool(target, self)
             rp.retired = target.key not in self._live
+            rp.standby = target.key in self._standby
         return rp
 
-    def retire_all_but(self, live: Iterable[RevisionKey]) -> None:
+    def retire_all_but(
+        self, live: Iterable[RevisionKey], standby: Iterable[RevisionKey] = ()
+    ) -> None:
+        """`live`: what routes point at; of those, `standby` are reachable only through an
+        alias without traffic weight (they keep no scale.min, get no pre-warm and no
+        reserved memory)."""
         self._live = set(live)
+        self._standby = set(standby)
         for key, rp in self.revisions.items():
             rp.retired = key not in self._live
+            rp.standby = key in self._standby
+
+    def serve(self, serving: Iterable[Target], standby: Iterable[Target]) -> None:
+        """The control plane published routes: `serving` targets get traffic, `standby` ones
+        only through an alias. Revisions that keep scale.min instances get a pool now, so
+        their instances start without waiting for a first request (e.g. after a restart)."""
+        serving = list(serving)
+        serving_keys = {t.key for t in serving}
+        self.retire_all_but(
+            serving_keys | {t.key for t in standby},
+            {t.key for t in standby} - serving_keys,
+        )
+        for target in serving:
+            if target.spec.scale.min > 0:
+                self.revision(target)
 
     async def prepare(self, target: Target) -> ZygoteReady:
         """Start the revision's zygote (import + init); raises DeployRejected on failure."""
         self._live.add(target.key)  # about to be published: keep-alive must not reap it
         rp = self.revision(target)
         rp.retired = False
+        rp.warmed_at = time.monotonic()  # keep-alive keeps what a deploy or rollback warmed
         try:
             await rp.ensure_zygote()
         except BaseException:
@@ -434,13 +459,18 @@ class Pool:
         for key, rp in list(self.revisions.items()):
             if rp.retired:
                 rp.drain()
-                if not rp.instances and not rp.zygote_alive and not rp.starting:
+                idle = not rp.instances and not rp.zygote_alive and not rp.starting
+                if idle and not rp.demand and not rp.waiters:
                     rp.stop()
                     del self.revisions[key]
                     self._release_revision(rp.target)
                 continue
             rp.autoscale(now)
             self._keep_zygote(rp, now)
+        used = self.used_mb()
+        if used < self._used_before:  # whatever freed it (a crash, a drain): wake waiters
+            self.memory_freed()
+        self._used_before = used
         if self.cgroups is not None:
             for procs in list(self._unremoved_leaves):
                 if self.cgroups.remove(procs):
@@ -452,6 +482,8 @@ class Pool:
     def _keep_zygote(self, rp: RevisionPool, now: float) -> None:
         fn = rp.target.qualified
         in_use = bool(rp.count or rp.demand or rp.waiters)
+        in_use = in_use or (self._busy.get(fn, 0) > 0 and not rp.standby)  # its traffic is on
+        in_use = in_use or now - rp.warmed_at < self.config.zygote_keepalive
         ended = self._idle_since.get(fn)
         if ended is None and rp.zygote is not None and not rp.zygote.dead:
             ended = rp.zygote.last_used  # deployed (probed) but not used since the server began
@@ -460,7 +492,7 @@ class Pool:
         action = zygote_action(w, rp.zygote_alive, in_use, idle_for)
         if action is Action.RELEASE and rp.zygote is not None and rp.zygote.ready.done():
             rp.release_zygote()
-        elif action is Action.PREWARM and now >= rp.backoff_until:
+        elif action is Action.PREWARM and now >= rp.backoff_until and not rp.standby:
             rp.prewarm()
 
     # ---- the node's memory budget ----
@@ -472,7 +504,7 @@ class Pool:
         """What the other live revisions need to reach their scale.min: kept free for them."""
         need = 0
         for rp in self.revisions.values():
-            if rp is asking or rp.retired or rp.count >= rp.spec.scale.min:
+            if rp is asking or rp.retired or rp.standby or rp.count >= rp.spec.scale.min:
                 continue
             zygote = 0 if rp.zygote_alive else 1
             need += (rp.spec.scale.min - rp.count + zygote) * rp.spec.memory
@@ -487,23 +519,27 @@ class Pool:
         if loop_deadline is not None:
             waited_until = min(waited_until, loop_deadline)
         while True:
-            need = rp.spec.memory * (1 if rp.zygote_alive else 2)
-            within_min = rp.count < rp.spec.scale.min
+            # The instance itself already counts (as starting); its zygote may not yet.
+            zygote = 0 if rp.zygote_alive else rp.spec.memory
+            need = rp.spec.memory + zygote
+            within_min = rp.count <= rp.spec.scale.min and not rp.standby
             reserved = 0 if within_min else self._reserved_mb(rp)
-            short = self.used_mb() + reserved + need - self.budget_mb
+            short = self.used_mb() + zygote + reserved - self.budget_mb
             if short <= 0:
                 return
-            freed = self._evict(short, rp)
+            # A start of the autoscaler or `ember scale` only evicts for scale.min.
+            evicting = loop_deadline is not None or within_min
+            freed = self._evict(short, rp) if evicting else 0
             if freed >= short:
                 continue  # stopped instances leave the count at once
             remaining = waited_until - loop.time()
             if loop_deadline is None or remaining <= 0:
                 kept = f", {reserved} MB kept for scale.min of others" if reserved else ""
                 raise CapacityError(
-                    f"the node's memory budget is spent: {self.used_mb()} of {self.budget_mb} MB "
-                    f"in use{kept}; function '{rp.target.function}' needs {need} MB more. "
-                    "Retry later, lower memory: or scale.max, or give the server more "
-                    "(ember up --memory-budget MB)",
+                    f"the node's memory budget is spent: {self.used_mb() - rp.spec.memory} of "
+                    f"{self.budget_mb} MB in use{kept}; function '{rp.target.function}' needs "
+                    f"{need} MB more. Retry later, lower memory: or scale.max, or give the "
+                    "server more (ember up --memory-budget MB)",
                     code="memory_budget",
                     headers={"Retry-After": "1"},
                 )
@@ -518,7 +554,8 @@ class Pool:
         running, least recently used first, until `short` MB are freed; MB freed."""
         candidates: list[tuple[float, int, RevisionPool, Instance | None]] = []
         for rp in self.revisions.values():
-            spare = rp.count - (0 if rp.retired else rp.spec.scale.min)
+            may_go = rp.count - (0 if rp.retired or rp.standby else rp.spec.scale.min)
+            spare = 0 if rp is asking else may_go  # never its own: it would start them again
             idle = sorted(
                 (i for i in rp.instances.values() if not i.busy and not i.dead),
                 key=lambda i: i.idle_since,
@@ -534,7 +571,7 @@ class Pool:
                 and not rp.starting
                 and not rp.demand
                 and len(idle) == rp.count  # everything in it is idle
-                and spare >= rp.count  # and may go (scale.min 0)
+                and may_go >= rp.count  # and may go
             ):
                 candidates.append((zygote.last_used, 1, rp, None))
         freed = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import signal
 import time
@@ -65,6 +66,8 @@ class RevisionPool:
         self.zygote: FunctionZygote | None = None
         self._zygote_task: asyncio.Task[str] | None = None
         self.retired = False
+        self.standby = False  # reachable only through an alias without traffic weight
+        self.warmed_at = -math.inf  # when a deploy, rollback or traffic change started it
         self._tasks: set[asyncio.Task[None]] = set()
         self._failures = 0  # keep-warm starts that failed in a row
         self.backoff_until = 0.0
@@ -77,7 +80,11 @@ class RevisionPool:
         self.decision = Decision(desired=0)
 
     # ---- the hot path ----
-    async def invoke(self, msg: Invoke, loop_deadline: float) -> tuple[Result, str, Instance]:
+    async def invoke(
+        self, msg: Invoke, loop_deadline: float, caller_deadline: bool = False
+    ) -> tuple[Result, str, Instance]:
+        """`caller_deadline`: the deadline is the caller's (X-Ember-Timeout), shorter than the
+        function's timeout; when it passes, only this request ends."""
         self._load(1)
         try:
             inst, tier = await self.acquire(loop_deadline)
@@ -87,7 +94,7 @@ class RevisionPool:
             try:
                 fut = inst.call(msg)
                 timer = asyncio.get_running_loop().call_at(
-                    loop_deadline, self._timed_out, inst, msg
+                    loop_deadline, self._timed_out, inst, msg, caller_deadline
                 )
                 try:
                     result = await fut
@@ -200,9 +207,9 @@ class RevisionPool:
 
     async def _start(self, loop_deadline: float | None) -> tuple[Instance, str]:
         self.pool.admit(self.target)  # the namespace's quotas (429 naming the one reached)
-        await self.pool.make_room(self, loop_deadline)  # the node's memory budget
-        self.starting += 1
+        self.starting += 1  # holds its place within scale.max (and its memory) from here
         try:
+            await self.pool.make_room(self, loop_deadline)  # the node's memory budget
             tier = await self.ensure_zygote()
             assert self.zygote is not None
             try:
@@ -220,6 +227,7 @@ class RevisionPool:
         self.starting -= 1
         inst.reserved += 1
         self.instances[inst.id] = inst
+        self.release(inst)  # room beyond this request (concurrency > 1): waiters, idle list
         return inst, tier
 
     def _wake_waiter(self) -> None:
@@ -287,6 +295,8 @@ class RevisionPool:
         return FRESH if fresh else SPECIALIZE
 
     async def warm_one(self) -> None:
+        if self.count >= self.spec.scale.max:  # requests started their own meanwhile
+            return
         inst, _tier = await self._start(None)
         inst.reserved -= 1
         self.release(inst)
@@ -339,15 +349,21 @@ class RevisionPool:
             "or sys.exit); the next request gets a new instance"
         )
 
-    def _timed_out(self, inst: Instance, msg: Invoke) -> None:
+    def _timed_out(self, inst: Instance, msg: Invoke, caller_deadline: bool) -> None:
         fut = inst.inflight.pop(msg.id, None)
+        if caller_deadline:
+            what = "the caller's deadline (X-Ember-Timeout) passed while it ran"
+        else:
+            what = f"it timed out after {self.spec.timeout:g} s"
         if fut is not None and not fut.done():
             fut.set_exception(
                 FunctionTimeout(
-                    f"function '{self.target.function}' timed out after {self.spec.timeout:g} s "
-                    "and its instance was killed; raise timeout: in ember.yaml (at most 15m)"
+                    f"function '{self.target.function}': {what}, and the request was ended; "
+                    "raise timeout: in ember.yaml (at most 15m)"
                 )
             )
+        if caller_deadline and inst.concurrency > 1:
+            return  # other requests run on it: they keep their own deadlines; its answer is dropped
         inst.kill(
             FunctionCrashed(
                 f"function '{self.target.function}' instance was killed because another request "
@@ -363,7 +379,10 @@ class RevisionPool:
         mean = self._area / span if span > 0 else float(self.demand)
         self._area, self._mark, self._sampled = 0.0, now, now
         self.window.add(now, mean, self.count, active=self.demand > 0 or mean > 0)
-        self.decision = decide(self.spec.scale, self.spec.concurrency, self.window, now)
+        scale = self.spec.scale
+        if self.standby and scale.min:
+            scale = msgspec.structs.replace(scale, min=0)
+        self.decision = decide(scale, self.spec.concurrency, self.window, now)
         self.window.keep(self.decision)
         desired = self.decision.desired
         if desired > self.count and not self.waiters and time.monotonic() >= self.backoff_until:

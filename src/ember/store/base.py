@@ -39,6 +39,17 @@ class Rollout(msgspec.Struct, frozen=True):
     errors: int = 0
 
 
+def effective_revision(revision: int, aliases: list[Alias]) -> int:
+    """The revision that serves most of /fn/NAME: the heaviest alias while weights are set,
+    else the serving pointer. What `ember rollback` later goes back to."""
+    weighted = [a for a in aliases if a.weight]
+    if not weighted or sum(a.weight for a in weighted) != 100:
+        return revision
+    top = max(a.weight for a in weighted)
+    heaviest = [a.revision for a in weighted if a.weight == top]
+    return revision if revision in heaviest else heaviest[0]  # a tie keeps the pointer
+
+
 class FunctionRecord(msgspec.Struct, frozen=True):
     name: str  # "namespace/name": the key of a function
     revision: int  # the revision that serves (all of /fn/NAME when no weights are set)

@@ -20,6 +20,7 @@ from ember.store.base import (
     RevisionRecord,
     Rollout,
     SecretRecord,
+    effective_revision,
 )
 from ember.telemetry.records import ActivationRecord, LogRecord
 
@@ -203,10 +204,11 @@ class SQLiteStore:
                     db.execute("SELECT aliases FROM functions WHERE name = ?", (key,)).fetchone()[0]
                 )
                 kept = [msgspec.structs.replace(a, weight=0) for a in aliases]
+                previous = effective_revision(current[1], aliases)
                 db.execute(
-                    "UPDATE functions SET revision = ?, previous = revision, aliases = ?, "
+                    "UPDATE functions SET revision = ?, previous = ?, aliases = ?, "
                     "updated_at = ? WHERE name = ?",
-                    (rec.number, msgspec.json.encode(kept).decode(), now, key),
+                    (rec.number, previous, msgspec.json.encode(kept).decode(), now, key),
                 )
             return rec, True
 

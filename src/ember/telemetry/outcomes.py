@@ -6,9 +6,11 @@ The control plane reads them at each step of a rollout and starts over.
 
 from __future__ import annotations
 
+import random
+
 import msgspec
 
-MAX_SAMPLES = 50_000  # latencies kept per watched revision and step
+MAX_SAMPLES = 50_000  # latencies kept per watched revision and step (a uniform sample beyond)
 
 
 class Summary(msgspec.Struct, frozen=True):
@@ -23,39 +25,48 @@ class Summary(msgspec.Struct, frozen=True):
 
 class Outcomes:
     def __init__(self) -> None:
-        self._watched: dict[tuple[str, int], list[float]] = {}  # latencies, ms
-        self._errors: dict[tuple[str, int], int] = {}
+        self._watched: dict[tuple[str, int], _Counts] = {}
+        self._random = random.Random()
 
     def watch(self, function: str, revision: int) -> None:
-        self._watched.setdefault((function, revision), [])
-        self._errors.setdefault((function, revision), 0)
+        self._watched.setdefault((function, revision), _Counts())
 
     def unwatch(self, function: str, revision: int) -> None:
         self._watched.pop((function, revision), None)
-        self._errors.pop((function, revision), None)
 
     def add(self, function: str, revision: int, status: int, seconds: float) -> None:
-        latencies = self._watched.get((function, revision))
-        if latencies is None:
+        counts = self._watched.get((function, revision))
+        if counts is None:
             return
-        if len(latencies) < MAX_SAMPLES:
-            latencies.append(seconds * 1000.0)
-        if status >= 500:
-            self._errors[(function, revision)] += 1
+        counts.requests += 1
+        counts.errors += status >= 500
+        if len(counts.latencies) < MAX_SAMPLES:
+            counts.latencies.append(seconds * 1000.0)
+        else:  # reservoir sampling: every request equally likely to be in the sample
+            slot = self._random.randrange(counts.requests)
+            if slot < MAX_SAMPLES:
+                counts.latencies[slot] = seconds * 1000.0
 
     def peek(self, function: str, revision: int) -> Summary:
-        latencies = self._watched.get((function, revision), [])
-        errors = self._errors.get((function, revision), 0)
-        if not latencies:
-            return Summary(errors=errors)
-        ordered = sorted(latencies)
+        counts = self._watched.get((function, revision))
+        if counts is None or not counts.requests:
+            return Summary()
+        ordered = sorted(counts.latencies)
         p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-        return Summary(requests=len(latencies), errors=errors, p99_ms=p99)
+        return Summary(requests=counts.requests, errors=counts.errors, p99_ms=p99)
 
     def take(self, function: str, revision: int) -> Summary:
         """The summary so far, and start counting again."""
         summary = self.peek(function, revision)
         if (function, revision) in self._watched:
-            self._watched[(function, revision)] = []
-            self._errors[(function, revision)] = 0
+            self._watched[(function, revision)] = _Counts()
         return summary
+
+
+class _Counts:
+    __slots__ = ("errors", "latencies", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.latencies: list[float] = []
