@@ -206,3 +206,16 @@ def test_a_callers_short_deadline_ends_only_its_own_request(
         assert hurried.status_code == 504
         assert "X-Ember-Timeout" in hurried.json()["error"]["message"]
         assert patient.result().status_code == 200  # same instance, not killed
+
+
+def test_scale_min_instances_start_again_after_a_restart_without_a_request(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    home = tmp_path / "min-home"
+    server = server_factory(home=home)
+    server.deploy(fn_dir("kept", SLEEPY, "functions:\n  kept:\n    scale: {min: 2}\n"))
+    wait_for(lambda: _info(server, "kept")["instances"]["idle"] == 2, 10, "scale.min")
+    assert server.stop() == 0
+    server = server_factory(home=home)
+    wait_for(lambda: _info(server, "kept")["instances"]["idle"] == 2, 10, "scale.min again")
+    assert server.http.get("/fn/kept?s=0").headers["x-ember-start"] == "warm"
