@@ -141,8 +141,11 @@ def _zygote(plan: SandboxPlan, code: str, forked_at: float, out_w: int, keeper_l
     clock.add("fork of the zygote from the root-like parent", (first - forked_at) * 1000.0)
     _instrument(clock, keeper_log)
     t = clock.split_at = now()
-    ready_r = sandbox.split(plan, network_none=False)
-    clock.add("split: unshare + fork keeper/zygote + unshare (total)", (now() - t) * 1000.0)
+    ready_r = sandbox.split(plan.cgroups, plan if plan.userns else None)
+    clock.add("split: unshare pid ns + fork keeper/zygote (total)", (now() - t) * 1000.0)
+    t = now()
+    sandbox._unshare_rest(False)  # what `finish` does before build_root
+    clock.add("unshare mount + ipc + uts", (now() - t) * 1000.0)
     t = now()
     sandbox.build_root(plan, code)
     clock.add("build_root (total)", (now() - t) * 1000.0)

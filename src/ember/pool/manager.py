@@ -152,10 +152,8 @@ class Pool:
         their instances start without waiting for a first request (e.g. after a restart)."""
         serving = list(serving)
         serving_keys = {t.key for t in serving}
-        self.retire_all_but(
-            serving_keys | {t.key for t in standby},
-            {t.key for t in standby} - serving_keys,
-        )
+        standby_keys = {t.key for t in standby}
+        self.retire_all_but(serving_keys | standby_keys, standby_keys - serving_keys)
         for target in serving:
             if target.spec.scale.min > 0:
                 self.revision(target)
