@@ -313,6 +313,8 @@ def test_an_alias_of_an_older_public_revision_does_not_open_a_private_function(
     deploy_version(server, fn_dir, "v2", manifest=private)
     for path in ("/fn/svc", "/fn/svc@old", "/fn/svc@latest"):
         assert server.http.get(path).status_code == 401, path
+    unknown = server.http.get("/fn/svc@nope")
+    assert unknown.status_code == 404 and "old" not in unknown.json()["error"]["message"]
     key = server.api.headers["Authorization"]
     assert server.http.get("/fn/svc@old", headers={"Authorization": key}).json() == {
         "version": "v1"

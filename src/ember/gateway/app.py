@@ -256,9 +256,11 @@ def _choose(route: Route, alias: str, sticky: bytes, name: str) -> tuple[Target,
         return route.pick(sticky)
     target = route.aliases.get(alias)
     if target is None:
-        known = ", ".join(sorted(route.aliases)) or "none"
+        listed = ""
+        if route.main.spec.access == "public":  # a private function's aliases are not shown
+            listed = f" (aliases: {', '.join(sorted(route.aliases)) or 'none'})"
         raise NotFound(
-            f"function '{name}' has no alias '{alias[:64]}' (aliases: {known}); set one with "
+            f"function '{name}' has no alias '{alias[:64]}'{listed}; set one with "
             f"`ember traffic {name} {alias[:64]}=REVISION:WEIGHT`"
         )
     return target, alias
