@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +20,7 @@ from ember import auth
 from ember.api import schemas as s
 from ember.api.control import DEFAULT_NS, Control, validate_namespace
 from ember.api.openapi import INT64_MAX, document
+from ember.api.revisions import revision_changes
 from ember.auth import Principal
 from ember.errors import EmberError, Forbidden, UserError
 from ember.pool.target import Target
@@ -384,7 +386,9 @@ def _canary(request: Request) -> s.CanaryPlan | None:
     )
 
 
-def _number(request: Request, key: str, default: float, low: float, high: float) -> float:
+def _number(
+    request: Request, key: str, default: float, low: float, high: float, what: str = ""
+) -> float:
     raw = request.query_params.get(key)
     if raw is None:
         return default
@@ -392,43 +396,10 @@ def _number(request: Request, key: str, default: float, low: float, high: float)
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not low <= value <= high:
-        raise UserError(f"query parameter {key}={raw[:40]!r} must be a number {low:g}-{high:g}")
+    if not low <= value <= high:  # NaN and infinities fail too
+        rule = what or f"a number {low:g}-{high:g}"
+        raise UserError(f"query parameter {key}={raw[:40]!r} must be {rule}")
     return value
-
-
-def revision_changes(before: RevisionRecord | None, rec: RevisionRecord) -> list[str]:
-    """What differs from the revision before: the code (by its tree hash) and each setting."""
-    if before is None:
-        return ["first revision"]
-    out = []
-    if rec.tree and before.tree:
-        if rec.tree != before.tree:
-            out.append("code")
-    elif rec.bundle != before.bundle:
-        out.append("code (or only the bundle)")
-    old, new = _flat(msgspec.to_builtins(before.spec)), _flat(msgspec.to_builtins(rec.spec))
-    for key in sorted(old.keys() | new.keys()):
-        if key == "name" or old.get(key) == new.get(key):
-            continue
-        out.append(f"{key}: {_show(old.get(key))} -> {_show(new.get(key))}")
-    return out or ["no change (redeployed after another revision)"]
-
-
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(_flat(item, f"{prefix}{key}."))
-        return out or {prefix.rstrip("."): {}}
-    return {prefix.rstrip("."): value}
-
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "(unset)"
-    text = value if isinstance(value, str) else msgspec.json.encode(value).decode()
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _int(request: Request, key: str, default: int, low: int, high: int) -> int:
@@ -441,16 +412,9 @@ def _int(request: Request, key: str, default: int, low: int, high: int) -> int:
 
 
 def _float(request: Request, key: str, default: float) -> float:
-    raw = request.query_params.get(key)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise UserError(f"query parameter {key}={raw[:40]!r} must be a unix timestamp")
-    return value
+    return _number(
+        request, key, default, -sys.float_info.max, sys.float_info.max, "a unix timestamp"
+    )
 
 
 def build(control: Control, metrics: Metrics) -> Starlette:

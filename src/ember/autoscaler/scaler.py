@@ -47,9 +47,7 @@ class Window:
         self.samples: deque[tuple[float, float]] = deque()  # (end of tick, mean concurrency)
         self.instances = 0  # running and starting, when the sample was taken
         self.last_active = -math.inf  # last time any request was in flight or waiting
-        self.panic_until = -math.inf
-        self.last_down = -math.inf
-        self.provided = 0  # the previous decision's desired instances
+        self.last = Decision(desired=0)  # the previous decision: its panic and scale-down times
         self.held, self.held_until = 0, -math.inf  # `ember scale N`: N instances until then
 
     def add(self, now: float, concurrency: float, instances: int, active: bool) -> None:
@@ -71,9 +69,7 @@ class Window:
         return total / n if n else 0.0
 
     def keep(self, decision: Decision) -> None:
-        self.panic_until = decision.panic_until
-        self.last_down = decision.last_down
-        self.provided = decision.desired
+        self.last = decision
 
 
 class Decision(msgspec.Struct, frozen=True):
@@ -92,10 +88,10 @@ def decide(scale: ScaleSpec, concurrency: int, window: Window, now: float) -> De
     short = window.mean(now, scale.panic_window)
     want_stable = _instances(stable, target)
     want_short = _instances(short, target)
-    panic_until = window.panic_until
-    if want_short >= PANIC_FACTOR * max(window.provided, 1):
+    panic_until = window.last.panic_until
+    if want_short >= PANIC_FACTOR * max(window.last.desired, 1):
         panic_until = now + scale.window
-    last_down = window.last_down
+    last_down = window.last.last_down
     if now - window.last_active >= scale.idle:
         panic_until = -math.inf  # no request for the whole grace: straight to scale.min
     panic = now < panic_until

@@ -61,7 +61,6 @@ class Gateway:
         rid = request_id()
         key, name, alias, rest = self.routes.resolve(scope["path"][len(PREFIX) :])
         route = self.routes.get(key)
-        sticky = _sticky(scope["headers"], rid)
         target: Target | None = None
         tier, instance, result, peak = "none", "", None, 0
         caller = False  # the caller shortened the deadline: its 504 says nothing of the code
@@ -72,7 +71,7 @@ class Gateway:
                     f"no function named '{name}'{where}; deploy it with `ember deploy` "
                     "or list functions with `ember ls`"
                 )
-            target, alias = _choose(route, alias, sticky, name)
+            target, alias = _choose(route, alias, scope["headers"], rid, name)
             headers = scope["headers"]
             authorized = _private(route, target)
             if authorized:
@@ -81,7 +80,7 @@ class Gateway:
                 headers = [(k, v) for k, v in headers if k != b"authorization"]
             body = await self._body(scope, receive)
             route = self.routes.get(key) or route  # a deploy may have landed meanwhile
-            target, alias = _choose(route, alias, sticky, name)
+            target, alias = _choose(route, alias, scope["headers"], rid, name)
             if _private(route, target) and not authorized:  # it became private
                 headers = self._authorize(target, scope["headers"])
             timeout = _timeout(headers, target)
@@ -250,10 +249,10 @@ def _sticky(headers: Headers, rid: str) -> bytes:
     return own[:200] if own else rid.encode()
 
 
-def _choose(route: Route, alias: str, sticky: bytes, name: str) -> tuple[Target, str]:
+def _choose(route: Route, alias: str, headers: Headers, rid: str, name: str) -> tuple[Target, str]:
     """`/fn/NAME@ALIAS` reaches the alias; `/fn/NAME` the split or the serving revision."""
     if not alias:
-        return route.pick(sticky)
+        return route.pick(_sticky(headers, rid)) if route.split else (route.main, "")
     target = route.aliases.get(alias)
     if target is None:
         listed = ""

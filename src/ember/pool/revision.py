@@ -77,7 +77,6 @@ class RevisionPool:
         self._area = 0.0
         self._mark = self._sampled = time.monotonic()
         self.window = Window(self.spec.scale.window)
-        self.decision = Decision(desired=0)
 
     # ---- the hot path ----
     async def invoke(
@@ -382,9 +381,9 @@ class RevisionPool:
         scale = self.spec.scale
         if self.standby and scale.min:
             scale = msgspec.structs.replace(scale, min=0)
-        self.decision = decide(scale, self.spec.concurrency, self.window, now)
-        self.window.keep(self.decision)
-        desired = self.decision.desired
+        decision = decide(scale, self.spec.concurrency, self.window, now)
+        self.window.keep(decision)
+        desired = decision.desired
         if desired > self.count and not self.waiters and time.monotonic() >= self.backoff_until:
             for _ in range(desired - self.count):
                 self._background(self._warm_quietly())
@@ -395,7 +394,7 @@ class RevisionPool:
             )
             for inst in idle[: self.count - desired]:
                 inst.stop()
-        return self.decision
+        return decision
 
     def drain(self) -> None:
         """A retired revision: stop what is idle; the zygote goes once nothing runs."""
@@ -480,9 +479,9 @@ class RevisionPool:
             starts=dict(self.starts),
             zygote_pid=self.zygote.pid if self.zygote is not None else 0,
             memory_mb=self.spec.memory,
-            desired=self.decision.desired,
-            panic=self.decision.panic,
-            concurrency=round(self.decision.stable, 3),
+            desired=self.window.last.desired,
+            panic=self.window.last.panic,
+            concurrency=round(self.window.last.stable, 3),
         )
 
     def stop(self) -> None:
