@@ -208,7 +208,7 @@ class RevisionPool:
         self.pool.admit(self.target)  # the namespace's quotas (429 naming the one reached)
         self.starting += 1  # holds its place within scale.max (and its memory) from here
         try:
-            await self.pool.make_room(self, loop_deadline)  # the node's memory budget
+            await self.pool.budget.make_room(self, loop_deadline)  # the node's memory budget
             tier = await self.ensure_zygote()
             assert self.zygote is not None
             try:
@@ -221,7 +221,7 @@ class RevisionPool:
         except BaseException:
             self.starting -= 1
             self._wake_waiter()  # the room this start held is free again
-            self.pool.memory_freed()
+            self.pool.budget.freed()
             raise
         self.starting -= 1
         inst.reserved += 1
@@ -313,7 +313,7 @@ class RevisionPool:
         self.forget(inst)
         self._background(self._bury(inst))
         self._wake_waiter()
-        self.pool.memory_freed()
+        self.pool.budget.freed()
 
     async def _bury(self, inst: Instance) -> None:
         try:
@@ -409,7 +409,7 @@ class RevisionPool:
         if self.zygote is not None:
             self.zygote.stop()
             self.zygote = None
-            self.pool.memory_freed()
+            self.pool.budget.freed()
 
     def forget(self, inst: Instance) -> None:
         """An instance being stopped no longer counts (its memory is on its way back)."""
@@ -425,7 +425,7 @@ class RevisionPool:
 
     async def _prewarm_quietly(self) -> None:
         try:
-            await self.pool.make_room_for_zygote(self)
+            self.pool.budget.check_prewarm(self)
             await self.ensure_zygote()
         except Exception as exc:
             self._back_off(exc, "pre-warm")
