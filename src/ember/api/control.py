@@ -7,22 +7,19 @@ pushed to the data plane whenever it changes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
 from ember import auth, bundle, manifest
-from ember.api import rollout as rollouts
 from ember.api.schemas import CanaryPlan, Deployed
+from ember.api.traffic import TrafficControl, qualified
 from ember.blobs.base import Blobs
 from ember.config import ServerConfig
 from ember.errors import EmberError, NotFound, QuotaExceeded, TooLarge, UserError
@@ -32,14 +29,11 @@ from ember.pool.target import Target
 from ember.secretbox import SecretBox
 from ember.spec import FunctionSpec, Quota, canonical
 from ember.store.base import (
-    Alias,
     FunctionRecord,
     KeyRecord,
     NamespaceRecord,
     RevisionRecord,
-    Rollout,
     Store,
-    effective_revision,
 )
 from ember.telemetry.outcomes import Outcomes
 
@@ -47,14 +41,9 @@ log = logging.getLogger("ember.api")
 
 
 CONFIG_FILES = frozenset({"ember.yaml", "ember.yml"})  # not code: revision diffs show settings
-ROLLOUT_TICK = 1.0  # seconds between rollout checks
 MAX_MANIFEST = 256 * 1024
 MAX_FUNCTION_SECRETS = 32 * 1024  # bytes of secrets one function may list, in all
 DEFAULT_NS = "default"
-
-
-def qualified(namespace: str, name: str) -> str:
-    return f"{namespace}/{name}"
 
 
 def validate_namespace(namespace: str) -> str:
@@ -88,7 +77,7 @@ def revision_hash(source_tree: str, spec: FunctionSpec) -> str:
     return hashlib.sha256(source_tree.encode() + b"\0" + canonical(spec)).hexdigest()
 
 
-class Control:
+class Control(TrafficControl):
     def __init__(
         self,
         config: ServerConfig,
@@ -509,258 +498,6 @@ class Control:
             raise UserError(f"instances={instances} must be >= 0", code="bad_request")
         return await self.pool.scale(self.require(namespace, name), instances)
 
-    # ---- revisions and traffic ----
-    def function_record(self, namespace: str, name: str) -> FunctionRecord:
-        self.require(namespace, name)
-        return self._functions[qualified(namespace, name)]
-
-    def _check_canary(self, namespace: str, specs: list[FunctionSpec], plan: CanaryPlan) -> None:
-        if not 0 < plan.percent < 100 or not 0 < plan.step <= 100:
-            raise UserError(
-                f"--canary {plan.percent} and --step {plan.step} must be percentages: canary "
-                "1-99, step 1-100, e.g. --canary 10 --step 10",
-                code="bad_rollout",
-            )
-        if plan.every < 1 or not 0 <= plan.max_error_rate <= 1 or plan.max_p99_ms < 0:
-            raise UserError(
-                f"--every {plan.every:g} s must be at least 1 s, --max-error-rate "
-                f"{plan.max_error_rate:g} a fraction 0-1 (e.g. 1%), --max-p99 >= 0",
-                code="bad_rollout",
-            )
-        for spec in specs:
-            key = qualified(namespace, spec.name)
-            if key not in self._targets:
-                raise UserError(
-                    f"function '{spec.name}' has no revision yet, so there is nothing to compare "
-                    "a canary with; deploy it without --canary first",
-                    code="no_stable_revision",
-                    status=409,
-                )
-
-    async def _start_rollout(
-        self, key: str, serving: FunctionRecord, number: int, plan: CanaryPlan, now: float
-    ) -> None:
-        """The new revision gets `percent` of the traffic as alias `canary`, the serving one
-        the rest as `stable`; the rollout loop moves the weights from here."""
-        stable = serving.revision
-        rollout = Rollout(
-            from_revision=stable,
-            to_revision=number,
-            weight=plan.percent,
-            step=plan.step,
-            every=plan.every,
-            max_error_rate=plan.max_error_rate,
-            max_p99_ms=plan.max_p99_ms,
-            reason=f"{plan.percent}% on {number}",
-            started_at=now,
-            updated_at=now,
-            next_at=now + plan.every,
-        )
-        aliases = _with_weights(
-            serving.aliases,
-            {"stable": (stable, 100 - plan.percent), "canary": (number, plan.percent)},
-        )
-        await self.store.set_traffic(key, stable, serving.previous, aliases, rollout, now)
-        self.outcomes.take(key, number)
-        self.outcomes.watch(key, number)
-        log.info("rollout of %s: %d%% on revision %d", key, plan.percent, number)
-
-    async def _supersede(self, key: str, why: str, now: float) -> None:
-        fn = await self.store.function(key)
-        if fn is None or fn.rollout is None or fn.rollout.state != "running":
-            return
-        ended = msgspec.structs.replace(fn.rollout, state="superseded", reason=why, updated_at=now)
-        await self.store.set_traffic(key, fn.revision, fn.previous, fn.aliases, ended, now)
-        self.outcomes.unwatch(key, fn.rollout.to_revision)
-
-    async def set_traffic(self, namespace: str, name: str, aliases: list[Alias]) -> FunctionRecord:
-        """`ember traffic NAME stable=3:90 canary=4:10`: the whole alias table at once."""
-        key = qualified(namespace, name)
-        async with self._deploying:
-            self.require(namespace, name)
-            numbers = {r.number for r in await self.store.revisions(key)}
-            _check_aliases(name, aliases, numbers)
-            fn = self._functions[key]
-            await self._warm([a.revision for a in aliases if a.weight], key)
-            now = time.time()
-            rollout = fn.rollout
-            if rollout is not None and rollout.state == "running":
-                rollout = msgspec.structs.replace(
-                    rollout, state="superseded", reason="traffic set by hand", updated_at=now
-                )
-                self.outcomes.unwatch(key, rollout.to_revision)
-            await self.store.set_traffic(key, fn.revision, fn.previous, aliases, rollout, now)
-            await self._load(key)
-            self.publish()
-            return self._functions[key]
-
-    async def rollback(self, namespace: str, name: str, to: int = 0) -> FunctionRecord:
-        """All traffic to one revision in one step: `to`, else the running rollout's stable
-        revision, else the one that served before. Aliases stay, their weights go."""
-        key = qualified(namespace, name)
-        async with self._deploying:
-            self.require(namespace, name)
-            fn = self._functions[key]
-            running = fn.rollout is not None and fn.rollout.state == "running"
-            if not to:
-                if running:
-                    assert fn.rollout is not None
-                    to = fn.rollout.from_revision
-                elif fn.previous:
-                    to = fn.previous
-                else:
-                    raise UserError(
-                        f"function '{name}' has no earlier revision to roll back to; list "
-                        f"them with `ember revisions {name}` and pass --to N",
-                        code="no_previous_revision",
-                        status=409,
-                    )
-            await self._move_all(key, fn, to, "rolled back by hand")
-            return self._functions[key]
-
-    async def _move_all(self, key: str, fn: FunctionRecord, to: int, why: str) -> None:
-        if await self.store.revision(key, to) is None:
-            numbers = [r.number for r in await self.store.revisions(key)]
-            raise NotFound(
-                f"function '{key.partition('/')[2]}' has no revision {to}; it has "
-                f"{', '.join(map(str, numbers))}"
-            )
-        await self._warm([to], key)  # the revision imports before any request reaches it
-        now = time.time()
-        rollout = fn.rollout
-        if rollout is not None and rollout.state == "running":
-            rollout = msgspec.structs.replace(
-                rollout,
-                state="rolled_back",
-                reason=f"rolled back to {to}: {why}",
-                updated_at=now,
-            )
-            self.outcomes.unwatch(key, rollout.to_revision)
-        serving = effective_revision(fn.revision, fn.aliases)
-        previous = serving if to != serving else fn.previous
-        aliases = [msgspec.structs.replace(a, weight=0) for a in fn.aliases]
-        await self.store.set_traffic(key, to, previous, aliases, rollout, now)
-        await self._load(key)
-        self.publish()
-        log.info("%s: all traffic to revision %d (%s)", key, to, why)
-
-    async def _warm(self, numbers: list[int], key: str) -> None:
-        """Start the zygotes of revisions about to get traffic: a failed import refuses the
-        change (422) while the current routes keep serving."""
-        for number in set(numbers):
-            rec = await self.store.revision(key, number)
-            if rec is None:
-                continue
-            await asyncio.to_thread(self._ensure_code, rec.bundle)
-            target = self.target(rec)
-            current = self._revs.get(key, {}).get(number)
-            await self.pool.prepare(current if current is not None else target)
-
-    # ---- rollouts ----
-    def start_rollouts(self) -> None:
-        for key, fn in self._functions.items():
-            if fn.rollout is not None and fn.rollout.state == "running":
-                self.outcomes.watch(key, fn.rollout.to_revision)
-        self._rollout_task = asyncio.get_running_loop().create_task(self._rollout_loop())
-
-    async def stop_rollouts(self) -> None:
-        for task in list(self._pending):  # delayed clean-ups: the next start need not redo
-            task.cancel()
-        if self._rollout_task is not None:
-            self._rollout_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._rollout_task
-
-    async def _rollout_loop(self) -> None:
-        while True:
-            await asyncio.sleep(ROLLOUT_TICK)
-            for key in list(self._functions):
-                try:
-                    await self.advance_rollout(key, time.time())
-                except Exception:  # one function's rollout must not stop the others
-                    log.exception("rollout of %s failed to advance", key)
-
-    async def advance_rollout(self, key: str, now: float) -> None:
-        fn = self._functions.get(key)
-        if fn is None or fn.rollout is None or fn.rollout.state != "running":
-            return
-        rollout = fn.rollout
-        summary = self.outcomes.peek(key, rollout.to_revision)
-        updated, verdict = rollouts.step(rollout, summary, now)
-        if verdict is rollouts.Verdict.WAIT:
-            return
-        async with self._deploying:
-            fn = self._functions.get(key)
-            if fn is None or fn.rollout != rollout:  # changed meanwhile
-                return
-            self.outcomes.take(key, rollout.to_revision)
-            if verdict is rollouts.Verdict.ROLL_BACK:
-                log.warning("%s: %s", key, updated.reason)
-                aliases = [msgspec.structs.replace(a, weight=0) for a in fn.aliases]
-                await self.store.set_traffic(
-                    key, rollout.from_revision, fn.previous, aliases, updated, now
-                )
-                self.outcomes.unwatch(key, rollout.to_revision)
-            elif verdict is rollouts.Verdict.DONE:
-                aliases = _with_weights(fn.aliases, {"stable": (rollout.to_revision, 0)})
-                aliases = [a for a in aliases if a.name != "canary"]
-                await self.store.set_traffic(
-                    key, rollout.to_revision, rollout.from_revision, aliases, updated, now
-                )
-                self.outcomes.unwatch(key, rollout.to_revision)
-                log.info("%s: rollout done, revision %d serves all", key, rollout.to_revision)
-            else:
-                aliases = _with_weights(
-                    fn.aliases,
-                    {
-                        "stable": (rollout.from_revision, 100 - updated.weight),
-                        "canary": (rollout.to_revision, updated.weight),
-                    },
-                )
-                await self.store.set_traffic(key, fn.revision, fn.previous, aliases, updated, now)
-                log.info("%s: rollout at %d%%", key, updated.weight)
-            await self._load(key)
-            self.publish()
-
-    # ---- garbage collection of revisions ----
-    async def _collect(self, key: str) -> None:
-        """Keep the newest `revision_retention` revisions and every one a pointer names (the
-        serving and previous ones, aliases, a running rollout); then drop code and blobs no
-        revision uses."""
-        fn = await self.store.function(key)
-        if fn is None:
-            return
-        revs = await self.store.revisions(key)
-        keep = {r.number for r in revs[-self.config.revision_retention :]}
-        keep |= {fn.revision, fn.previous} | {a.revision for a in fn.aliases}
-        if fn.rollout is not None and fn.rollout.state == "running":
-            keep |= {fn.rollout.from_revision, fn.rollout.to_revision}
-        gone = [r for r in revs if r.number not in keep]
-        if not gone:
-            return
-        await self.store.delete_revisions(key, [r.number for r in gone])
-        await self._drop_bundles({r.bundle for r in gone})
-        log.info("%s: removed %d old revision(s)", key, len(gone))
-
-    def _later(self, delay: float, work: Coroutine[Any, Any, None]) -> None:
-        async def run() -> None:
-            await asyncio.sleep(delay)
-            await work
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _drop_bundles_locked(self, candidates: set[str]) -> None:
-        async with self._deploying:
-            await self._drop_bundles(candidates)
-
-    async def _drop_bundles(self, candidates: set[str]) -> None:
-        unused = candidates - await self.store.bundles_in_use()
-        for digest in unused:
-            await asyncio.to_thread(self.blobs.delete, digest)
-            shutil.rmtree(self.config.code_dir / digest, ignore_errors=True)
-
     # ---- namespaces and quotas ----
     def uid(self, ns: NamespaceRecord) -> int:
         return self.config.sandbox_uid_base + ns.id
@@ -929,43 +666,3 @@ class Control:
             f.write(token + "\n")
         tmp.replace(path)
         log.info("admin key written to %s", path)
-
-
-def _with_weights(aliases: list[Alias], changes: dict[str, tuple[int, int]]) -> list[Alias]:
-    """Every other alias keeps its revision at weight 0; `changes` (name → revision, weight)
-    are set or added."""
-    out = [msgspec.structs.replace(a, weight=0) for a in aliases if a.name not in changes]
-    out += [Alias(name, revision, weight) for name, (revision, weight) in changes.items()]
-    return out
-
-
-def _check_aliases(name: str, aliases: list[Alias], numbers: set[int]) -> None:
-    seen: set[str] = set()
-    for alias in aliases:
-        if not manifest.NAME_RE.match(alias.name) or alias.name == "latest":
-            raise UserError(
-                f"alias {alias.name[:64]!r} is invalid: {manifest.NAME_RULE}; 'latest' is "
-                "reserved (it always names the newest revision)",
-                code="bad_alias",
-            )
-        if alias.name in seen:
-            raise UserError(f"alias '{alias.name}' is given twice", code="bad_alias")
-        seen.add(alias.name)
-        if alias.revision not in numbers:
-            raise UserError(
-                f"alias '{alias.name}': function '{name}' has no revision {alias.revision} "
-                f"(it has {', '.join(map(str, sorted(numbers)))})",
-                code="bad_alias",
-                status=422,
-            )
-        if not 0 <= alias.weight <= 100:
-            raise UserError(
-                f"alias '{alias.name}': weight {alias.weight} must be 0-100 (%)", code="bad_alias"
-            )
-    total = sum(a.weight for a in aliases)
-    if total not in (0, BUCKETS):
-        raise UserError(
-            f"the weights add up to {total}%; they must add up to 100 (or all be 0 to only "
-            "name revisions), e.g. stable=3:90 canary=4:10",
-            code="bad_weights",
-        )
