@@ -422,7 +422,45 @@ class Control(TrafficControl):
         probes: list[tuple[FunctionSpec, str, Target | None, float | None, list[str]]],
         canary: CanaryPlan | None,
     ) -> list[Deployed]:
+        await self._probe(namespace, plans, digest, probes)
+        if any(target is not None for _s, _h, target, _m, _w in probes):
+            await asyncio.to_thread(self.blobs.put, data)  # only once every probe passed
         trees = {spec.name: tree for spec, _sha, tree in plans}
+        results: list[Deployed] = []
+        now = time.time()
+        for spec, sha, _target, import_ms, warnings in probes:
+            key = qualified(namespace, spec.name)
+            serving = self._functions.get(key)
+            rec, created = await self.store.add_revision(
+                key, spec, sha, digest, now, tree=trees[spec.name], serve=canary is None
+            )
+            if created:
+                committed.append(spec.name)
+                await self._route_new_revision(key, serving, rec.number, canary, now)
+                await self._load(key)
+            results.append(
+                Deployed(
+                    name=spec.name,
+                    revision=rec.number,
+                    created=created,
+                    sha256=sha,
+                    url=self.url(namespace, spec.name),
+                    namespace=namespace,
+                    import_ms=import_ms,
+                    warnings=warnings,
+                )
+            )
+        self.publish()  # the keep-alive loop starts scale.min instances from here
+        return results
+
+    async def _probe(
+        self,
+        namespace: str,
+        plans: list[tuple[FunctionSpec, str, str]],
+        digest: str,
+        probes: list[tuple[FunctionSpec, str, Target | None, float | None, list[str]]],
+    ) -> None:
+        """Start the zygote of every changed function (import + init: DeployRejected)."""
         for spec, sha, _tree in plans:
             key = qualified(namespace, spec.name)
             current = self._targets.get(key)
@@ -443,39 +481,6 @@ class Control(TrafficControl):
             )
             ready = await self.pool.prepare(target)  # import + init: DeployRejected
             probes.append((spec, sha, target, ready.import_ms, ready.warnings))
-        if any(target is not None for _s, _h, target, _m, _w in probes):
-            await asyncio.to_thread(self.blobs.put, data)  # only once every probe passed
-        results: list[Deployed] = []
-        now = time.time()
-        for spec, sha, _target, import_ms, warnings in probes:
-            key = qualified(namespace, spec.name)
-            serving = self._functions.get(key)
-            rec, created = await self.store.add_revision(
-                key, spec, sha, digest, now, tree=trees[spec.name], serve=canary is None
-            )
-            if created:
-                committed.append(spec.name)
-                if canary is not None and serving is not None:
-                    if serving.rollout is not None:  # a new rollout replaces a running one
-                        self.outcomes.unwatch(key, serving.rollout.to_revision)
-                    await self._start_rollout(key, serving, rec.number, canary, now)
-                elif serving is not None and serving.rollout is not None:
-                    await self._supersede(key, "a plain deploy replaced it", now)
-                await self._load(key)
-            results.append(
-                Deployed(
-                    name=spec.name,
-                    revision=rec.number,
-                    created=created,
-                    sha256=sha,
-                    url=self.url(namespace, spec.name),
-                    namespace=namespace,
-                    import_ms=import_ms,
-                    warnings=warnings,
-                )
-            )
-        self.publish()  # the keep-alive loop starts scale.min instances from here
-        return results
 
     # ---- other commands ----
     async def delete(self, namespace: str, name: str) -> None:

@@ -42,6 +42,26 @@ REFINEMENTS: dict[tuple[str, str], dict[str, Any]] = {
     ("KeyRequest", "burst"): _COUNT,
 }
 
+_ROLLOUT_PARAMS: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "canary",
+        {"type": "integer", "minimum": 1, "maximum": 99},
+        "Start a gradual rollout: the new revision gets this % of the traffic",
+    ),
+    ("step", {"type": "integer", "minimum": 1, "maximum": 100}, "Rollout: % added per step (10)"),
+    ("every", {"type": "number", "minimum": 1, "maximum": 86400}, "Rollout: seconds per step (60)"),
+    (
+        "max_error_rate",
+        {"type": "number", "minimum": 0, "maximum": 1},
+        "Rollout: the canary's 5xx share that rolls back (0.01)",
+    ),
+    (
+        "max_p99_ms",
+        {"type": "number", "minimum": 0, "maximum": 3600000},
+        "Rollout: the canary's p99 latency that rolls back (0: not checked)",
+    ),
+]
+
 ERRORS = {
     400: "Bad request: an invalid parameter, name or body",
     401: "No API key, or one that is unknown, revoked or malformed",
@@ -178,36 +198,7 @@ OPERATIONS: list[Op] = [
                 {"type": "string", "pattern": NAME_PATTERN},
                 "Function name for a bundle without ember.yaml",
             ),
-            _param(
-                "canary",
-                "query",
-                {"type": "integer", "minimum": 1, "maximum": 99},
-                "Start a gradual rollout: the new revision gets this % of the traffic",
-            ),
-            _param(
-                "step",
-                "query",
-                {"type": "integer", "minimum": 1, "maximum": 100},
-                "Rollout: % added per step (10)",
-            ),
-            _param(
-                "every",
-                "query",
-                {"type": "number", "minimum": 1, "maximum": 86400},
-                "Rollout: seconds per step (60)",
-            ),
-            _param(
-                "max_error_rate",
-                "query",
-                {"type": "number", "minimum": 0, "maximum": 1},
-                "Rollout: the canary's 5xx share that rolls back (0.01)",
-            ),
-            _param(
-                "max_p99_ms",
-                "query",
-                {"type": "number", "minimum": 0, "maximum": 3600000},
-                "Rollout: the canary's p99 latency that rolls back (0: not checked)",
-            ),
+            *(_param(key, "query", schema, text) for key, schema, text in _ROLLOUT_PARAMS),
         ),
         body=("application/gzip", {"type": "string", "contentMediaType": "application/gzip"}),
         status=(200, 201),

@@ -94,6 +94,24 @@ class TrafficControl:
                     status=409,
                 )
 
+    async def _route_new_revision(
+        self,
+        key: str,
+        serving: FunctionRecord | None,
+        number: int,
+        canary: CanaryPlan | None,
+        now: float,
+    ) -> None:
+        """A deploy stored revision `number`: start its rollout, or end the one it replaces."""
+        if serving is None:
+            return  # the function's first revision serves everything
+        if canary is not None:
+            if serving.rollout is not None:  # a new rollout replaces a running one
+                self.outcomes.unwatch(key, serving.rollout.to_revision)
+            await self._start_rollout(key, serving, number, canary, now)
+        elif serving.rollout is not None:
+            await self._supersede(key, "a plain deploy replaced it", now)
+
     async def _start_rollout(
         self, key: str, serving: FunctionRecord, number: int, plan: CanaryPlan, now: float
     ) -> None:

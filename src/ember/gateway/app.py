@@ -72,12 +72,8 @@ class Gateway:
                     "or list functions with `ember ls`"
                 )
             target, alias = _choose(route, alias, scope["headers"], rid, name)
-            headers = scope["headers"]
             authorized = _private(route, target)
-            if authorized:
-                headers = self._authorize(target, headers)
-            elif any(k == b"authorization" and is_ember_token(v) for k, v in headers):
-                headers = [(k, v) for k, v in headers if k != b"authorization"]
+            headers = self._admit(target, scope["headers"], authorized)
             body = await self._body(scope, receive)
             route = self.routes.get(key) or route  # a deploy may have landed meanwhile
             target, alias = _choose(route, alias, scope["headers"], rid, name)
@@ -118,6 +114,15 @@ class Gateway:
             self._record(target, rid, started, elapsed, status, tier, instance, peak, error)
             if not (caller and status == 504):  # a deadline the caller chose, not the code's
                 self.outcomes.add(target.qualified, target.number, status, elapsed)
+
+    def _admit(self, target: Target, headers: Headers, private: bool) -> Headers:
+        """The headers the function gets: a private function's caller must hold an invoke
+        key; an Ember key sent to a public one is dropped all the same."""
+        if private:
+            return self._authorize(target, headers)
+        if any(k == b"authorization" and is_ember_token(v) for k, v in headers):
+            return [(k, v) for k, v in headers if k != b"authorization"]
+        return headers
 
     def _authorize(self, target: Target, headers: Headers) -> Headers:
         """A private function: the caller's key must allow invoke in its namespace. The key is

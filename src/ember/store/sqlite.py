@@ -199,17 +199,8 @@ class SQLiteStore:
                     "VALUES (?, ?, ?, ?)",
                     (key, rec.number, now, now),
                 )
-            elif serve:  # weights go; aliases stay as pointers
-                aliases = _aliases_decoder.decode(
-                    db.execute("SELECT aliases FROM functions WHERE name = ?", (key,)).fetchone()[0]
-                )
-                kept = [msgspec.structs.replace(a, weight=0) for a in aliases]
-                previous = effective_revision(current[1], aliases)
-                db.execute(
-                    "UPDATE functions SET revision = ?, previous = ?, aliases = ?, "
-                    "updated_at = ? WHERE name = ?",
-                    (rec.number, previous, msgspec.json.encode(kept).decode(), now, key),
-                )
+            elif serve:
+                _serve(db, key, current[1], rec.number, now)
             return rec, True
 
         return await self._run(add)
@@ -435,6 +426,25 @@ def _revision(row: Any) -> RevisionRecord:
         spec=_spec_decoder.decode(spec),
         created_at=created_at,
         tree=tree,
+    )
+
+
+def _serve(db: sqlite3.Connection, key: str, serving: int, number: int, now: float) -> None:
+    """Revision `number` serves all of function `key`: weights go (aliases stay as pointers)
+    and what served most until now becomes `previous`."""
+    raw = db.execute("SELECT aliases FROM functions WHERE name = ?", (key,)).fetchone()[0]
+    aliases = _aliases_decoder.decode(raw)
+    kept = [msgspec.structs.replace(a, weight=0) for a in aliases]
+    db.execute(
+        "UPDATE functions SET revision = ?, previous = ?, aliases = ?, updated_at = ? "
+        "WHERE name = ?",
+        (
+            number,
+            effective_revision(serving, aliases),
+            msgspec.json.encode(kept).decode(),
+            now,
+            key,
+        ),
     )
 
 
