@@ -165,3 +165,44 @@ def test_a_manual_scale_holds_for_the_idle_grace() -> None:
         decision = decide(scale, 1, window, now)
         window.keep(decision)
         assert decision.desired == (5 if now < 30 else 0)
+
+
+def test_a_manual_scale_to_zero_is_a_hold_not_a_floor() -> None:
+    """Regression: `ember scale N` only raised the floor; after `--instances 0` the window's
+    remembered load brought an instance back within a tick."""
+    scale = ScaleSpec(max=10, idle=30)
+    window = Window(scale.window)
+    for i in range(1, 41):  # 10 s of steady load at 3 requests in flight
+        now = i * TICK
+        window.add(now, 3.0, 3, active=True)
+        window.keep(decide(scale, 1, window, now))
+    window.held, window.held_until = 0, 10.0 + 30.0
+    instances = 0
+    for i in range(41, 41 + 4 * 35):  # load stops; the hold runs to 40 s, the grace to 40 s
+        now = i * TICK
+        window.add(now, 0.0, instances, active=False)
+        decision = decide(scale, 1, window, now)
+        window.keep(decision)
+        instances = decision.desired
+        assert instances == 0, f"{instances} at {now}"
+
+
+def test_a_manual_scale_down_holds_below_what_the_window_remembers() -> None:
+    scale = ScaleSpec(max=10, idle=30)
+    window = Window(scale.window)
+    instances = 0
+    for i in range(1, 41):
+        now = i * TICK
+        window.add(now, 6.0, instances, active=True)
+        decision = decide(scale, 1, window, now)
+        window.keep(decision)
+        instances = decision.desired
+    assert instances == 6
+    window.held, window.held_until = 2, 10.0 + 30.0
+    for i in range(41, 81):  # the load goes on: the hold still says 2 (requests start their own)
+        now = i * TICK
+        window.add(now, 6.0, instances, active=True)
+        decision = decide(scale, 1, window, now)
+        window.keep(decision)
+        instances = decision.desired
+        assert instances == 2

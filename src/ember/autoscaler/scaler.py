@@ -20,6 +20,10 @@ starts or stops instances to reach `Decision.desired`, and stores the decision's
 * **Scale to zero** (to scale.min) after no request for `scale.idle` seconds (the idle grace,
   default 60 s), even if the stable window still remembers load; the rate limit does not
   apply then (every instance was idle that long). Within the grace one instance stays.
+* **A manual scale** (`ember scale N`) is a hold, not a floor: the scaler targets exactly N
+  (within [scale.min, scale.max]) until `held_until`, then decides again. Requests still start
+  instances of their own when none is free; the hold brings the count back to N once they are
+  idle.
 
 Starting an instance costs milliseconds here, so requests also start instances themselves
 when none is free; the scaler's job is keeping enough warm for bursts and releasing the rest.
@@ -48,7 +52,7 @@ class Window:
         self.instances = 0  # running and starting, when the sample was taken
         self.last_active = -math.inf  # last time any request was in flight or waiting
         self.last = Decision(desired=0)  # the previous decision: its panic and scale-down times
-        self.held, self.held_until = 0, -math.inf  # `ember scale N`: N instances until then
+        self.held, self.held_until = 0, -math.inf  # `ember scale N`: exactly N until then
 
     def add(self, now: float, concurrency: float, instances: int, active: bool) -> None:
         self.samples.append((now, concurrency))
@@ -110,8 +114,8 @@ def decide(scale: ScaleSpec, concurrency: int, window: Window, now: float) -> De
                 desired = current
             else:
                 desired = max(desired, math.ceil(current / scale.down_rate))
-    if now < window.held_until:
-        desired = max(desired, window.held)
+    if now < window.held_until:  # `ember scale N` holds exactly N until then
+        desired = window.held
     desired = max(scale.min, min(scale.max, desired))
     if desired < current:
         last_down = now
