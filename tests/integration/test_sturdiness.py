@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import os
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
+
+import psutil
+import pytest
 
 from tests.integration.conftest import EmberServer, wait_for
 
@@ -11,6 +17,16 @@ HELLO = """
 def handle(req, ctx):
     return {"ok": True}
 """
+
+
+def _bundle(handler: str) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        data = handler.encode()
+        info = tarfile.TarInfo("handler.py")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 def test_scale_to_zero_holds_while_the_window_remembers_load(
@@ -30,3 +46,76 @@ def test_scale_to_zero_holds_while_the_window_remembers_load(
     resp = server.http.get("/fn/held")  # a request still starts what it needs
     assert resp.headers["x-ember-start"] == "fork"
     wait_for(held, 5, "the hold to stop the request's instance again once idle")
+
+
+class PidsLimit:
+    """A pids cgroup of the test's own, to make the kernel refuse forks (EAGAIN) on purpose."""
+
+    def __init__(self) -> None:
+        v1 = Path("/sys/fs/cgroup/pids")
+        v2 = Path("/sys/fs/cgroup")
+        if (v1 / "cgroup.procs").exists():
+            self.parent = v1
+        elif "pids" in (v2 / "cgroup.subtree_control").read_text(errors="replace").split():
+            self.parent = v2
+        else:
+            raise OSError("no pids controller")
+        self.dir = self.parent / f"ember-test-{os.getpid()}"
+        self.dir.mkdir()
+        (self.dir / "pids.max").write_text("1")
+
+    def hold(self, pid: int) -> None:
+        (self.dir / "cgroup.procs").write_text(str(pid))
+
+    def release(self, pid: int) -> None:
+        (self.parent / "cgroup.procs").write_text(str(pid))
+
+    def remove(self) -> None:
+        for pid in (self.dir / "cgroup.procs").read_text().split():
+            self.release(int(pid))
+        self.dir.rmdir()
+
+
+def _pids_limit() -> PidsLimit:
+    try:
+        return PidsLimit()
+    except OSError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI runs as root with a pids cgroup controller: {exc}")
+        pytest.skip(f"needs root and a pids cgroup controller: {exc}")
+
+
+def _root_zygote(server: EmberServer) -> psutil.Process:
+    assert server.proc is not None
+    for child in psutil.Process(server.proc.pid).children():
+        if "ember.runtime.root" in " ".join(child.cmdline()):
+            return child
+    raise AssertionError("no root zygote below the server")
+
+
+def test_a_failed_fork_in_the_root_zygote_fails_one_start_not_the_node(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+) -> None:
+    """Regression: one EAGAIN from fork() in the root zygote ended it, and PDEATHSIG then took
+    every zygote and instance of every tenant with it."""
+    server = server_factory("--no-sandbox")
+    server.deploy(fn_dir("alive", HELLO))
+    assert server.http.get("/fn/alive").headers["x-ember-start"] == "fork"
+    root = _root_zygote(server)
+    limit = _pids_limit()
+    try:
+        limit.hold(root.pid)
+        resp = server.api.post("/api/v1/deploy", params={"name": "starved"}, content=_bundle(HELLO))
+        assert resp.status_code == 503, resp.text
+        error = resp.json()["error"]
+        assert error["code"] == "fork_failed", error
+        assert "fork failed" in error["message"] and "retry later" in error["message"]
+        assert root.is_running() and root.status() != psutil.STATUS_ZOMBIE
+        warm = server.http.get("/fn/alive")  # the other function's instance lived on
+        assert warm.status_code == 200 and warm.headers["x-ember-start"] == "warm"
+    finally:
+        limit.remove()
+    resp = server.api.post("/api/v1/deploy", params={"name": "starved"}, content=_bundle(HELLO))
+    assert resp.status_code == 201, resp.text
+    assert server.http.get("/fn/starved").headers["x-ember-start"] == "fork"
+    assert _root_zygote(server).pid == root.pid

@@ -87,7 +87,8 @@ class AsyncChannel(Generic[T]):
                     self._writing = True
                 return
             except OSError as exc:
-                if exc.errno != errno.EMSGSIZE:  # the peer is gone
+                if exc.errno != errno.EMSGSIZE:  # the peer is gone: what it said last counts
+                    self._readable()  # (e.g. why it failed); closes at its EOF
                     self.close()
                     return
                 log.error("dropped a control message of %d bytes: %s", len(data), exc)
@@ -106,6 +107,8 @@ class AsyncChannel(Generic[T]):
                 data, ancillary, _flags, _addr = self.sock.recvmsg(MAX_PACKET, _CRED_SPACE)
             except BlockingIOError:
                 return
+            except ConnectionResetError:  # the peer closed with our last message unread: the
+                continue  # error comes once, ahead of what it sent before closing, then EOF
             except OSError:
                 data, ancillary = b"", []
             if not data:

@@ -51,8 +51,9 @@ class FunctionZygote:
             inst = self._by_id.pop(msg.instance, None)
             if inst is not None:  # the zygote closed its socket: EOF fails it with this cause
                 inst.death = PlatformError(
-                    f"could not start an instance of '{self.target.label}': {msg.error}; "
-                    "the host is out of processes or memory",
+                    f"could not start an instance of '{self.target.label}': fork failed "
+                    f"({msg.error}); the host is out of processes or memory, retry later",
+                    code="fork_failed",
                     headers={"Retry-After": "1"},
                 )
                 inst.exit_status.set_result(-1)
@@ -67,12 +68,7 @@ class FunctionZygote:
             if not self.ready.done():
                 self.ready.set_result(msg)
         elif isinstance(msg, ZygoteFailed) and msg.platform and not self.ready.done():
-            self.ready.set_exception(
-                PlatformError(
-                    f"could not start the sandbox of '{self.target.label}': {msg.message}; "
-                    "see `ember doctor`"
-                )
-            )
+            self.ready.set_exception(_platform_failure(self.target, msg))
         elif isinstance(msg, ZygoteFailed) and not self.ready.done():
             self.ready.set_exception(
                 DeployRejected(
@@ -137,3 +133,16 @@ class FunctionZygote:
             except OSError:
                 pass
             self.channel.close()
+
+
+def _platform_failure(target: Target, msg: ZygoteFailed) -> PlatformError:
+    if msg.error_type == "ForkFailed":  # the root zygote could not fork: it lives on
+        return PlatformError(
+            f"could not start a zygote for '{target.label}': fork failed ({msg.message}); "
+            "the host is out of processes or memory, retry later",
+            code="fork_failed",
+            headers={"Retry-After": "1"},
+        )
+    return PlatformError(
+        f"could not start the sandbox of '{target.label}': {msg.message}; see `ember doctor`"
+    )

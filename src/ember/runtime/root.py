@@ -14,9 +14,11 @@ import signal
 import socket
 import sys
 
+import msgspec
+
 from ember.runtime import instance, zygote  # noqa: F401
 from ember.runtime.channel import Channel
-from ember.wire.messages import RootMessage, Shutdown, SpawnBlank
+from ember.wire.messages import RootMessage, Shutdown, SpawnBlank, ZygoteFailed
 
 try:
     import uvloop  # noqa: F401
@@ -58,13 +60,35 @@ def serve(fd: int, nofile: int = 0) -> None:
             return
         msg, fds = got
         if isinstance(msg, SpawnBlank) and fds:
-            root = os.getpid()
-            if os.fork() == 0:
-                try:
-                    zygote.run(msg, fds[0], root)
-                finally:
-                    os._exit(1)  # never back into the root's loop
-            os.close(fds[0])
+            _spawn(msg, fds[0])
+
+
+def _spawn(msg: SpawnBlank, fd: int) -> None:
+    """Fork a zygote-to-be on `fd`. A failed fork (EAGAIN, ENOMEM) fails that one start, told
+    on the new zygote's own channel; the root, and every zygote below it, lives on."""
+    root = os.getpid()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        _refuse(fd, exc)
+        return
+    if pid == 0:
+        try:
+            zygote.run(msg, fd, root)
+        finally:
+            os._exit(1)  # never back into the root's loop
+    os.close(fd)
+
+
+def _refuse(fd: int, exc: OSError) -> None:
+    sock = socket.socket(fileno=fd)
+    failed = ZygoteFailed(error_type="ForkFailed", message=str(exc), traceback="", platform=True)
+    try:
+        sock.send(msgspec.msgpack.encode(failed))
+    except OSError:
+        pass  # the server gave up on it: closing is answer enough
+    finally:
+        sock.close()
 
 
 if __name__ == "__main__":
