@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: up test check bench clean
+.PHONY: up test check bench bench-quick clean
 
 $(BIN)/ember: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,9 @@ check: $(BIN)/ember
 
 bench: $(VENV)/.bench
 	$(BIN)/python -m bench.run_all
+
+bench-quick: $(VENV)/.bench
+	$(BIN)/python -m bench.run_all --quick --out $(VENV)/bench-quick.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
