@@ -23,6 +23,7 @@ def handle(req, ctx):
     return {
         "method": req.method,
         "path": req.path,
+        "raw_path": req.raw_path,
         "query": {k: req.query.getall(k) for k in req.query},
         "headers": req.headers.items_all(),
         "x_custom": req.headers.get("X-CUSTOM"),
@@ -67,7 +68,8 @@ def test_request_reaches_the_function_byte_exact(server: EmberServer, fn_dir: Ca
     assert resp.status_code == 200, resp.text
     got = resp.json()
     assert got["method"] == "PUT"
-    assert got["path"] == "/ünï/cødé/a/b"
+    assert got["path"] == "/ünï/cødé/a/b", "percent-decoded"
+    assert got["raw_path"] == "/%C3%BCn%C3%AF/c%C3%B8d%C3%A9/a%2Fb", "exactly as sent"
     assert got["query"] == {"a": ["1", "2"], "b": [""]}
     assert got["x_custom"] == "Value"
     assert ["content-type", "application/x-bin"] in got["headers"]
@@ -76,6 +78,15 @@ def test_request_reaches_the_function_byte_exact(server: EmberServer, fn_dir: Ca
     assert got["function"] == "echo" and got["revision"] == 1 and got["memory_mb"] == 128
     assert 0 < got["remaining_ms"] <= 30_000
     assert got["forked"] == [got["pid"]], "on_fork hooks run once, in the instance itself"
+    server.deploy(fn_dir("echo", ECHO), "--namespace", "team-raw")
+    for sent, path, raw_path in [
+        ("/fn/echo", "/", "/"),
+        ("/fn/echo/", "/", "/"),
+        ("/fn/echo@latest/%7Ex//y%20", "/~x//y ", "/%7Ex//y%20"),
+        ("/fn/team-raw/echo/a%2Fb", "/a/b", "/a%2Fb"),
+    ]:
+        seen = server.http.get(sent).json()
+        assert (seen["path"], seen["raw_path"]) == (path, raw_path), sent
 
 
 RETURNS = """

@@ -24,6 +24,12 @@ def test_request_query_and_headers_are_multi_valued_and_case_insensitive() -> No
     assert req.json() == {"k": 1} and req.text == '{"k": 1}'
 
 
+def test_request_raw_path_is_the_path_as_sent_and_defaults_to_path() -> None:
+    sent = Request("GET", "/a/b c", b"", [], b"", raw_path="/a%2Fb%20c")
+    assert (sent.path, sent.raw_path) == ("/a/b c", "/a%2Fb%20c")
+    assert Request("GET", "/x", b"", [], b"").raw_path == "/x"
+
+
 @pytest.mark.parametrize(
     ("value", "status", "ctype", "body"),
     [

@@ -84,6 +84,7 @@ class Gateway:
                 id=rid,
                 method=scope["method"],
                 path="/" + rest,
+                raw_path=_raw_rest(scope, rest),
                 query=scope.get("query_string", b""),
                 headers=headers,
                 body=body,
@@ -239,6 +240,14 @@ def _function_headers(headers: Headers, target: Target) -> Headers:
         if name not in RESERVED_HEADERS and not name.startswith(b"x-ember-"):
             out.append((name, value))
     return out
+
+
+def _raw_rest(scope: Scope, rest: str) -> str:
+    """The path after /fn/[NAMESPACE/]NAME as sent (percent-encoding kept), for `req.raw_path`."""
+    after = scope["path"][len(PREFIX) :]
+    taken = after[: len(after) - len(rest)].rstrip("/").count("/") + 3  # "", "fn", the name
+    parts = (scope.get("raw_path") or scope["path"].encode()).split(b"/", taken)
+    return "/" + (parts[taken].decode("latin-1") if len(parts) > taken else "")
 
 
 def _private(route: Route, target: Target) -> bool:

@@ -62,9 +62,10 @@ class MultiDict(Mapping[str, str]):
 
 
 class Request:
-    """One HTTP request as the function sees it. `path` is what follows /fn/NAME."""
+    """One HTTP request as the function sees it. `path` is what follows /fn/NAME, percent-decoded;
+    `raw_path` the same part exactly as sent, percent-encoding kept (`a%2Fb` stays one segment)."""
 
-    __slots__ = ("_query", "body", "headers", "method", "path", "query_string")
+    __slots__ = ("_query", "body", "headers", "method", "path", "query_string", "raw_path")
 
     def __init__(
         self,
@@ -73,9 +74,11 @@ class Request:
         query_string: bytes,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
+        raw_path: str | None = None,
     ) -> None:
         self.method = method
         self.path = path
+        self.raw_path = path if raw_path is None else raw_path
         self.query_string = query_string
         self.headers = MultiDict(
             [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers], fold=True

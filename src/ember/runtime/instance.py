@@ -70,7 +70,8 @@ class Instance:
             self.hook_error = exc
 
     def context(self, msg: Invoke) -> tuple[Request, Context]:
-        req = Request(msg.method, msg.path, msg.query, msg.headers, msg.body)
+        raw = msg.raw_path or msg.path
+        req = Request(msg.method, msg.path, msg.query, msg.headers, msg.body, raw_path=raw)
         ctx = Context(
             msg.id, self.spec.function, msg.revision, self.spec.memory_mb, msg.deadline, self.log
         )

@@ -129,6 +129,7 @@ class Invoke(_Msg, tag="invoke", frozen=True):
     body: bytes
     deadline: float  # unix time
     revision: int = 0
+    raw_path: str = ""  # `path` as sent, percent-encoding kept (latin-1); "" = same as path
 
 
 class ErrorInfo(msgspec.Struct, frozen=True):
