@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -230,7 +231,7 @@ class Api:
         target = self._target(request, "read")
         since = _float(request, "since", 0.0)
         limit = _int(request, "limit", 1000, 1, 100_000)
-        follow = request.query_params.get("follow", "false").lower() in ("1", "true", "yes")
+        follow = _bool(request, "follow", False)
         key_id = self._who_id(request)
         return StreamingResponse(
             self._tail(target.qualified, since, limit, follow, key_id),
@@ -326,6 +327,12 @@ class Api:
             value += chunk
             if len(value) > MAX_SECRET_BYTES:
                 break
+        if not value:
+            raise UserError(
+                f"secret '{name[:64]}' has no value: send it as the request body (`ember "
+                "secrets set NAME` reads it from standard input or --file)",
+                code="bad_request",
+            )
         created = await self.control.set_secret(namespace, name, bytes(value))
         return _ok(s.SecretSet(namespace=namespace, name=name), 201 if created else 200)
 
@@ -351,20 +358,39 @@ class Api:
 
 
 async def _body(request: Request, kind: type[Any]) -> Any:
+    media = request.headers.get("content-type")
+    if media is not None and media.partition(";")[0].strip().lower() != "application/json":
+        raise UserError(
+            f"the body is JSON; send it as Content-Type: application/json, not {media[:60]!r}",
+            code="unsupported_media_type",
+            status=415,
+        )
     raw = await request.body()
     try:
-        body = msgspec.json.decode(raw, type=kind)
+        body = msgspec.convert(_whole_numbers(msgspec.json.decode(raw), "$"), type=kind)
     except msgspec.ValidationError as exc:
         raise UserError(f"invalid request body: {exc}", code="bad_request") from None
     except msgspec.DecodeError as exc:
         raise UserError(f"request body is not valid JSON: {exc}", code="bad_request") from None
-    for field, value in msgspec.structs.asdict(body).items():
-        if type(value) is int and not -INT64_MAX - 1 <= value <= INT64_MAX:  # SQLite's INTEGER
-            raise UserError(
-                f"invalid request body: {field}={value} is out of range (at most {INT64_MAX})",
-                code="bad_request",
-            )
     return body
+
+
+def _whole_numbers(value: Any, where: str) -> Any:
+    """JSON has one number type, so `3.0` is the integer 3 (as JSON Schema, and so the OpenAPI
+    document, has it); msgspec's integers refuse it. Integers beyond SQLite's INTEGER are
+    refused here: every integer field of a request is documented within them."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if type(value) is int and not -INT64_MAX - 1 <= value <= INT64_MAX:
+        raise UserError(
+            f"invalid request body: {where}={value} is out of range (at most {INT64_MAX})",
+            code="bad_request",
+        )
+    if isinstance(value, list):
+        return [_whole_numbers(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        return {key: _whole_numbers(item, f"{where}.{key}") for key, item in value.items()}
+    return value
 
 
 def _traffic(fn: FunctionRecord) -> s.Traffic:
@@ -386,16 +412,18 @@ def _canary(request: Request) -> s.CanaryPlan | None:
     )
 
 
+JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z")
+
+
 def _number(
     request: Request, key: str, default: float, low: float, high: float, what: str = ""
 ) -> float:
+    """A query parameter documented as a number: JSON's syntax (Python's `float()` would also
+    take `1_0`, ` 1`, `nan` or `infinity`), within [low, high]."""
     raw = request.query_params.get(key)
     if raw is None:
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
+    value = float(raw) if JSON_NUMBER.match(raw) else math.nan
     if not low <= value <= high:  # NaN and infinities fail too
         rule = what or f"a number {low:g}-{high:g}"
         raise UserError(f"query parameter {key}={raw[:40]!r} must be {rule}")
@@ -406,9 +434,18 @@ def _int(request: Request, key: str, default: int, low: int, high: int) -> int:
     raw = request.query_params.get(key)
     if raw is None:
         return default
-    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
-        raise UserError(f"query parameter {key}={raw!r} must be a whole number {low}-{high}")
+    if not (raw.isascii() and raw.isdigit() and len(raw) < 20) or not low <= int(raw) <= high:
+        raise UserError(f"query parameter {key}={raw[:40]!r} must be a whole number {low}-{high}")
     return int(raw)
+
+
+def _bool(request: Request, key: str, default: bool) -> bool:
+    raw = request.query_params.get(key)
+    if raw is None:
+        return default
+    if raw not in ("true", "false"):
+        raise UserError(f"query parameter {key}={raw[:40]!r} must be true or false")
+    return raw == "true"
 
 
 def _float(request: Request, key: str, default: float) -> float:

@@ -31,15 +31,15 @@ REFINEMENTS: dict[tuple[str, str], dict[str, Any]] = {
     ("Quota", "memory_mb"): _COUNT,
     ("ScaleRequest", "instances"): _COUNT,
     ("RollbackRequest", "to"): _COUNT,
-    ("Alias", "name"): {"pattern": NAME_PATTERN},
+    ("Alias", "name"): {"pattern": NAME_PATTERN, "not": {"const": "latest"}},  # latest: reserved
     ("Alias", "revision"): {"minimum": 1, "maximum": INT64_MAX},
     ("Alias", "weight"): {"minimum": 0, "maximum": 100},
     ("KeyRequest", "scopes"): {
         "minItems": 1,
         "items": {"type": "string", "pattern": SCOPE_PATTERN},
     },
-    ("KeyRequest", "rate"): {"minimum": 0},
-    ("KeyRequest", "burst"): _COUNT,
+    ("KeyRequest", "rate"): {"anyOf": [{"const": 0}, {"minimum": 0.001, "maximum": 1_000_000}]},
+    ("KeyRequest", "burst"): {"minimum": 0, "maximum": 1_000_000},
 }
 
 _ROLLOUT_PARAMS: list[tuple[str, dict[str, Any], str]] = [
@@ -69,6 +69,7 @@ ERRORS = {
     404: "No such function, secret or key",
     409: "A name conflict (a namespace against a function of namespace default, a secret in use)",
     413: "The body is too large",
+    415: "A JSON body sent as another Content-Type",
     422: "The deploy was rejected: the code failed to import, or a listed secret is missing",
     429: "The key is over its rate limit, or the namespace over its instance quota",
 }
@@ -195,8 +196,9 @@ OPERATIONS: list[Op] = [
             _param(
                 "name",
                 "query",
-                {"type": "string", "pattern": NAME_PATTERN},
-                "Function name for a bundle without ember.yaml",
+                {"type": "string"},
+                "Function name for a bundle without ember.yaml (checked only then: `ember "
+                "deploy` always sends its directory's name)",
             ),
             *(_param(key, "query", schema, text) for key, schema, text in _ROLLOUT_PARAMS),
         ),
@@ -379,7 +381,10 @@ OPERATIONS: list[Op] = [
         s.SecretSet,
         (400, 403, 409, 413, *_AUTH),
         (SECRET, NAMESPACE),
-        body=("application/octet-stream", {"type": "string", "maxLength": MAX_SECRET_BYTES}),
+        body=(
+            "application/octet-stream",
+            {"type": "string", "minLength": 1, "maxLength": MAX_SECRET_BYTES},
+        ),
         status=(200, 201),
     ),
     Op(
@@ -409,7 +414,10 @@ def _operation(op: Op) -> dict[str, Any]:
         }
         for code in op.status
     }
-    for code in sorted(op.errors):
+    errors = set(op.errors)
+    if op.body is not None and not isinstance(op.body, tuple):
+        errors.add(415)  # a JSON body: any other declared media type is refused
+    for code in sorted(errors):
         responses[str(code)] = {
             "description": ERRORS[code],
             "content": {"application/json": {"schema": _schema(s.ErrorBody)}},
