@@ -5,13 +5,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import io
 import tarfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
-from tests.integration.conftest import EmberServer
+from tests.integration.conftest import EmberServer, wait_for
 
 
 def _tar(files: dict[str, bytes]) -> bytes:
@@ -40,11 +40,10 @@ def test_yaml_alias_bomb_is_refused_and_the_server_keeps_serving(server: EmberSe
             params={"name": "up"},
             content=_tar({"handler.py": HELLO, "ember.yaml": bomb.encode()}),
         )
-        started = time.monotonic()
         assert server.http.get("/fn/up").text == "hi"
         resp = pending.result()
-    assert resp.status_code == 400 and len(resp.content) < 10_000
-    assert time.monotonic() - started < 10
+    assert resp.status_code == 400 and len(resp.content) < 10_000, "refused, never expanded"
+    assert resp.json()["error"]["code"] == "bad_manifest", resp.text
 
 
 def test_deep_or_long_paths_are_refused(server: EmberServer):
@@ -100,10 +99,8 @@ def test_hanging_import_is_rejected_at_the_init_timeout(
     server = server_factory("--init-timeout", "1")
     server.deploy(fn_dir("other", "def handle(req, ctx):\n    return 'other'\n"))
     slow = fn_dir("slow-init", "import time\ntime.sleep(3600)\ndef handle(req, ctx):\n    pass\n")
-    started = time.monotonic()
     out = server.cli("deploy", str(slow), check=False)
-    assert out.returncode == 3 and b"did not finish importing" in out.stderr
-    assert time.monotonic() - started < 20
+    assert out.returncode == 3 and b"InitTimeout: the module did not finish importing" in out.stderr
     again = server.cli("deploy", str(fn_dir("other2", "def handle(req, ctx):\n    return 2\n")))
     assert again.returncode == 0, "the deploy lock was released"
     assert server.http.get("/fn/other").text == "other"
@@ -145,44 +142,48 @@ def test_init_failure_after_restart_is_502_for_everyone_and_others_still_serve(
     assert second.http.get("/fn/sturdy").text == "sturdy"
 
 
+STUBBORN = """
+import ctypes, time
+ctypes.CDLL(None).prctl(15, b"ember-stubborn", 0, 0, 0)  # PR_SET_NAME: the test looks for it
+while True:
+    try:
+        time.sleep(100)
+    except Exception:
+        pass
+"""
+
+
+def named(name: str) -> list[psutil.Process]:
+    """Live processes whose name (/proc/PID/comm) is `name`: a function names its own zygote
+    at import, so its instances inherit the name (cgroup names do not say which function: a
+    zygote started from a spare keeps the spare's)."""
+    return [p for p in psutil.process_iter(["name"]) if p.info["name"] == name and _alive(p)]
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_a_hung_import_that_swallows_the_timeout_is_still_ended(
     server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
 ):
-    import psutil
-
     server = server_factory("--init-timeout", "0.5")
-    stubborn = """
-    import time
-    while True:
-        try:
-            time.sleep(100)
-        except Exception:
-            pass
-    """
-    out = server.cli("deploy", str(fn_dir("stubborn", stubborn)), check=False)
-    assert out.returncode == 3
-    assert server.proc is not None
-    root = next(
-        p
-        for p in psutil.Process(server.proc.pid).children()
-        if "ember.runtime.root" in " ".join(p.cmdline())
-    )
-
-    def stubborn_processes() -> list[psutil.Process]:  # the spare zygote may stay
-        found = []
-        for proc in root.children(recursive=True):
-            try:
-                cgroup = Path(f"/proc/{proc.pid}/cgroup").read_text()
-            except OSError:
-                continue
-            if ".stubborn." in cgroup:  # its revision's cgroups
-                found.append(proc)
-        return found
-
-    deadline = time.monotonic() + 10
-    while stubborn_processes() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert stubborn_processes() == [], "the hung zygote was killed"
+    stubborn = fn_dir("stubborn", STUBBORN)
+    with cf.ThreadPoolExecutor(1) as pool:
+        deploying = pool.submit(server.cli, "deploy", str(stubborn), check=False)
+        wait_for(lambda: named("ember-stubborn") != [], 30, "the hung import to be running")
+        zygote = named("ember-stubborn")
+        assert len(zygote) == 1, zygote
+        keeper = zygote[0].parent()  # outside its pid namespace, if sandboxed
+        assert keeper is not None
+        hung = zygote if "ember.runtime.root" in " ".join(keeper.cmdline()) else [*zygote, keeper]
+        out = deploying.result()
+    assert out.returncode == 3 and b"did not finish importing" in out.stderr, out.stderr
+    wait_for(lambda: not any(_alive(p) for p in hung), 10, "the hung zygote to be killed")
+    assert named("ember-stubborn") == []
 
 
 def test_scale_max_holds_for_a_burst_from_zero(server: EmberServer, fn_dir: Callable[..., Path]):
