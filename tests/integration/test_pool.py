@@ -39,7 +39,7 @@ def test_requests_arriving_together_never_exceed_scale_max(tmp_path: Path) -> No
         try:
             await pool.prepare(target)
             pool.retire_all_but([target.key])
-            rp = pool.revision(target)
+            rp = pool.open_revision(target)
             loop = asyncio.get_running_loop()
             calls = [
                 rp.invoke(
@@ -85,12 +85,14 @@ def test_zygote_keepalive_follows_the_idle_histogram(tmp_path: Path) -> None:
         try:
             await pool.prepare(target)
             pool.retire_all_but([target.key])
-            hist = pool.histograms[target.qualified] = IdleHistogram(bins=240, bin_s=0.5)
+            hist = pool.activity_of.histograms[target.qualified] = IdleHistogram(
+                bins=240, bin_s=0.5
+            )
             for _ in range(20):
                 hist.record(2.0)  # learned: the next request comes ~2 s after the last
             windows = pool.keepalive_windows(target.qualified)
             assert (windows.prewarm, windows.keepalive) == (1.0, 2.0), windows
-            rp = pool.revision(target)
+            rp = pool.open_revision(target)
             loop = asyncio.get_running_loop()
             msg = Invoke(
                 id="r", method="GET", path="/", query=b"", headers=[], body=b"", deadline=0
@@ -145,7 +147,7 @@ def test_starts_waiting_for_memory_stay_within_scale_max(tmp_path: Path) -> None
             await pool.prepare(alpha)
             await pool.prepare(beta)
             pool.retire_all_but([alpha.key, beta.key])
-            a, b = pool.revision(alpha), pool.revision(beta)
+            a, b = pool.open_revision(alpha), pool.open_revision(beta)
             loop = asyncio.get_running_loop()
             calls = [asyncio.ensure_future(a.invoke(invoke(0), loop.time() + 30))]
             calls.append(asyncio.ensure_future(b.invoke(invoke(100), loop.time() + 30)))

@@ -93,7 +93,7 @@ class Gateway:
             )
             loop_deadline = asyncio.get_running_loop().time() + timeout
             caller = timeout < target.spec.timeout
-            result, tier, inst = await self.pool.revision(target).invoke(
+            result, tier, inst = await self.pool.open_revision(target).invoke(
                 msg, loop_deadline, caller_deadline=caller
             )
             instance, peak = inst.id, result.max_rss_kb

@@ -125,6 +125,18 @@ class Instance(asyncio.Protocol):
         except ProcessLookupError:
             pass
 
+    def refuse(self, reason: EmberError) -> None:
+        """Its pid cannot be trusted: end it by closing its socket (it exits at EOF), never by
+        a signal to a pid it named."""
+        self.death = self.death or reason
+        self.dead = True
+        if not self.pid_known.done():
+            self.pid_known.cancel()
+        if self._transport is not None:
+            self._transport.close()
+        if not self.exit_status.done():
+            self.exit_status.set_result(-1)
+
     def close_pidfd(self) -> None:
         if self._pidfd >= 0:
             os.close(self._pidfd)

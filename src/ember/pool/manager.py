@@ -1,9 +1,13 @@
-"""The node's pool: a RevisionPool per revision, the root zygote, cgroups, the keep-alive loop."""
+"""The node's pool: a RevisionPool per revision, the root zygote, quotas, the keep-alive loop.
+
+`Pool` is the `PoolHost` of every `RevisionPool`; the parts it is made of own their state:
+`Activity` (each function's idle times), `Placement` (cgroups, on a worker thread),
+`Spares` (the pre-placed spare zygote) and `MemoryBudget` (the node's memory).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import resource
@@ -11,28 +15,28 @@ import secrets
 import socket
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
 
-import msgspec
 import psutil
 
-from ember.autoscaler.histogram import IdleHistogram, Windows, windows
+from ember.autoscaler.histogram import Windows
 from ember.autoscaler.keepalive import Action, zygote_action
 from ember.config import ServerConfig
 from ember.errors import IsolationUnavailable, QuotaReached
+from ember.pool.activity import Activity
 from ember.pool.budget import MemoryBudget
 from ember.pool.capabilities import Check, SandboxProbe, missing, probe_sandbox, protections
 from ember.pool.cgroup import Cgroups
 from ember.pool.instance import Instance
-from ember.pool.revision import RevisionPool, RevisionStats
+from ember.pool.placement import MemoryVerdict, Placement
+from ember.pool.revision import PoolSettings, RevisionPool, RevisionStats
 from ember.pool.root import RootZygote, spec_message
+from ember.pool.spares import Spares
 from ember.pool.target import RevisionKey, Target
 from ember.pool.zygote import FunctionZygote
 from ember.spec import Quota
 from ember.telemetry.buffer import TelemetryBuffer
 from ember.telemetry.records import LogRecord
-from ember.wire.messages import Log, SandboxPlan, SpareReady, ZygoteMessage, ZygoteReady
+from ember.wire.messages import Log, SandboxPlan, ZygoteReady
 
 log = logging.getLogger("ember.pool")
 TICK = 0.25  # seconds between keep-alive decisions
@@ -40,29 +44,11 @@ TICK = 0.25  # seconds between keep-alive decisions
 # the zygote's limit is `memory` plus this much per instance of `scale.max`, at most the cap.
 PRE_MOVE_MB = 4
 PRE_MOVE_CAP_MB = 256
-_SPARE_DECODER = msgspec.msgpack.Decoder(ZygoteMessage)
 
 
 def _default_budget_mb() -> int:
     """80 % of the machine's memory."""
     return int(psutil.virtual_memory().total * 0.8) // (1024 * 1024)
-
-
-class Spare(NamedTuple):
-    """A zygote-to-be in cgroups of its own, waiting to be given a function."""
-
-    slug: str
-    joins: list[str]
-    sock: socket.socket
-
-
-def _alive(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-    except BlockingIOError:
-        return True  # nothing to read: still there
-    except OSError:
-        return False
 
 
 class Pool:
@@ -71,34 +57,32 @@ class Pool:
         self.telemetry = telemetry
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # before the server raises it
         self.root = RootZygote(dict(config.base_env), nofile)
-        self.cgroups: Cgroups | None = None
+        self.settings = PoolSettings(config.queue_depth, config.init_timeout)
         self.revisions: dict[RevisionKey, RevisionPool] = {}
         self._live: set[RevisionKey] = set()
         self._standby: set[RevisionKey] = set()
         self._loop_task: asyncio.Task[None] | None = None
-        self._mover = ThreadPoolExecutor(1, thread_name_prefix="ember-cgroup")
+        self.placement = Placement(None)
+        self.spares = Spares(self.root, self.placement)
+        self.activity_of = Activity(config.zygote_keepalive)
         self.sandboxed = False
         self.probe = SandboxProbe("off")
         self.protections: list[Check] = []
         self.quotas: dict[str, Quota] = {}
-        self._unremoved: set[str] = set()  # revision cgroups that still had processes
-        self._unremoved_leaves: set[str] = set()  # instance and zygote leaves, likewise
-        self._zygote_dirs: dict[RevisionKey, list[str]] = {}  # cgroups of each zygote started
-        self._spare: Spare | None = None
-        self._spare_task: asyncio.Task[None] | None = None
-        self._stopping = False
-        # Zygote keep-alive: per function ("namespace/name"), its idle times and activity.
-        self.histograms: dict[str, IdleHistogram] = {}
-        self._busy: dict[str, int] = {}  # revisions of the function with requests now
-        self._idle_since: dict[str, float] = {}  # end of the function's last activity
-        # The node's memory budget (MB) and the starts waiting for some of it.
+        self._failing: set[RevisionKey] = set()  # revisions whose keep-alive step raised
         self.budget = MemoryBudget(
-            config.memory_budget_mb or _default_budget_mb(), config.budget_wait, self.revisions
+            config.memory_budget_mb or _default_budget_mb(),
+            config.budget_wait,
+            self.revisions.values,
         )
+
+    @property
+    def cgroups(self) -> Cgroups | None:
+        return self.placement.cgroups
 
     async def start(self) -> None:
         if self.config.use_cgroups:
-            self.cgroups = Cgroups.detect(f"server-{os.getpid()}")
+            self.placement.cgroups = Cgroups.detect(f"server-{os.getpid()}")
         self.probe = await asyncio.to_thread(
             probe_sandbox, self.config.run_dir / "probe", self.config.sandbox, self.config.base_env
         )
@@ -122,15 +106,17 @@ class Pool:
             self.config.sandbox_root.mkdir(parents=True, exist_ok=True)
         await self.root.ensure()
         self._loop_task = asyncio.get_running_loop().create_task(self._keepalive_loop())
-        self._replenish()
+        self.spares.enabled = self.cgroups is not None and self.probe.mode == "root"
+        self.spares.replenish()
 
     # ---- revisions ----
-    def revision(self, target: Target) -> RevisionPool:
-        """The pool of a revision. Only the control plane decides what is live: a request that
-        still holds an old target is served, but does not bring its revision back to life."""
+    def open_revision(self, target: Target) -> RevisionPool:
+        """The pool of a revision, made on first use. Only the control plane decides what is
+        live: a request that still holds an old target is served, but does not bring its
+        revision back to life."""
         rp = self.revisions.get(target.key)
         if rp is None:
-            rp = self.revisions[target.key] = RevisionPool(target, self)
+            rp = self.revisions[target.key] = RevisionPool(target, self, self.settings)
             rp.retired = target.key not in self._live
             rp.standby = target.key in self._standby
         return rp
@@ -157,12 +143,12 @@ class Pool:
         self.retire_all_but(serving_keys | standby_keys, standby_keys - serving_keys)
         for target in serving:
             if target.spec.scale.min > 0:
-                self.revision(target)
+                self.open_revision(target)
 
     async def prepare(self, target: Target) -> ZygoteReady:
         """Start the revision's zygote (import + init); raises DeployRejected on failure."""
         self._live.add(target.key)  # about to be published: keep-alive must not reap it
-        rp = self.revision(target)
+        rp = self.open_revision(target)
         rp.retired = False
         rp.warmed_at = time.monotonic()  # keep-alive keeps what a deploy or rollback warmed
         try:
@@ -178,27 +164,29 @@ class Pool:
         rp = self.revisions.pop(target.key, None)
         if rp is not None:
             rp.stop()
-            self._release_revision(target)
+            self.placement.forget_zygote_dirs(target.key)
+
+    def forget_function(self, function: str) -> None:
+        """`ember rm`: nothing of the function ("namespace/name") stays, once its revisions
+        (retired by the routes) have drained."""
+        self.activity_of.forget(function)
 
     async def scale(self, target: Target, instances: int) -> int:
-        return await self.revision(target).scale_to(instances)
+        return await self.open_revision(target).hold_scale(instances)
 
     # ---- quotas ----
     def set_quotas(self, quotas: dict[str, Quota]) -> None:
         self.quotas = dict(quotas)
 
-    def admit(self, target: Target) -> None:
+    def check_quota(self, target: Target) -> None:
         """Raise 429 when one more instance of `target` would exceed its namespace's quota."""
         quota = self.quotas.get(target.namespace)
         if quota is None or not (quota.instances or quota.memory_mb):
             return
-        count = memory = 0
-        for rp in self.revisions.values():
-            if rp.target.namespace == target.namespace:
-                count += rp.count
-                zygote = rp.zygote is not None and not rp.zygote.dead
-                memory += (rp.count + zygote) * rp.spec.memory  # a zygote counts as one more
         ns = target.namespace
+        mine = [rp for rp in self.revisions.values() if rp.target.namespace == ns]
+        count = sum(rp.count for rp in mine)
+        memory = sum(rp.used_mb() for rp in mine)  # a zygote counts as one more instance
         if quota.instances and count + 1 > quota.instances:
             raise QuotaReached(
                 f"namespace '{ns}' runs {count} instances, its quota max_instances="
@@ -217,8 +205,28 @@ class Pool:
                 headers={"Retry-After": "1"},
             )
 
+    # ---- the memory budget, for revision pools ----
+    async def make_room(self, rp: RevisionPool, loop_deadline: float | None) -> None:
+        await self.budget.make_room(rp, loop_deadline)
+
+    def check_prewarm(self, rp: RevisionPool) -> None:
+        self.budget.check_prewarm(rp)
+
+    def freed(self) -> None:
+        self.budget.freed()
+
     # ---- zygotes and the sandbox ----
-    async def start_zygote(self, target: Target, init_timeout: float) -> FunctionZygote:
+    async def start_zygote(self, target: Target) -> tuple[FunctionZygote, bool]:
+        """A new zygote for `target` (its import under way); True if the root zygote had to
+        be (re)started for it."""
+        fresh = await self.root.ensure()
+        try:
+            return await self._start_zygote(target), fresh
+        except OSError:  # the root died and we have not read its EOF yet: one new root
+            fresh = await self.root.ensure()
+            return await self._start_zygote(target), fresh
+
+    async def _start_zygote(self, target: Target) -> FunctionZygote:
         """Fork a zygote-to-be and send it `target`'s spec on its own channel.
 
         Each zygote gets cgroups of its own (a directory per zygote start, so no name is ever
@@ -228,36 +236,34 @@ class Pool:
         spare is made in the background.
         """
         plan = self._plan(target)
+        cgroups = self.cgroups
         directory = ""
-        if self.cgroups is not None and (plan is None or self.probe.mode != "root"):
-            # The zygote stays in the server's cgroups; its instances still get memory leaves.
-            self._forget_zygote_dirs(target)
-            directory = f"{target.slug}.{secrets.token_hex(3)}"
-            await asyncio.get_running_loop().run_in_executor(
-                self._mover, self.cgroups.parent_for_instances, directory
-            )
-            self._zygote_dirs.setdefault(target.key, []).append(directory)
+        self.placement.forget_zygote_dirs(target.key)  # their processes died with the zygote
+        if cgroups is None:
             sock = self._spawn([], split=False)
-        elif plan is None or self.cgroups is None or self.probe.mode != "root":
+        elif plan is None or self.probe.mode != "root":
+            # The zygote stays in the server's cgroups; its instances still get memory leaves.
+            directory = f"{target.slug}.{secrets.token_hex(3)}"
+            await self.placement.run(cgroups.parent_for_instances, directory)
             sock = self._spawn([], split=False)
         else:
-            self._forget_zygote_dirs(target)  # their processes died with the previous pid 1
             spec = target.spec
             zygote_mb = spec.memory + min(spec.scale.max * PRE_MOVE_MB, PRE_MOVE_CAP_MB)
-            spare = await self._use_spare(target, zygote_mb)
+            spare = await self.spares.take(spec, zygote_mb)
             if spare is not None:
                 sock, directory = spare.sock, spare.slug
             else:
                 directory = f"{target.slug}.{secrets.token_hex(3)}"
-                joins = await asyncio.get_running_loop().run_in_executor(
-                    self._mover, self.cgroups.revision, directory, zygote_mb, spec.pids, spec.cpu
+                joins = await self.placement.run(
+                    cgroups.revision, directory, zygote_mb, spec.pids, spec.cpu
                 )
                 sock = self._spawn(joins, split=True)
-            self._zygote_dirs.setdefault(target.key, []).append(directory)
-            self._replenish()
+            self.spares.replenish()
+        if directory:
+            self.placement.zygote_dir(target.key, directory)
         zygote = FunctionZygote(sock, target)
         zygote.cgroup_dir = directory
-        zygote.channel.send(spec_message(target, init_timeout, plan))
+        zygote.channel.send(spec_message(target, self.config.init_timeout, plan))
         return zygote
 
     def _spawn(self, cgroups: list[str], split: bool) -> socket.socket:
@@ -283,119 +289,18 @@ class Pool:
             userns=self.probe.mode == "userns",
         )
 
-    def _forget_zygote_dirs(self, target: Target) -> None:
-        """Queue the cgroups of a revision's earlier zygotes for removal (retried until empty)."""
-        for directory in self._zygote_dirs.pop(target.key, []):
-            self._unremoved.add(directory)
-
-    async def _use_spare(self, target: Target, zygote_mb: int) -> Spare | None:
-        spare, self._spare = self._spare, None
-        if spare is None or self.cgroups is None:
-            return None
-        if not _alive(spare.sock):  # e.g. the root zygote was restarted since
-            self._drop_spare(spare)
-            return None
-        spec = target.spec
-        try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._mover,
-                self.cgroups.assign,
-                spare.slug,
-                spare.joins[-1],
-                zygote_mb,
-                spec.pids,
-                spec.cpu,
-            )
-        except OSError as exc:
-            log.warning("could not hand a spare zygote to %s: %s", target.label, exc)
-            self._drop_spare(spare)
-            return None
-        return spare
-
-    def _replenish(self) -> None:
-        if self._spare is None and (self._spare_task is None or self._spare_task.done()):
-            self._spare_task = asyncio.get_running_loop().create_task(self._make_spare())
-
-    async def _make_spare(self) -> None:
-        if self.cgroups is None or self.probe.mode != "root" or self._stopping:
-            return
-        slug = f"spare-{secrets.token_hex(4)}"
-        loop = asyncio.get_running_loop()
-        sock: socket.socket | None = None
-        try:
-            joins = await loop.run_in_executor(
-                self._mover, self.cgroups.revision, slug, 64, 64, 0.0
-            )
-            await self.root.ensure()
-            sock = self.root.spawn_blank(joins, split=True, spare=True)
-            sock.setblocking(False)
-            async with asyncio.timeout(30):  # until it is in its cgroups
-                report = _SPARE_DECODER.decode(await loop.sock_recv(sock, 65536))
-            if not isinstance(report, SpareReady):
-                raise OSError(f"the spare zygote reported {report!r}")
-        except (OSError, TimeoutError, msgspec.DecodeError) as exc:
-            log.warning("could not make a spare zygote: %s", exc)
-            if sock is not None:
-                sock.close()
-            self._unremoved.add(slug)
-            return
-        self._spare = Spare(slug, joins, sock)
-
-    def _drop_spare(self, spare: Spare) -> None:
-        spare.sock.close()  # it sees EOF and exits
-        self._unremoved.add(spare.slug)
-
-    def _release_revision(self, target: Target) -> None:
-        self._forget_zygote_dirs(target)
-
-    # ---- limits ----
+    # ---- cgroups, for revision pools ----
     def rlimit_for(self, memory_mb: int) -> int:
-        """Address-space limit the instance sets itself, where there are no cgroups."""
-        return 0 if self.cgroups is not None else memory_mb * 1024 * 1024
+        return self.placement.rlimit_for(memory_mb)
 
     def place(self, inst: Instance, zygote_dir: str, memory_mb: int) -> None:
-        """Move a new instance into its own memory cgroup, off the request's path.
+        self.placement.place(inst, zygote_dir, memory_mb)
 
-        Moving a process between cgroups can wait out an RCU grace period (7-19 ms measured
-        here), so a worker thread does it once the pid is known; the instance serves meanwhile,
-        for those few milliseconds under its zygote's cgroup.
-        """
-        if self.cgroups is None or not zygote_dir:
-            return
-        task = asyncio.get_running_loop().create_task(self._place(inst, zygote_dir, memory_mb))
-        inst.placed = task
-
-    async def _place(self, inst: Instance, rev: str, memory_mb: int) -> None:
-        pid = await inst.pid_known
-        loop = asyncio.get_running_loop()
-        inst.cgroup = await loop.run_in_executor(
-            self._mover, self._move, rev, inst.id, pid, memory_mb
-        )
-
-    def _move(self, rev: str, instance_id: str, pid: int, memory_mb: int) -> str:
-        assert self.cgroups is not None
-        try:
-            procs = self.cgroups.create(rev, instance_id, memory_mb)
-        except OSError as exc:
-            log.warning("no memory cgroup for %s: %s", instance_id, exc)
-            return ""
-        try:
-            self.cgroups.move(procs, pid)
-        except OSError:  # it already exited
-            self.cgroups.remove(procs)
-            return ""
-        return procs
+    async def verdict(self, procs: str) -> MemoryVerdict:
+        return await self.placement.verdict(procs)
 
     def release_cgroup(self, procs: str) -> None:
-        """Remove a leaf; one that still holds a dying process is retried on every tick."""
-        if procs and self.cgroups is not None and not self.cgroups.remove(procs):
-            self._unremoved_leaves.add(procs)
-
-    def oom_killed(self, procs: str) -> bool:
-        return bool(procs) and self.cgroups is not None and self.cgroups.oom_killed(procs)
-
-    def peak_kb(self, procs: str) -> int:
-        return self.cgroups.peak_kb(procs) if procs and self.cgroups is not None else 0
+        self.placement.release(procs)
 
     # ---- logs ----
     def instance_log(self, target: Target, instance: str, msg: Log) -> None:
@@ -428,23 +333,10 @@ class Pool:
     def activity(self, target: Target, busy: bool, now: float) -> None:
         """A revision of the function got its first request in flight, or its last one done;
         the function's idle times (end of activity to the next request) feed its histogram."""
-        fn = target.qualified
-        count = self._busy.get(fn, 0)
-        if busy:
-            if count == 0 and fn in self._idle_since:
-                hist = self.histograms.setdefault(fn, IdleHistogram())
-                hist.record(now - self._idle_since[fn])
-            self._busy[fn] = count + 1
-        else:
-            self._busy[fn] = max(0, count - 1)
-            if self._busy[fn] == 0:
-                self._idle_since[fn] = now
+        self.activity_of.record(target.qualified, busy, now)
 
     def keepalive_windows(self, function: str) -> Windows:
-        hist = self.histograms.get(function)
-        if hist is None:
-            return Windows(0.0, self.config.zygote_keepalive, False, "fixed: no idle times yet")
-        return windows(hist, self.config.zygote_keepalive)
+        return self.activity_of.windows(function)
 
     async def _keepalive_loop(self) -> None:
         while True:
@@ -455,32 +347,39 @@ class Pool:
                 log.exception("keep-alive tick failed")
 
     def tick(self, now: float) -> None:
+        """One keep-alive step per revision, each on its own: one that raises is logged (once,
+        until it recovers) and skipped; the others, the budget and the cgroup sweep go on."""
         for key, rp in list(self.revisions.items()):
-            if rp.retired:
-                rp.drain()
-                idle = not rp.instances and not rp.zygote_alive and not rp.starting
-                if idle and not rp.demand and not rp.waiters:
-                    rp.stop()
-                    del self.revisions[key]
-                    self._release_revision(rp.target)
-                continue
-            rp.autoscale(now)
-            self._keep_zygote(rp, now)
+            try:
+                self._step(key, rp, now)
+            except Exception:
+                if key not in self._failing:
+                    self._failing.add(key)
+                    log.exception("keep-alive of %s failed; it is retried every tick", rp.label)
+            else:
+                self._failing.discard(key)
         self.budget.tick()
-        if self.cgroups is not None:
-            for procs in list(self._unremoved_leaves):
-                if self.cgroups.remove(procs):
-                    self._unremoved_leaves.discard(procs)
-            for slug in list(self._unremoved):
-                if self.cgroups.remove_revision(slug):
-                    self._unremoved.discard(slug)
+        self.placement.sweep()
+
+    def _step(self, key: RevisionKey, rp: RevisionPool, now: float) -> None:
+        if rp.retired:
+            rp.drain()
+            idle = not rp.instances and not rp.zygote_alive and not rp.starting
+            if idle and not rp.demand and not rp.waiters:
+                rp.stop()
+                del self.revisions[key]
+                self._failing.discard(key)
+                self.placement.forget_zygote_dirs(key)
+            return
+        rp.autoscale(now)
+        self._keep_zygote(rp, now)
 
     def _keep_zygote(self, rp: RevisionPool, now: float) -> None:
         fn = rp.target.qualified
         in_use = bool(rp.count or rp.demand or rp.waiters)
-        in_use = in_use or (self._busy.get(fn, 0) > 0 and not rp.standby)  # its traffic is on
+        in_use = in_use or (self.activity_of.busy(fn) and not rp.standby)  # its traffic is on
         in_use = in_use or now - rp.warmed_at < self.config.zygote_keepalive
-        ended = self._idle_since.get(fn)
+        ended = self.activity_of.idle_since(fn)
         if ended is None and rp.zygote is not None and not rp.zygote.dead:
             ended = rp.zygote.last_used  # deployed (probed) but not used since the server began
         idle_for = None if ended is None else now - ended
@@ -495,22 +394,17 @@ class Pool:
         return [rp.statistics() for rp in self.revisions.values()]
 
     async def shutdown(self) -> None:
-        self._stopping = True
-        if self._spare_task is not None:
-            self._spare_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._spare_task
-        if self._spare is not None:
-            self._spare.sock.close()
-            self._spare = None
+        await self.spares.shutdown()
         if self._loop_task is not None:
             self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._loop_task
+            except asyncio.CancelledError:
+                pass
         for rp in self.revisions.values():
             rp.stop()
         await self.root.stop()
-        self._mover.shutdown(wait=True)
+        self.placement.shutdown()
         if self.cgroups is not None:
             deadline = time.monotonic() + 2.0  # killed instances take a moment to leave
             while not self.cgroups.cleanup() and time.monotonic() < deadline:

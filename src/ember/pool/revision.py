@@ -1,8 +1,14 @@
-"""One revision's pool: idle instances, a FIFO of waiting requests, starts within `scale.max`."""
+"""One revision's pool: idle instances, a FIFO of waiting requests, starts within `scale.max`.
+
+A `RevisionPool` talks to the node's pool only through `PoolHost`, the few things it needs
+from it (quotas, the memory budget, zygotes from the root, cgroup placement, logs), and offers
+the memory budget its idle instances and zygote as `Eviction`s rather than being edited.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import secrets
@@ -10,7 +16,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -25,13 +31,35 @@ from ember.errors import (
     FunctionTimeout,
     PlatformError,
 )
+from ember.pool.budget import Eviction
 from ember.pool.instance import Instance
+from ember.pool.placement import MemoryVerdict
 from ember.pool.target import Target
 from ember.pool.zygote import FunctionZygote
 from ember.wire.messages import Invoke, Log, Result
 
-if TYPE_CHECKING:
-    from ember.pool.manager import Pool
+
+class PoolSettings(msgspec.Struct, frozen=True):
+    queue_depth: int  # requests that may wait per revision at scale.max
+    init_timeout: float  # seconds a module may take to import
+
+
+class PoolHost(Protocol):
+    """What a revision's pool asks of the node's pool."""
+
+    def activity(self, target: Target, busy: bool, now: float) -> None: ...
+    def check_quota(self, target: Target) -> None: ...
+    async def make_room(self, rp: RevisionPool, loop_deadline: float | None) -> None: ...
+    def check_prewarm(self, rp: RevisionPool) -> None: ...
+    def freed(self) -> None: ...
+    async def start_zygote(self, target: Target) -> tuple[FunctionZygote, bool]: ...
+    def rlimit_for(self, memory_mb: int) -> int: ...
+    def place(self, inst: Instance, zygote_dir: str, memory_mb: int) -> None: ...
+    async def verdict(self, procs: str) -> MemoryVerdict: ...
+    def release_cgroup(self, procs: str) -> None: ...
+    def instance_log(self, target: Target, instance: str, msg: Log) -> None: ...
+    def system_log(self, target: Target, text: str) -> None: ...
+
 
 log = logging.getLogger("ember.pool")
 WARM, FORK, SPECIALIZE, FRESH = "warm", "fork", "specialize", "fresh"
@@ -55,10 +83,11 @@ class RevisionStats(msgspec.Struct, frozen=True):
 
 
 class RevisionPool:
-    def __init__(self, target: Target, pool: Pool) -> None:
+    def __init__(self, target: Target, host: PoolHost, settings: PoolSettings) -> None:
         self.target = target
         self.spec = target.spec
-        self.pool = pool
+        self.host = host
+        self.settings = settings
         self.instances: dict[str, Instance] = {}
         self.idle: list[Instance] = []
         self.waiters: deque[asyncio.Future[Instance | None]] = deque()
@@ -113,9 +142,9 @@ class RevisionPool:
         was_idle = self.demand == 0
         self.demand += delta
         if was_idle and delta > 0:
-            self.pool.activity(self.target, busy=True, now=now)
+            self.host.activity(self.target, busy=True, now=now)
         elif self.demand == 0:
-            self.pool.activity(self.target, busy=False, now=now)
+            self.host.activity(self.target, busy=False, now=now)
 
     async def acquire(self, loop_deadline: float) -> tuple[Instance, str]:
         while True:
@@ -165,7 +194,7 @@ class RevisionPool:
         return None
 
     async def _wait(self, loop_deadline: float) -> Instance | None:
-        if len(self.waiters) >= self.pool.config.queue_depth:
+        if len(self.waiters) >= self.settings.queue_depth:
             raise CapacityError(
                 f"function '{self.target.function}' is at scale.max={self.spec.scale.max} "
                 f"with {len(self.waiters)} requests waiting; retry later or raise scale.max",
@@ -205,10 +234,10 @@ class RevisionPool:
         return self._zygote_task is not None and not self._zygote_task.done()
 
     async def _start(self, loop_deadline: float | None) -> tuple[Instance, str]:
-        self.pool.admit(self.target)  # the namespace's quotas (429 naming the one reached)
+        self.host.check_quota(self.target)  # the namespace's quotas (429 naming the one reached)
         self.starting += 1  # holds its place within scale.max (and its memory) from here
         try:
-            await self.pool.budget.make_room(self, loop_deadline)  # the node's memory budget
+            await self.host.make_room(self, loop_deadline)  # the node's memory budget
             tier = await self.ensure_zygote()
             assert self.zygote is not None
             try:
@@ -221,7 +250,7 @@ class RevisionPool:
         except BaseException:
             self.starting -= 1
             self._wake_waiter()  # the room this start held is free again
-            self.pool.budget.freed()
+            self.host.freed()
             raise
         self.starting -= 1
         inst.reserved += 1
@@ -239,9 +268,9 @@ class RevisionPool:
     async def _fork(self, zygote: FunctionZygote) -> Instance:
         iid = f"{self.target.function}-{self.target.number}-{secrets.token_hex(3)}"
         inst = await zygote.fork(
-            iid, self.pool.rlimit_for(self.spec.memory), self._on_log, self._on_lost
+            iid, self.host.rlimit_for(self.spec.memory), self._on_log, self._on_lost
         )
-        self.pool.place(inst, zygote.cgroup_dir, self.spec.memory)
+        self.host.place(inst, zygote.cgroup_dir, self.spec.memory)
         return inst
 
     async def ensure_zygote(self) -> str:
@@ -256,13 +285,8 @@ class RevisionPool:
         return await asyncio.shield(self._zygote_task)
 
     async def _spawn_zygote(self) -> str:
-        fresh = await self.pool.root.ensure()
-        timeout = self.pool.config.init_timeout
-        try:
-            zygote = await self.pool.start_zygote(self.target, timeout)
-        except OSError:  # the root died and we have not read its EOF yet
-            fresh = await self.pool.root.ensure()
-            zygote = await self.pool.start_zygote(self.target, timeout)
+        zygote, fresh = await self.host.start_zygote(self.target)
+        timeout = self.settings.init_timeout
         self.zygote = zygote
         try:  # the zygote enforces init_timeout itself; this bounds a zygote that hangs anyway
             ready = await asyncio.wait_for(asyncio.shield(zygote.ready), timeout + 5.0)
@@ -287,9 +311,9 @@ class RevisionPool:
                 "or import less at module level"
             )
         for warning in ready.warnings:
-            self.pool.system_log(self.target, f"[ember] warning: {warning}\n")
+            self.host.system_log(self.target, f"[ember] warning: {warning}\n")
         if ready.output:
-            self.pool.system_log(self.target, ready.output)
+            self.host.system_log(self.target, ready.output)
         log.info("zygote of %s ready in %.1f ms", self.target.label, ready.import_ms)
         return FRESH if fresh else SPECIALIZE
 
@@ -307,13 +331,13 @@ class RevisionPool:
 
     # ---- instance events ----
     def _on_log(self, inst: Instance, msg: Log) -> None:
-        self.pool.instance_log(self.target, inst.id, msg)
+        self.host.instance_log(self.target, inst.id, msg)
 
     def _on_lost(self, inst: Instance) -> None:
         self.forget(inst)
         self._background(self._bury(inst))
         self._wake_waiter()
-        self.pool.budget.freed()
+        self.host.freed()
 
     async def _bury(self, inst: Instance) -> None:
         try:
@@ -325,14 +349,15 @@ class RevisionPool:
                 inst.pid_known.cancel()  # no pid will come: placement ends before any move
             await asyncio.wait({inst.placed}, timeout=5.0)  # a move under way finishes first
         if inst.inflight:
-            inst.fail_all(inst.death or self._cause(inst, status))
+            verdict = await self.host.verdict(inst.cgroup)  # read on the cgroup thread
+            inst.fail_all(inst.death or self._cause(verdict, status))
         inst.close_pidfd()
-        self.pool.release_cgroup(inst.cgroup)
+        self.host.release_cgroup(inst.cgroup)
 
-    def _cause(self, inst: Instance, status: int | None) -> EmberError:
+    def _cause(self, verdict: MemoryVerdict, status: int | None) -> EmberError:
         name, mb = self.target.function, self.spec.memory
-        if self.pool.oom_killed(inst.cgroup):
-            peak = self.pool.peak_kb(inst.cgroup) // 1024
+        if verdict.oom_killed:
+            peak = verdict.peak_kb // 1024
             return FunctionMemoryExceeded(
                 f"function '{name}' exceeded its memory limit of {mb} MB (peak {peak} MB) and "
                 "was killed; raise memory: in ember.yaml"
@@ -349,18 +374,20 @@ class RevisionPool:
         )
 
     def _timed_out(self, inst: Instance, msg: Invoke, caller_deadline: bool) -> None:
-        fut = inst.inflight.pop(msg.id, None)
+        fut = inst.inflight.get(msg.id)
+        if fut is None or fut.done():
+            return  # its result came in the same loop turn: nothing ran over its time
+        del inst.inflight[msg.id]
         if caller_deadline:
             what = "the caller's deadline (X-Ember-Timeout) passed while it ran"
         else:
             what = f"it timed out after {self.spec.timeout:g} s"
-        if fut is not None and not fut.done():
-            fut.set_exception(
-                FunctionTimeout(
-                    f"function '{self.target.function}': {what}, and the request was ended; "
-                    "raise timeout: in ember.yaml (at most 15m)"
-                )
+        fut.set_exception(
+            FunctionTimeout(
+                f"function '{self.target.function}': {what}, and the request was ended; "
+                "raise timeout: in ember.yaml (at most 15m)"
             )
+        )
         if caller_deadline and inst.concurrency > 1:
             return  # other requests run on it: they keep their own deadlines; its answer is dropped
         inst.kill(
@@ -388,13 +415,14 @@ class RevisionPool:
             for _ in range(desired - self.count):
                 self._background(self._warm_quietly())
         elif desired < self.count:
-            idle = sorted(
-                (i for i in self.instances.values() if not i.busy and not i.dead),
-                key=lambda i: i.idle_since,
-            )
-            for inst in idle[: self.count - desired]:
+            for inst in self._idle_oldest_first()[: self.count - desired]:
                 inst.stop()
         return decision
+
+    def _idle_oldest_first(self) -> list[Instance]:
+        """Instances with nothing to do, longest idle first: the first to stop or evict."""
+        idle = [i for i in self.instances.values() if not i.busy and not i.dead]
+        return sorted(idle, key=lambda i: i.idle_since)
 
     def drain(self) -> None:
         """A retired revision: stop what is idle; the zygote goes once nothing runs."""
@@ -409,7 +437,7 @@ class RevisionPool:
         if self.zygote is not None:
             self.zygote.stop()
             self.zygote = None
-            self.pool.budget.freed()
+            self.host.freed()
 
     def forget(self, inst: Instance) -> None:
         """An instance being stopped no longer counts (its memory is on its way back)."""
@@ -425,16 +453,12 @@ class RevisionPool:
 
     async def _prewarm_quietly(self) -> None:
         try:
-            self.pool.budget.check_prewarm(self)
+            self.host.check_prewarm(self)
             await self.ensure_zygote()
         except Exception as exc:
             self._back_off(exc, "pre-warm")
         else:
             self._failures = 0
-
-    def keep_scale(self, n: int, now: float) -> None:
-        """`ember scale N`: the autoscaler keeps N instances for the idle grace, then decides."""
-        self.window.held, self.window.held_until = n, now + self.spec.scale.idle
 
     async def _warm_quietly(self) -> None:
         try:
@@ -450,16 +474,95 @@ class RevisionPool:
         self.backoff_until = time.monotonic() + delay
         log.warning("could not %s %s (retrying in %.0f s): %s", what, self.target.label, delay, exc)
 
-    async def scale_to(self, n: int) -> int:
-        """`ember scale`: stop idle instances down to n, or start up to n (within scale.max)."""
+    async def hold_scale(self, n: int) -> int:
+        """`ember scale`: stop idle instances down to n, or start up to n (within scale.max),
+        now; the autoscaler then holds exactly n for the idle grace before it decides again."""
         n = min(n, self.spec.scale.max)
-        self.keep_scale(n, time.monotonic())
-        idle = [i for i in self.instances.values() if not i.busy]
-        for inst in idle[: max(0, self.count - n)]:
+        self.window.held, self.window.held_until = n, time.monotonic() + self.spec.scale.idle
+        for inst in self._idle_oldest_first()[: max(0, self.count - n)]:
             inst.stop()
         extra = max(0, n - self.count)
         await asyncio.gather(*(self.warm_one() for _ in range(extra)))
         return self.count
+
+    # ---- the node's memory budget (an Occupant) ----
+    @property
+    def label(self) -> str:
+        return self.target.label
+
+    @property
+    def memory_mb(self) -> int:
+        return self.spec.memory
+
+    @property
+    def within_min(self) -> bool:
+        return self.count <= self.spec.scale.min and not self.standby
+
+    @property
+    def protected(self) -> int:
+        """Instances the budget must leave running: scale.min while it gets traffic."""
+        return 0 if self.retired or self.standby else self.spec.scale.min
+
+    def used_mb(self) -> int:
+        """Every instance (running or starting) and the zygote, each at `memory:`."""
+        return (self.count + self.zygote_alive) * self.spec.memory
+
+    def reserve_mb(self) -> int:
+        """What it still needs to reach scale.min (its zygote included)."""
+        if self.count >= self.protected:
+            return 0
+        return (self.protected - self.count + (not self.zygote_alive)) * self.spec.memory
+
+    def evictions(self, asking: bool) -> list[Eviction]:
+        """Idle instances above scale.min, then the zygote once everything in it may go;
+        nothing of the asking revision (it would only start them again)."""
+        if asking:
+            return []
+        may_go = self.count - self.protected
+        idle = self._idle_oldest_first()
+        offers = [
+            Eviction(
+                i.idle_since,
+                False,
+                self.spec.memory,
+                f"an instance of {self.label}",
+                functools.partial(self._evict_instance, i),
+            )
+            for i in idle[: max(0, may_go)]
+        ]
+        zygote = self.zygote
+        if (
+            zygote is not None
+            and zygote.ready.done()
+            and not zygote.dead
+            and not self.starting
+            and not self.demand
+            and len(idle) == self.count  # everything in it is idle
+            and may_go >= self.count  # and may go
+        ):
+            offers.append(
+                Eviction(
+                    zygote.last_used,
+                    True,
+                    self.spec.memory,
+                    f"the zygote of {self.label}",
+                    self._evict_zygote,
+                )
+            )
+        return offers
+
+    def _evict_instance(self, inst: Instance) -> bool:
+        if inst.busy or inst.dead:
+            return False
+        inst.stop()
+        self.forget(inst)
+        return True
+
+    def _evict_zygote(self) -> bool:
+        if self.instances or self.zygote is None:
+            return False  # its instances are not all gone yet
+        self.release_zygote()
+        return True
 
     def statistics(self) -> RevisionStats:
         busy = sum(1 for i in self.instances.values() if i.busy)

@@ -44,9 +44,13 @@ class FunctionZygote:
     def _on_message(self, msg: ZygoteMessage, sender: int) -> None:
         if isinstance(msg, Forked):  # sent by the instance: `sender` is its pid on the host
             inst = self._by_id.pop(msg.instance, None)
-            if inst is not None:
-                self._by_pid[msg.pid] = inst  # InstanceExited names the pid the zygote sees
-                inst.set_pid(sender or msg.pid)
+            if inst is None:
+                return
+            if not sender:  # a pid said from inside a sandbox is not the host's: never signal it
+                inst.refuse(_uncredited(self.target, "instance"))
+                return
+            self._by_pid[msg.pid] = inst  # InstanceExited names the pid the zygote sees
+            inst.set_pid(sender)
         elif isinstance(msg, ForkFailed):
             inst = self._by_id.pop(msg.instance, None)
             if inst is not None:  # the zygote closed its socket: EOF fails it with this cause
@@ -63,7 +67,12 @@ class FunctionZygote:
             if inst is not None and not inst.exit_status.done():
                 inst.exit_status.set_result(msg.status)
         elif isinstance(msg, ZygoteStarted):
-            self.pid = sender or msg.pid
+            if not sender:
+                if not self.ready.done():
+                    self.ready.set_exception(_uncredited(self.target, "zygote"))
+                self.channel.close()
+                return
+            self.pid = sender
         elif isinstance(msg, ZygoteReady):
             if not self.ready.done():
                 self.ready.set_result(msg)
@@ -145,4 +154,11 @@ def _platform_failure(target: Target, msg: ZygoteFailed) -> PlatformError:
         )
     return PlatformError(
         f"could not start the sandbox of '{target.label}': {msg.message}; see `ember doctor`"
+    )
+
+
+def _uncredited(target: Target, what: str) -> PlatformError:
+    return PlatformError(
+        f"the {what} of '{target.label}' reported its pid without kernel credentials "
+        "(SCM_CREDENTIALS); Ember does not signal a pid it cannot verify, so it was refused"
     )

@@ -1,0 +1,87 @@
+"""The server's handles on zygotes and instances, against real sockets (no processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import msgspec
+import pytest
+
+from ember.errors import PlatformError
+from ember.pool.instance import Instance
+from ember.pool.placement import MemoryVerdict
+from ember.pool.revision import PoolSettings, RevisionPool
+from ember.pool.target import Target
+from ember.pool.zygote import FunctionZygote
+from ember.spec import FunctionSpec
+from ember.wire.frames import frame
+from ember.wire.messages import Forked, Invoke, Result, ZygoteStarted
+
+TARGET = Target("fn", 1, "0" * 64, "/nonexistent", FunctionSpec(name="fn", concurrency=4))
+
+
+def test_a_pid_reported_without_credentials_is_refused_not_signalled() -> None:
+    """Regression: `sender or msg.pid` trusted the pid a (sandboxed) peer wrote itself."""
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        zygote = FunctionZygote(ours, TARGET)
+        inst = await zygote.fork("fn-1-abc", 0, lambda _i, _m: None, lambda _i: None)
+        zygote._on_message(Forked(instance="fn-1-abc", pid=1), 0)  # pid 1: init on the host
+        assert inst.pid == 0 and inst.dead
+        assert inst.death is not None and "SCM_CREDENTIALS" in inst.death.message
+        assert inst.exit_status.done()
+        zygote._on_message(ZygoteStarted(pid=1), 0)
+        assert zygote.pid == 0
+        with pytest.raises(PlatformError, match="credentials"):
+            zygote.ready.result()
+        theirs.close()
+
+    asyncio.run(main())
+
+
+class _Host:
+    """The few calls `_timed_out` and `release` make of a host."""
+
+    def activity(self, target: Target, busy: bool, now: float) -> None:
+        pass
+
+    def freed(self) -> None:
+        pass
+
+    async def verdict(self, procs: str) -> MemoryVerdict:
+        return MemoryVerdict(False, 0)
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        self.written.append(bytes(data))
+
+
+def test_a_timer_that_fires_after_the_result_arrived_kills_nothing() -> None:
+    """Regression: the timeout timer and the result in one loop turn killed the instance,
+    and with concurrency > 1 its other requests got false 502s."""
+
+    async def main() -> None:
+        rp = RevisionPool(TARGET, _Host(), PoolSettings(queue_depth=10, init_timeout=5))  # type: ignore[arg-type]
+        inst = Instance("fn-1-abc", 4, lambda _i, _m: None, lambda _i: None)
+        inst.connection_made(_Transport())
+        calls = []
+        for n in range(2):
+            msg = Invoke(f"r{n}", "GET", "/", b"", [], b"", 0.0)
+            inst.reserved += 1
+            calls.append((msg, inst.call(msg)))
+        (first, fut), (_second, other) = calls
+        reply = Result(id=first.id, status=200, headers=[], body=b"ok")
+        inst.data_received(frame(msgspec.msgpack.encode(reply)))
+        assert fut.done()  # the result is in; the awaiting task has not run yet
+        rp._timed_out(inst, first, caller_deadline=False)  # the timer fires in the same turn
+        assert not inst.dead and inst.death is None
+        assert fut.result().status == 200 and not other.done()
+
+    asyncio.run(main())
