@@ -119,3 +119,43 @@ def test_a_failed_fork_in_the_root_zygote_fails_one_start_not_the_node(
     assert resp.status_code == 201, resp.text
     assert server.http.get("/fn/starved").headers["x-ember-start"] == "fork"
     assert _root_zygote(server).pid == root.pid
+
+
+BIG = """
+import asyncio
+
+def make():
+    return b"x" * (65 * 1024 * 1024)
+
+{kind}
+"""
+BIG_SYNC = "def handle(req, ctx):\n    return make()\n"
+BIG_ASYNC = (
+    "async def handle(req, ctx):\n"
+    "    if req.path == '/cancel':\n"
+    "        raise asyncio.CancelledError()\n"
+    "    return make()\n"
+)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_result_over_the_frame_limit_is_a_502_naming_it_at_once(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path], kind: str
+) -> None:
+    """Regression: an async handler whose result could not be sent left the request hanging
+    until its timeout (504); both kinds answer at once with the limit named. The function's
+    timeout (10 min) is far beyond the client's (60 s): a hang fails the test."""
+    server = server_factory()
+    code = BIG.format(kind=BIG_SYNC if kind == "sync" else BIG_ASYNC)
+    server.deploy(fn_dir("big", code, "functions:\n  big:\n    memory: 512\n    timeout: 10m\n"))
+    resp = server.http.get("/fn/big")
+    assert resp.status_code == 502, resp.text[:300]
+    body = resp.json()
+    assert body["errorType"] == "ResponseTooLarge"
+    assert "65.0 MiB exceeds the 64 MiB limit" in body["errorMessage"]
+    again = server.http.get("/fn/big")  # the instance lives on
+    assert again.status_code == 502 and again.headers["x-ember-start"] == "warm"
+    if kind == "async":
+        cancelled = server.http.get("/fn/big/cancel")
+        assert cancelled.status_code == 500
+        assert cancelled.json()["errorType"] == "CancelledError"

@@ -120,3 +120,19 @@ def error_result(request_id: str, exc: BaseException, *, kind: str = "exception"
     return Result(
         id=request_id, status=500, headers=[(b"content-type", JSON)], body=body, error=info
     )
+
+
+def too_large(request_id: str, size: int, limit: int) -> Result:
+    """The handler's response could not be sent: 502 naming the limit."""
+    mib = 1024 * 1024
+    message = (
+        f"the function's response of {size / mib:.1f} MiB exceeds the {limit // mib} MiB "
+        "limit of one response; return large payloads by reference (e.g. a URL to them)"
+    )
+    info = ErrorInfo(error_type="ResponseTooLarge", message=message, stack_trace=[])
+    body = _json.encode(
+        {"errorType": info.error_type, "errorMessage": message, "requestId": request_id}
+    )
+    return Result(
+        id=request_id, status=502, headers=[(b"content-type", JSON)], body=body, error=info
+    )

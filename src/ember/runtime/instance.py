@@ -22,7 +22,7 @@ import msgspec
 from ember.runtime import convert, limits
 from ember.runtime.api import Context, Request, fork_hooks
 from ember.runtime.capture import Capture, current_request
-from ember.wire.frames import FrameDecoder, frame
+from ember.wire.frames import MAX_FRAME, FrameDecoder, FrameTooLarge, frame
 from ember.wire.messages import InstanceCommand, Invoke, Log, Result, Shutdown, SpawnZygote
 
 Handler = Callable[[Request, Context], Any]
@@ -78,14 +78,18 @@ class Instance:
         return req, ctx
 
     def finish(self, msg: Invoke, result: Result, started: float) -> None:
+        """Send the result; one that cannot be sent (over the frame limit) is answered by an
+        error naming why, at once: the caller never waits for its timeout instead."""
         self.capture.finish(msg.id)
-        self.send(
-            msgspec.structs.replace(
-                result,
-                duration_ms=(time.perf_counter() - started) * 1000.0,
-                max_rss_kb=limits.peak_rss_kb(),
-            )
+        done = msgspec.structs.replace(
+            result,
+            duration_ms=(time.perf_counter() - started) * 1000.0,
+            max_rss_kb=limits.peak_rss_kb(),
         )
+        try:
+            self.send(done)
+        except FrameTooLarge:
+            self.send(convert.too_large(msg.id, len(result.body), MAX_FRAME))
         if result.error is not None and result.error.kind == "memory":
             os._exit(70)  # the heap may be corrupt; the server forks a fresh one
 
@@ -122,9 +126,12 @@ class Instance:
                 result = convert.to_result(msg.id, await self.handler(req, ctx))
             except MemoryError as exc:
                 result = convert.error_result(msg.id, exc, kind="memory")
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:  # cancelled by its own code
                 result = convert.error_result(msg.id, exc)
-        self.finish(msg, result, started)
+        try:
+            self.finish(msg, result, started)
+        except BaseException:  # as on the sync path: a result that cannot go out is a crash,
+            os._exit(1)  # which the server answers at once (502), never a hang
 
     def commands(self, data: bytes) -> list[InstanceCommand]:
         return [self.decoder.decode(raw) for raw in self.frames.feed(data)]
