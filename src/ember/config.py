@@ -28,6 +28,11 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     budget_wait: float = 5.0  # seconds a start may wait for memory before 429
     revision_retention: int = 10  # revisions kept per function (aliases keep theirs too)
     max_body_bytes: int = 6 * 1024 * 1024  # request bodies; larger → 413
+    # Request bodies held in memory at once, over every request (read, waiting, running);
+    # a request that would go beyond gets 503.
+    max_buffered_bytes: int = 256 * 1024 * 1024
+    max_connections: int = 1024  # open HTTP connections; one more is answered 503 and closed
+    head_timeout: float = 10.0  # seconds a request line and headers may take to arrive → 408
     max_bundle_bytes: int = 64 * 1024 * 1024  # compressed upload
     max_unpacked_bytes: int = 256 * 1024 * 1024
     max_bundle_files: int = 10_000
@@ -61,6 +66,14 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
                 "must be >= 1",
             ),
             ("max_body_bytes", self.max_body_bytes, self.max_body_bytes > 0, "must be > 0"),
+            (
+                "max_buffered_bytes",
+                self.max_buffered_bytes,
+                self.max_buffered_bytes >= self.max_body_bytes,
+                f"must be at least max_body_bytes ({self.max_body_bytes})",
+            ),
+            ("max_connections", self.max_connections, self.max_connections >= 1, "must be >= 1"),
+            ("head_timeout", self.head_timeout, self.head_timeout > 0, "must be > 0"),
             ("flush_interval", self.flush_interval, self.flush_interval > 0, "must be > 0"),
             (
                 "sandbox",

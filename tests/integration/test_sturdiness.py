@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import tarfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -159,3 +162,70 @@ def test_a_result_over_the_frame_limit_is_a_502_naming_it_at_once(
         cancelled = server.http.get("/fn/big/cancel")
         assert cancelled.status_code == 500
         assert cancelled.json()["errorType"] == "CancelledError"
+
+
+def _reply(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes (bounded by the socket's timeout)."""
+    sock.settimeout(30)
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def test_connections_beyond_the_limit_get_503_and_slow_heads_get_408(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+) -> None:
+    """Regression: no connection limit, and a head could trickle in forever (slow loris)."""
+    server = server_factory("--max-connections", "8", "--head-timeout", "1")
+    server.deploy(fn_dir("ok", HELLO))
+    server.http.close()  # no keep-alive connection of the test's own counts against the 8
+    loris = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
+    try:
+        for sock in loris:
+            sock.sendall(b"GET /fn/ok HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        with socket.create_connection(("127.0.0.1", server.port)) as extra:
+            refused = _reply(extra)
+        assert refused.startswith(b"HTTP/1.1 503 "), refused[:200]
+        assert b"too_many_connections" in refused and b"retry-after: 1" in refused
+        timed_out = _reply(loris[0])
+        assert timed_out.startswith(b"HTTP/1.1 408 "), timed_out[:200]
+        assert b"did not arrive within 1 s" in timed_out
+    finally:
+        for sock in loris:
+            sock.close()
+    wait_for(
+        lambda: httpx.get(f"{server.url}/fn/ok", timeout=5).status_code == 200,
+        10,
+        "the server to serve again once the slow connections are gone",
+    )
+
+
+SLOW = """
+import time
+
+def handle(req, ctx):
+    time.sleep(3)
+    return {"got": len(req.body)}
+"""
+
+
+def test_request_bodies_held_at_once_are_bounded_with_a_503(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+) -> None:
+    """Regression: every request buffered up to 6 MB before admission, with no total bound."""
+    server = server_factory("--max-buffered-mb", "8")
+    server.deploy(fn_dir("slow", SLOW, "functions:\n  slow:\n    concurrency: 4\n"))
+    info = lambda: server.api.get("/api/v1/functions/slow").json()  # noqa: E731
+    body = b"x" * (5 * 1024 * 1024)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.post, f"{server.url}/fn/slow", content=body, timeout=60)
+        wait_for(lambda: info()["instances"]["busy"] == 1, 10, "the first request to run")
+        second = httpx.post(f"{server.url}/fn/slow", content=body, timeout=60)
+        assert second.status_code == 503, second.text[:300]
+        assert second.json()["error"]["code"] == "server_busy"
+        assert "limit is 8 MB" in second.json()["error"]["message"]
+        assert second.headers["retry-after"] == "1"
+        assert first.result().json() == {"got": len(body)}
+    again = httpx.post(f"{server.url}/fn/slow", content=body, timeout=60)  # held bytes came back
+    assert again.status_code == 200 and again.json() == {"got": len(body)}

@@ -170,6 +170,16 @@ def up(
     revision_retention: Annotated[
         int, typer.Option(help="Revisions kept per function (aliases keep theirs too).")
     ] = server_default("revision_retention"),
+    max_connections: Annotated[
+        int, typer.Option(help="Open HTTP connections; one more is answered 503 and closed.")
+    ] = server_default("max_connections"),
+    max_buffered_mb: Annotated[
+        int,
+        typer.Option(help="MB of request bodies held in memory at once; beyond, 503."),
+    ] = server_default("max_buffered_bytes") // (1024 * 1024),
+    head_timeout: Annotated[
+        float, typer.Option(help="Seconds a request's line and headers may take (then 408).")
+    ] = server_default("head_timeout"),
     require_isolation: Annotated[
         bool,
         typer.Option(
@@ -205,6 +215,9 @@ def up(
         memory_budget_mb=memory_budget,
         budget_wait=budget_wait,
         revision_retention=revision_retention,
+        max_connections=max_connections,
+        max_buffered_bytes=max_buffered_mb * 1024 * 1024,
+        head_timeout=head_timeout,
         log_level=log_level,
         sandbox="off" if no_sandbox else sandbox,
         require_isolation=require_isolation,

@@ -47,6 +47,7 @@ class Gateway:
         keys: KeyTable,
         max_body_bytes: int,
         outcomes: Outcomes,
+        max_buffered_bytes: int,
     ) -> None:
         self.outcomes = outcomes
         self.routes = routes
@@ -55,6 +56,8 @@ class Gateway:
         self.telemetry = telemetry
         self.metrics = metrics
         self.max_body = max_body_bytes
+        self.max_buffered = max_buffered_bytes  # bodies of every request in memory at once
+        self.buffered = 0
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         started, t0 = time.time(), time.perf_counter()
@@ -64,6 +67,7 @@ class Gateway:
         target: Target | None = None
         tier, instance, result, peak = "none", "", None, 0
         caller = False  # the caller shortened the deadline: its 504 says nothing of the code
+        held = [0]  # bytes of this request's body counted in self.buffered
         try:
             if route is None:
                 where = "" if key.startswith("default/") else f" in namespace '{key.split('/')[0]}'"
@@ -74,7 +78,7 @@ class Gateway:
             target, alias = _choose(route, alias, scope["headers"], rid, name)
             authorized = _private(route, target)
             headers = self._admit(target, scope["headers"], authorized)
-            body = await self._body(scope, receive)
+            body = await self._body(scope, receive, held)
             route = self.routes.get(key) or route  # a deploy may have landed meanwhile
             target, alias = _choose(route, alias, scope["headers"], rid, name)
             if _private(route, target) and not authorized:  # it became private
@@ -110,6 +114,8 @@ class Gateway:
             log.exception("invocation %s of %s failed inside Ember", rid, key)
             status, error = 500, "internal"
             await self._error(send, _internal(exc), rid, target, tier)
+        finally:
+            self.buffered -= held[0]
         elapsed = time.perf_counter() - t0
         if target is not None:
             self._record(target, rid, started, elapsed, status, tier, instance, peak, error)
@@ -134,7 +140,9 @@ class Gateway:
         self.keys.throttle(principal, time.monotonic())
         return [(k, v) for k, v in headers if k != b"authorization"]
 
-    async def _body(self, scope: Scope, receive: Any) -> bytes:
+    async def _body(self, scope: Scope, receive: Any, held: list[int]) -> bytes:
+        """The whole body, counted in `held` (and the server's `buffered`) as it arrives: a
+        request that would take the server past `max_buffered` bytes of bodies gets 503."""
         for key, value in scope["headers"]:
             if key == b"content-length" and value.isdigit() and int(value) > self.max_body:
                 raise _too_large(int(value), self.max_body)
@@ -148,9 +156,23 @@ class Gateway:
             size += len(chunk)
             if size > self.max_body:
                 raise _too_large(size, self.max_body)
+            if chunk:
+                self._hold(len(chunk), held)
             chunks.append(chunk)
             more = message.get("more_body", False)
         return b"".join(chunks)
+
+    def _hold(self, n: int, held: list[int]) -> None:
+        if self.buffered + n > self.max_buffered:
+            raise PlatformError(
+                f"the server holds {self.buffered // (1024 * 1024)} MB of request bodies, "
+                f"its limit is {self.max_buffered // (1024 * 1024)} MB (ember up "
+                "--max-buffered-mb); retry later",
+                code="server_busy",
+                headers={"Retry-After": "1"},
+            )
+        self.buffered += n
+        held[0] += n
 
     async def _error(
         self, send: Any, exc: EmberError, rid: str, target: Target | None, tier: str

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 import resource
 import signal
@@ -16,7 +15,6 @@ from pathlib import Path
 from types import FrameType
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ember import bundle
 from ember.api.app import build
@@ -30,6 +28,7 @@ from ember.gateway.router import RouteTable
 from ember.pool.manager import Pool
 from ember.secretbox import SecretBox
 from ember.server.app import EmberApp
+from ember.server.http import bounded_protocol
 from ember.store.sqlite import SQLiteStore
 from ember.telemetry.buffer import TelemetryBuffer
 from ember.telemetry.metrics import Metrics
@@ -69,6 +68,7 @@ class Server:
             self.keys,
             config.max_body_bytes,
             self.outcomes,
+            config.max_buffered_bytes,
         )
         self.app = EmberApp(gateway, build(self.control, self.metrics))
         self._flusher: asyncio.Task[None] | None = None
@@ -111,53 +111,6 @@ class Server:
         await self.pool.shutdown()
         await self.flush()
         await self.store.close()
-
-
-MAX_HEAD_BYTES = 64 * 1024  # request line + headers; more is a 431
-
-
-class _BoundedHead(HttpToolsProtocol):
-    """httptools buffers a request head of any size; this answers 431 past MAX_HEAD_BYTES."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # type: ignore[arg-type]
-        self._head, self._in_head, self._tail = 0, True, b""
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        super().on_headers_complete()
-
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        self._head, self._in_head, self._tail = 0, True, b""  # the next request on the connection
-
-    def data_received(self, data: bytes) -> None:
-        if self._in_head:  # count up to the blank line that ends the head, not the body
-            seen = self._tail + data  # the blank line may straddle two reads
-            end = seen.find(b"\r\n\r\n")
-            self._head += len(data) if end < 0 else max(0, end - len(self._tail))
-            self._tail = seen[-3:]
-            if self._head > MAX_HEAD_BYTES:
-                self._refuse()
-                return
-        super().data_received(data)
-
-    def _refuse(self) -> None:
-        body = _json_error(
-            "headers_too_large",
-            f"the request line and headers exceed {MAX_HEAD_BYTES // 1024} KB; send large "
-            "values in the body",
-        )
-        self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"content-type: application/json\r\nconnection: close\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
-        self.transport.close()
-
-
-def _json_error(code: str, message: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message}}).encode()
 
 
 class _Uvicorn(uvicorn.Server):
@@ -208,7 +161,7 @@ async def run(config: ServerConfig, deploy: list[Path]) -> int:
             server.app,
             host=config.host,
             port=config.port,
-            http=_BoundedHead,
+            http=bounded_protocol(config.max_connections, config.head_timeout),
             lifespan="off",
             access_log=False,
             log_level=config.log_level,
