@@ -7,17 +7,18 @@ pushed to the data plane whenever it changes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import msgspec
 
 from ember import auth, bundle, manifest
+from ember.api.bundles import Bundles
+from ember.api.delayed import Delayed
 from ember.api.schemas import CanaryPlan, Deployed
 from ember.api.traffic import TrafficControl, qualified
 from ember.blobs.base import Blobs
@@ -54,15 +55,6 @@ def validate_namespace(namespace: str) -> str:
     return namespace
 
 
-def _read_only(root: Path) -> None:
-    """Code directories are shared by revisions: files lose their write bits. (Zygotes do not
-    write `__pycache__` either; byte-compiling here would hold the server's GIL per file.)"""
-    root.chmod(0o755)  # readable by the sandboxes' unprivileged uids, writable by none
-    for path in root.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            path.chmod(path.stat().st_mode & 0o555)
-
-
 def _generation(secrets: dict[str, bytes]) -> str:
     """A short tag of the secret values (a keyed digest would add nothing: it stays in memory)."""
     if not secrets:
@@ -97,12 +89,13 @@ class Control(TrafficControl):
         self.keys = keys
         self.box = box
         self.outcomes = outcomes
+        self.bundles = Bundles(config.code_dir, blobs, store, config.revision_retention)
         self._targets: dict[str, Target] = {}  # the serving revision, by "namespace/name"
         self._functions: dict[str, FunctionRecord] = {}  # pointers: serving, aliases, rollout
         self._revs: dict[str, dict[int, Target]] = {}  # every revision a route points at
         self._latest: dict[str, int] = {}  # newest revision number
         self._rollout_task: asyncio.Task[None] | None = None
-        self._pending: set[asyncio.Task[None]] = set()  # delayed clean-ups
+        self._delayed = Delayed()  # clean-ups after a grace period
         self.namespaces: dict[str, NamespaceRecord] = {}
         self._sealed: dict[tuple[str, str], bytes] = {}  # (namespace, secret) -> sealed value
         self._deploying = asyncio.Lock()
@@ -176,7 +169,7 @@ class Control(TrafficControl):
         for number in sorted(wanted):
             rec = by_number.get(number)
             if rec is not None:
-                await asyncio.to_thread(self._ensure_code, rec.bundle)
+                await self.bundles.ensure_code(rec.bundle)
                 targets[number] = self.target(rec)
         self._functions[key] = fn
         self._revs[key] = targets
@@ -220,25 +213,7 @@ class Control(TrafficControl):
                 self._forget(fn.name)
         self.publish()  # the keep-alive loop starts scale.min instances from here
         log.info("restored %d function(s)", len(self._targets))
-        await self._sweep()
-
-    async def _sweep(self) -> None:
-        """Code directories and blobs no revision uses: left by a clean-up a shutdown cut."""
-        in_use = await self.store.bundles_in_use()
-        stored = set(await asyncio.to_thread(self.blobs.all))
-        if self.config.code_dir.is_dir():
-            stored |= {p.name for p in self.config.code_dir.iterdir() if len(p.name) == 64}
-        await self._drop_bundles(stored - in_use)
-
-    def _ensure_code(self, digest: str) -> Path:
-        path = self.config.code_dir / digest
-        if not path.exists():
-            tmp = Path(tempfile.mkdtemp(dir=self.config.code_dir, prefix=".tmp-"))
-            shutil.rmtree(tmp)
-            bundle.unpack(self.blobs.get(digest), tmp)
-            tmp.rename(path)
-            _read_only(path)
-        return path
+        await self.bundles.sweep()  # what a clean-up cut short by a shutdown left
 
     # ---- deploy ----
     async def deploy(
@@ -256,15 +231,13 @@ class Control(TrafficControl):
             deployed = await self._deploy(data, default_name, namespace, canary)
             for d in deployed:
                 if d.created:
-                    await self._collect(qualified(namespace, d.name))
+                    await self.bundles.collect(qualified(namespace, d.name))
             return deployed
 
     async def _deploy(
         self, data: bytes, default_name: str, namespace: str, canary: CanaryPlan | None
     ) -> list[Deployed]:
-        self.config.code_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=self.config.code_dir, prefix=".tmp-"))
-        shutil.rmtree(staging)
+        staging = self.bundles.staging()
         try:
             specs = await asyncio.to_thread(self._unpack, data, staging, default_name)
             self._admit(namespace, specs)
@@ -275,24 +248,20 @@ class Control(TrafficControl):
                 self.namespaces[namespace] = await self.store.ensure_namespace(
                     namespace, time.time()
                 )
-            digest = hashlib.sha256(data).hexdigest()
-            code_dir = self.config.code_dir / digest
-            created_dir = not code_dir.exists()
-            if created_dir:
-                staging.rename(code_dir)
-                await asyncio.to_thread(_read_only, code_dir)
+            digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+            created_dir = await self.bundles.install(staging, digest)
             committed: list[str] = []
             try:
                 results = await self._commit(namespace, plans, digest, data, committed, canary)
             except BaseException:
                 if created_dir and not committed:
-                    shutil.rmtree(code_dir, ignore_errors=True)
+                    await self.bundles.remove([self.bundles.code_dir(digest)])
                 raise
-            if created_dir and not any(d.created for d in results):
-                shutil.rmtree(code_dir, ignore_errors=True)  # same code under another bundle
+            if created_dir and not any(d.created for d in results):  # same code, other bundle
+                await self.bundles.remove([self.bundles.code_dir(digest)])
             return results
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            await self.bundles.remove([staging])  # left when the code was there already
 
     def _unpack(self, data: bytes, staging: Path, default_name: str) -> list[FunctionSpec]:
         """Unpack and read the manifest, off the event loop (both can be slow on hostile input)."""
@@ -424,7 +393,7 @@ class Control(TrafficControl):
     ) -> list[Deployed]:
         await self._probe(namespace, plans, digest, probes)
         if any(target is not None for _s, _h, target, _m, _w in probes):
-            await asyncio.to_thread(self.blobs.put, data)  # only once every probe passed
+            await self.bundles.put(data)  # only once every probe passed
         trees = {spec.name: tree for spec, _sha, tree in plans}
         results: list[Deployed] = []
         now = time.time()
@@ -495,8 +464,18 @@ class Control(TrafficControl):
             await self.store.delete_function(key)
             self._forget(key)
             self.publish()
+            self._forget_function_state(key)
             # Requests still running on it finish first: they may read their code meanwhile.
-            self._later(grace + 5.0, self._drop_bundles_locked(bundles))
+            self._delayed.call(
+                grace + 5.0,
+                functools.partial(self._drop_bundles_locked, bundles),
+                f"dropping the code of {key}",
+            )
+
+    def _forget_function_state(self, key: str) -> None:
+        """`ember rm`: what the data plane keeps per function, beyond the revisions that the
+        routes just retired, goes with it (so a deploy/rm loop does not grow the server)."""
+        self.pool.forget_function(key)
 
     async def scale(self, namespace: str, name: str, instances: int) -> int:
         if instances < 0:

@@ -9,18 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import time
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from ember import manifest
 from ember.api import rollout as rollouts
+from ember.api.bundles import Bundles
+from ember.api.delayed import Delayed
 from ember.api.schemas import CanaryPlan
-from ember.blobs.base import Blobs
 from ember.config import ServerConfig
 from ember.errors import NotFound, UserError
 from ember.gateway.router import BUCKETS
@@ -51,7 +50,7 @@ class TrafficControl:
 
     config: ServerConfig
     store: Store
-    blobs: Blobs
+    bundles: Bundles
     pool: Pool
     outcomes: Outcomes
     _functions: dict[str, FunctionRecord]
@@ -59,12 +58,11 @@ class TrafficControl:
     _targets: dict[str, Target]
     _deploying: asyncio.Lock
     _rollout_task: asyncio.Task[None] | None
-    _pending: set[asyncio.Task[None]]
+    _delayed: Delayed
     require: Callable[[str, str], Target]
     target: Callable[[RevisionRecord], Target]
     publish: Callable[[], None]
     _load: Callable[[str], Coroutine[Any, Any, None]]
-    _ensure_code: Callable[[str], Path]
 
     # ---- revisions and traffic ----
     def function_record(self, namespace: str, name: str) -> FunctionRecord:
@@ -226,7 +224,7 @@ class TrafficControl:
             rec = await self.store.revision(key, number)
             if rec is None:
                 continue
-            await asyncio.to_thread(self._ensure_code, rec.bundle)
+            await self.bundles.ensure_code(rec.bundle)
             target = self.target(rec)
             current = self._revs.get(key, {}).get(number)
             await self.pool.prepare(current if current is not None else target)
@@ -239,12 +237,12 @@ class TrafficControl:
         self._rollout_task = asyncio.get_running_loop().create_task(self._rollout_loop())
 
     async def stop_rollouts(self) -> None:
-        for task in list(self._pending):  # delayed clean-ups: the next start need not redo
-            task.cancel()
+        await self._delayed.cancel()  # clean-ups not yet due: the next start's sweep does them
         if self._rollout_task is not None:
             self._rollout_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._rollout_task
+        await self.bundles.close()
 
     async def _rollout_loop(self) -> None:
         while True:
@@ -297,44 +295,10 @@ class TrafficControl:
             await self._load(key)
             self.publish()
 
-    # ---- garbage collection of revisions ----
-    async def _collect(self, key: str) -> None:
-        """Keep the newest `revision_retention` revisions and every one a pointer names (the
-        serving and previous ones, aliases, a running rollout); then drop code and blobs no
-        revision uses."""
-        fn = await self.store.function(key)
-        if fn is None:
-            return
-        revs = await self.store.revisions(key)
-        keep = {r.number for r in revs[-self.config.revision_retention :]}
-        keep |= {fn.revision, fn.previous} | {a.revision for a in fn.aliases}
-        if fn.rollout is not None and fn.rollout.state == "running":
-            keep |= {fn.rollout.from_revision, fn.rollout.to_revision}
-        gone = [r for r in revs if r.number not in keep]
-        if not gone:
-            return
-        await self.store.delete_revisions(key, [r.number for r in gone])
-        await self._drop_bundles({r.bundle for r in gone})
-        log.info("%s: removed %d old revision(s)", key, len(gone))
-
-    def _later(self, delay: float, work: Coroutine[Any, Any, None]) -> None:
-        async def run() -> None:
-            await asyncio.sleep(delay)
-            await work
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
+    # ---- clean-ups ----
     async def _drop_bundles_locked(self, candidates: set[str]) -> None:
         async with self._deploying:
-            await self._drop_bundles(candidates)
-
-    async def _drop_bundles(self, candidates: set[str]) -> None:
-        unused = candidates - await self.store.bundles_in_use()
-        for digest in unused:
-            await asyncio.to_thread(self.blobs.delete, digest)
-            shutil.rmtree(self.config.code_dir / digest, ignore_errors=True)
+            await self.bundles.drop_unused(candidates)
 
 
 def _with_weights(aliases: list[Alias], changes: dict[str, tuple[int, int]]) -> list[Alias]:
