@@ -1,15 +1,17 @@
-"""Prometheus metrics on a registry of our own (no process-wide singletons)."""
+"""Prometheus metrics on a registry of our own (no process-wide singletons).
+
+The instance gauges read the pool's per-revision statistics through `RevisionCounts`, declared
+here: telemetry does not import the pool (the pool imports telemetry).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-from ember.pool.revision import RevisionStats
 
 BUCKETS = (
     0.0005,
@@ -33,8 +35,26 @@ BUCKETS = (
 )
 
 
+class RevisionCounts(Protocol):
+    """What the gauges read of one revision (the pool's `RevisionStats` has these fields)."""
+
+    @property
+    def function(self) -> str: ...  # "namespace/name"
+    @property
+    def idle(self) -> int: ...
+    @property
+    def busy(self) -> int: ...
+    @property
+    def starting(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+
+
+Statistics = Callable[[], Iterable[RevisionCounts]]
+
+
 class _InstanceCollector(Collector):
-    def __init__(self, stats: Callable[[], list[RevisionStats]]) -> None:
+    def __init__(self, stats: Statistics) -> None:
         self._stats = stats
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -64,7 +84,7 @@ class _InstanceCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], list[RevisionStats]]) -> None:
+    def __init__(self, stats: Statistics) -> None:
         self.registry = CollectorRegistry()
         self.invocations = Counter(
             "ember_invocations",
@@ -86,15 +106,18 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_InstanceCollector(stats))
-        self._children: dict[tuple[str, int, str], tuple[Any, Any, Any]] = {}
+        # function -> (code, tier) -> its children: labels() costs a lock and a dict build
+        self._children: dict[str, dict[tuple[int, str], tuple[Any, Any, Any]]] = {}
 
     def observe(self, qualified: str, code: int, seconds: float, tier: str) -> None:
         """`qualified` is "namespace/name"."""
-        key = (qualified, code, tier)
-        children = self._children.get(key)
-        if children is None:  # labels() costs a lock and a dict build per call: once per key
+        of_function = self._children.get(qualified)
+        if of_function is None:
+            of_function = self._children[qualified] = {}
+        children = of_function.get((code, tier))
+        if children is None:
             ns, _, fn = qualified.partition("/")
-            children = self._children[key] = (
+            children = of_function[(code, tier)] = (
                 self.invocations.labels(ns, fn, str(code)),
                 self.duration.labels(ns, fn),
                 self.starts.labels(ns, fn, tier) if tier != "none" else None,
@@ -104,6 +127,16 @@ class Metrics:
         duration.observe(seconds)
         if starts is not None:
             starts.inc()
+
+    def forget(self, qualified: str) -> None:
+        """Remove every series of a removed function ("namespace/name"): /metrics no longer
+        lists it and its children are freed. A later request starts its series from zero."""
+        ns, _, fn = qualified.partition("/")
+        for code, tier in self._children.pop(qualified, {}):
+            self.invocations.remove(ns, fn, str(code))
+            if tier != "none":
+                self.starts.remove(ns, fn, tier)
+        self.duration.remove(ns, fn)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
