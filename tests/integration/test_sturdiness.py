@@ -229,3 +229,31 @@ def test_request_bodies_held_at_once_are_bounded_with_a_503(
         assert first.result().json() == {"got": len(body)}
     again = httpx.post(f"{server.url}/fn/slow", content=body, timeout=60)  # held bytes came back
     assert again.status_code == 200 and again.json() == {"got": len(body)}
+
+
+def test_an_installation_under_tmp_is_visible_inside_the_sandbox(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+) -> None:
+    """Regression: Ember's own environment under /tmp was hidden by the sandbox's private
+    /tmp, so functions importing from it failed with ModuleNotFoundError."""
+    import sys
+    import tempfile
+    import venv
+
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="ember-venv-") as tmp:
+        env = Path(tmp) / "venv"
+        venv.EnvBuilder(with_pip=False, symlinks=True).create(env)
+        site = env / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+        site = site / "site-packages"
+        ours = [p for p in sys.path if p.endswith("site-packages")] + [
+            str(Path(__file__).resolve().parents[2] / "src")
+        ]
+        (site / "ember-test.pth").write_text("\n".join(ours) + "\n")
+        (site / "under_tmp.py").write_text("WHERE = __file__\n")
+        server = server_factory(prefix=[str(env / "bin" / "python")])
+        code = "import under_tmp\n\ndef handle(req, ctx):\n    return {'where': under_tmp.WHERE}\n"
+        server.deploy(fn_dir("tmpenv", code))
+        resp = server.http.get("/fn/tmpenv")
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"where": str(site / "under_tmp.py")}
+        server.stop()

@@ -280,13 +280,15 @@ def build_root(plan: SandboxPlan, code_dir: str) -> None:
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we mount reaches the host
     root = plan.root
     _mount("ember", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=0755")
+    # The private /tmp first: an interpreter or Ember installed under /tmp is then bound on
+    # top of it (into root-owned directories the function cannot rename), not hidden by it.
+    tmp = _mkdirs(root, "/tmp")
+    _mount("tmpfs", tmp, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={plan.tmp_mb}m,mode=1777")
     bound = _system(root)
     for hidden in map(os.path.realpath, plan.hide):  # EMBER_HOME under a bound directory
         if _under(hidden, bound) and os.path.isdir(hidden):
             _mount("tmpfs", root + hidden, "tmpfs", _MS_RDONLY, "size=4k,mode=0000")
     _bind(code_dir, _mkdirs(root, CODE_DIR))
-    tmp = _mkdirs(root, "/tmp")
-    _mount("tmpfs", tmp, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={plan.tmp_mb}m,mode=1777")
     _dev(root)
     _secrets(root, plan)
     proc = _mkdirs(root, "/proc")
