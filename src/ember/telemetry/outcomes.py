@@ -34,6 +34,11 @@ class Outcomes:
     def unwatch(self, function: str, revision: int) -> None:
         self._watched.pop((function, revision), None)
 
+    def forget(self, function: str) -> None:
+        """Stop watching every revision of a removed function ("namespace/name")."""
+        for key in [k for k in self._watched if k[0] == function]:
+            del self._watched[key]
+
     def add(self, function: str, revision: int, status: int, seconds: float) -> None:
         counts = self._watched.get((function, revision))
         if counts is None:
