@@ -257,3 +257,37 @@ def test_an_installation_under_tmp_is_visible_inside_the_sandbox(
         assert resp.status_code == 200, resp.text
         assert resp.json() == {"where": str(site / "under_tmp.py")}
         server.stop()
+
+
+RAISES = """
+import json
+
+def handle(req, ctx):
+    if req.path == "/lib":
+        return json.loads("{not json")
+    return helper()
+
+def helper():
+    raise ValueError("boom")
+"""
+
+
+def test_stack_traces_show_no_host_paths(
+    server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
+) -> None:
+    """Regression: stack traces returned to callers showed where Ember is installed."""
+    server = server_factory()
+    server.deploy(fn_dir("raises", RAISES))
+    install = str(Path(__file__).resolve().parents[2])  # the checkout and its .venv
+    for path in ("/", "/lib"):
+        body = server.http.get(f"/fn/raises{path}").json()
+        text = "".join(body["stackTrace"])
+        assert install not in text and "/code/" not in text, text
+        assert 'File "handler.py", line ' in text, text
+        assert 'File "<ember>", line ' in text, text
+    lib = "".join(server.http.get("/fn/raises/lib").json()["stackTrace"])
+    assert 'File "json/decoder.py"' in lib, lib
+    bad = server.cli("deploy", str(fn_dir("broken", "import nowhere_xyz\n")), check=False)
+    assert bad.returncode == 3
+    err = bad.stderr.decode()
+    assert 'File "handler.py", line 1' in err and install not in err, err

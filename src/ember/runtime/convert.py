@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-import traceback
 
 import msgspec
 
 from ember.runtime.api import Response
+from ember.runtime.stack import format_exception
 from ember.wire.messages import ErrorInfo, Headers, Result
 
 _json = msgspec.json.Encoder()
@@ -107,7 +107,7 @@ def to_result(request_id: str, value: object) -> Result:
 
 
 def error_result(request_id: str, exc: BaseException, *, kind: str = "exception") -> Result:
-    stack = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    stack = format_exception(exc)
     info = ErrorInfo(error_type=type(exc).__name__, message=str(exc), stack_trace=stack, kind=kind)
     body = _json.encode(
         {

@@ -15,11 +15,10 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ember.runtime import instance, limits, sandbox
+from ember.runtime import instance, limits, sandbox, stack
 from ember.runtime.channel import Channel, decoder_for
 from ember.wire.messages import (
     Forked,
@@ -49,6 +48,7 @@ def _prepare(spec: SpawnZygote) -> None:
     workdir = os.path.join(code_dir, spec.source)
     os.chdir(workdir)
     sys.path.insert(0, workdir)
+    stack.set_code_dir(code_dir)
     os.environ.update(spec.env)
     os.environ.update(
         {
@@ -72,13 +72,7 @@ def _load(spec: SpawnZygote) -> Callable[..., Any]:
 
 
 def _user_traceback(exc: BaseException) -> str:
-    frames = [
-        f
-        for f in traceback.extract_tb(exc.__traceback__)
-        if "importlib" not in f.filename and "/ember/runtime/" not in f.filename
-    ]
-    lines = traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)
-    return "Traceback (most recent call last):\n" + "".join(lines)
+    return "".join(stack.format_exception(exc, skip_ember=True))
 
 
 class Zygote:
