@@ -14,9 +14,9 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from ember.errors import PlatformError
+from ember.wire.messages import MAX_CONTROL_PACKET
 
 T = TypeVar("T")
-MAX_PACKET = 128 * 1024  # well under the default socket buffer (~208 KB)
 BATCH = 64  # messages handled per wake-up
 _UCRED = struct.Struct("iII")  # pid, uid, gid
 _CRED_SPACE = socket.CMSG_SPACE(_UCRED.size)
@@ -58,14 +58,14 @@ class AsyncChannel(Generic[T]):
         is writable again. Raises ConnectionError when the peer is gone.
         """
         data = self._encoder.encode(msg)
-        if self.closed or len(data) > MAX_PACKET:
+        if self.closed or len(data) > MAX_CONTROL_PACKET:
             if passing is not None:
                 passing.close()
             if self.closed:
                 raise ConnectionError("channel closed")
             raise PlatformError(
                 f"a {type(msg).__name__} message of {len(data)} bytes exceeds "
-                f"the {MAX_PACKET} byte limit of a control message"
+                f"the {MAX_CONTROL_PACKET} byte limit of a control message"
             )
         self._out.append((data, passing))
         if len(self._out) == 1:
@@ -104,7 +104,7 @@ class AsyncChannel(Generic[T]):
         # must not hold the event loop; the reader fires again on the next turn.
         for _ in range(BATCH):
             try:
-                data, ancillary, _flags, _addr = self.sock.recvmsg(MAX_PACKET, _CRED_SPACE)
+                data, ancillary, _flags, _addr = self.sock.recvmsg(MAX_CONTROL_PACKET, _CRED_SPACE)
             except BlockingIOError:
                 return
             except ConnectionResetError:  # the peer closed with our last message unread: the

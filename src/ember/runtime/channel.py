@@ -11,8 +11,9 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from ember.wire.messages import MAX_CONTROL_PACKET
+
 T = TypeVar("T")
-MAX_PACKET = 256 * 1024
 
 
 _decoders: dict[Any, Any] = {}
@@ -36,7 +37,7 @@ class Channel(Generic[T]):
 
     def recv(self) -> tuple[T, list[int]] | None:
         """The next message and the fds that came with it; None when the peer is gone."""
-        data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_PACKET, 4)
+        data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_CONTROL_PACKET, 4)
         if not data:
             for fd in fds:
                 socket.close(fd)

@@ -32,7 +32,10 @@ _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(InstanceCommand)
 
 
-class Instance:
+class InstanceLoop:
+    """The instance process's side: serves `Invoke` frames (the server's handle on it is
+    `ember.pool.instance.Instance`)."""
+
     def __init__(
         self, sock: socket.socket, handler: Handler, spec: SpawnZygote, prepared: Prepared
     ) -> None:
@@ -182,7 +185,7 @@ def run(fd: int, handler: Handler, spec: SpawnZygote, prepared: Prepared) -> Non
     code = 0
     try:
         sock = socket.socket(fileno=fd)
-        instance = Instance(sock, handler, spec, prepared)
+        instance = InstanceLoop(sock, handler, spec, prepared)
         instance.run_hooks()
         if inspect.iscoroutinefunction(handler):
             loop = _new_loop()

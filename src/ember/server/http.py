@@ -108,4 +108,3 @@ class BoundedHead(HttpToolsProtocol):
             b"\r\n" + extra + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )
         self.transport.close()
-

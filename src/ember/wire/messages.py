@@ -10,6 +10,11 @@ import msgspec
 Headers = list[tuple[bytes, bytes]]
 
 
+# One control message is one SOCK_SEQPACKET packet, both ways, well under the default socket
+# buffer (~208 KB): the server refuses to send a larger one and reads no more than this.
+MAX_CONTROL_PACKET = 128 * 1024
+
+
 class _Msg(msgspec.Struct, frozen=True, tag_field="t", array_like=False):
     pass
 
