@@ -29,7 +29,8 @@ def zygote_action(w: Windows, has_zygote: bool, in_use: bool, idle_for: float | 
     if loaded(w, idle_for):
         if has_zygote:
             return Action.KEEP
-        # Only a zygote the policy released on purpose comes back ahead of time; one released
-        # for memory (or never started) waits for its next request.
+        # Inside the window the histogram expects the next request: load it ahead of time,
+        # whatever stopped it (the policy, or the memory budget: a pre-warm only uses free
+        # memory, so it never undoes an eviction another start still needs).
         return Action.PREWARM if w.prewarm > 0 else Action.NONE
     return Action.RELEASE if has_zygote else Action.NONE

@@ -3,8 +3,9 @@
 Layout, below one parent per server (`ember/server-PID`):
 
     <revision>/            pids.max and the CPU share/quota of all its processes
-    <revision>/zygote-ID   memory of the function zygote: `memory` * (scale.max + 1), because
-                           instances are charged here until the server moves them out
+    <revision>/zygote-ID   memory of the function zygote: `memory` + 4 MB per instance of
+                           `scale.max` (at most 256 MB more), because a new instance is charged
+                           here for its first milliseconds, until the server moves it out
     <revision>/<instance>  memory limit of one instance
 
 In v1 each controller has its own tree: the zygote joins `pids/…/<revision>`,

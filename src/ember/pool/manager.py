@@ -167,8 +167,9 @@ class Pool:
             self.placement.forget_zygote_dirs(target.key)
 
     def forget_function(self, function: str) -> None:
-        """`ember rm`: nothing of the function ("namespace/name") stays, once its revisions
-        (retired by the routes) have drained."""
+        """`ember rm`: nothing of the function ("namespace/name") stays; its revisions,
+        retired by the routes, drain and are reaped by the keep-alive loop, which forgets
+        what their last requests recorded."""
         self.activity_of.forget(function)
 
     async def scale(self, target: Target, instances: int) -> int:
@@ -370,6 +371,8 @@ class Pool:
                 del self.revisions[key]
                 self._failing.discard(key)
                 self.placement.forget_zygote_dirs(key)
+                if not any(k[:2] == key[:2] for k in self._live):  # the function is gone
+                    self.activity_of.forget(rp.target.qualified)
             return
         rp.autoscale(now)
         self._keep_zygote(rp, now)
