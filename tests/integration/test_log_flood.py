@@ -8,19 +8,16 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 
-from ember.config import ServerConfig
 from ember.telemetry.buffer import LogBudget
 from tests.integration.conftest import EmberServer, wait_for
 
 FLOOD = 160 * 1024 * 1024  # characters each function prints (ASCII: bytes)
-FLUSH_INTERVAL = ServerConfig(home=Path()).flush_interval  # the server's default
 # What the server may hold for logs at once: the buffer of one window plus the batch being
 # written (and its JSON encoding), for the one function flooding at a time; 32 MiB of slack
 # for everything else the server allocates while it serves the floods.
@@ -151,7 +148,6 @@ def test_output_without_a_request_id_is_held_to_the_log_budget(
     budget = LogBudget().function_bytes
     for name in ("thread-flood", "hook-flood"):
         qualified = f"default/{name}"
-        started = time.monotonic()
         with peak_rss(server.proc.pid) as peak:
             emitted = _flood(server, name)
             # Every byte is accounted for: kept in the store, or counted in a notice.
@@ -160,7 +156,6 @@ def test_output_without_a_request_id_is_held_to_the_log_budget(
                 15,
                 f"the store to account for all {emitted} bytes of {name}",
             )
-        took = time.monotonic() - started  # every window of the flood ended within it
         growth = peak[0] - baseline
         assert growth < RSS_GROWTH_LIMIT, (
             f"{name}: the server's RSS grew by {growth >> 20} MiB while the function printed "
@@ -169,9 +164,6 @@ def test_output_without_a_request_id_is_held_to_the_log_budget(
         kept, dropped, notices = _stored(server, qualified)
         assert notices and dropped > 0, f"{name}: {kept} bytes kept, no dropped notice"
         assert str(budget) in notices[-1][1]  # the notice names the cap
-        # At most the budget per write to the store: an upper bound that only grows with the
-        # time the flood took, so a slow machine cannot make it fail.
-        assert kept <= budget * (took / FLUSH_INTERVAL + 2), (kept, took)
         # `ember logs` shows the notice to the function's owner (the first line from its time).
         shown = server.cli("logs", name, "--since", repr(notices[-1][0]), "--limit", "1")
         assert "bytes of output dropped" in shown.stdout.decode()

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
 import msgspec
 import pytest
 
+from ember.config import ServerConfig
 from ember.errors import PlatformError
 from ember.pool.instance import Instance
+from ember.pool.manager import Pool
 from ember.pool.placement import MemoryVerdict
 from ember.pool.revision import PoolSettings, RevisionPool
 from ember.pool.target import Target
 from ember.pool.zygote import FunctionZygote
 from ember.spec import FunctionSpec
+from ember.telemetry.buffer import TelemetryBuffer
 from ember.wire.frames import frame
-from ember.wire.messages import Forked, Invoke, Result, ZygoteStarted
+from ember.wire.messages import Forked, Invoke, Log, Result, ZygoteStarted
 
 TARGET = Target("fn", 1, "0" * 64, "/nonexistent", FunctionSpec(name="fn", concurrency=4))
 
@@ -85,3 +89,17 @@ def test_a_timer_that_fires_after_the_result_arrived_kills_nothing() -> None:
         assert fut.result().status == 200 and not other.done()
 
     asyncio.run(main())
+
+
+def test_an_instance_cannot_write_lines_as_ember(tmp_path: Path) -> None:
+    """`system` lines are Ember's own ([ember] notices); an instance runs the function's code,
+    so a `system` line from it is kept as stderr."""
+    telemetry = TelemetryBuffer(1024)
+    pool = Pool(ServerConfig(home=tmp_path), telemetry)
+    try:
+        for stream in ("system", "stdout", "log"):
+            pool.instance_log(TARGET, "i", Log(id="", stream=stream, ts=0.0, data="x\n"))
+        _acts, logs = telemetry.drain()
+        assert [r.stream for r in logs] == ["stderr", "stdout", "log"]
+    finally:
+        pool.placement.shutdown()

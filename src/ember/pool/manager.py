@@ -40,6 +40,7 @@ from ember.wire.messages import Log, SandboxPlan, ZygoteReady
 
 log = logging.getLogger("ember.pool")
 TICK = 0.25  # seconds between keep-alive decisions
+INSTANCE_STREAMS = frozenset({"stdout", "stderr", "log"})  # `system` lines are Ember's alone
 # A new instance is charged to its zygote's cgroup until the server moves it into its own:
 # the zygote's limit is `memory` plus this much per instance of `scale.max`, at most the cap.
 PRE_MOVE_MB = 4
@@ -305,6 +306,8 @@ class Pool:
 
     # ---- logs ----
     def instance_log(self, target: Target, instance: str, msg: Log) -> None:
+        """A line from an instance; it runs the function's code, so it cannot claim to be a
+        line of Ember's own (`system`): such a line is kept as stderr."""
         self.telemetry.log(
             LogRecord(
                 ts=msg.ts,
@@ -312,7 +315,7 @@ class Pool:
                 revision=target.number,
                 request_id=msg.id,
                 instance=instance,
-                stream=msg.stream,
+                stream=msg.stream if msg.stream in INSTANCE_STREAMS else "stderr",
                 message=msg.data,
             )
         )
