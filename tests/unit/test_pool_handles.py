@@ -11,10 +11,11 @@ import pytest
 
 from ember.config import ServerConfig
 from ember.errors import PlatformError
+from ember.pool.host import PoolSettings
 from ember.pool.instance import Instance
 from ember.pool.manager import Pool
 from ember.pool.placement import MemoryVerdict
-from ember.pool.revision import PoolSettings, RevisionPool
+from ember.pool.revision import RevisionPool
 from ember.pool.target import Target
 from ember.pool.zygote import FunctionZygote
 from ember.spec import FunctionSpec

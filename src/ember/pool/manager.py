@@ -26,9 +26,10 @@ from ember.pool.activity import Activity
 from ember.pool.budget import MemoryBudget
 from ember.pool.capabilities import Check, SandboxProbe, missing, probe_sandbox, protections
 from ember.pool.cgroup import Cgroups
+from ember.pool.host import PoolSettings, RevisionStats
 from ember.pool.instance import Instance
 from ember.pool.placement import MemoryVerdict, Placement
-from ember.pool.revision import PoolSettings, RevisionPool, RevisionStats
+from ember.pool.revision import RevisionPool
 from ember.pool.root import RootZygote, spec_message
 from ember.pool.spares import Spares
 from ember.pool.target import RevisionKey, Target

@@ -16,7 +16,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Coroutine
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 
@@ -32,54 +32,15 @@ from ember.errors import (
     PlatformError,
 )
 from ember.pool.budget import Eviction
+from ember.pool.host import PoolHost, PoolSettings, RevisionStats
 from ember.pool.instance import Instance
 from ember.pool.placement import MemoryVerdict
 from ember.pool.target import Target
 from ember.pool.zygote import FunctionZygote
 from ember.wire.messages import Invoke, Log, Result
 
-
-class PoolSettings(msgspec.Struct, frozen=True):
-    queue_depth: int  # requests that may wait per revision at scale.max
-    init_timeout: float  # seconds a module may take to import
-
-
-class PoolHost(Protocol):
-    """What a revision's pool asks of the node's pool."""
-
-    def activity(self, target: Target, busy: bool, now: float) -> None: ...
-    def check_quota(self, target: Target) -> None: ...
-    async def make_room(self, rp: RevisionPool, loop_deadline: float | None) -> None: ...
-    def check_prewarm(self, rp: RevisionPool) -> None: ...
-    def freed(self) -> None: ...
-    async def start_zygote(self, target: Target) -> tuple[FunctionZygote, bool]: ...
-    def rlimit_for(self, memory_mb: int) -> int: ...
-    def place(self, inst: Instance, zygote_dir: str, memory_mb: int) -> None: ...
-    async def verdict(self, procs: str) -> MemoryVerdict: ...
-    def release_cgroup(self, procs: str) -> None: ...
-    def instance_log(self, target: Target, instance: str, msg: Log) -> None: ...
-    def system_log(self, target: Target, text: str) -> None: ...
-
-
 log = logging.getLogger("ember.pool")
 WARM, FORK, SPECIALIZE, FRESH = "warm", "fork", "specialize", "fresh"
-
-
-class RevisionStats(msgspec.Struct, frozen=True):
-    function: str  # "namespace/name"
-    revision: int
-    idle: int
-    busy: int
-    starting: int
-    waiting: int
-    zygote: str  # none | starting | ready
-    retired: bool
-    starts: dict[str, int]
-    zygote_pid: int = 0  # on the host
-    memory_mb: int = 0  # per instance
-    desired: int = 0  # what the autoscaler last asked for
-    panic: bool = False
-    concurrency: float = 0.0  # mean over the stable window
 
 
 class RevisionPool:
