@@ -77,7 +77,7 @@ class Gateway:
                 )
             target, alias = _choose(route, alias, scope["headers"], rid, name)
             authorized = _private(route, target)
-            headers = self._admit(target, scope["headers"], authorized)
+            headers = self._headers_for(target, scope["headers"], authorized)
             body = await self._body(scope, receive, held)
             route = self.routes.get(key) or route  # a deploy may have landed meanwhile
             target, alias = _choose(route, alias, scope["headers"], rid, name)
@@ -122,7 +122,7 @@ class Gateway:
             if not (caller and status == 504):  # a deadline the caller chose, not the code's
                 self.outcomes.add(target.qualified, target.number, status, elapsed)
 
-    def _admit(self, target: Target, headers: Headers, private: bool) -> Headers:
+    def _headers_for(self, target: Target, headers: Headers, private: bool) -> Headers:
         """The headers the function gets: a private function's caller must hold an invoke
         key; an Ember key sent to a public one is dropped all the same."""
         if private:
