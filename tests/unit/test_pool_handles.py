@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from pathlib import Path
 
 import msgspec
@@ -14,7 +15,7 @@ from ember.errors import PlatformError
 from ember.pool.host import PoolSettings
 from ember.pool.instance import Instance
 from ember.pool.manager import Pool
-from ember.pool.placement import MemoryVerdict
+from ember.pool.placement import MemoryVerdict, Placement
 from ember.pool.revision import RevisionPool
 from ember.pool.target import Target
 from ember.pool.zygote import FunctionZygote
@@ -104,3 +105,78 @@ def test_an_instance_cannot_write_lines_as_ember(tmp_path: Path) -> None:
         assert [r.stream for r in logs] == ["stderr", "stdout", "log"]
     finally:
         pool.placement.shutdown()
+
+
+def test_one_revision_that_raises_does_not_stop_the_tick_for_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: an exception for one revision skipped the rest of the tick (other
+    revisions, the budget, the cgroup sweep), every tick while it persisted."""
+    pool = Pool(ServerConfig(home=tmp_path), TelemetryBuffer(1024))
+    try:
+        bad = Target("bad", 1, "1" * 64, "/nonexistent", FunctionSpec(name="bad"))
+        good = Target("good", 1, "2" * 64, "/nonexistent", FunctionSpec(name="good"))
+        pool.retire_all_but([bad.key, good.key])
+        broken, fine = pool.open_revision(bad), pool.open_revision(good)
+
+        def fail(now: float) -> None:
+            raise RuntimeError("a bug for this revision only")
+
+        broken.autoscale = fail  # type: ignore[method-assign]
+        budget_ticks = []
+        pool.budget.tick = lambda: budget_ticks.append(1)  # type: ignore[method-assign]
+        with caplog.at_level("ERROR", logger="ember.pool"):
+            for n in range(1, 4):
+                pool.tick(float(n))
+        assert len(fine.window.samples) == 3  # the good revision was stepped every tick
+        assert budget_ticks == [1, 1, 1]
+        errors = [r for r in caplog.records if "bad@1" in r.getMessage()]
+        assert len(errors) == 1  # logged once while it persists
+    finally:
+        pool.placement.shutdown()
+
+
+class _RecordingCgroups:
+    """Records which thread touches the file system."""
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def remove(self, procs: str) -> bool:
+        self.threads.append(threading.current_thread().name)
+        return True
+
+    def remove_revision(self, slug: str) -> bool:
+        self.threads.append(threading.current_thread().name)
+        return True
+
+    def oom_killed(self, procs: str) -> bool:
+        self.threads.append(threading.current_thread().name)
+        return True
+
+    def peak_kb(self, procs: str) -> int:
+        return 2048
+
+
+def test_cgroup_removal_and_reads_never_run_on_the_event_loop() -> None:
+    """Regression: rmdir of cgroups every tick and the reads of a dead instance's cgroup ran
+    on the event loop that serves requests."""
+
+    async def main() -> None:
+        cgroups = _RecordingCgroups()
+        placement = Placement(cgroups)  # type: ignore[arg-type]
+        try:
+            placement.release("/sys/fs/cgroup/x/leaf/cgroup.procs")
+            placement.drop_tree("spare-1")
+            placement.sweep()
+            assert await placement.verdict("/sys/fs/cgroup/x/leaf/cgroup.procs") == (True, 2048)
+            for _ in range(100):
+                if not placement.pending:
+                    break
+                await asyncio.sleep(0.01)
+            assert placement.pending == 0
+            assert cgroups.threads and all(t.startswith("ember-cgroup") for t in cgroups.threads)
+        finally:
+            placement.shutdown()
+
+    asyncio.run(main())
