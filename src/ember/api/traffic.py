@@ -1,7 +1,5 @@
-"""Revisions and traffic, the half of the control plane that moves requests between
-revisions: aliases and weights, rollback, gradual rollouts and the collection of old
-revisions. `Control` (control.py) inherits it and owns the state it reads: the store, the
-pool, the per-function records (`_functions`) and targets (`_revs`), the deploy lock.
+"""Revisions and traffic: aliases and weights, rollback, and gradual rollouts stepped once a
+second by `rollout.step`. It moves the store's pointers, reloads the function and publishes.
 """
 
 from __future__ import annotations
@@ -10,66 +8,62 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Protocol
 
 import msgspec
 
 from ember import manifest
 from ember.api import rollout as rollouts
 from ember.api.bundles import Bundles
-from ember.api.delayed import Delayed
+from ember.api.functions import Functions
+from ember.api.names import qualified
+from ember.api.publisher import Publisher
 from ember.api.schemas import CanaryPlan
-from ember.config import ServerConfig
 from ember.errors import NotFound, UserError
 from ember.gateway.router import BUCKETS
-from ember.pool.manager import Pool
 from ember.pool.target import Target
 from ember.spec import FunctionSpec
 from ember.store.base import (
     Alias,
     FunctionRecord,
-    RevisionRecord,
     Rollout,
     Store,
     effective_revision,
 )
 from ember.telemetry.outcomes import Outcomes
+from ember.wire.messages import ZygoteReady
 
 log = logging.getLogger("ember.api")
 
 ROLLOUT_TICK = 1.0  # seconds between rollout checks
 
 
-def qualified(namespace: str, name: str) -> str:
-    return f"{namespace}/{name}"
+class WarmingPool(Protocol):
+    async def prepare(self, target: Target) -> ZygoteReady: ...
 
 
-class TrafficControl:
-    """Mixed into `Control`; these are Control's."""
-
-    config: ServerConfig
-    store: Store
-    bundles: Bundles
-    pool: Pool
-    outcomes: Outcomes
-    _functions: dict[str, FunctionRecord]
-    _revs: dict[str, dict[int, Target]]
-    _targets: dict[str, Target]
-    _deploying: asyncio.Lock
-    _rollout_task: asyncio.Task[None] | None
-    _delayed: Delayed
-    require: Callable[[str, str], Target]
-    target: Callable[[RevisionRecord], Target]
-    publish: Callable[[], None]
-    _load: Callable[[str], Coroutine[Any, Any, None]]
+class Traffic:
+    def __init__(
+        self,
+        store: Store,
+        functions: Functions,
+        bundles: Bundles,
+        publisher: Publisher,
+        pool: WarmingPool,
+        outcomes: Outcomes,
+        writes: asyncio.Lock,
+    ) -> None:
+        self.store = store
+        self.functions = functions
+        self.bundles = bundles
+        self.publisher = publisher
+        self.pool = pool
+        self.outcomes = outcomes  # of the revisions a rollout watches
+        self.writes = writes
+        self._rollout_task: asyncio.Task[None] | None = None
 
     # ---- revisions and traffic ----
-    def function_record(self, namespace: str, name: str) -> FunctionRecord:
-        self.require(namespace, name)
-        return self._functions[qualified(namespace, name)]
-
-    def _check_canary(self, namespace: str, specs: list[FunctionSpec], plan: CanaryPlan) -> None:
+    def check_canary(self, namespace: str, specs: list[FunctionSpec], plan: CanaryPlan) -> None:
         if not 0 < plan.percent < 100 or not 0 < plan.step <= 100:
             raise UserError(
                 f"--canary {plan.percent} and --step {plan.step} must be percentages: canary "
@@ -84,7 +78,7 @@ class TrafficControl:
             )
         for spec in specs:
             key = qualified(namespace, spec.name)
-            if key not in self._targets:
+            if self.functions.serving(key) is None:
                 raise UserError(
                     f"function '{spec.name}' has no revision yet, so there is nothing to compare "
                     "a canary with; deploy it without --canary first",
@@ -92,7 +86,7 @@ class TrafficControl:
                     status=409,
                 )
 
-    async def _route_new_revision(
+    async def route_new_revision(
         self,
         key: str,
         serving: FunctionRecord | None,
@@ -149,11 +143,10 @@ class TrafficControl:
     async def set_traffic(self, namespace: str, name: str, aliases: list[Alias]) -> FunctionRecord:
         """`ember traffic NAME stable=3:90 canary=4:10`: the whole alias table at once."""
         key = qualified(namespace, name)
-        async with self._deploying:
-            self.require(namespace, name)
+        async with self.writes:
+            fn = self._record(namespace, name)
             numbers = {r.number for r in await self.store.revisions(key)}
             _check_aliases(name, aliases, numbers)
-            fn = self._functions[key]
             await self._warm([a.revision for a in aliases if a.weight], key)
             now = time.time()
             rollout = fn.rollout
@@ -163,17 +156,14 @@ class TrafficControl:
                 )
                 self.outcomes.unwatch(key, rollout.to_revision)
             await self.store.set_traffic(key, fn.revision, fn.previous, aliases, rollout, now)
-            await self._load(key)
-            self.publish()
-            return self._functions[key]
+            return await self._reload(key)
 
     async def rollback(self, namespace: str, name: str, to: int = 0) -> FunctionRecord:
         """All traffic to one revision in one step: `to`, else the running rollout's stable
         revision, else the one that served before. Aliases stay, their weights go."""
         key = qualified(namespace, name)
-        async with self._deploying:
-            self.require(namespace, name)
-            fn = self._functions[key]
+        async with self.writes:
+            fn = self._record(namespace, name)
             running = fn.rollout is not None and fn.rollout.state == "running"
             if not to:
                 if running:
@@ -189,7 +179,7 @@ class TrafficControl:
                         status=409,
                     )
             await self._move_all(key, fn, to, "rolled back by hand")
-            return self._functions[key]
+            return self._recorded(key)
 
     async def _move_all(self, key: str, fn: FunctionRecord, to: int, why: str) -> None:
         if await self.store.revision(key, to) is None:
@@ -213,8 +203,7 @@ class TrafficControl:
         previous = serving if to != serving else fn.previous
         aliases = [msgspec.structs.replace(a, weight=0) for a in fn.aliases]
         await self.store.set_traffic(key, to, previous, aliases, rollout, now)
-        await self._load(key)
-        self.publish()
+        await self._reload(key)
         log.info("%s: all traffic to revision %d (%s)", key, to, why)
 
     async def _warm(self, numbers: list[int], key: str) -> None:
@@ -225,36 +214,56 @@ class TrafficControl:
             if rec is None:
                 continue
             await self.bundles.ensure_code(rec.bundle)
-            target = self.target(rec)
-            current = self._revs.get(key, {}).get(number)
-            await self.pool.prepare(current if current is not None else target)
+            current = self.functions.revisions(key).get(number)
+            await self.pool.prepare(
+                current if current is not None else self.functions.target_of(rec)
+            )
+
+    def _record(self, namespace: str, name: str) -> FunctionRecord:
+        self.functions.require(namespace, name)
+        return self._recorded(qualified(namespace, name))
+
+    def _recorded(self, key: str) -> FunctionRecord:
+        fn = self.functions.record(key)
+        assert fn is not None
+        return fn
+
+    async def _reload(self, key: str) -> FunctionRecord:
+        await self.functions.load(key)
+        self.publisher.publish()
+        return self._recorded(key)
+
+    def forget(self, key: str) -> None:
+        """`ember rm`: a running rollout's canary is not watched any more."""
+        fn = self.functions.record(key)
+        if fn is not None and fn.rollout is not None:
+            self.outcomes.unwatch(key, fn.rollout.to_revision)
 
     # ---- rollouts ----
-    def start_rollouts(self) -> None:
-        for key, fn in self._functions.items():
+    def start(self) -> None:
+        for key in self.functions.qualified_names():
+            fn = self._recorded(key)
             if fn.rollout is not None and fn.rollout.state == "running":
                 self.outcomes.watch(key, fn.rollout.to_revision)
         self._rollout_task = asyncio.get_running_loop().create_task(self._rollout_loop())
 
-    async def stop_rollouts(self) -> None:
-        await self._delayed.cancel()  # clean-ups not yet due: the next start's sweep does them
+    async def stop(self) -> None:
         if self._rollout_task is not None:
             self._rollout_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._rollout_task
-        await self.bundles.close()
 
     async def _rollout_loop(self) -> None:
         while True:
             await asyncio.sleep(ROLLOUT_TICK)
-            for key in list(self._functions):
+            for key in self.functions.qualified_names():
                 try:
                     await self.advance_rollout(key, time.time())
                 except Exception:  # one function's rollout must not stop the others
                     log.exception("rollout of %s failed to advance", key)
 
     async def advance_rollout(self, key: str, now: float) -> None:
-        fn = self._functions.get(key)
+        fn = self.functions.record(key)
         if fn is None or fn.rollout is None or fn.rollout.state != "running":
             return
         rollout = fn.rollout
@@ -262,43 +271,49 @@ class TrafficControl:
         updated, verdict = rollouts.step(rollout, summary, now)
         if verdict is rollouts.Verdict.WAIT:
             return
-        async with self._deploying:
-            fn = self._functions.get(key)
+        async with self.writes:
+            fn = self.functions.record(key)
             if fn is None or fn.rollout != rollout:  # changed meanwhile
                 return
             self.outcomes.take(key, rollout.to_revision)
-            if verdict is rollouts.Verdict.ROLL_BACK:
-                log.warning("%s: %s", key, updated.reason)
-                aliases = [msgspec.structs.replace(a, weight=0) for a in fn.aliases]
-                await self.store.set_traffic(
-                    key, rollout.from_revision, fn.previous, aliases, updated, now
-                )
-                self.outcomes.unwatch(key, rollout.to_revision)
-            elif verdict is rollouts.Verdict.DONE:
-                aliases = _with_weights(fn.aliases, {"stable": (rollout.to_revision, 0)})
-                aliases = [a for a in aliases if a.name != "canary"]
-                await self.store.set_traffic(
-                    key, rollout.to_revision, rollout.from_revision, aliases, updated, now
-                )
-                self.outcomes.unwatch(key, rollout.to_revision)
-                log.info("%s: rollout done, revision %d serves all", key, rollout.to_revision)
-            else:
-                aliases = _with_weights(
-                    fn.aliases,
-                    {
-                        "stable": (rollout.from_revision, 100 - updated.weight),
-                        "canary": (rollout.to_revision, updated.weight),
-                    },
-                )
-                await self.store.set_traffic(key, fn.revision, fn.previous, aliases, updated, now)
-                log.info("%s: rollout at %d%%", key, updated.weight)
-            await self._load(key)
-            self.publish()
+            await self._apply_step(key, fn, rollout, updated, verdict, now)
+            await self._reload(key)
 
-    # ---- clean-ups ----
-    async def _drop_bundles_locked(self, candidates: set[str]) -> None:
-        async with self._deploying:
-            await self.bundles.drop_unused(candidates)
+    async def _apply_step(
+        self,
+        key: str,
+        fn: FunctionRecord,
+        rollout: Rollout,
+        updated: Rollout,
+        verdict: rollouts.Verdict,
+        now: float,
+    ) -> None:
+        """Store the step's weights: all back to stable, all to the canary, or one step on."""
+        if verdict is rollouts.Verdict.ROLL_BACK:
+            log.warning("%s: %s", key, updated.reason)
+            aliases = [msgspec.structs.replace(a, weight=0) for a in fn.aliases]
+            await self.store.set_traffic(
+                key, rollout.from_revision, fn.previous, aliases, updated, now
+            )
+            self.outcomes.unwatch(key, rollout.to_revision)
+        elif verdict is rollouts.Verdict.DONE:
+            aliases = _with_weights(fn.aliases, {"stable": (rollout.to_revision, 0)})
+            aliases = [a for a in aliases if a.name != "canary"]
+            await self.store.set_traffic(
+                key, rollout.to_revision, rollout.from_revision, aliases, updated, now
+            )
+            self.outcomes.unwatch(key, rollout.to_revision)
+            log.info("%s: rollout done, revision %d serves all", key, rollout.to_revision)
+        else:
+            aliases = _with_weights(
+                fn.aliases,
+                {
+                    "stable": (rollout.from_revision, 100 - updated.weight),
+                    "canary": (rollout.to_revision, updated.weight),
+                },
+            )
+            await self.store.set_traffic(key, fn.revision, fn.previous, aliases, updated, now)
+            log.info("%s: rollout at %d%%", key, updated.weight)
 
 
 def _with_weights(aliases: list[Alias], changes: dict[str, tuple[int, int]]) -> list[Alias]:

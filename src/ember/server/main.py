@@ -78,9 +78,7 @@ class Server:
             path.mkdir(parents=True, exist_ok=True)
         await self.store.open()
         await self.pool.start()
-        await self.control.restore()
-        await self.control.ensure_admin_credentials()
-        self.control.start_rollouts()
+        await self.control.start()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def _flush_loop(self) -> None:
@@ -102,8 +100,7 @@ class Server:
             )
 
     async def stop(self) -> None:
-        self.control.stopping.set()
-        await self.control.stop_rollouts()
+        await self.control.stop()
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -137,7 +134,7 @@ async def _deploy_dirs(server: Server, dirs: list[Path]) -> None:
     for directory in dirs:
         data = await asyncio.to_thread(bundle.pack, directory)
         name = directory.resolve().name.lower().replace("_", "-").replace(" ", "-")
-        for d in await server.control.deploy(data, name, "default"):
+        for d in await server.control.deploys.deploy(data, name, "default"):
             log.info("deployed %s revision %d", d.name, d.revision)
             print(f"ember: deployed {d.name}; try:\n  curl '{d.url}'", flush=True)
 
@@ -175,7 +172,7 @@ async def run(config: ServerConfig, deploy: list[Path]) -> int:
         while not uv.started and not serving.done():
             await asyncio.sleep(0.01)
         if uv.started:
-            port = server.control.port = uv.servers[0].sockets[0].getsockname()[1]
+            port = server.control.address.port = uv.servers[0].sockets[0].getsockname()[1]
             log.info("ember serving on http://%s:%d (home %s)", config.host, port, config.home)
             print(f"ember: listening on http://{config.host}:{port}", flush=True)
             await _deploy_dirs(server, deploy)

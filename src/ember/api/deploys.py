@@ -1,0 +1,312 @@
+"""Deploys and removals: a bundle becomes revisions (unpacked, checked, probed, stored, published),
+and `ember rm` takes a function away; `ember scale` sets its instances now."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ember import bundle, manifest
+from ember.api.bundles import Bundles
+from ember.api.delayed import Delayed
+from ember.api.functions import Functions
+from ember.api.names import Address, qualified, validate_namespace
+from ember.api.namespaces import Namespaces
+from ember.api.publisher import Publisher
+from ember.api.schemas import CanaryPlan, Deployed
+from ember.api.secrets import Secrets
+from ember.api.traffic import Traffic
+from ember.config import ServerConfig
+from ember.errors import TooLarge, UserError
+from ember.pool.target import Target
+from ember.spec import FunctionSpec, canonical
+from ember.store.base import RevisionRecord, Store
+from ember.wire.messages import ZygoteReady
+
+log = logging.getLogger("ember.api")
+
+CONFIG_FILES = frozenset({"ember.yaml", "ember.yml"})  # not code: revision diffs show settings
+MAX_MANIFEST = 256 * 1024
+DROP_AFTER = 5.0  # seconds past the longest timeout before a removed function's code goes
+
+
+def revision_hash(source_tree: str, spec: FunctionSpec) -> str:
+    return hashlib.sha256(source_tree.encode() + b"\0" + canonical(spec)).hexdigest()
+
+
+class DeployPool(Protocol):
+    """What a deploy asks of the pool: probe a new revision, or let it go; scale; forget."""
+
+    async def prepare(self, target: Target) -> ZygoteReady: ...
+
+    def discard(self, target: Target) -> None: ...
+
+    async def scale(self, target: Target, instances: int) -> int: ...
+
+    def forget_function(self, function: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One function of a bundle: its spec and the hashes of its revision and code tree."""
+
+    spec: FunctionSpec
+    sha256: str
+    tree: str
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """A function whose code changed got a zygote (`target`); one that did not, none."""
+
+    plan: Plan
+    target: Target | None = None
+    import_ms: float | None = None
+    warnings: tuple[str, ...] = ()
+
+
+class Deploys:
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: Store,
+        bundles: Bundles,
+        functions: Functions,
+        namespaces: Namespaces,
+        secrets: Secrets,
+        traffic: Traffic,
+        publisher: Publisher,
+        pool: DeployPool,
+        address: Address,
+        writes: asyncio.Lock,
+    ) -> None:
+        self.config = config  # the bundle limits
+        self.store = store
+        self.bundles = bundles
+        self.functions = functions
+        self.namespaces = namespaces
+        self.secrets = secrets
+        self.traffic = traffic
+        self.publisher = publisher
+        self.pool = pool
+        self.address = address
+        self.writes = writes
+        self.delayed = Delayed()  # clean-ups after a grace period
+
+    async def deploy(
+        self, data: bytes, default_name: str, namespace: str, canary: CanaryPlan | None = None
+    ) -> list[Deployed]:
+        if len(data) > self.config.max_bundle_bytes:
+            raise TooLarge(
+                f"bundle of {len(data)} bytes exceeds the "
+                f"{self.config.max_bundle_bytes // (1024 * 1024)} MB limit; list "
+                "what to leave out in .emberignore",
+                code="bundle_too_large",
+            )
+        validate_namespace(namespace)
+        async with self.writes:
+            deployed = await self._deploy(data, default_name, namespace, canary)
+            for d in deployed:
+                if d.created:
+                    await self.bundles.collect(qualified(namespace, d.name))
+            return deployed
+
+    async def _deploy(
+        self, data: bytes, default_name: str, namespace: str, canary: CanaryPlan | None
+    ) -> list[Deployed]:
+        staging = self.bundles.staging()
+        try:
+            specs = await asyncio.to_thread(self._unpack, data, staging, default_name)
+            self._check_deployable(namespace, specs, canary)
+            plans = [await self._plan(staging, spec) for spec in specs]
+            await self.namespaces.ensure(namespace)
+            digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+            created_dir = await self.bundles.install(staging, digest)
+            committed: list[str] = []
+            try:
+                results = await self._commit(namespace, plans, digest, data, committed, canary)
+            except BaseException:
+                if created_dir and not committed:
+                    await self.bundles.remove([self.bundles.code_dir(digest)])
+                raise
+            if created_dir and not any(d.created for d in results):  # same code, other bundle
+                await self.bundles.remove([self.bundles.code_dir(digest)])
+            return results
+        finally:
+            await self.bundles.remove([staging])  # left when the code was there already
+
+    def _unpack(self, data: bytes, staging: Path, default_name: str) -> list[FunctionSpec]:
+        """Unpack and read the manifest, off the event loop (both can be slow on hostile input)."""
+        try:
+            bundle.unpack(
+                data,
+                staging,
+                max_unpacked_bytes=self.config.max_unpacked_bytes,
+                max_files=self.config.max_bundle_files,
+            )
+        except OSError as exc:
+            raise UserError(
+                f"the bundle cannot be unpacked here: {exc.strerror}", code="bad_bundle"
+            ) from None
+        for name in CONFIG_FILES:
+            path = staging / name
+            if path.is_file() and path.stat().st_size > MAX_MANIFEST:
+                raise UserError(
+                    f"{name} is {path.stat().st_size} bytes; it may be at most "
+                    f"{MAX_MANIFEST // 1024} KB",
+                    code="bad_manifest",
+                )
+        return manifest.load_manifest(bundle.read_manifest(staging), default_name)
+
+    def _check_deployable(
+        self, namespace: str, specs: list[FunctionSpec], canary: CanaryPlan | None
+    ) -> None:
+        """Names, secrets, quotas and the rollout, checked before anything is imported or
+        stored."""
+        self.namespaces.check_names(namespace, specs)
+        for spec in specs:
+            self.secrets.check_listed(namespace, spec)
+        self.namespaces.check_deploy_quota(namespace, specs)
+        if canary is not None:
+            self.traffic.check_canary(namespace, specs, canary)
+
+    async def _plan(self, staging: Path, spec: FunctionSpec) -> Plan:
+        source = staging / spec.source
+        if not source.is_dir():
+            raise UserError(
+                f"function '{spec.name}': source '{spec.source}' is not a directory in the bundle",
+                code="bad_manifest",
+            )
+        module_file = source / (spec.module.replace(".", "/") + ".py")
+        package_init = source / spec.module.replace(".", "/") / "__init__.py"
+        if not module_file.is_file() and not package_init.is_file():
+            raise UserError(
+                f"function '{spec.name}': handler module '{spec.module}' not found: no "
+                f"{spec.source.rstrip('/')}/{spec.module.replace('.', '/')}.py in the bundle; "
+                "add it or set handler: in ember.yaml",
+                code="bad_manifest",
+            )
+        tree = await asyncio.to_thread(bundle.tree_hash, source)
+        code = await asyncio.to_thread(bundle.tree_hash, source, CONFIG_FILES)
+        return Plan(spec, revision_hash(tree, spec), code)
+
+    async def _commit(
+        self,
+        namespace: str,
+        plans: list[Plan],
+        digest: str,
+        data: bytes,
+        committed: list[str],
+        canary: CanaryPlan | None,
+    ) -> list[Deployed]:
+        """Probe every new revision, then store and publish them; `committed` names the ones
+        the store took, so a failure half-way knows what is already live."""
+        probes: list[Probe] = []
+        try:
+            await self._probe(namespace, plans, digest, probes)
+            if any(p.target is not None for p in probes):
+                await self.bundles.put(data)  # only once every probe passed
+            results = [await self._store(namespace, p, digest, committed, canary) for p in probes]
+            self.publisher.publish()  # the keep-alive loop starts scale.min instances from here
+            return results
+        except BaseException:
+            for p in probes:
+                if p.target is not None and p.plan.spec.name not in committed:
+                    self.pool.discard(p.target)
+            if committed:
+                self.publisher.publish()
+            raise
+
+    async def _probe(
+        self, namespace: str, plans: list[Plan], digest: str, probes: list[Probe]
+    ) -> None:
+        """Start the zygote of every changed function (import + init: DeployRejected)."""
+        for plan in plans:
+            key = qualified(namespace, plan.spec.name)
+            current = self.functions.serving(key)
+            if current is not None and current.sha256 == plan.sha256:
+                probes.append(Probe(plan))
+                continue
+            last = await self.store.revisions(key)
+            number = (last[-1].number + 1) if last else 1
+            target = self.functions.target_of(
+                RevisionRecord(
+                    function=key,
+                    number=number,
+                    sha256=plan.sha256,
+                    bundle=digest,
+                    spec=plan.spec,
+                    created_at=time.time(),
+                )
+            )
+            ready = await self.pool.prepare(target)  # import + init: DeployRejected
+            probes.append(Probe(plan, target, ready.import_ms, tuple(ready.warnings)))
+
+    async def _store(
+        self,
+        namespace: str,
+        probe: Probe,
+        digest: str,
+        committed: list[str],
+        canary: CanaryPlan | None,
+    ) -> Deployed:
+        spec, now = probe.plan.spec, time.time()
+        key = qualified(namespace, spec.name)
+        serving = self.functions.record(key)
+        rec, created = await self.store.add_revision(
+            key, spec, probe.plan.sha256, digest, now, tree=probe.plan.tree, serve=canary is None
+        )
+        if created:
+            committed.append(spec.name)
+            await self.traffic.route_new_revision(key, serving, rec.number, canary, now)
+            await self.functions.load(key)
+        return Deployed(
+            name=spec.name,
+            revision=rec.number,
+            created=created,
+            sha256=probe.plan.sha256,
+            url=self.address.url(namespace, spec.name),
+            namespace=namespace,
+            import_ms=probe.import_ms,
+            warnings=list(probe.warnings),
+        )
+
+    # ---- other commands ----
+    async def delete(self, namespace: str, name: str) -> None:
+        async with self.writes:  # not while a deploy of the same name is half-way
+            self.functions.require(namespace, name)
+            key = qualified(namespace, name)
+            bundles = {r.bundle for r in await self.store.revisions(key)}
+            self.traffic.forget(key)
+            revisions = self.functions.revisions(key).values()
+            grace = max((t.spec.timeout for t in revisions), default=0)
+            await self.store.delete_function(key)
+            self.functions.forget(key)
+            self.publisher.publish()
+            self._forget_function_state(key)
+            # Requests still running on it finish first: they may read their code meanwhile.
+            self.delayed.call(
+                grace + DROP_AFTER,
+                functools.partial(self._drop_bundles, bundles),
+                f"dropping the code of {key}",
+            )
+
+    def _forget_function_state(self, key: str) -> None:
+        """`ember rm`: what the data plane keeps per function, beyond the revisions that the
+        routes just retired, goes with it (so a deploy/rm loop does not grow the server)."""
+        self.pool.forget_function(key)
+
+    async def _drop_bundles(self, candidates: set[str]) -> None:
+        async with self.writes:
+            await self.bundles.drop_unused(candidates)
+
+    async def scale(self, namespace: str, name: str, instances: int) -> int:
+        if instances < 0:
+            raise UserError(f"instances={instances} must be >= 0", code="bad_request")
+        return await self.pool.scale(self.functions.require(namespace, name), instances)

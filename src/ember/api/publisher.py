@@ -1,0 +1,57 @@
+"""Publishing: what the control plane knows becomes the gateway's route table and the pool's
+serving set and quotas, in one step after each change."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from ember.api.functions import Functions
+from ember.gateway.router import BUCKETS, Route, RouteTable, split_of
+from ember.pool.target import Target
+from ember.spec import Quota
+
+
+class ServingPool(Protocol):
+    """What the publisher tells the pool."""
+
+    def serve(self, serving: Iterable[Target], standby: Iterable[Target]) -> None: ...
+
+    def set_quotas(self, quotas: dict[str, Quota]) -> None: ...
+
+
+class Publisher:
+    def __init__(self, functions: Functions, table: RouteTable, pool: ServingPool) -> None:
+        self.functions = functions
+        self.table = table
+        self.pool = pool
+        self._quotas: dict[str, Quota] = {}  # of every namespace, as last published
+
+    def publish(self, quotas: dict[str, Quota] | None = None) -> None:
+        """Push the routes of every function, and the namespaces with their quotas (`quotas`
+        when they changed, else the ones published last)."""
+        if quotas is not None:
+            self._quotas = dict(quotas)
+        routes = {key: self.route(key) for key in self.functions.qualified_names()}
+        self.table.publish(routes, frozenset(self._quotas))
+        self.pool.set_quotas(self._quotas)
+        serving = [
+            route.aliases[alias] for route in routes.values() for _bound, alias in route.split
+        ]
+        serving += [route.main for route in routes.values() if not route.split]
+        self.pool.serve(serving, [t for route in routes.values() for t in route.targets()])
+
+    def route(self, key: str) -> Route:
+        """The serving target, the aliases' targets (plus `latest`) and, when the weights add
+        up to 100, the weighted split."""
+        main = self.functions.serving(key)
+        fn = self.functions.record(key)
+        assert main is not None and fn is not None
+        revs = self.functions.revisions(key)
+        aliases = {a.name: revs[a.revision] for a in fn.aliases if a.revision in revs}
+        latest = revs.get(self.functions.latest(key))
+        if latest is not None:
+            aliases.setdefault("latest", latest)
+        weights = [(a.name, a.weight) for a in fn.aliases if a.name in aliases]
+        split = split_of(weights) if sum(w for _, w in weights) == BUCKETS else ()
+        return Route(main=main, aliases=aliases, split=split)
