@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from ember import auth
 from ember.api.bundles import Bundles
@@ -53,6 +54,7 @@ class Control:
         keys: auth.KeyTable,
         box: SecretBox,
         outcomes: Outcomes,
+        forget_function: Callable[[str], None],
     ) -> None:
         self.config = config
         self.store = store  # the API reads records straight from it
@@ -82,6 +84,7 @@ class Control:
             pool,
             self.address,
             writes,
+            forget_function,
         )
         self.stopping = asyncio.Event()  # set at the first signal: log streams end
 

@@ -8,6 +8,7 @@ import functools
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -41,15 +42,13 @@ def revision_hash(source_tree: str, spec: FunctionSpec) -> str:
 
 
 class DeployPool(Protocol):
-    """What a deploy asks of the pool: probe a new revision, or let it go; scale; forget."""
+    """What a deploy asks of the pool: probe a new revision, or let it go; scale."""
 
     async def prepare(self, target: Target) -> ZygoteReady: ...
 
     def discard(self, target: Target) -> None: ...
 
     async def scale(self, target: Target, instances: int) -> int: ...
-
-    def forget_function(self, function: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +84,7 @@ class Deploys:
         pool: DeployPool,
         address: Address,
         writes: asyncio.Lock,
+        forget_function: Callable[[str], None],
     ) -> None:
         self.config = config  # the bundle limits
         self.store = store
@@ -97,6 +97,8 @@ class Deploys:
         self.pool = pool
         self.address = address
         self.writes = writes
+        # What the data plane keeps per function ("namespace/name"): pool, metrics, logs.
+        self.forget_function = forget_function
         self.delayed = Delayed()  # clean-ups after a grace period
 
     async def deploy(
@@ -289,22 +291,19 @@ class Deploys:
             await self.store.delete_function(key)
             self.functions.forget(key)
             self.publisher.publish()
-            self._forget_function_state(key)
+            self.forget_function(key)  # a deploy/rm loop must not grow the server
             # Requests still running on it finish first: they may read their code meanwhile.
             self.delayed.call(
                 grace + DROP_AFTER,
-                functools.partial(self._drop_bundles, bundles),
+                functools.partial(self._drop_bundles, bundles, key),
                 f"dropping the code of {key}",
             )
 
-    def _forget_function_state(self, key: str) -> None:
-        """`ember rm`: what the data plane keeps per function, beyond the revisions that the
-        routes just retired, goes with it (so a deploy/rm loop does not grow the server)."""
-        self.pool.forget_function(key)
-
-    async def _drop_bundles(self, candidates: set[str]) -> None:
+    async def _drop_bundles(self, candidates: set[str], removed: str) -> None:
         async with self.writes:
             await self.bundles.drop_unused(candidates)
+            if self.functions.record(removed) is None:  # not deployed again since: what its
+                self.forget_function(removed)  # last requests recorded after `rm` goes too
 
     async def scale(self, namespace: str, name: str, instances: int) -> int:
         if instances < 0:

@@ -53,3 +53,13 @@ class RevisionStats(msgspec.Struct, frozen=True):
     desired: int = 0  # what the autoscaler last asked for
     panic: bool = False
     concurrency: float = 0.0  # mean over the stable window
+
+
+class NodeStats(msgspec.Struct, frozen=True):
+    """What the node's pool holds, whatever the functions: for /metrics and leak checks."""
+
+    revisions: int  # revision pools (live, standby and draining)
+    functions_tracked: int  # functions with keep-alive state (idle times, activity)
+    cgroups_pending: int  # cgroup directories waiting for removal
+    memory_used_mb: int  # of the node's memory budget, each instance and zygote at memory:
+    memory_budget_mb: int

@@ -26,7 +26,7 @@ from ember.pool.activity import Activity
 from ember.pool.budget import MemoryBudget
 from ember.pool.capabilities import Check, SandboxProbe, missing, probe_sandbox, protections
 from ember.pool.cgroup import Cgroups
-from ember.pool.host import PoolSettings, RevisionStats
+from ember.pool.host import NodeStats, PoolSettings, RevisionStats
 from ember.pool.instance import Instance
 from ember.pool.placement import MemoryVerdict, Placement
 from ember.pool.revision import RevisionPool
@@ -399,6 +399,15 @@ class Pool:
 
     def statistics(self) -> list[RevisionStats]:
         return [rp.statistics() for rp in self.revisions.values()]
+
+    def node_statistics(self) -> NodeStats:
+        return NodeStats(
+            revisions=len(self.revisions),
+            functions_tracked=len(self.activity_of),
+            cgroups_pending=self.placement.pending,
+            memory_used_mb=self.budget.used_mb(),
+            memory_budget_mb=self.budget.mb,
+        )
 
     async def shutdown(self) -> None:
         await self.spares.shutdown()

@@ -48,7 +48,7 @@ class Server:
         self.store = SQLiteStore(config.db_path)
         self.pool = Pool(config, self.telemetry)
         self.routes = RouteTable()
-        self.metrics = Metrics(self.pool.statistics)
+        self.metrics = Metrics(self.pool.statistics, self.pool.node_statistics)
         self.outcomes = Outcomes()
         self.control = Control(
             config,
@@ -59,6 +59,7 @@ class Server:
             self.keys,
             SecretBox.load_or_create(config.master_key_path),
             self.outcomes,
+            self.forget_function,
         )
         gateway = Gateway(
             self.routes,
@@ -72,6 +73,14 @@ class Server:
         )
         self.app = EmberApp(gateway, build(self.control, self.metrics))
         self._flusher: asyncio.Task[None] | None = None
+
+    def forget_function(self, function: str) -> None:
+        """`ember rm`: what the data plane keeps per function ("namespace/name") goes with it:
+        keep-alive state, metric series, log accounting, rollout outcomes."""
+        self.pool.forget_function(function)
+        self.metrics.forget(function)
+        self.telemetry.forget(function)
+        self.outcomes.forget(function)
 
     async def start(self) -> None:
         for path in (self.config.code_dir, self.config.blob_dir):

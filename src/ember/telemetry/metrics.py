@@ -53,6 +53,44 @@ class RevisionCounts(Protocol):
 Statistics = Callable[[], Iterable[RevisionCounts]]
 
 
+class NodeCounts(Protocol):
+    """What the node gauges read of the pool as a whole (the pool's `NodeStats`)."""
+
+    @property
+    def revisions(self) -> int: ...
+    @property
+    def functions_tracked(self) -> int: ...
+    @property
+    def cgroups_pending(self) -> int: ...
+    @property
+    def memory_used_mb(self) -> int: ...
+    @property
+    def memory_budget_mb(self) -> int: ...
+
+
+_NODE_GAUGES = (
+    (
+        "ember_pool_revisions",
+        "Revision pools the node holds (live, standby, draining)",
+        "revisions",
+    ),
+    ("ember_pool_functions_tracked", "Functions with keep-alive state", "functions_tracked"),
+    ("ember_cgroups_pending", "Cgroup directories waiting for removal", "cgroups_pending"),
+    ("ember_memory_used_mb", "Memory budget in use (each instance at memory:)", "memory_used_mb"),
+    ("ember_memory_budget_mb", "The node's memory budget", "memory_budget_mb"),
+)
+
+
+class _NodeCollector(Collector):
+    def __init__(self, node: Callable[[], NodeCounts]) -> None:
+        self._node = node
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self._node()
+        for name, help_text, field in _NODE_GAUGES:
+            yield GaugeMetricFamily(name, help_text, value=getattr(counts, field))
+
+
 class _InstanceCollector(Collector):
     def __init__(self, stats: Statistics) -> None:
         self._stats = stats
@@ -84,7 +122,7 @@ class _InstanceCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, stats: Statistics) -> None:
+    def __init__(self, stats: Statistics, node: Callable[[], NodeCounts] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.invocations = Counter(
             "ember_invocations",
@@ -106,6 +144,8 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_InstanceCollector(stats))
+        if node is not None:
+            self.registry.register(_NodeCollector(node))
         # function -> (code, tier) -> its children: labels() costs a lock and a dict build
         self._children: dict[str, dict[tuple[int, str], tuple[Any, Any, Any]]] = {}
 
