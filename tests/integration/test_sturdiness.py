@@ -291,3 +291,18 @@ def test_stack_traces_show_no_host_paths(
     assert bad.returncode == 3
     err = bad.stderr.decode()
     assert 'File "handler.py", line 1' in err and install not in err, err
+
+
+def test_a_json_body_of_the_control_plane_is_capped(
+    server_factory: Callable[..., EmberServer],
+) -> None:
+    """The API's JSON bodies were read whole, whatever their size."""
+    server = server_factory()
+    huge = b'{"name": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    resp = server.api.post(
+        "/api/v1/keys", content=huge, headers={"content-type": "application/json"}
+    )
+    assert resp.status_code == 413, resp.text[:200]
+    assert resp.json()["error"]["code"] == "body_too_large"
+    small = server.api.post("/api/v1/keys", json={"name": "ok", "scopes": ["read:default"]})
+    assert small.status_code == 201, small.text

@@ -13,7 +13,9 @@ from starlette.requests import Request
 
 from ember.api import schemas as s
 from ember.api.openapi import INT64_MAX
-from ember.errors import UserError
+from ember.errors import TooLarge, UserError
+
+MAX_JSON_BYTES = 1024 * 1024  # a JSON body of the control plane
 
 
 async def body(request: Request, kind: type[Any]) -> Any:
@@ -24,7 +26,15 @@ async def body(request: Request, kind: type[Any]) -> Any:
             code="unsupported_media_type",
             status=415,
         )
-    raw = await request.body()
+    raw = bytearray()
+    async for chunk in request.stream():  # never more than the cap in memory
+        raw += chunk
+        if len(raw) > MAX_JSON_BYTES:
+            raise TooLarge(
+                f"the JSON body exceeds {MAX_JSON_BYTES // 1024} KB; the control plane's "
+                "bodies are small settings (bundles go to /api/v1/deploy)",
+                code="body_too_large",
+            )
     try:
         return msgspec.convert(_whole_numbers(msgspec.json.decode(raw), "$"), type=kind)
     except msgspec.ValidationError as exc:
