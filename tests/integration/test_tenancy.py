@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from tests.integration.conftest import EmberServer, ember_cmd
+from tests.integration.test_autoscaling import GATED, Gate
 
 WHO = """
 import os
@@ -114,7 +115,7 @@ def test_rate_limit_per_key_is_429_with_retry_after(
         "--namespace",
         "team-r",
     )
-    slow = _key(server, "invoke:team-r", rate="0.5", burst="2")
+    slow = _key(server, "invoke:team-r", rate="0.01", burst="2")  # refills in 100 s
     with _as(server, slow) as c:
         codes = [c.get("/fn/team-r/metered").status_code for _ in range(3)]
         assert codes == [200, 200, 429]
@@ -181,12 +182,14 @@ def test_secrets_are_encrypted_at_rest_and_reach_only_functions_that_list_them(
     assert in_use.returncode == 2 and b"reader" in in_use.stderr
 
 
-SLOW = """
-import time
+SLOW = (
+    GATED
+    + """
 def handle(req, ctx):
-    time.sleep(1.0)
+    gate(req)
     return "done"
 """
+)
 
 
 def test_namespace_quotas_name_the_limit(server: EmberServer, fn_dir: Callable[..., Path]):
@@ -197,14 +200,17 @@ def test_namespace_quotas_name_the_limit(server: EmberServer, fn_dir: Callable[.
     big = fn_dir("first", SLOW, "functions:\n  first:\n    memory: 512\n")
     too_big = server.cli("deploy", str(big), "--namespace", "team-q", check=False)
     assert too_big.returncode == 2 and b"max_memory=256" in too_big.stderr
-    with cf.ThreadPoolExecutor(2) as pool:
-        codes = sorted(
-            r.status_code for r in pool.map(lambda _: server.http.get("/fn/team-q/first"), range(2))
-        )
-    # One runs; the second would need a second instance: 429 naming the quota.
-    assert codes == [200, 429]
-    limited = server.http.get("/fn/team-q/first", timeout=5)
-    assert limited.status_code in (200, 429)
+    with Gate() as gate, cf.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(server.http.get, f"/fn/team-q/first?gate={gate.port}")
+        gate.wait(1)
+        # One runs; the second would need a second instance: 429 naming the quota.
+        second = server.http.get("/fn/team-q/first")
+        assert second.status_code == 429, second.text
+        assert "max_instances=1" in second.json()["error"]["message"], second.text
+        gate.open()
+        assert running.result().status_code == 200
+    again = server.http.get("/fn/team-q/first")  # the one instance, idle again, serves
+    assert again.status_code == 200 and again.headers["x-ember-start"] == "warm", again.text
     listed = server.api.get("/api/v1/namespaces").json()["namespaces"]
     team = next(ns for ns in listed if ns["name"] == "team-q")
     assert team["quota"] == {"functions": 1, "instances": 1, "memory_mb": 256}
