@@ -6,22 +6,45 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from ember.autoscaler.histogram import IdleHistogram
 from ember.cli.main import PASSED_ENV
 from ember.config import ServerConfig
+from ember.errors import EmberError
+from ember.pool import manager
 from ember.pool.manager import Pool
 from ember.pool.target import Target
 from ember.spec import FunctionSpec, ScaleSpec
 from ember.telemetry.buffer import TelemetryBuffer
 from ember.wire.messages import Invoke
+from tests.integration.test_autoscaling import GATED, Gate
 
-CODE = """import os, time
+CODE = (
+    GATED
+    + """
 def handle(req, ctx):
-    time.sleep(0.05)
+    gate(req)
     return {"pid": os.getpid()}
 """
+)
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll `predicate` on the event loop (the pool's work goes on meanwhile) until a deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def invoke(i: int, gate: Gate | None = None) -> Invoke:
+    query = f"gate={gate.port}".encode() if gate is not None else b""
+    return Invoke(id=f"r{i}", method="GET", path="/", query=query, headers=[], body=b"", deadline=0)
 
 
 def test_requests_arriving_together_never_exceed_scale_max(tmp_path: Path) -> None:
@@ -41,41 +64,38 @@ def test_requests_arriving_together_never_exceed_scale_max(tmp_path: Path) -> No
             pool.retire_all_but([target.key])
             rp = pool.open_revision(target)
             loop = asyncio.get_running_loop()
-            calls = [
-                rp.invoke(
-                    Invoke(
-                        id=f"r{i}",
-                        method="GET",
-                        path="/",
-                        query=b"",
-                        headers=[],
-                        body=b"",
-                        deadline=time.time() + 30,
-                    ),
-                    loop.time() + 30,
+            with Gate() as gate:
+                calls = asyncio.gather(  # all in one loop turn
+                    *(rp.invoke(invoke(i, gate), loop.time() + 30) for i in range(8))
                 )
-                for i in range(8)
-            ]
-            results = await asyncio.gather(*calls)  # all in one loop turn
-            assert len(rp.instances) <= 2
+                await until(lambda: gate.held() == 2, "both instances to run a request")
+                stats = rp.statistics()
+                assert (stats.busy, stats.starting, stats.waiting) == (2, 0, 6), stats
+                gate.open()
+                results = await calls
+            assert len(rp.instances) == 2
             return {json.loads(r.body)["pid"] for r, _tier, _inst in results}
         finally:
             await pool.shutdown()
 
     pids = asyncio.run(main())
-    assert 1 <= len(pids) <= 2
+    assert len(pids) == 2
 
 
-def test_zygote_keepalive_follows_the_idle_histogram(tmp_path: Path) -> None:
+def test_zygote_keepalive_follows_the_idle_histogram(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A function whose idle times are all ~2 s: after its activity the zygote is released at
-    once, loaded again before the next request is due, and released past the tail."""
+    once, loaded again before the next request is due, and released past the tail. The test
+    steps the keep-alive's clock itself (the pool's own loop is kept from ticking)."""
+    monkeypatch.setattr(manager, "TICK", 3600.0)
     code = tmp_path / "code"
     code.mkdir()
     (code / "handler.py").write_text(CODE)
     spec = FunctionSpec(name="periodic", scale=ScaleSpec(idle=0.2))
     target = Target(function="periodic", number=1, sha256="p" * 64, code_dir=str(code), spec=spec)
 
-    async def main() -> list[tuple[float, bool]]:
+    async def main() -> None:
         env = {k: v for k, v in os.environ.items() if k in PASSED_ENV}
         config = ServerConfig(
             home=tmp_path / "home", use_cgroups=False, base_env=env, zygote_keepalive=0.3
@@ -94,24 +114,31 @@ def test_zygote_keepalive_follows_the_idle_histogram(tmp_path: Path) -> None:
             assert (windows.prewarm, windows.keepalive) == (1.0, 2.0), windows
             rp = pool.open_revision(target)
             loop = asyncio.get_running_loop()
-            msg = Invoke(
-                id="r", method="GET", path="/", query=b"", headers=[], body=b"", deadline=0
-            )
-            await rp.invoke(msg, loop.time() + 30)
+            await rp.invoke(invoke(0), loop.time() + 30)
             ended = time.monotonic()
-            seen = []
-            while time.monotonic() - ended < 4.0:
-                await asyncio.sleep(0.05)
-                seen.append((time.monotonic() - ended, rp.zygote_alive))
-            return seen
+
+            def settled() -> bool:  # stopped instances gone, a zygote started is ready
+                loading = rp.zygote_alive and (rp.zygote is None or not rp.zygote.ready.done())
+                return not loading and not any(i.dead for i in rp.instances.values())
+
+            async def alive_after(seconds: float) -> bool:
+                """A keep-alive step `seconds` past the activity: whether a zygote is loaded."""
+                pool.tick(ended + seconds)
+                await asyncio.sleep(0)  # what the step started takes its first step
+                await until(settled, "what the step started or stopped")
+                return rp.zygote_alive
+
+            # Its instance goes after scale.idle (0.2 s past the last step that saw the request)
+            # and the zygote right after it; it is loaded again from 1 s, for the request
+            # expected at ~2 s, and released past the tail (1 + 2 s).
+            expected = {0.25: True, 0.5: True, 0.75: False, 0.95: False, 1.05: True, 1.5: True}
+            expected |= {2.0: True, 2.5: True, 2.95: True, 3.05: False, 3.5: False, 4.0: False}
+            seen = {t: await alive_after(t) for t in expected}
+            assert seen == expected
         finally:
             await pool.shutdown()
 
-    seen = asyncio.run(main())
-    alive = lambda lo, hi: {z for t, z in seen if lo <= t < hi}  # noqa: E731
-    assert alive(0.6, 0.9) == {False}  # released right after activity (instances went at 0.2)
-    assert alive(1.3, 2.9) == {True}  # pre-warmed from 1 s, for the expected request at ~2 s
-    assert alive(3.4, 4.0) == {False}  # released past the tail (1 + 2 s)
+    asyncio.run(main())
 
 
 def test_starts_waiting_for_memory_stay_within_scale_max(tmp_path: Path) -> None:
@@ -119,7 +146,7 @@ def test_starts_waiting_for_memory_stay_within_scale_max(tmp_path: Path) -> None
     memory comes back, the revision still has at most scale.max instances."""
     code = tmp_path / "code"
     code.mkdir()
-    (code / "handler.py").write_text("import time\ndef handle(req, ctx):\n    time.sleep(1)\n")
+    (code / "handler.py").write_text(CODE)
 
     def target(name: str, scale_max: int) -> Target:
         spec = FunctionSpec(name=name, memory=128, scale=ScaleSpec(max=scale_max))
@@ -127,19 +154,14 @@ def test_starts_waiting_for_memory_stay_within_scale_max(tmp_path: Path) -> None
 
     alpha, beta = target("alpha", 2), target("beta", 1)
 
-    def invoke(i: int) -> Invoke:
-        return Invoke(
-            id=f"r{i}", method="GET", path="/", query=b"", headers=[], body=b"", deadline=0
-        )
-
-    async def main() -> tuple[int, int]:
+    async def main() -> None:
         env = {k: v for k, v in os.environ.items() if k in PASSED_ENV}
         config = ServerConfig(
             home=tmp_path / "home",
             use_cgroups=False,
             base_env=env,
             memory_budget_mb=512,  # two zygotes and two instances
-            budget_wait=5,
+            budget_wait=30,
         )
         pool = Pool(config, TelemetryBuffer(1024))
         await pool.start()
@@ -148,24 +170,28 @@ def test_starts_waiting_for_memory_stay_within_scale_max(tmp_path: Path) -> None
             await pool.prepare(beta)
             pool.retire_all_but([alpha.key, beta.key])
             a, b = pool.open_revision(alpha), pool.open_revision(beta)
-            loop = asyncio.get_running_loop()
-            calls = [asyncio.ensure_future(a.invoke(invoke(0), loop.time() + 30))]
-            calls.append(asyncio.ensure_future(b.invoke(invoke(100), loop.time() + 30)))
-            await asyncio.sleep(0.3)  # the budget is spent
-            calls += [
-                asyncio.ensure_future(a.invoke(invoke(i), loop.time() + 30)) for i in range(6)
-            ]
-            await asyncio.sleep(0.3)
-            pool.discard(beta)  # its memory comes back
-            peak = 0
-            for _ in range(40):
-                await asyncio.sleep(0.05)
-                peak = max(peak, a.count)
-            results = await asyncio.gather(*calls, return_exceptions=True)
-            return peak, sum(1 for r in results if not isinstance(r, BaseException))
+            deadline = asyncio.get_running_loop().time() + 30
+            with Gate() as gate:
+                calls = [asyncio.ensure_future(a.invoke(invoke(0, gate), deadline))]
+                doomed = asyncio.ensure_future(b.invoke(invoke(100, gate), deadline))
+                await until(lambda: gate.held() == 2, "one instance of each: the budget spent")
+                calls += [
+                    asyncio.ensure_future(a.invoke(invoke(i, gate), deadline)) for i in range(1, 7)
+                ]
+                await until(lambda: a.statistics().starting == 1, "a start waiting for memory")
+                stats = a.statistics()
+                assert (stats.busy, stats.starting, stats.waiting) == (1, 1, 5), stats
+                pool.discard(beta)  # its memory comes back
+                await until(lambda: a.statistics().busy == 2, "the waiting start to run")
+                stats = a.statistics()
+                assert (stats.busy, stats.starting, stats.waiting) == (2, 0, 5), stats
+                gate.open()
+                results = await asyncio.gather(*calls)
+                with pytest.raises(EmberError):  # beta was discarded under its request
+                    await doomed
+            assert len({json.loads(r.body)["pid"] for r, _tier, _inst in results}) == 2
+            assert a.statistics().starts == {"warm": 5, "fork": 2, "specialize": 0, "fresh": 0}
         finally:
             await pool.shutdown()
 
-    peak, served = asyncio.run(main())
-    assert peak <= 2
-    assert served >= 2
+    asyncio.run(main())
