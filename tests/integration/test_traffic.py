@@ -6,7 +6,6 @@ import concurrent.futures as cf
 import json
 import signal
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,11 +13,15 @@ from typing import Any
 import httpx
 
 from tests.integration.conftest import EmberServer, wait_for
+from tests.integration.test_autoscaling import Gate
 
 VERSIONED = """
-import time
+import socket, time
 VERSION = {version!r}
 def handle(req, ctx):
+    if "gate" in req.query:  # held until the test opens the gate
+        with socket.create_connection(("127.0.0.1", int(req.query["gate"]))) as sock:
+            sock.recv(1)
     delay = float(req.query.get("sleep", "0"))
     if delay:
         time.sleep(delay)
@@ -145,9 +148,9 @@ def test_load_sees_no_failure_through_deploy_traffic_rollback_and_scale(
     stop = threading.Event()
     failures: list[str] = []
     versions: set[str] = set()
+    answered = [0]  # by the clients, all together
 
-    def client() -> int:
-        done = 0
+    def client() -> None:
         with httpx.Client(base_url=server.url, timeout=30) as http:
             while not stop.is_set():
                 resp = http.get("/fn/svc?sleep=0.005")
@@ -155,30 +158,36 @@ def test_load_sees_no_failure_through_deploy_traffic_rollback_and_scale(
                     failures.append(f"{resp.status_code} {resp.text[:200]}")
                 else:
                     versions.add(resp.json()["version"])
-                done += 1
-        return done
+                answered[0] += 1
 
-    with cf.ThreadPoolExecutor(8) as pool:
+    def under_load() -> None:  # each change happens while requests keep coming
+        mark = answered[0]
+        wait_for(lambda: answered[0] >= mark + 30, 30, "30 more requests answered")
+
+    with Gate() as gate, cf.ThreadPoolExecutor(8) as pool:
+        slow = pool.submit(server.http.get, f"/fn/svc?gate={gate.port}")
+        gate.wait(1)  # in flight on revision 1 until the end
         clients = [pool.submit(client) for _ in range(6)]
-        slow = pool.submit(server.http.get, "/fn/svc?sleep=2")  # in flight on revision 1
-        time.sleep(0.3)
-        deploy_version(server, fn_dir, "v2")  # revision 1 is retired while `slow` runs
-        time.sleep(0.3)
-        server.cli("traffic", "svc", "stable=1:50", "canary=2:50")
-        time.sleep(0.3)
-        server.cli("scale", "svc", "--instances", "6")
-        time.sleep(0.3)
-        server.cli("rollback", "svc", "--to", "1")
-        time.sleep(0.3)
-        server.cli("rollback", "svc")  # back to the one before: 2
-        time.sleep(0.3)
-        server.cli("scale", "svc", "--instances", "0")
-        time.sleep(0.3)
-        stop.set()
-        total = sum(c.result() for c in clients)
+        try:
+            for change in (
+                lambda: deploy_version(server, fn_dir, "v2"),  # revision 1 is retired
+                lambda: server.cli("traffic", "svc", "stable=1:50", "canary=2:50"),
+                lambda: server.cli("scale", "svc", "--instances", "6"),
+                lambda: server.cli("rollback", "svc", "--to", "1"),
+                lambda: server.cli("rollback", "svc"),  # back to the one before: 2
+                lambda: server.cli("scale", "svc", "--instances", "0"),
+            ):
+                under_load()
+                change()
+            under_load()
+        finally:
+            stop.set()
+        for c in clients:
+            c.result()
+        gate.open()
         old = slow.result()
     assert failures == [], failures[:5]
-    assert total > 100 and versions == {"v1", "v2"}
+    assert versions == {"v1", "v2"}
     assert old.status_code == 200 and old.json() == {"version": "v1"}
     assert detail(server)["traffic"]["serving"] == 2
 
@@ -324,12 +333,17 @@ def test_an_alias_of_an_older_public_revision_does_not_open_a_private_function(
 def test_a_deploy_keeps_its_warmed_zygote_though_the_function_was_idle(
     server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
 ) -> None:
-    server = server_factory("--zygote-keepalive", "1")
+    server = server_factory("--zygote-keepalive", "2")
     quick = "functions:\n  svc:\n    scale: {max: 20, idle: 0.5s}\n"
     deploy_version(server, fn_dir, "v1", manifest=quick)
+    witness = "functions:\n  witness:\n    scale: {idle: 0.1s}\n"
+    deploy_version(server, fn_dir, "w", name="witness", manifest=witness)
     assert server.http.get("/fn/svc").status_code == 200
     wait_for(lambda: detail(server)["zygote"] is False, 10, "the idle zygote to be released")
     deploy_version(server, fn_dir, "v2", manifest=quick)
-    time.sleep(0.6)  # a few keep-alive ticks: the probed zygote stays (1 s from the deploy)
+    # Keep-alive steps run after the deploy: the witness's instance goes at one, past its idle
+    # grace. The probed zygote stays through them (2 s from the deploy).
+    assert server.http.get("/fn/witness").status_code == 200
+    wait_for(lambda: detail(server, "witness")["instances"]["idle"] == 0, 10, "a step")
     assert detail(server)["zygote"] is True
     assert server.http.get("/fn/svc").headers["x-ember-start"] == "fork"
