@@ -8,7 +8,6 @@ import os
 import socket
 import stat
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -260,11 +259,13 @@ def test_a_function_that_turns_private_mid_request_is_not_served_without_a_key(
 ):
     """Regression: the key was checked against the target seen before the body arrived."""
     server.deploy(fn_dir("flip", WHO % "open"))
+    head = b"POST /fn/flip HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n"
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        sock.sendall(b"POST /fn/flip HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
-        time.sleep(0.2)
+        sock.sendall(head + b"\r\n")
+        # 100 Continue: the gateway has chosen the (public) target and waits for the body
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 ")
         server.deploy(fn_dir("flip", WHO % "closed", "functions:\n  flip:\n    access: private\n"))
-        sock.sendall(b"cd")
+        sock.sendall(b"abcd")
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:300]
 
