@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import io
+import os
 import signal
+import socket
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +15,7 @@ import psutil
 import pytest
 
 from tests.integration.conftest import EmberServer, wait_for
+from tests.integration.test_autoscaling import GATED, Gate
 
 HELLO = "def handle(req, ctx):\n    return {'v': 1}\n"
 HELLO2 = "def handle(req, ctx):\n    return {'v': 2}\n"
@@ -170,25 +173,37 @@ def test_graceful_shutdown_finishes_in_flight_requests(
     server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path], sig: int, group: bool
 ):
     server = server_factory()
-    server.deploy(
-        fn_dir("slow", "import time\ndef handle(req, ctx):\n    time.sleep(1)\n    return 'done'\n")
-    )
-    with cf.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(server.http.get, "/fn/slow")
-        wait_for(
-            lambda: server.api.get("/api/v1/functions/slow").json()["instances"]["busy"] == 1,
-            5,
-            "the request to be in flight",
-        )
+    # held at the gate until the server stops accepting, then still a second of work: well
+    # past uvicorn's first 0.1 s of shutdown, within the grace period (30 s)
+    slow = GATED + "\ndef handle(req, ctx):\n    gate(req)\n    time.sleep(1)\n    return 'done'\n"
+    server.deploy(fn_dir("slow", slow))
+    assert server.proc is not None
+    with Gate() as gate, cf.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(server.http.get, f"/fn/slow?gate={gate.port}")
+        gate.wait(1)  # in flight
         children = _tree(server)
-        assert server.stop(sig, group=group) == 0
+        if group:
+            os.killpg(server.proc.pid, sig)
+        else:
+            server.proc.send_signal(sig)
+        wait_for(lambda: not _accepting(server), 30, "the server to stop accepting")
+        gate.open()  # the request goes on only now, during the shutdown
         resp = pending.result()
+        assert server.proc.wait(30) == 0
     assert resp.status_code == 200 and resp.text == "done"
     wait_for(
         lambda: not any(p.is_running() and p.status() != "zombie" for p in children),
         5,
         "zygotes and instances to exit",
     )
+
+
+def _accepting(server: EmberServer) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+        return True
+    except ConnectionRefusedError:
+        return False
 
 
 def test_nothing_outlives_a_killed_server(
