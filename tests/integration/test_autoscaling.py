@@ -3,77 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-from tests.integration.conftest import EmberServer, wait_for
-
-
-class Gate:
-    """Holds requests inside a function until the test opens it, so a test knows what is
-    running without timing it: a handler given `?gate=PORT` connects to the gate and waits
-    for it to close the connection (GATED below; an async handler reads from an asyncio
-    connection the same way)."""
-
-    def __init__(self) -> None:
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self._server.getsockname()[1])
-        self._held: list[socket.socket] = []
-        self._open = False
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:  # closed
-                return
-            with self._lock:
-                if self._open:
-                    conn.close()
-                else:
-                    self._held.append(conn)
-
-    def held(self) -> int:
-        with self._lock:
-            return len(self._held)
-
-    def wait(self, count: int, what: str = "requests at the gate") -> None:
-        wait_for(lambda: self.held() >= count, 30, f"{count} {what}")
-        assert self.held() == count, f"{self.held()} requests at the gate, not {count}"
-
-    def open(self) -> None:
-        with self._lock:
-            self._open = True
-            for conn in self._held:
-                conn.close()
-            self._held.clear()
-
-    def __enter__(self) -> Gate:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.open()
-        self._server.close()
-
-
-GATED = """
-import os, socket, time
-
-def gate(req):
-    if "gate" in req.query:  # held until the test opens the gate
-        with socket.create_connection(("127.0.0.1", int(req.query["gate"]))) as sock:
-            sock.recv(1)
-"""
+from tests.integration.conftest import GATED, EmberServer, Gate, wait_for
 
 SLEEPY = (
     GATED

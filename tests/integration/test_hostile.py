@@ -8,10 +8,9 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.integration.conftest import EmberServer, wait_for
+from tests.integration.conftest import EmberServer, alive, named, wait_for
 
 
 def _tar(files: dict[str, bytes]) -> bytes:
@@ -153,20 +152,6 @@ while True:
 """
 
 
-def named(name: str) -> list[psutil.Process]:
-    """Live processes whose name (/proc/PID/comm) is `name`: a function names its own zygote
-    at import, so its instances inherit the name (cgroup names do not say which function: a
-    zygote started from a spare keeps the spare's)."""
-    return [p for p in psutil.process_iter(["name"]) if p.info["name"] == name and _alive(p)]
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def test_a_hung_import_that_swallows_the_timeout_is_still_ended(
     server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
 ):
@@ -182,7 +167,7 @@ def test_a_hung_import_that_swallows_the_timeout_is_still_ended(
         hung = zygote if "ember.runtime.root" in " ".join(keeper.cmdline()) else [*zygote, keeper]
         out = deploying.result()
     assert out.returncode == 3 and b"did not finish importing" in out.stderr, out.stderr
-    wait_for(lambda: not any(_alive(p) for p in hung), 10, "the hung zygote to be killed")
+    wait_for(lambda: not any(alive(p) for p in hung), 10, "the hung zygote to be killed")
     assert named("ember-stubborn") == []
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.conftest import EmberServer, ember_cmd, wait_for
+from tests.integration.conftest import EmberServer, alive, ember_cmd, named, wait_for
 
 SANDBOX = os.geteuid() == 0 and os.uname().sysname == "Linux"
 # Numbers of the raw system calls SPY tries, per architecture (the test's own table, not Ember's).
@@ -47,20 +47,6 @@ def _raw_syscalls() -> str:
     machine = os.uname().machine
     needs(machine in SYSCALLS, f"no system call numbers for {machine} in this test")
     return ",".join(f"{name}:{nr}" for name, nr in SYSCALLS[machine].items())
-
-
-def named(name: str) -> list[psutil.Process]:
-    """Live processes named `name` (/proc/PID/comm). A function names its zygote at import and
-    its instances inherit the name; cgroup names do not say which function a process serves
-    (a zygote started from a spare keeps the spare's)."""
-    return [p for p in psutil.process_iter(["name"]) if p.info["name"] == name and _alive(p)]
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _rss_mb(proc: psutil.Process) -> int:
@@ -240,8 +226,8 @@ def test_a_cpu_spinner_is_held_to_its_share_and_killed_at_its_timeout(
     resp = server.http.get("/fn/spin", params={"seconds": "60"})
     assert resp.status_code == 504 and resp.json()["error"]["code"] == "timeout"
     assert "timed out after 3 s" in resp.json()["error"]["message"]
-    wait_for(lambda: not _alive(instance), 10, "the spinning instance to be killed")
-    assert _alive(zygote)
+    wait_for(lambda: not alive(instance), 10, "the spinning instance to be killed")
+    assert alive(zygote)
 
 
 def test_without_the_sandbox_the_server_says_so_and_require_isolation_refuses(
@@ -413,7 +399,7 @@ def test_a_thread_in_the_zygote_cannot_use_the_room_kept_for_new_instances(
     def stopped() -> bool:  # its memory cgroup's OOM killer ends it when the thread grows
         nonlocal biggest
         biggest = max(biggest, _rss_mb(zygote))
-        return not _alive(zygote)
+        return not alive(zygote)
 
     wait_for(stopped, 30, "the growing zygote to be stopped at its memory limit")
     assert biggest < 64 + 80 + 40, f"the zygote held {biggest} MB"

@@ -14,8 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.conftest import EmberServer, wait_for
-from tests.integration.test_autoscaling import GATED, Gate
+from tests.integration.conftest import GATED, EmberServer, Gate, wait_for
 
 HELLO = "def handle(req, ctx):\n    return {'v': 1}\n"
 HELLO2 = "def handle(req, ctx):\n    return {'v': 2}\n"

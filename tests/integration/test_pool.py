@@ -21,7 +21,7 @@ from ember.pool.target import Target
 from ember.spec import FunctionSpec, ScaleSpec
 from ember.telemetry.buffer import TelemetryBuffer
 from ember.wire.messages import Invoke
-from tests.integration.test_autoscaling import GATED, Gate
+from tests.integration.conftest import GATED, Gate
 
 CODE = (
     GATED

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.integration.conftest import EmberServer, ember_cmd
-from tests.integration.test_autoscaling import GATED, Gate
+from tests.integration.conftest import GATED, EmberServer, Gate, ember_cmd
 
 WHO = """
 import os

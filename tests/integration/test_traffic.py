@@ -12,8 +12,7 @@ from typing import Any
 
 import httpx
 
-from tests.integration.conftest import EmberServer, wait_for
-from tests.integration.test_autoscaling import Gate
+from tests.integration.conftest import EmberServer, Gate, wait_for
 
 VERSIONED = """
 import socket, time

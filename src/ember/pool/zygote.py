@@ -31,6 +31,8 @@ class FunctionZygote:
     def __init__(self, sock: socket.socket, target: Target) -> None:
         self.target = target
         self.ready: asyncio.Future[ZygoteReady] = asyncio.get_running_loop().create_future()
+        # Whoever waited may be gone (a start that timed out stopped it): its failure is seen.
+        self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.dead = False
         self.pid = 0
         self.cgroup_dir = ""  # its cgroups (below the server's); its instances' leaves go there
