@@ -16,7 +16,9 @@ _PR_SET_PDEATHSIG = 1
 _libc: ctypes.CDLL | None = None
 
 
-def _load_libc() -> ctypes.CDLL | None:
+def load_libc() -> ctypes.CDLL | None:
+    """The C library, loaded once (with errno) for every ctypes call of the runtime: limits,
+    the sandbox and the seccomp filter; None off Linux."""
     global _libc
     if _libc is None and sys.platform.startswith("linux"):
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -29,7 +31,7 @@ def die_with_parent(parent: int, *, in_new_pid_namespace: bool = False) -> None:
     The first process of a new pid namespace sees its parent as pid 0, so it cannot check
     whether the parent died before prctl took effect; its control channel's EOF ends it then.
     """
-    libc = _load_libc()
+    libc = load_libc()
     if libc is not None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         expected = 0 if in_new_pid_namespace else parent
@@ -43,7 +45,7 @@ _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
 
 def isolate_network() -> None:
     """A network namespace of our own with loopback up: no route to the host or anywhere."""
-    libc = _load_libc()
+    libc = load_libc()
     if libc is None or libc.unshare(_CLONE_NEWNET) != 0:
         err = ctypes.get_errno() if libc is not None else 0
         raise PermissionError(

@@ -82,7 +82,7 @@ def _check(result: int, what: str) -> None:
 
 
 def _libc() -> ctypes.CDLL:
-    libc = limits._load_libc()
+    libc = limits.load_libc()
     if libc is None:
         raise SandboxError(0, "sandbox: needs Linux")
     return libc

@@ -32,7 +32,7 @@ import platform
 import struct
 import sys
 
-from ember.runtime.limits import _load_libc
+from ember.runtime.limits import load_libc
 
 DENIED: tuple[str, ...] = (
     # filesystems and mounts
@@ -326,7 +326,7 @@ def install() -> None:
             f"({sys.platform}, {struct.calcsize('P') * 8}-bit Python); the filter knows Linux "
             f"on {' and '.join(_ARCHES)} with a 64-bit Python: run Ember on one of those",
         )
-    libc = _load_libc()
+    libc = load_libc()
     if libc is None:  # not reached: _PROGRAM is only built on Linux
         raise OSError(errno.ENOSYS, "seccomp: the C library could not be loaded")
     zero = ctypes.c_ulong(0)
