@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.integration.conftest import EmberServer, wait_for
+from tests.integration.conftest import GATED, EmberServer, Gate, wait_for
 
 HELLO = """
 def handle(req, ctx):
@@ -201,13 +201,14 @@ def test_connections_beyond_the_limit_get_503_and_slow_heads_get_408(
     )
 
 
-SLOW = """
-import time
-
+SLOW = (
+    GATED
+    + """
 def handle(req, ctx):
-    time.sleep(3)
+    gate(req)
     return {"got": len(req.body)}
 """
+)
 
 
 def test_request_bodies_held_at_once_are_bounded_with_a_503(
@@ -216,16 +217,17 @@ def test_request_bodies_held_at_once_are_bounded_with_a_503(
     """Regression: every request buffered up to 6 MB before admission, with no total bound."""
     server = server_factory("--max-buffered-mb", "8")
     server.deploy(fn_dir("slow", SLOW, "functions:\n  slow:\n    concurrency: 4\n"))
-    info = lambda: server.api.get("/api/v1/functions/slow").json()  # noqa: E731
     body = b"x" * (5 * 1024 * 1024)
-    with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(httpx.post, f"{server.url}/fn/slow", content=body, timeout=60)
-        wait_for(lambda: info()["instances"]["busy"] == 1, 10, "the first request to run")
+    with Gate() as gate, ThreadPoolExecutor(1) as pool:
+        held = f"{server.url}/fn/slow?gate={gate.port}"
+        first = pool.submit(httpx.post, held, content=body, timeout=60)
+        gate.wait(1, "the first request, its body read, held in the function")
         second = httpx.post(f"{server.url}/fn/slow", content=body, timeout=60)
         assert second.status_code == 503, second.text[:300]
         assert second.json()["error"]["code"] == "server_busy"
         assert "limit is 8 MB" in second.json()["error"]["message"]
         assert second.headers["retry-after"] == "1"
+        gate.open()
         assert first.result().json() == {"got": len(body)}
     again = httpx.post(f"{server.url}/fn/slow", content=body, timeout=60)  # held bytes came back
     assert again.status_code == 200 and again.json() == {"got": len(body)}
