@@ -70,11 +70,7 @@ class Gateway:
         held = [0]  # bytes of this request's body counted in self.buffered
         try:
             if route is None:
-                where = "" if key.startswith("default/") else f" in namespace '{key.split('/')[0]}'"
-                raise NotFound(
-                    f"no function named '{name}'{where}; deploy it with `ember deploy` "
-                    "or list functions with `ember ls`"
-                )
+                raise _no_function(key, name)
             target, alias = _choose(route, alias, scope["headers"], rid, name)
             authorized = _private(route, target)
             headers = self._headers_for(target, scope["headers"], authorized)
@@ -84,17 +80,7 @@ class Gateway:
             if _private(route, target) and not authorized:  # it became private
                 headers = self._authorize(target, scope["headers"])
             timeout = _timeout(headers, target)
-            msg = Invoke(
-                id=rid,
-                method=scope["method"],
-                path="/" + rest,
-                raw_path=_raw_rest(scope, rest),
-                query=scope.get("query_string", b""),
-                headers=headers,
-                body=body,
-                deadline=started + timeout,
-                revision=target.number,
-            )
+            msg = _invoke(scope, rid, rest, headers, body, started + timeout, target.number)
             loop_deadline = asyncio.get_running_loop().time() + timeout
             caller = timeout < target.spec.timeout
             result, tier, inst = await self.pool.open_revision(target).invoke(
@@ -262,6 +248,30 @@ def _function_headers(headers: Headers, target: Target) -> Headers:
         if name not in RESERVED_HEADERS and not name.startswith(b"x-ember-"):
             out.append((name, value))
     return out
+
+
+def _invoke(
+    scope: Scope, rid: str, rest: str, headers: Headers, body: bytes, deadline: float, number: int
+) -> Invoke:
+    return Invoke(
+        id=rid,
+        method=scope["method"],
+        path="/" + rest,
+        raw_path=_raw_rest(scope, rest),
+        query=scope.get("query_string", b""),
+        headers=headers,
+        body=body,
+        deadline=deadline,
+        revision=number,
+    )
+
+
+def _no_function(key: str, name: str) -> NotFound:
+    where = "" if key.startswith("default/") else f" in namespace '{key.split('/')[0]}'"
+    return NotFound(
+        f"no function named '{name}'{where}; deploy it with `ember deploy` "
+        "or list functions with `ember ls`"
+    )
 
 
 def _raw_rest(scope: Scope, rest: str) -> str:
