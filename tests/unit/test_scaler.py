@@ -191,18 +191,18 @@ def test_a_manual_scale_down_holds_below_what_the_window_remembers() -> None:
     scale = ScaleSpec(max=10, idle=30)
     window = Window(scale.window)
     instances = 0
-    for i in range(1, 41):
+
+    def tick(i: int) -> int:
         now = i * TICK
         window.add(now, 6.0, instances, active=True)
         decision = decide(scale, 1, window, now)
         window.keep(decision)
-        instances = decision.desired
+        return decision.desired
+
+    for i in range(1, 41):
+        instances = tick(i)
     assert instances == 6
     window.held, window.held_until = 2, 10.0 + 30.0
     for i in range(41, 81):  # the load goes on: the hold still says 2 (requests start their own)
-        now = i * TICK
-        window.add(now, 6.0, instances, active=True)
-        decision = decide(scale, 1, window, now)
-        window.keep(decision)
-        instances = decision.desired
+        instances = tick(i)
         assert instances == 2

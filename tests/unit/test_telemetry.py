@@ -38,20 +38,7 @@ def test_output_past_the_cap_is_cut_and_noted() -> None:
     for _ in range(4):
         buf.log(_log("r1", "abcd"))
     buf.log(_log("r2", "ok"))
-    buf.activation(
-        ActivationRecord(
-            id="r1",
-            function="f",
-            revision=1,
-            start=1.0,
-            duration_ms=2.0,
-            status=200,
-            tier="warm",
-            instance="i",
-            peak_memory_kb=0,
-            billed_ms=2,
-        )
-    )
+    buf.activation(_activation("r1"))
     acts, logs = buf.drain()
     kept = "".join(r.message for r in logs if r.request_id == "r1" and r.stream == "stdout")
     assert kept == "abcdabcdab"
