@@ -1,4 +1,5 @@
-"""The two servers under test: a real `ember up` and the bare Starlette + uvicorn baseline."""
+"""The servers under test: a real `ember up`, and two Starlette apps on uvicorn as baselines
+(the plain app a user would write instead, and one serving Ember's handler in-process)."""
 
 from __future__ import annotations
 
@@ -96,9 +97,11 @@ class _Process:
 
 
 class Baseline(_Process):
-    """`uvicorn bench.baseline_app:app` (httptools, uvloop, 1 worker, no access log)."""
+    """`uvicorn bench.baseline_app:app` (httptools, uvloop, 1 worker, no access log): the same
+    handler modules, called in-process with Ember's `Request` and `Context`."""
 
     name = "uvicorn"
+    app = "bench.baseline_app:app"
 
     def __init__(self, *functions: str) -> None:
         super().__init__()
@@ -109,7 +112,7 @@ class Baseline(_Process):
             PYTHON,
             "-m",
             "uvicorn",
-            "bench.baseline_app:app",
+            self.app,
             "--host",
             "127.0.0.1",
             "--port",
@@ -127,6 +130,17 @@ class Baseline(_Process):
 
     def env(self) -> dict[str, str]:
         return bench_env(BENCH_FUNCTIONS=",".join(self.functions))
+
+
+class Plain(Baseline):
+    """`uvicorn bench.plain_app:app`, same options: what a user would write instead of a
+    function, a plain Starlette app answering /fn/noop with bench/functions/noop's JSON."""
+
+    name = "plain"
+    app = "bench.plain_app:app"
+
+    def __init__(self) -> None:
+        super().__init__("noop")
 
 
 # Ember as it starts by default (as root on Linux: with the sandbox) and with `--no-sandbox`;
@@ -184,15 +198,22 @@ class Ember(_Process):
 
     def deploy(self, function: str, name: str | None = None, **config: Any) -> dict[str, Any]:
         """Deploy bench/functions/FUNCTION as NAME with `config` as its ember.yaml entry."""
+        name = name or route_name(function)
+        return self.post_bundle(name, self.bundle(function, name, **config))
+
+    def bundle(self, function: str, name: str, **config: Any) -> bytes:
+        """The bundle `deploy` posts: bench/functions/FUNCTION with `config` as NAME's entry."""
         from ember.bundle import pack
 
-        name = name or route_name(function)
         src = self.tmp / "src" / name
         shutil.rmtree(src, ignore_errors=True)
         shutil.copytree(FUNCTIONS / function, src, ignore=shutil.ignore_patterns("__pycache__"))
         if config:
             (src / "ember.yaml").write_text(yaml.safe_dump({"functions": {name: config}}))
-        bundle = pack(src)
+        return pack(src)
+
+    def post_bundle(self, name: str, bundle: bytes) -> dict[str, Any]:
+        """`POST /api/v1/deploy?name=NAME` with a bundle made by `bundle`."""
         resp = self.http.post(
             "/api/v1/deploy",
             params={"name": name},
@@ -278,6 +299,33 @@ class Ember(_Process):
             pass
         return False
 
+    def tree(self) -> dict[str, list[psutil.Process]]:
+        """Every process below the root zygote, by kind: zygote, instance, keeper, spare, other.
+
+        Found by shape, not by asking the server. With the sandbox a function zygote is pid 1
+        of a pid namespace of its own, working in its code (`/code`); a spare is such a process
+        still waiting for a function (working in `/`); a keeper is the parent of either (it
+        counts as a spare when all it keeps are spares). Without the sandbox a zygote is a child
+        of the root working in a code directory. An instance is a zygote's child.
+        """
+        root = self.root_zygote()
+        kinds: dict[int, str] = {}
+        below: list[psutil.Process] = []
+        for proc in root.children(recursive=True):
+            try:
+                kinds[proc.pid] = _zygote_kind(proc, root.pid)
+                below.append(proc)
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                continue
+        out: dict[str, list[psutil.Process]] = {}
+        for proc in below:
+            kind = kinds[proc.pid]
+            if not kind:
+                kept = {kinds.get(child.pid, "") for child in _children(proc)}
+                kind = _kind_by_place(kinds.get(proc.ppid(), ""), kept)
+            out.setdefault(kind, []).append(proc)
+        return out
+
     def instances(self, name: str) -> list[psutil.Process]:
         zygote = self.function_zygote(name)
         return zygote.children() if zygote is not None else []
@@ -294,3 +342,30 @@ class Ember(_Process):
             return zygote is None or not zygote.children()
 
         wait_for(empty, timeout, f"{name} to have no instances")
+
+
+def _zygote_kind(proc: psutil.Process, root: int) -> str:
+    """ "zygote", "spare" (a zygote-to-be in the sandbox) or "" (neither) for PROC."""
+    with open(f"/proc/{proc.pid}/status") as f:
+        nspid = next((line.split()[1:] for line in f if line.startswith("NSpid:")), [])
+    cwd = proc.cwd()
+    in_code = cwd == "/code" or "/code/" in cwd
+    if len(nspid) > 1 and nspid[-1] == "1":
+        return "zygote" if in_code else "spare"
+    return "zygote" if proc.ppid() == root and in_code else ""
+
+
+def _kind_by_place(parent: str, kept: set[str]) -> str:
+    """The kind of a process that is no zygote, from its parent's kind and its children's."""
+    if parent == "zygote":
+        return "instance"
+    if "zygote" in kept:
+        return "keeper"
+    return "spare" if kept == {"spare"} else "other"
+
+
+def _children(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children()
+    except psutil.NoSuchProcess:
+        return []

@@ -1,26 +1,68 @@
-"""Warm throughput (32 connections) and added latency (1 connection), Ember vs bare uvicorn.
+"""Warm throughput (`wrk -t2 -c32`) and added latency (1 connection): Ember against two baselines.
 
-The same no-op handler everywhere. Bare uvicorn is one process on one core calling the handler
-inline; Ember is the server process plus instance processes (one request at a time each), so
-it is measured with the default `scale.max` (10) and with `scale.max: 32` (one instance per
-connection). Pools are scaled to their maximum first, so no request waits for a fork.
+Servers, all started in the same run, all answering `{"ok": true}`:
+* **plain app** (the headline baseline, bench/plain_app.py): what a user would write instead of
+  a function, a plain Starlette app on uvicorn (httptools, uvloop, 1 worker, no access log);
+* **same-handler app** (bench/baseline_app.py): the same uvicorn options serving the function's
+  own handler module in-process, building Ember's `Request` and `Context` for each call;
+* **Ember** as a user runs it: default settings except `scale.min: 2` (issue 9), so two
+  instances wait and the pool forks more (up to the default `scale.max`) as the load asks;
+* Ember with `scale: {min: 2, max: 32}`: one instance per connection, for comparison.
+
+Each load runs in rounds whose order is reversed every round (A B C D, D C B A, …), so drift in
+the machine's load falls on every server alike; a round is preceded by a 1 s warm-up of each
+server. Requests per second are the mean of the rounds; p50 and p99 are wrk's, averaged over
+the rounds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from bench.client import Load
 from bench.common import Row, log, report, verdict
-from bench.servers import Baseline, Ember
+from bench.servers import Baseline, Ember, Plain
 from bench.wrk import load
 
-THROUGHPUT_SHARE = 0.60
-ADDED_P50_MS = 0.5
-PATH = "/fn/{}"
+THROUGHPUT_SHARE = 1.0  # of the plain app, wrk -c32 (issue 9)
+ADDED_P50_MS = 0.1  # over the plain app, 1 connection (issue 9)
+CONNECTIONS = 32
+PLAIN, SAME, EMBER, EMBER_32 = (
+    "plain Starlette app (baseline)",
+    "same-handler app (baseline 2)",
+    "ember, defaults + scale.min 2",
+    "ember, scale.min 2, scale.max 32",
+)
+
+Target = tuple[str, str, int, str]  # what, base URL, port, path
 
 
-def _row(what: str, conns: int, got: Any, bare_rps: float | None = None) -> Row:
-    row: Row = {
+def measure(targets: Sequence[Target], conns: int, seconds: float, rounds: int) -> dict[str, Load]:
+    """wrk against each target, `rounds` times in alternating order; means per target."""
+    got: dict[str, list[Load]] = {what: [] for what, *_ in targets}
+    for i in range(rounds):
+        order = targets if i % 2 == 0 else list(reversed(targets))
+        for _what, url, port, path in order:
+            load(url, port, path, conns, 1)  # warm-up: caches, connections, instances
+        for what, url, port, path in order:
+            got[what].append(load(url, port, path, conns, seconds))
+    return {what: _mean(loads) for what, loads in got.items()}
+
+
+def _mean(loads: list[Load]) -> Load:
+    n = len(loads)
+    return Load(
+        sum(x.requests_per_s for x in loads) / n,
+        sum(x.p50_ms for x in loads) / n,
+        sum(x.p99_ms for x in loads) / n,
+        sum(x.errors for x in loads),
+        loads[0].tool,
+    )
+
+
+def _row(what: str, conns: int, got: Load) -> Row:
+    return {
         "server": what,
         "connections": conns,
         "req_per_s": round(got.requests_per_s),
@@ -28,45 +70,56 @@ def _row(what: str, conns: int, got: Any, bare_rps: float | None = None) -> Row:
         "p99_ms": round(got.p99_ms, 3),
         "errors": got.errors,
     }
-    if bare_rps:
-        share = got.requests_per_s / bare_rps
-        row["share_of_uvicorn"] = f"{share:.0%}"
-        row["verdict"] = verdict(share * 100, THROUGHPUT_SHARE * 100, True, " points")
-    return row
+
+
+def throughput_rows(results: dict[str, Load]) -> list[Row]:
+    plain, same = results[PLAIN].requests_per_s, results[SAME].requests_per_s
+    rows = []
+    for what, got in results.items():
+        row = _row(what, CONNECTIONS, got)
+        if what != PLAIN:
+            row["x_plain"] = f"{got.requests_per_s / plain:.2f}x"
+        if what not in (PLAIN, SAME):
+            row["x_same_handler"] = f"{got.requests_per_s / same:.2f}x"
+            row["target"] = f">= {THROUGHPUT_SHARE:g}x plain"
+            share = got.requests_per_s / plain
+            row["verdict"] = verdict(share, THROUGHPUT_SHARE, True, "x")
+        rows.append(row)
+    return rows
+
+
+def latency_rows(results: dict[str, Load]) -> list[Row]:
+    plain = results[PLAIN].p50_ms
+    rows = []
+    for what, got in results.items():
+        row = _row(what, 1, got)
+        if what != PLAIN:
+            row["added_p50_ms"] = round(got.p50_ms - plain, 3)
+        if what == EMBER:
+            row["target"] = f"added p50 <= {ADDED_P50_MS:g} ms"
+            row["verdict"] = verdict(got.p50_ms - plain, ADDED_P50_MS, unit=" ms")
+        rows.append(row)
+    return rows
 
 
 def run(scale: float = 1.0) -> dict[str, Any]:
-    seconds, short = max(2.0, round(10 * scale)), max(2.0, round(5 * scale))
-    rows: list[Row] = []
-    with Ember() as ember, Baseline("noop") as bare:
-        ember.deploy("noop")
-        ember.deploy("noop", "noop-32", scale={"max": 32})
-        targets = [
-            ("uvicorn (baseline)", bare.url, bare.port, "noop"),
-            ("ember, scale.max 10 (default)", ember.url, ember.port, "noop"),
-            ("ember, scale.max 32", ember.url, ember.port, "noop-32"),
+    rounds = 2 if scale >= 1 else 1
+    seconds = max(2.0, round(5 * scale))
+    with Ember() as ember, Plain() as plain, Baseline("noop") as same:
+        ember.deploy("noop", scale={"min": 2})
+        ember.deploy("noop", "noop-32", scale={"min": 2, "max": 32})
+        targets: list[Target] = [
+            (PLAIN, plain.url, plain.port, "/fn/noop"),
+            (SAME, same.url, same.port, "/fn/noop"),
+            (EMBER, ember.url, ember.port, "/fn/noop"),
+            (EMBER_32, ember.url, ember.port, "/fn/noop-32"),
         ]
-        ember.scale("noop", 10)
-        ember.scale("noop-32", 32)
-        for _what, url, port, name in targets:
-            load(url, port, PATH.format(name), 32, 1)  # warm-up: caches, instances, JIT-free
-        log(f"warm: 32 connections for {seconds:g} s against each of {len(targets)} servers")
-        results = {
-            what: load(url, port, PATH.format(name), 32, seconds)
-            for what, url, port, name in targets
-        }
-        bare_rps = results["uvicorn (baseline)"].requests_per_s
-        for what, got in results.items():
-            rows.append(_row(what, 32, got, None if what.startswith("uvicorn") else bare_rps))
-        log(f"warm: 1 connection for {short:g} s")
-        one_bare = load(bare.url, bare.port, PATH.format("noop"), 1, short)
-        one_ember = load(ember.url, ember.port, PATH.format("noop"), 1, short)
-    rows.append(_row("uvicorn (baseline)", 1, one_bare))
-    added = one_ember.p50_ms - one_bare.p50_ms
-    row = _row("ember, scale.max 10 (default)", 1, one_ember)
-    row.update(added_p50_ms=round(added, 3), verdict=verdict(added, ADDED_P50_MS, unit=" ms"))
-    rows.append(row)
-    return report("warm", rows, tool=one_bare.tool)
+        log(f"warm: {CONNECTIONS} connections, {rounds} x {seconds:g} s per server")
+        many = measure(targets, CONNECTIONS, seconds, rounds)
+        log(f"warm: 1 connection, {rounds} x {seconds:g} s per server")
+        one = measure(targets[:3], 1, seconds, rounds)
+    rows = throughput_rows(many) + latency_rows(one)
+    return report("warm", rows, tool=one[PLAIN].tool, rounds=rounds, seconds_per_round=seconds)
 
 
 if __name__ == "__main__":
