@@ -1,4 +1,7 @@
-"""ASGI handler for `ANY /fn/{name}/{path…}`: body in, pool, response out, records appended."""
+"""`ANY /fn/{name}/{path…}`: route, admit, body in, pool, response out, records appended.
+
+The HTTP front (`ember.server.http`) drives each request's `Exchange` straight from its parser
+callbacks: no ASGI scope, messages or task per body chunk on the hot path."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import logging
 import math
 import os
 import time
-from typing import Any
+from typing import NamedTuple
 
 import msgspec
 
@@ -31,13 +34,21 @@ from ember.telemetry.outcomes import Outcomes
 from ember.telemetry.records import ActivationRecord
 from ember.wire.messages import Headers, Invoke, Result
 
-Scope = dict[str, Any]
 PREFIX = "/fn/"
 log = logging.getLogger("ember.gateway")
 _json = msgspec.json.Encoder()
 
 
+class Response(NamedTuple):
+    status: int
+    headers: Headers  # the response's own headers: no framing (the HTTP front adds it)
+    body: bytes
+
+
 class Gateway:
+    """What the HTTP front asks for each request under /fn/: `open()` at the end of its head,
+    `Exchange.feed()` per chunk of body, `Exchange.run()` once the body is whole."""
+
     def __init__(
         self,
         routes: RouteTable,
@@ -59,54 +70,17 @@ class Gateway:
         self.max_buffered = max_buffered_bytes  # bodies of every request in memory at once
         self.buffered = 0
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        started, t0 = time.time(), time.perf_counter()
-        rid = request_id()
-        key, name, alias, rest = self.routes.resolve(scope["path"][len(PREFIX) :])
-        route = self.routes.get(key)
-        target: Target | None = None
-        tier, instance, result, peak = "none", "", None, 0
-        caller = False  # the caller shortened the deadline: its 504 says nothing of the code
-        held = [0]  # bytes of this request's body counted in self.buffered
+    def open(
+        self, method: str, path: str, raw_path: bytes, query: bytes, headers: Headers
+    ) -> Exchange:
+        """A request whose head has arrived: routed and admitted (or already answered, when
+        `response` is set: unknown function, no key, a declared body over the limit)."""
+        exchange = Exchange(self, method, path, raw_path, query, headers)
         try:
-            if route is None:
-                raise _no_function(key, name)
-            target, alias = _choose(route, alias, scope["headers"], rid, name)
-            authorized = _private(route, target)
-            headers = self._headers_for(target, scope["headers"], authorized)
-            body = await self._body(scope, receive, held)
-            route = self.routes.get(key) or route  # a deploy may have landed meanwhile
-            target, alias = _choose(route, alias, scope["headers"], rid, name)
-            if _private(route, target) and not authorized:  # it became private
-                headers = self._authorize(target, scope["headers"])
-            timeout = _timeout(headers, target)
-            msg = _invoke(scope, rid, rest, headers, body, started + timeout, target.number)
-            loop_deadline = asyncio.get_running_loop().time() + timeout
-            caller = timeout < target.spec.timeout
-            result, tier, inst = await self.pool.open_revision(target).invoke(
-                msg, loop_deadline, caller_deadline=caller
-            )
-            instance, peak = inst.id, result.max_rss_kb
-            if result.error is not None and result.error.kind == "memory":
-                raise _memory_error(target, result)
-            status = result.status
-            headers = _function_headers(result.headers, target)
-            await _respond(send, status, headers, result.body, rid, target, tier, alias)
-            error = result.error.error_type if result.error is not None else None
+            exchange.admit()
         except EmberError as exc:
-            status, error = exc.status, exc.code
-            await self._error(send, exc, rid, target, tier)
-        except Exception as exc:  # a bug of ours: answer, record, log; never a bare 500
-            log.exception("invocation %s of %s failed inside Ember", rid, key)
-            status, error = 500, "internal"
-            await self._error(send, _internal(exc), rid, target, tier)
-        finally:
-            self.buffered -= held[0]
-        elapsed = time.perf_counter() - t0
-        if target is not None:
-            self._record(target, rid, started, elapsed, status, tier, instance, peak, error)
-            if not (caller and status == 504):  # a deadline the caller chose, not the code's
-                self.outcomes.add(target.qualified, target.number, status, elapsed)
+            exchange.fail(exc)
+        return exchange
 
     def _headers_for(self, target: Target, headers: Headers, private: bool) -> Headers:
         """The headers the function gets: a private function's caller must hold an invoke
@@ -126,29 +100,7 @@ class Gateway:
         self.keys.throttle(principal, time.monotonic())
         return [(k, v) for k, v in headers if k != b"authorization"]
 
-    async def _body(self, scope: Scope, receive: Any, held: list[int]) -> bytes:
-        """The whole body, counted in `held` (and the server's `buffered`) as it arrives: a
-        request that would take the server past `max_buffered` bytes of bodies gets 503."""
-        for key, value in scope["headers"]:
-            if key == b"content-length" and value.isdigit() and int(value) > self.max_body:
-                raise _too_large(int(value), self.max_body)
-        chunks: list[bytes] = []
-        size, more = 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise PlatformError("client disconnected", code="client_closed", status=499)
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                raise _too_large(size, self.max_body)
-            if chunk:
-                self._hold(len(chunk), held)
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        return b"".join(chunks)
-
-    def _hold(self, n: int, held: list[int]) -> None:
+    def _hold(self, n: int) -> None:
         if self.buffered + n > self.max_buffered:
             raise PlatformError(
                 f"the server holds {self.buffered // (1024 * 1024)} MB of request bodies, "
@@ -158,79 +110,190 @@ class Gateway:
                 headers={"Retry-After": "1"},
             )
         self.buffered += n
-        held[0] += n
 
-    async def _error(
-        self, send: Any, exc: EmberError, rid: str, target: Target | None, tier: str
-    ) -> None:
-        headers = [(b"content-type", b"application/json")]
-        headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
-        await _respond(
-            send,
-            exc.status,
-            headers,
-            _json.encode({"error": _error_body(exc, rid)}),
-            rid,
-            target,
-            tier,
-        )
-
-    def _record(
-        self,
-        target: Target,
-        rid: str,
-        started: float,
-        elapsed: float,
-        status: int,
-        tier: str,
-        instance: str,
-        peak: int,
-        error: str | None,
-    ) -> None:
+    def _record(self, ex: Exchange, target: Target, status: int, error: str | None) -> None:
+        elapsed = time.perf_counter() - ex.t0
         ms = elapsed * 1000.0
         self.telemetry.activation(
             ActivationRecord(
-                id=rid,
+                id=ex.rid,
                 function=target.qualified,
                 revision=target.number,
-                start=started,
+                start=ex.started,
                 duration_ms=ms,
                 status=status,
-                tier=tier,
-                instance=instance,
-                peak_memory_kb=peak,
+                tier=ex.tier,
+                instance=ex.instance,
+                peak_memory_kb=ex.peak,
                 billed_ms=billed_ms(ms),
                 error=error,
             )
         )
-        self.metrics.observe(target.qualified, status, elapsed, tier)
+        self.metrics.observe(target.qualified, status, elapsed, ex.tier)
+        if not (ex.caller and status == 504):  # a deadline the caller chose, not the code's
+            self.outcomes.add(target.qualified, target.number, status, elapsed)
 
 
-async def _respond(
-    send: Any,
-    status: int,
-    headers: list[tuple[bytes, bytes]],
-    body: bytes,
-    rid: str,
-    target: Target | None,
-    tier: str,
-    alias: str = "",
-) -> None:
-    extra = [(b"x-ember-request-id", rid.encode())]
-    if target is not None:
-        extra.append((b"x-ember-revision", str(target.number).encode()))
-    if alias:
-        extra.append((b"x-ember-alias", alias.encode()))
-    if tier != "none":
-        extra.append((b"x-ember-start", tier.encode()))
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*headers, *extra, (b"content-length", str(len(body)).encode())],
-        }
+class Exchange:
+    """One request to a function, from the end of its head to its response."""
+
+    __slots__ = (
+        "alias",
+        "authorized",
+        "caller",
+        "chunks",
+        "gateway",
+        "headers",
+        "held",
+        "instance",
+        "key",
+        "method",
+        "name",
+        "path",
+        "peak",
+        "query",
+        "raw_path",
+        "response",
+        "rest",
+        "rid",
+        "route",
+        "sent",
+        "size",
+        "started",
+        "t0",
+        "target",
+        "tier",
     )
-    await send({"type": "http.response.body", "body": body})
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        method: str,
+        path: str,
+        raw_path: bytes,
+        query: bytes,
+        headers: Headers,
+    ) -> None:
+        self.started, self.t0 = time.time(), time.perf_counter()
+        self.gateway = gateway
+        self.method, self.path, self.raw_path, self.query = method, path, raw_path, query
+        self.sent = self.headers = headers  # as sent; once admitted, without Ember's key
+        self.rid = request_id()
+        self.key, self.name, self.alias, self.rest = gateway.routes.resolve(path[len(PREFIX) :])
+        self.route: Route | None = None
+        self.target: Target | None = None
+        self.authorized = False
+        self.response: Response | None = None
+        self.chunks: list[bytes] = []
+        self.size = self.held = 0  # body bytes received; of them counted in `buffered`
+        self.tier, self.instance, self.peak = "none", "", 0
+        self.caller = False  # the caller shortened the deadline: its 504 says nothing of the code
+
+    def admit(self) -> None:
+        route = self.route = self.gateway.routes.get(self.key)
+        if route is None:
+            raise _no_function(self.key, self.name)
+        target, _ = _choose(route, self.alias, self.headers, self.rid, self.name)
+        self.target = target
+        self.authorized = _private(route, target)
+        self.headers = self.gateway._headers_for(target, self.headers, self.authorized)
+        for key, value in self.headers:
+            if key == b"content-length" and value.isdigit() and int(value) > self.gateway.max_body:
+                raise _too_large(int(value), self.gateway.max_body)
+
+    def feed(self, chunk: bytes) -> None:
+        """A piece of the body; over the body limit or the server's budget of held bodies it
+        answers (413 / 503) at once."""
+        if self.response is not None:
+            return
+        self.size += len(chunk)
+        try:
+            if self.size > self.gateway.max_body:
+                raise _too_large(self.size, self.gateway.max_body)
+            self.gateway._hold(len(chunk))
+        except EmberError as exc:
+            self.fail(exc)
+            return
+        self.held += len(chunk)
+        self.chunks.append(chunk)
+
+    async def run(self) -> Response:
+        """The whole body has arrived: invoke the function; never raises."""
+        try:
+            return await self._invoke()
+        except EmberError as exc:
+            return self.fail(exc)
+        except Exception as exc:  # a bug of ours: answer, record, log; never a bare 500
+            log.exception("invocation %s of %s failed inside Ember", self.rid, self.key)
+            return self.fail(_internal(exc))
+        finally:
+            self.close()
+
+    async def _invoke(self) -> Response:
+        gateway = self.gateway
+        route = gateway.routes.get(self.key) or self.route  # a deploy may have landed meanwhile
+        assert route is not None
+        target, alias = _choose(route, self.alias, self.headers, self.rid, self.name)
+        self.target, headers = target, self.headers
+        if _private(route, target) and not self.authorized:  # it became private meanwhile
+            headers = gateway._authorize(target, self.sent)
+        timeout = _timeout(headers, target)
+        body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        msg = Invoke(
+            id=self.rid,
+            method=self.method,
+            path="/" + self.rest,
+            raw_path=_raw_rest(self.path, self.raw_path, self.rest),
+            query=self.query,
+            headers=headers,
+            body=body,
+            deadline=self.started + timeout,
+            revision=target.number,
+        )
+        loop_deadline = asyncio.get_running_loop().time() + timeout
+        self.caller = timeout < target.spec.timeout
+        result, self.tier, inst = await gateway.pool.open_revision(target).invoke(
+            msg, loop_deadline, caller_deadline=self.caller
+        )
+        self.instance, self.peak = inst.id, result.max_rss_kb
+        if result.error is not None and result.error.kind == "memory":
+            raise _memory_error(target, result)
+        response = Response(
+            result.status,
+            _function_headers(result.headers, target) + self._ember_headers(alias),
+            result.body,
+        )
+        error = result.error.error_type if result.error is not None else None
+        gateway._record(self, target, result.status, error)
+        return response
+
+    def fail(self, exc: EmberError) -> Response:
+        """Answer with the error (recorded when the request reached a function)."""
+        headers = [(b"content-type", b"application/json")]
+        headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+        body = _json.encode({"error": _error_body(exc, self.rid)})
+        self.response = Response(exc.status, headers + self._ember_headers(""), body)
+        if self.target is not None:
+            self.gateway._record(self, self.target, exc.status, exc.code)
+        self.close()
+        return self.response
+
+    def close(self) -> None:
+        """Give the body's bytes back to the server's budget (the front calls this when the
+        client goes away before `run`)."""
+        self.gateway.buffered -= self.held
+        self.held = 0
+        self.chunks = []
+
+    def _ember_headers(self, alias: str) -> Headers:
+        extra = [(b"x-ember-request-id", self.rid.encode())]
+        if self.target is not None:
+            extra.append((b"x-ember-revision", str(self.target.number).encode()))
+        if alias:
+            extra.append((b"x-ember-alias", alias.encode()))
+        if self.tier != "none":
+            extra.append((b"x-ember-start", self.tier.encode()))
+        return extra
 
 
 def _function_headers(headers: Headers, target: Target) -> Headers:
@@ -250,22 +313,6 @@ def _function_headers(headers: Headers, target: Target) -> Headers:
     return out
 
 
-def _invoke(
-    scope: Scope, rid: str, rest: str, headers: Headers, body: bytes, deadline: float, number: int
-) -> Invoke:
-    return Invoke(
-        id=rid,
-        method=scope["method"],
-        path="/" + rest,
-        raw_path=_raw_rest(scope, rest),
-        query=scope.get("query_string", b""),
-        headers=headers,
-        body=body,
-        deadline=deadline,
-        revision=number,
-    )
-
-
 def _no_function(key: str, name: str) -> NotFound:
     where = "" if key.startswith("default/") else f" in namespace '{key.split('/')[0]}'"
     return NotFound(
@@ -274,11 +321,11 @@ def _no_function(key: str, name: str) -> NotFound:
     )
 
 
-def _raw_rest(scope: Scope, rest: str) -> str:
+def _raw_rest(path: str, raw_path: bytes, rest: str) -> str:
     """The path after /fn/[NAMESPACE/]NAME as sent (percent-encoding kept), for `req.raw_path`."""
-    after = scope["path"][len(PREFIX) :]
+    after = path[len(PREFIX) :]
     taken = after[: len(after) - len(rest)].rstrip("/").count("/") + 3  # "", "fn", the name
-    parts = (scope.get("raw_path") or scope["path"].encode()).split(b"/", taken)
+    parts = (raw_path or path.encode()).split(b"/", taken)
     return "/" + (parts[taken].decode("latin-1") if len(parts) > taken else "")
 
 

@@ -1,4 +1,11 @@
-"""The HTTP front's limits, on top of uvicorn's httptools protocol.
+"""The HTTP front: uvicorn's httptools protocol with limits, and `/fn/` served without ASGI.
+
+Requests under `/fn/` go from the parser's callbacks straight to the gateway's `Exchange`
+(head → `open`, each body chunk → `feed`, end of message → one task that runs it and writes
+the response bytes): no scope dict, no receive/send messages, no per-request Event. The
+control plane (`/api/v1`, `/metrics`, `/healthz`) takes uvicorn's ASGI path unchanged, and so
+do keep-alive, pipelining order, flow control and graceful shutdown (a `/fn/` request's task
+is one of the server's tasks, and its cycle answers what uvicorn asks of one).
 
 * a request line and headers over `MAX_HEAD_BYTES` → 431 (httptools would buffer any size);
 * one connection over `max_connections` → 503 and closed at once (each holds buffers and an fd);
@@ -6,36 +13,89 @@
   connection) → 408 and closed, within a second after: a slow-loris sender holds nothing for
   long. An idle keep-alive connection is uvicorn's to close (5 s).
 
-This subclasses uvicorn's `HttpToolsProtocol` (not a public API); nothing else depends on it,
-and it is the piece to replace if the HTTP front changes.
+This subclasses uvicorn's `HttpToolsProtocol` (not a public API: pyproject pins uvicorn's
+minor version); nothing else depends on it, and it is the piece to replace if the HTTP front
+changes. Limits:
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import http
 import json
+import urllib.parse
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from ember.gateway.app import PREFIX, Exchange, Gateway, Response
 
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers; more is a 431
 
 
-def bounded_protocol(max_connections: int, head_timeout: float) -> type[HttpToolsProtocol]:
+@functools.cache
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    return f"HTTP/1.1 {status} {phrase}\r\n".encode()
+
+
+def front_protocol(
+    gateway: Gateway, max_connections: int, head_timeout: float
+) -> type[HttpToolsProtocol]:
     """The protocol class uvicorn instantiates per connection, with these limits."""
 
-    class Bounded(BoundedHead):
+    class Bounded(Front):
         pass
 
+    Bounded.gateway = gateway
     Bounded.max_connections = max_connections
     Bounded.head_timeout = head_timeout
     return Bounded
 
 
-class BoundedHead(HttpToolsProtocol):
+class FunctionCycle:
+    """A `/fn/` request as uvicorn's protocol sees a cycle (`response_complete`, `keep_alive`,
+    `disconnected`, `message_event.set()`), driving the gateway's `Exchange`."""
+
+    __slots__ = (
+        "disconnected",
+        "exchange",
+        "first",
+        "head_only",
+        "keep_alive",
+        "response_complete",
+        "running",
+        "whole",
+    )
+
+    def __init__(self, exchange: Exchange, keep_alive: bool, head_only: bool) -> None:
+        self.exchange = exchange
+        self.keep_alive = keep_alive
+        self.head_only = head_only  # HEAD: the response's head alone
+        self.disconnected = False
+        self.response_complete = False
+        self.first = False  # first in line on its connection (pipelined requests wait)
+        self.whole = False  # the body has arrived
+        self.running = False
+
+    @property
+    def message_event(self) -> FunctionCycle:
+        return self  # uvicorn sets it when the connection is lost; nothing here waits on it
+
+    def set(self) -> None:
+        pass
+
+
+class Front(HttpToolsProtocol):
     """Heads are timed by one sweep a second over the open connections, not by a timer per
     request: arming and cancelling a timer for each request cost ~4 % of warm throughput."""
 
+    gateway: Gateway
     max_connections = 1024
     head_timeout = 10.0
     _sweeping = False  # per class (per server): one sweep at a time
@@ -77,13 +137,98 @@ class BoundedHead(HttpToolsProtocol):
             f"the request line and headers did not arrive within {self.head_timeout:g} s",
         )
 
+    # ---- the parser's callbacks: /fn/ to the gateway, the rest to uvicorn's ASGI cycle ----
     def on_headers_complete(self) -> None:
         self._in_head, self._head_since = False, None
-        super().on_headers_complete()
+        url = httptools.parse_url(self.url)
+        path = url.path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        if not path.startswith(PREFIX) or self.parser.should_upgrade():
+            super().on_headers_complete()
+            return
+        parser = self.parser
+        method = parser.get_method().decode("ascii")
+        keep_alive = parser.get_http_version() != "1.0" and parser.should_keep_alive()
+        exchange = self.gateway.open(method, path, url.path, url.query or b"", self.headers)
+        cycle = FunctionCycle(exchange, keep_alive, method == "HEAD")
+        previous, self.cycle = self.cycle, cycle  # type: ignore[assignment]
+        if previous is None or previous.response_complete:
+            cycle.first = True
+            if self.expect_100_continue and exchange.response is None:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._advance(cycle)
+        else:  # pipelined behind a request still being answered
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, None))  # type: ignore[arg-type]
+
+    def on_body(self, body: bytes) -> None:
+        cycle: RequestResponseCycle | FunctionCycle = self.cycle
+        if type(cycle) is not FunctionCycle:
+            super().on_body(body)
+        elif not cycle.response_complete:
+            cycle.exchange.feed(body)
+            if cycle.exchange.response is not None:  # 413 or 503: answer at once
+                self._advance(cycle)
 
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        cycle: RequestResponseCycle | FunctionCycle = self.cycle
+        if type(cycle) is not FunctionCycle:
+            super().on_message_complete()
+        else:
+            cycle.whole = True
+            self._advance(cycle)
         self._head, self._in_head, self._tail = 0, True, b""  # the next request on the connection
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle | FunctionCycle, app: Any) -> None:
+        """uvicorn starts the next pipelined request here once the one before it answered."""
+        if isinstance(cycle, RequestResponseCycle):
+            super()._start_asgi_task(cycle, app)
+            return
+        cycle.first = True
+        self._advance(cycle)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        waiting: list[RequestResponseCycle | FunctionCycle | None] = [self.cycle]
+        waiting += (cycle for cycle, _ in self.pipeline)
+        super().connection_lost(exc)
+        for cycle in waiting:  # give back the bodies of requests that will never run
+            if type(cycle) is FunctionCycle and not cycle.running:
+                cycle.exchange.close()
+
+    # ---- /fn/ requests ----
+    def _advance(self, cycle: FunctionCycle) -> None:
+        """Answer a refusal, or run the exchange once its body is whole, if it is its turn."""
+        if not cycle.first or cycle.running or cycle.response_complete:
+            return
+        if cycle.exchange.response is not None:
+            self._write(cycle, cycle.exchange.response)
+        elif cycle.whole:
+            cycle.running = True
+            task = self.loop.create_task(self._run(cycle))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+
+    async def _run(self, cycle: FunctionCycle) -> None:
+        self._write(cycle, await cycle.exchange.run())
+
+    def _write(self, cycle: FunctionCycle, response: Response) -> None:
+        cycle.response_complete = True
+        if cycle.disconnected:
+            return
+        status, headers, body = response
+        out = [_status_line(status)]
+        for name, value in (*self.server_state.default_headers, *headers):
+            out += (name, b": ", value, b"\r\n")
+        if not cycle.keep_alive:
+            out.append(b"connection: close\r\n")
+        out += (b"content-length: ", str(len(body)).encode(), b"\r\n\r\n")
+        if not cycle.head_only:
+            out.append(body)
+        self.transport.write(b"".join(out))
+        if not cycle.keep_alive:
+            self.transport.close()
+        self.on_response_complete()
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:  # count up to the blank line that ends the head, not the body

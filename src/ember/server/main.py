@@ -27,8 +27,7 @@ from ember.gateway.app import Gateway
 from ember.gateway.router import RouteTable
 from ember.pool.manager import Pool
 from ember.secretbox import SecretBox
-from ember.server.app import EmberApp
-from ember.server.http import bounded_protocol
+from ember.server.http import front_protocol
 from ember.store.sqlite import SQLiteStore
 from ember.telemetry.buffer import TelemetryBuffer
 from ember.telemetry.metrics import Metrics
@@ -61,7 +60,7 @@ class Server:
             self.outcomes,
             self.forget_function,
         )
-        gateway = Gateway(
+        self.gateway = Gateway(
             self.routes,
             self.pool,
             self.telemetry,
@@ -71,7 +70,7 @@ class Server:
             self.outcomes,
             config.max_buffered_bytes,
         )
-        self.app = EmberApp(gateway, build(self.control, self.metrics))
+        self.app = build(self.control, self.metrics)  # all but /fn/, which the front serves
         self._flusher: asyncio.Task[None] | None = None
 
     def forget_function(self, function: str) -> None:
@@ -167,7 +166,7 @@ async def run(config: ServerConfig, deploy: list[Path]) -> int:
             server.app,
             host=config.host,
             port=config.port,
-            http=bounded_protocol(config.max_connections, config.head_timeout),
+            http=front_protocol(server.gateway, config.max_connections, config.head_timeout),
             lifespan="off",
             access_log=False,
             log_level=config.log_level,
