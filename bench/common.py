@@ -86,11 +86,18 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def report(name: str, rows: Sequence[Row], **extra: Any) -> dict[str, Any]:
-    """Print one JSON line and a plain text table; return the JSON document."""
+def report(
+    name: str, rows: Sequence[Row], sections: dict[str, list[Row]] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """Print one JSON line and a plain text table (and one per section, when rows of different
+    columns are better apart); return the JSON document."""
     doc: dict[str, Any] = {"benchmark": name, "rows": list(rows), **extra}
+    if sections:
+        doc["sections"] = sections
     print(json.dumps(doc, default=str), flush=True)
     print(f"\n== {name} ==\n{table(rows)}\n", flush=True)
+    for title, section in (sections or {}).items():
+        print(f"== {name}: {title} ==\n{table(section)}\n", flush=True)
     return doc
 
 
@@ -111,3 +118,15 @@ def latency_row(fn: str, what: str, values: list[float], target: str = "", ok: s
         "target": target,
         "verdict": ok,
     }
+
+
+def judged_row(fn: str, what: str, values: list[float], p50: float, p99: float | None) -> Row:
+    """`latency_row` with a verdict on its p50 (and p99, when given) against targets in ms."""
+    s = summary(values)
+    target, ok = f"p50 <= {p50:g}", verdict(s["p50"], p50, unit=" ms")
+    if p99 is not None:
+        target += f", p99 <= {p99:g}"
+        p99_ok = verdict(s["p99"], p99, unit=" ms")
+        if p99_ok != "ok":
+            ok = f"p99 {p99_ok}" if ok == "ok" else f"p50 {ok}; p99 {p99_ok}"
+    return latency_row(fn, what, values, target, ok)

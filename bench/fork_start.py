@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from bench.client import KeepAlive
-from bench.common import FUNCTIONS, PYTHON, Row, latency_row, log, report, summary, verdict
+from bench.common import FUNCTIONS, PYTHON, Row, judged_row, latency_row, log, report, summary
 from bench.servers import SANDBOX_VARIANTS, Baseline, Ember
 
 # (function, fork samples, spaced samples, fresh-process samples, target p50 ms, p99 ms)
@@ -89,17 +89,6 @@ def fresh_process_samples(name: str, n: int) -> list[float]:
     return out
 
 
-def _judged(fn: str, what: str, values: list[float], p50: float, p99: float | None) -> Row:
-    s = summary(values)
-    target, ok = f"p50 <= {p50:g}", verdict(s["p50"], p50, unit=" ms")
-    if p99 is not None:
-        target += f", p99 <= {p99:g}"
-        p99_ok = verdict(s["p99"], p99, unit=" ms")
-        if p99_ok != "ok":
-            ok = f"p99 {p99_ok}" if ok == "ok" else f"p50 {ok}; p99 {p99_ok}"
-    return latency_row(fn, what, values, target, ok)
-
-
 def _difference(fn: str, what: str, a: list[float], b: list[float]) -> Row:
     sa, sb = summary(a), summary(b)
     return {
@@ -139,7 +128,7 @@ def run(scale: float = 1.0) -> dict[str, Any]:
             for what, values in (("back to back", forks), (f"{SPACING:g} s apart", spaced)):
                 for ember, samples in zip(embers, values, strict=True):
                     label = f"{ember.label} fork start, {what}"
-                    rows.append(_judged(name, label, samples, p50_goal, p99_goal))
+                    rows.append(judged_row(name, label, samples, p50_goal, p99_goal))
                 what = f"sandbox cost, {what} ({label_a} minus {label_b})"
                 rows.append(_difference(name, what, values[0], values[1]))
             for ember in embers:
