@@ -178,3 +178,48 @@ def python_load(port: int, path: str, connections: int, seconds: float) -> Load:
 
     lat, errors = asyncio.run(main())
     return Load(len(lat) / seconds, percentile(lat, 50), percentile(lat, 99), errors, "python")
+
+
+@dataclass
+class Overlap:
+    first_byte_ms: float  # the slow request's time to its first byte (routing, render, write)
+    last_byte_ms: float
+    size: int  # bytes of its body
+    status: int
+    during_ms: list[float]  # fast requests sent one after another until that first byte came
+
+
+def overlapped(port: int, slow_path: str, fast_path: str) -> Overlap:
+    """Send `slow_path` on a connection of its own and, until its answer starts to arrive, time
+    requests to `fast_path` one after another on a kept-alive connection: what a small request
+    waits while the server works on the slow one."""
+    fast = KeepAlive(port)
+    slow = socket.create_connection(("127.0.0.1", port))
+    request = f"GET {slow_path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    try:
+        t0 = time.perf_counter()
+        slow.sendall(request.encode())
+        slow.setblocking(False)
+        during: list[float] = []
+        data = bytearray()
+        while not data:
+            try:
+                chunk = slow.recv(1 << 20)
+            except BlockingIOError:
+                during.append(fast.get(fast_path).ms)
+                continue
+            if not chunk:
+                raise ConnectionError(f"no answer to {slow_path}")
+            data += chunk
+        first = time.perf_counter()
+        slow.setblocking(True)
+        while chunk := slow.recv(1 << 20):  # Connection: close, so the body ends at EOF
+            data += chunk
+        last = time.perf_counter()
+    finally:
+        slow.close()
+        fast.close()
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    ms = 1000.0
+    return Overlap((first - t0) * ms, (last - t0) * ms, len(body), status, during)

@@ -24,8 +24,10 @@ import psutil
 from bench import (
     autoscale,
     burst,
+    density,
     fork_breakdown,
     fork_start,
+    idle_start,
     keepalive_sim,
     memory,
     specialize_start,
@@ -35,6 +37,7 @@ from bench.common import RESULTS, log
 
 SUITE: dict[str, Callable[[float], dict[str, Any]]] = {
     "fork_start": fork_start.run,
+    "idle_start": idle_start.run,
     "specialize_start": specialize_start.run,
     "breakdown": fork_breakdown.run,
     "warm": warm.run,
@@ -42,6 +45,7 @@ SUITE: dict[str, Callable[[float], dict[str, Any]]] = {
     "burst": burst.run,
     "autoscale": autoscale.run,
     "keepalive_sim": keepalive_sim.run,
+    "density": density.run,
 }
 
 

@@ -309,20 +309,20 @@ class Ember(_Process):
         of the root working in a code directory. An instance is a zygote's child.
         """
         root = self.root_zygote()
-        kinds: dict[int, str] = {}
-        below: list[psutil.Process] = []
+        found: list[tuple[psutil.Process, int, str]] = []  # process, parent pid, zygote kind
         for proc in root.children(recursive=True):
             try:
-                kinds[proc.pid] = _zygote_kind(proc, root.pid)
-                below.append(proc)
-            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-                continue
+                parent = proc.ppid()
+                found.append((proc, parent, _zygote_kind(proc, parent == root.pid)))
+            except (OSError, psutil.Error):
+                continue  # gone meanwhile
+        kinds = {proc.pid: kind for proc, _, kind in found}
+        kept: dict[int, set[str]] = {}
+        for _proc, parent, kind in found:
+            kept.setdefault(parent, set()).add(kind)
         out: dict[str, list[psutil.Process]] = {}
-        for proc in below:
-            kind = kinds[proc.pid]
-            if not kind:
-                kept = {kinds.get(child.pid, "") for child in _children(proc)}
-                kind = _kind_by_place(kinds.get(proc.ppid(), ""), kept)
+        for proc, parent, kind in found:
+            kind = kind or _kind_by_place(kinds.get(parent, ""), kept.get(proc.pid, set()))
             out.setdefault(kind, []).append(proc)
         return out
 
@@ -344,15 +344,15 @@ class Ember(_Process):
         wait_for(empty, timeout, f"{name} to have no instances")
 
 
-def _zygote_kind(proc: psutil.Process, root: int) -> str:
-    """ "zygote", "spare" (a zygote-to-be in the sandbox) or "" (neither) for PROC."""
+def _zygote_kind(proc: psutil.Process, root_child: bool) -> str:
+    """PROC's kind if it is a zygote ("zygote", or "spare" for a zygote-to-be), else ""."""
     with open(f"/proc/{proc.pid}/status") as f:
         nspid = next((line.split()[1:] for line in f if line.startswith("NSpid:")), [])
     cwd = proc.cwd()
     in_code = cwd == "/code" or "/code/" in cwd
     if len(nspid) > 1 and nspid[-1] == "1":
         return "zygote" if in_code else "spare"
-    return "zygote" if proc.ppid() == root and in_code else ""
+    return "zygote" if root_child and in_code else ""
 
 
 def _kind_by_place(parent: str, kept: set[str]) -> str:
@@ -362,10 +362,3 @@ def _kind_by_place(parent: str, kept: set[str]) -> str:
     if "zygote" in kept:
         return "keeper"
     return "spare" if kept == {"spare"} else "other"
-
-
-def _children(proc: psutil.Process) -> list[psutil.Process]:
-    try:
-        return proc.children()
-    except psutil.NoSuchProcess:
-        return []
