@@ -92,8 +92,9 @@ class FunctionCycle:
 
 
 class Front(HttpToolsProtocol):
-    """Heads are timed by one sweep a second over the open connections, not by a timer per
-    request: arming and cancelling a timer for each request cost ~4 % of warm throughput."""
+    """Heads and idle keep-alive connections are timed by one sweep a second over the open
+    connections, not by a timer per request: arming and cancelling a timer for each request
+    cost ~4 % of warm throughput."""
 
     gateway: Gateway
     max_connections = 1024
@@ -104,6 +105,7 @@ class Front(HttpToolsProtocol):
         super().connection_made(transport)  # type: ignore[arg-type]
         self._head, self._in_head, self._tail = 0, True, b""
         self._head_since: float | None = self.loop.time()  # a new connection must send a head
+        self._idle_since: float | None = None  # answered everything, nothing new has come
         if len(self.connections) > self.max_connections:
             self._answer(
                 b"503 Service Unavailable",
@@ -119,12 +121,17 @@ class Front(HttpToolsProtocol):
 
     @classmethod
     def _sweep(cls, loop: asyncio.AbstractEventLoop, connections: set[Any]) -> None:
-        """408 for every head that has taken longer than `head_timeout` so far."""
+        """408 for every head that has taken longer than `head_timeout` so far; close the
+        keep-alive connections idle for longer than uvicorn's `timeout_keep_alive`."""
         now = loop.time()
         for conn in list(connections):
             since = getattr(conn, "_head_since", None)
             if since is not None and now - since > cls.head_timeout:
                 conn._head_timed_out()
+            idle = getattr(conn, "_idle_since", None)
+            if idle is not None and now - idle > conn.timeout_keep_alive:
+                conn._idle_since = None
+                conn.timeout_keep_alive_handler()
         if connections:
             loop.call_later(1.0, cls._sweep, loop, connections)
         else:
@@ -230,7 +237,20 @@ class Front(HttpToolsProtocol):
             self.transport.close()
         self.on_response_complete()
 
+    def on_response_complete(self) -> None:
+        """uvicorn's, except that an idle connection is left to the sweep (no timer)."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self._idle_since = self.loop.time()
+
     def data_received(self, data: bytes) -> None:
+        self._idle_since = None
         if self._in_head:  # count up to the blank line that ends the head, not the body
             if self._head_since is None:  # the next request's first bytes: its head's clock
                 self._head_since = self.loop.time()
