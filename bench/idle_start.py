@@ -66,7 +66,7 @@ def start_rows(fn: str, what: str, samples: list[Timed]) -> list[Row]:
 
 
 def run(scale: float = 1.0) -> dict[str, Any]:
-    n = round(40 * scale) if scale >= 1 else 4  # a spaced sample costs SPACING seconds
+    n = round(40 * scale) if scale >= 1 else 3  # a spaced sample costs SPACING seconds
     n_fork = max(10, round(100 * scale))
     plan = [name for i in range(n) for name in (["idle", "warm"] if i % 2 else ["idle"])]
     with Ember() as ember:

@@ -110,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for name in chosen:
         log(f"--- {name}")
+        started = time.perf_counter()
         doc["results"][name] = SUITE[name](scale)
+        doc["results"][name]["seconds"] = took = round(time.perf_counter() - started, 1)
+        log(f"--- {name}: {took} s")
     doc["seconds"] = round(time.perf_counter() - t0, 1)
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=2, default=str)

@@ -10,9 +10,9 @@ Servers, all started in the same run, all answering `{"ok": true}`:
 * Ember with `scale: {min: 2, max: 32}`: one instance per connection, for comparison.
 
 Each load runs in rounds whose order is reversed every round (A B C D, D C B A, …), so drift in
-the machine's load falls on every server alike; a round is preceded by a 1 s warm-up of each
-server. Requests per second are the mean of the rounds; p50 and p99 are wrk's, averaged over
-the rounds.
+the machine's load falls on every server alike; a round at 32 connections starts with a 1 s
+warm-up of each server (instances forked, caches filled). Requests per second are the mean of
+the rounds; p50 and p99 are wrk's, averaged over the rounds. Full: 2 rounds of 5 s; quick: 1 s.
 """
 
 from __future__ import annotations
@@ -38,13 +38,15 @@ PLAIN, SAME, EMBER, EMBER_32 = (
 Target = tuple[str, str, int, str]  # what, base URL, port, path
 
 
-def measure(targets: Sequence[Target], conns: int, seconds: float, rounds: int) -> dict[str, Load]:
+def measure(
+    targets: Sequence[Target], conns: int, seconds: float, rounds: int, warm_up: bool = True
+) -> dict[str, Load]:
     """wrk against each target, `rounds` times in alternating order; means per target."""
     got: dict[str, list[Load]] = {what: [] for what, *_ in targets}
     for i in range(rounds):
         order = targets if i % 2 == 0 else list(reversed(targets))
-        for _what, url, port, path in order:
-            load(url, port, path, conns, 1)  # warm-up: caches, connections, instances
+        for _what, url, port, path in order if warm_up else ():
+            load(url, port, path, conns, 1)  # caches, connections, instances
         for what, url, port, path in order:
             got[what].append(load(url, port, path, conns, seconds))
     return {what: _mean(loads) for what, loads in got.items()}
@@ -104,7 +106,7 @@ def latency_rows(results: dict[str, Load]) -> list[Row]:
 
 def run(scale: float = 1.0) -> dict[str, Any]:
     rounds = 2 if scale >= 1 else 1
-    seconds = max(2.0, round(5 * scale))
+    seconds = max(1.0, round(5 * scale))
     with Ember() as ember, Plain() as plain, Baseline("noop") as same:
         ember.deploy("noop", scale={"min": 2})
         ember.deploy("noop", "noop-32", scale={"min": 2, "max": 32})
@@ -117,7 +119,7 @@ def run(scale: float = 1.0) -> dict[str, Any]:
         log(f"warm: {CONNECTIONS} connections, {rounds} x {seconds:g} s per server")
         many = measure(targets, CONNECTIONS, seconds, rounds)
         log(f"warm: 1 connection, {rounds} x {seconds:g} s per server")
-        one = measure(targets[:3], 1, seconds, rounds)
+        one = measure(targets[:3], 1, seconds, rounds, warm_up=False)
     rows = throughput_rows(many) + latency_rows(one)
     return report("warm", rows, tool=one[PLAIN].tool, rounds=rounds, seconds_per_round=seconds)
 
