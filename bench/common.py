@@ -65,7 +65,7 @@ def verdict(value: float, limit: float, higher_is_better: bool = False, unit: st
     if good:
         return "ok"
     miss = limit - value if higher_is_better else value - limit
-    return f"MISS by {miss:.3g}{unit} ({miss / limit:.0%})"
+    return f"MISS by {miss:.4g}{unit} ({miss / limit:.0%})"
 
 
 def _cell(value: Any) -> str:

@@ -300,13 +300,15 @@ class Ember(_Process):
         return False
 
     def tree(self) -> dict[str, list[psutil.Process]]:
-        """Every process below the root zygote, by kind: zygote, instance, keeper, spare, other.
+        """Every process below the root zygote, by kind: zygote, instance, keeper, spare
+        zygote, other.
 
         Found by shape, not by asking the server. With the sandbox a function zygote is pid 1
-        of a pid namespace of its own, working in its code (`/code`); a spare is such a process
-        still waiting for a function (working in `/`); a keeper is the parent of either (it
-        counts as a spare when all it keeps are spares). Without the sandbox a zygote is a child
-        of the root working in a code directory. An instance is a zygote's child.
+        of a pid namespace of its own, working in its code (`/code`); a spare zygote is such a
+        process still waiting for a function (working in `/`); a keeper is the parent of either
+        (it counts with the spare zygote when that is all it keeps). Without the sandbox a
+        zygote is a child of the root working in a code directory. An instance is a zygote's
+        child, whether it served or waits as the revision's pre-forked spare instance.
         """
         root = self.root_zygote()
         found: list[tuple[psutil.Process, int, str]] = []  # process, parent pid, zygote kind
@@ -345,13 +347,13 @@ class Ember(_Process):
 
 
 def _zygote_kind(proc: psutil.Process, root_child: bool) -> str:
-    """PROC's kind if it is a zygote ("zygote", or "spare" for a zygote-to-be), else ""."""
+    """PROC's kind if it is a zygote ("zygote", "spare zygote" for a zygote-to-be), else ""."""
     with open(f"/proc/{proc.pid}/status") as f:
         nspid = next((line.split()[1:] for line in f if line.startswith("NSpid:")), [])
     cwd = proc.cwd()
     in_code = cwd == "/code" or "/code/" in cwd
     if len(nspid) > 1 and nspid[-1] == "1":
-        return "zygote" if in_code else "spare"
+        return "zygote" if in_code else "spare zygote"
     return "zygote" if root_child and in_code else ""
 
 
@@ -361,4 +363,4 @@ def _kind_by_place(parent: str, kept: set[str]) -> str:
         return "instance"
     if "zygote" in kept:
         return "keeper"
-    return "spare" if kept == {"spare"} else "other"
+    return "spare zygote" if kept == {"spare zygote"} else "other"
