@@ -54,18 +54,21 @@ COLD = ("specialize", "fresh")  # tiers of a call that found no zygote
 LATENCY, METRICS, MEMORY = "latency", "/metrics", "USS of the process tree"  # report sections
 
 
-def limits() -> dict[str, Any]:
-    """What bounds how many processes and files one node may hold here."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    nproc = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+def limits(server: int, n: int) -> dict[str, Any]:
+    """What bounds how many processes and files one node may hold here; a warning where the
+    run may hit it (about 3 processes and 3 descriptors in the server per warm function)."""
+    soft, hard = psutil.Process(server).rlimit(psutil.RLIMIT_NOFILE)
     with open("/proc/sys/kernel/pid_max") as f:
         pid_max = int(f.read())
-    return {
-        "nofile": [soft, hard],
-        "nproc": nproc,
+    out = {
+        "server_nofile": [soft, hard],
+        "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0],
         "pid_max": pid_max,
         "memory_available_gib": round(psutil.virtual_memory().available / 2**30, 1),
     }
+    if 0 <= soft < 3 * n + 256 or pid_max < 3 * n + 1000:
+        log(f"WARNING: {n} functions may not fit this machine's limits: {out}")
+    return out
 
 
 def deploy_and_call(ember: Ember, names: list[str]) -> list[dict[str, Any]]:
@@ -209,6 +212,7 @@ def run(scale: float = 1.0) -> dict[str, Any]:
     out: Sections = {LATENCY: [], METRICS: [], MEMORY: []}
     done: list[dict[str, Any]] = []
     with Ember() as ember:
+        machine = limits(ember.pid, n)
         ember.deploy("noop", "probe", scale={"idle": "1s"})
         ember.deploy("noop", "warm", scale={"min": 1})
         point(ember, "0 functions", scale, False, out)
@@ -221,7 +225,7 @@ def run(scale: float = 1.0) -> dict[str, Any]:
         out[LATENCY] += [*deploy_rows(done), second]
         point(ember, f"{n} functions", scale, True, out)
     rows = out.pop(LATENCY)
-    return report("density", rows, out, functions=n, second_call_tiers=tiers, limits=limits())
+    return report("density", rows, out, functions=n, second_call_tiers=tiers, limits=machine)
 
 
 def _uss_mb(procs: list[psutil.Process]) -> list[float]:
