@@ -23,6 +23,14 @@ def handle(req, ctx):
 )
 
 
+def _memory_used(server: EmberServer) -> float:
+    """The node's memory budget in use, as /metrics says."""
+    for line in server.http.get("/metrics").text.splitlines():
+        if line.startswith("ember_memory_used_mb "):
+            return float(line.split()[1])
+    raise AssertionError("no ember_memory_used_mb in /metrics")
+
+
 def _info(server: EmberServer, name: str) -> dict[str, Any]:
     data: dict[str, Any] = server.api.get(f"/api/v1/functions/{name}").json()
     return data
@@ -188,14 +196,17 @@ def test_memory_budget_evicts_idle_instances_then_zygotes_then_says_429(
 def test_a_hot_function_cannot_take_the_scale_min_of_another(
     server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
 ) -> None:
-    server = server_factory("--memory-budget", "320", "--budget-wait", "0.5")
+    server = server_factory("--memory-budget", "188", "--budget-wait", "0.5")
     steady = "functions:\n  steady:\n    memory: 64\n    scale: {min: 1}\n"
     server.deploy(fn_dir("steady", SLEEPY, steady))
     wait_for(lambda: _info(server, "steady")["instances"]["idle"] == 1, 10, "steady's min")
     hot = "functions:\n  hot:\n    memory: 64\n    scale: {max: 10}\n"
     server.deploy(fn_dir("hot", SLEEPY, hot))
-    # used: steady 128 (zygote + 1), hot's zygote 64: room for two hot instances, which the
-    # gate holds while the three other requests wait --budget-wait for memory, in vain
+    # At rest, the zygotes and steady's idle instance count what they use, a few MB each (at
+    # their 64 MB cap until measured); each running hot instance counts at its cap: room for
+    # two, which the gate holds while the three other requests wait --budget-wait for memory,
+    # in vain (a third would need steady's scale.min instance).
+    wait_for(lambda: _memory_used(server) <= 60, 10, "what is at rest to be measured")
     with Gate() as gate, cf.ThreadPoolExecutor(5) as pool:
         held = [pool.submit(server.http.get, f"/fn/hot?s=0&gate={gate.port}") for _ in range(5)]
         gate.wait(2)

@@ -12,6 +12,7 @@ import pytest
 
 from ember.config import ServerConfig
 from ember.errors import PlatformError
+from ember.pool import manager
 from ember.pool.host import PoolSettings
 from ember.pool.instance import Instance
 from ember.pool.manager import Pool
@@ -119,17 +120,27 @@ def test_one_revision_that_raises_does_not_stop_the_tick_for_the_others(
         pool.retire_all_but([bad.key, good.key])
         broken, fine = pool.open_revision(bad), pool.open_revision(good)
 
-        def fail(now: float) -> None:
+        def fail(now: float, step: float) -> None:
             raise RuntimeError("a bug for this revision only")
 
+        stepped: list[float] = []
+        autoscale = fine.autoscale
+
+        def counted(now: float, step: float) -> object:
+            stepped.append(now)
+            return autoscale(now, step)
+
         broken.autoscale = fail  # type: ignore[method-assign]
-        budget_ticks = []
-        pool.budget.tick = lambda: budget_ticks.append(1)  # type: ignore[method-assign]
+        fine.autoscale = counted  # type: ignore[method-assign]
+        sweeps = []
+        pool.placement.sweep = lambda: sweeps.append(1)  # type: ignore[method-assign]
         with caplog.at_level("ERROR", logger="ember.pool"):
             for n in range(1, 4):
+                pool.wake(fine)  # something happened to it: due at this tick
                 pool.tick(float(n))
-        assert len(fine.window.samples) == 3  # the good revision was stepped every tick
-        assert budget_ticks == [1, 1, 1]
+        assert stepped == [1.0, 2.0, 3.0]  # the good revision was stepped every time it was due
+        assert sweeps == [1, 1, 1]
+        assert pool.due.when(bad.key) == 3.0 + manager.STEP  # the failing one: again next step
         errors = [r for r in caplog.records if "bad@1" in r.getMessage()]
         assert len(errors) == 1  # logged once while it persists
     finally:

@@ -34,3 +34,10 @@ def zygote_action(w: Windows, has_zygote: bool, in_use: bool, idle_for: float | 
         # memory, so it never undoes an eviction another start still needs).
         return Action.PREWARM if w.prewarm > 0 else Action.NONE
     return Action.RELEASE if has_zygote else Action.NONE
+
+
+def next_edges(w: Windows, idle_for: float) -> list[float]:
+    """The idle times (seconds after the end of activity) still ahead at which `loaded(w, …)`
+    changes: the start and the end of the window. Until the first of them, or an event that
+    changes the inputs, `zygote_action` keeps its answer, so the pool need not ask it."""
+    return [edge for edge in (w.prewarm, w.prewarm + w.keepalive) if edge > idle_for]

@@ -62,6 +62,16 @@ class Window:
         if active:
             self.last_active = now
 
+    def idle_until(self, now: float, every: float) -> None:
+        """No request came since the last sample and no sample was taken (the pool stops
+        stepping a revision with nothing to decide): add the zero samples taken every `every`
+        seconds up to `now` would have left, those still within the window."""
+        last = self.samples[-1][0] if self.samples else now - self.span
+        t = max(last, now - self.span) + every
+        while t <= now - every:
+            self.samples.append((t, 0.0))
+            t += every
+
     def mean(self, now: float, span: float) -> float:
         """Mean over the samples of the last `span` seconds (all there are, if younger)."""
         total, n = 0.0, 0

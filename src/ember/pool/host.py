@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 class PoolSettings(msgspec.Struct, frozen=True):
     queue_depth: int  # requests that may wait per revision at scale.max
     init_timeout: float  # seconds a module may take to import
+    spare_instances: bool = True  # a warm zygote keeps one instance forked ahead (prefork.py)
 
 
 class PoolHost(Protocol):
@@ -29,6 +30,10 @@ class PoolHost(Protocol):
     async def make_room(self, rp: RevisionPool, loop_deadline: float | None) -> None: ...
     def check_prewarm(self, rp: RevisionPool) -> None: ...
     def freed(self) -> None: ...
+    def account(self, rp: RevisionPool) -> None: ...  # what it counts in the budget changed
+    def spare_fits(self, rp: RevisionPool, kb: int) -> bool: ...  # free memory, no eviction
+    def rested(self, rp: RevisionPool) -> None: ...  # measure its idle processes soon
+    def wake(self, rp: RevisionPool) -> None: ...  # step its keep-alive at the next tick
     async def start_zygote(self, target: Target) -> tuple[FunctionZygote, bool]: ...
     def rlimit_for(self, memory_mb: int) -> int: ...
     def place(self, inst: Instance, zygote_dir: str, memory_mb: int) -> None: ...
@@ -53,6 +58,8 @@ class RevisionStats(msgspec.Struct, frozen=True):
     desired: int = 0  # what the autoscaler last asked for
     panic: bool = False
     concurrency: float = 0.0  # mean over the stable window
+    spare: int = 0  # a spare instance is forked and waiting (prefork.py)
+    counted_kb: int = 0  # what the node's memory budget counts for it now (budget.py)
 
 
 class NodeStats(msgspec.Struct, frozen=True):
@@ -61,5 +68,5 @@ class NodeStats(msgspec.Struct, frozen=True):
     revisions: int  # revision pools (live, standby and draining)
     functions_tracked: int  # functions with keep-alive state (idle times, activity)
     cgroups_pending: int  # cgroup directories waiting for removal
-    memory_used_mb: int  # of the node's memory budget, each instance and zygote at memory:
+    memory_used_mb: int  # of the node's memory budget: at rest as measured, else at memory:
     memory_budget_mb: int

@@ -38,6 +38,8 @@ class Instance(asyncio.Protocol):
         self.inflight: dict[str, asyncio.Future[Result]] = {}
         self.idle_since = time.monotonic()
         self.reserved = 0  # handed out by the pool, call() not made yet
+        self.calls = 0  # requests sent to it
+        self._measured = (-1, 0)  # (calls then, kB): its memory as last measured at rest
         self.listed = False  # in its pool's idle list
         self.dead = False
         self.death: EmberError | None = None  # set when the pool killed it on purpose
@@ -93,9 +95,20 @@ class Instance(asyncio.Protocol):
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self.inflight[msg.id] = fut
         self.reserved -= 1
+        self.calls += 1
         assert self._transport is not None
         self._transport.write(frame(self._encoder.encode(msg)))
         return fut
+
+    def measured(self, calls: int, kb: int) -> None:
+        """Its memory use, measured when it had served `calls` requests."""
+        self._measured = (calls, kb)
+
+    def rest_kb(self, cap_kb: int) -> int:
+        """What it counts at rest: its measured use, unless it served a request since (or was
+        never measured): then its cap."""
+        calls, kb = self._measured
+        return kb if calls == self.calls and kb > 0 else cap_kb
 
     def set_pid(self, pid: int) -> None:
         self.pid = pid

@@ -2,7 +2,16 @@
 
 `Pool` is the `PoolHost` of every `RevisionPool`; the parts it is made of own their state:
 `Activity` (each function's idle times), `Placement` (cgroups, on a worker thread),
-`Spares` (the pre-placed spare zygote) and `MemoryBudget` (the node's memory).
+`Spares` (the pre-placed spare zygote), `MemoryBudget` (the node's memory), `Usage` (what
+idle processes really use, measured on the cgroup thread) and `Deadlines` (when each
+revision's keep-alive step is next due).
+
+The keep-alive tick steps only the revisions that are due: a busy one every `STEP` seconds
+(the autoscaler samples its concurrency), a quiet one (`RevisionPool.quiet`: nothing to
+sample, start or stop) at the next moment its zygote's keep-alive answer can change, or when
+something happens to it (a request starts or ends, an instance is lost, `ember scale`, a
+route change, its zygote or spare changes). So a tick's cost follows the busy revisions, not
+the number of functions deployed.
 """
 
 from __future__ import annotations
@@ -19,13 +28,14 @@ from collections.abc import Iterable
 import psutil
 
 from ember.autoscaler.histogram import Windows
-from ember.autoscaler.keepalive import Action, zygote_action
+from ember.autoscaler.keepalive import Action, next_edges, zygote_action
 from ember.config import ServerConfig
 from ember.errors import IsolationUnavailable, QuotaReached
 from ember.pool.activity import Activity
 from ember.pool.budget import MemoryBudget
 from ember.pool.capabilities import Check, SandboxProbe, missing, probe_sandbox, protections
 from ember.pool.cgroup import Cgroups
+from ember.pool.deadlines import Deadlines
 from ember.pool.host import NodeStats, PoolSettings, RevisionStats
 from ember.pool.instance import Instance
 from ember.pool.placement import MemoryVerdict, Placement
@@ -33,6 +43,7 @@ from ember.pool.revision import RevisionPool
 from ember.pool.root import RootZygote, spec_message
 from ember.pool.spares import Spares
 from ember.pool.target import RevisionKey, Target
+from ember.pool.usage import Usage
 from ember.pool.zygote import FunctionZygote
 from ember.spec import Quota
 from ember.telemetry.buffer import TelemetryBuffer
@@ -40,7 +51,8 @@ from ember.telemetry.records import LogRecord
 from ember.wire.messages import Log, SandboxPlan, ZygoteReady
 
 log = logging.getLogger("ember.pool")
-TICK = 0.25  # seconds between keep-alive decisions
+TICK = 0.25  # seconds between two runs of the keep-alive loop
+STEP = 0.25  # seconds between two keep-alive steps of a revision that is not quiet
 INSTANCE_STREAMS = frozenset({"stdout", "stderr", "log"})  # `system` lines are Ember's alone
 # A new instance is charged to its zygote's cgroup until the server moves it into its own:
 # the zygote's limit is `memory` plus this much per instance of `scale.max`, at most the cap.
@@ -60,8 +72,12 @@ class Pool:
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # before the server raises it
         self.root = RootZygote(dict(config.base_env), nofile)
         self.settings = PoolSettings(config.queue_depth, config.init_timeout)
+        self.due: Deadlines[RevisionKey] = Deadlines()  # each revision's next keep-alive step
+        self._of_function: dict[str, set[RevisionKey]] = {}  # "namespace/name" -> revisions
+        self._of_namespace: dict[str, set[RevisionKey]] = {}
         self.revisions: dict[RevisionKey, RevisionPool] = {}
         self._live: set[RevisionKey] = set()
+        self._live_functions: set[tuple[str, str]] = set()  # (namespace, name) of _live
         self._standby: set[RevisionKey] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self.placement = Placement(None)
@@ -77,6 +93,7 @@ class Pool:
             config.budget_wait,
             self.revisions.values,
         )
+        self.usage = Usage(self.placement.run)
 
     @property
     def cgroups(self) -> Cgroups | None:
@@ -121,6 +138,26 @@ class Pool:
             rp = self.revisions[target.key] = RevisionPool(target, self, self.settings)
             rp.retired = target.key not in self._live
             rp.standby = target.key in self._standby
+            self._of_function.setdefault(target.qualified, set()).add(target.key)
+            self._of_namespace.setdefault(target.namespace, set()).add(target.key)
+            self.due.wake(target.key)
+        return rp
+
+    def _remove(self, key: RevisionKey) -> RevisionPool | None:
+        """Forget a revision's pool everywhere (the caller stops it)."""
+        rp = self.revisions.pop(key, None)
+        if rp is None:
+            return None
+        self.due.discard(key)
+        self.usage.forget(rp)
+        self.budget.leave(rp)
+        self._failing.discard(key)
+        for index, name in ((self._of_function, rp.target.qualified), (self._of_namespace, key[0])):
+            keys = index.get(name)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del index[name]
         return rp
 
     def retire_all_but(
@@ -130,10 +167,14 @@ class Pool:
         alias without traffic weight (they keep no scale.min, get no pre-warm and no
         reserved memory)."""
         self._live = set(live)
+        self._live_functions = {key[:2] for key in self._live}
         self._standby = set(standby)
         for key, rp in self.revisions.items():
-            rp.retired = key not in self._live
-            rp.standby = key in self._standby
+            retired, standby_now = key not in self._live, key in self._standby
+            if (retired, standby_now) != (rp.retired, rp.standby):
+                rp.retired, rp.standby = retired, standby_now
+                self.budget.account(rp)  # what it keeps for scale.min changed
+                self.due.wake(key)
 
     def serve(self, serving: Iterable[Target], standby: Iterable[Target]) -> None:
         """The control plane published routes: `serving` targets get traffic, `standby` ones
@@ -150,9 +191,11 @@ class Pool:
     async def prepare(self, target: Target) -> ZygoteReady:
         """Start the revision's zygote (import + init); raises DeployRejected on failure."""
         self._live.add(target.key)  # about to be published: keep-alive must not reap it
+        self._live_functions.add(target.key[:2])
         rp = self.open_revision(target)
         rp.retired = False
         rp.warmed_at = time.monotonic()  # keep-alive keeps what a deploy or rollback warmed
+        self.due.wake(target.key)
         try:
             await rp.ensure_zygote()
         except BaseException:
@@ -163,7 +206,7 @@ class Pool:
 
     def discard(self, target: Target) -> None:
         self._live.discard(target.key)
-        rp = self.revisions.pop(target.key, None)
+        rp = self._remove(target.key)
         if rp is not None:
             rp.stop()
             self.placement.forget_zygote_dirs(target.key)
@@ -187,9 +230,9 @@ class Pool:
         if quota is None or not (quota.instances or quota.memory_mb):
             return
         ns = target.namespace
-        mine = [rp for rp in self.revisions.values() if rp.target.namespace == ns]
+        mine = [self.revisions[key] for key in self._of_namespace.get(ns, ())]
         count = sum(rp.count for rp in mine)
-        memory = sum(rp.used_mb() for rp in mine)  # a zygote counts as one more instance
+        memory = sum(rp.declared_mb() for rp in mine)  # a zygote counts as one more instance
         if quota.instances and count + 1 > quota.instances:
             raise QuotaReached(
                 f"namespace '{ns}' runs {count} instances, its quota max_instances="
@@ -217,6 +260,21 @@ class Pool:
 
     def freed(self) -> None:
         self.budget.freed()
+
+    def account(self, rp: RevisionPool) -> None:
+        if self.revisions.get(rp.target.key) is rp:  # not one discarded meanwhile
+            self.budget.account(rp)
+
+    def spare_fits(self, rp: RevisionPool, kb: int) -> bool:
+        return self.budget.fits(rp, kb)
+
+    def rested(self, rp: RevisionPool) -> None:
+        if self.revisions.get(rp.target.key) is rp:
+            self.usage.measure(rp, time.monotonic())
+
+    def wake(self, rp: RevisionPool) -> None:
+        if self.revisions.get(rp.target.key) is rp:
+            self.due.wake(rp.target.key)
 
     # ---- zygotes and the sandbox ----
     async def start_zygote(self, target: Target) -> tuple[FunctionZygote, bool]:
@@ -337,8 +395,18 @@ class Pool:
     # ---- activity and keep-alive ----
     def activity(self, target: Target, busy: bool, now: float) -> None:
         """A revision of the function got its first request in flight, or its last one done;
-        the function's idle times (end of activity to the next request) feed its histogram."""
-        self.activity_of.record(target.qualified, busy, now)
+        the function's idle times (end of activity to the next request) feed its histogram.
+        The revision is stepped at the next tick; when the function as a whole turned busy or
+        idle (its zygotes' keep-alive answer depends on it), all its revisions are."""
+        fn = target.qualified
+        was_busy = self.activity_of.busy(fn)
+        self.activity_of.record(fn, busy, now)
+        keys = self._of_function.get(fn, ()) if self.activity_of.busy(fn) != was_busy else ()
+        for key in {target.key, *keys}:
+            self.due.wake(key)
+        rp = self.revisions.get(target.key)
+        if not busy and rp is not None:
+            self.usage.measure(rp, now)
 
     def keepalive_windows(self, function: str) -> Windows:
         return self.activity_of.windows(function)
@@ -352,40 +420,57 @@ class Pool:
                 log.exception("keep-alive tick failed")
 
     def tick(self, now: float) -> None:
-        """One keep-alive step per revision, each on its own: one that raises is logged (once,
-        until it recovers) and skipped; the others, the budget and the cgroup sweep go on."""
-        for key, rp in list(self.revisions.items()):
+        """A keep-alive step for each revision that is due, each on its own: one that raises
+        is logged (once, until it recovers) and stepped again next time; the others, the
+        memory measurements and the cgroup sweep go on."""
+        for key in self.due.due(now):
+            rp = self.revisions.get(key)
+            if rp is None:
+                continue
             try:
-                self._step(key, rp, now)
+                after = self._step(key, rp, now)
             except Exception:
+                after = now + STEP
                 if key not in self._failing:
                     self._failing.add(key)
                     log.exception("keep-alive of %s failed; it is retried every tick", rp.label)
             else:
                 self._failing.discard(key)
-        self.budget.tick()
+            if after is not None and key in self.revisions:
+                self.due.at(key, after)
+        self.usage.tick(now)
         self.placement.sweep()
 
-    def _step(self, key: RevisionKey, rp: RevisionPool, now: float) -> None:
+    def _step(self, key: RevisionKey, rp: RevisionPool, now: float) -> float | None:
+        """One revision's keep-alive step; when it is due again (None: at its next event)."""
         if rp.retired:
             rp.drain()
             idle = not rp.instances and not rp.zygote_alive and not rp.starting
             if idle and not rp.demand and not rp.waiters:
                 rp.stop()
-                del self.revisions[key]
-                self._failing.discard(key)
+                self._remove(key)
                 self.placement.forget_zygote_dirs(key)
-                if not any(k[:2] == key[:2] for k in self._live):  # the function is gone
+                if key[:2] not in self._live_functions:  # the function is gone
                     self.activity_of.forget(rp.target.qualified)
-            return
-        rp.autoscale(now)
-        self._keep_zygote(rp, now)
+                return None
+            return now + STEP
+        rp.autoscale(now, STEP)
+        zygote_due = self._keep_zygote(rp, now)
+        spare_due = rp.keep_spare(now)
+        self.budget.account(rp)
+        rp.asleep = rp.quiet(now)
+        if not rp.asleep:
+            return now + STEP
+        return min((t for t in (zygote_due, spare_due) if t is not None), default=None)
 
-    def _keep_zygote(self, rp: RevisionPool, now: float) -> None:
+    def _keep_zygote(self, rp: RevisionPool, now: float) -> float | None:
+        """Load, keep or release the zygote as `zygote_action` says; when its answer can next
+        change without any event (None: not before one)."""
         fn = rp.target.qualified
         in_use = bool(rp.count or rp.demand or rp.waiters)
         in_use = in_use or (self.activity_of.busy(fn) and not rp.standby)  # its traffic is on
-        in_use = in_use or now - rp.warmed_at < self.config.zygote_keepalive
+        warmed_until = rp.warmed_at + self.config.zygote_keepalive
+        in_use = in_use or now < warmed_until
         ended = self.activity_of.idle_since(fn)
         if ended is None and rp.zygote is not None and not rp.zygote.dead:
             ended = rp.zygote.last_used  # deployed (probed) but not used since the server began
@@ -396,6 +481,12 @@ class Pool:
             rp.release_zygote()
         elif action is Action.PREWARM and now >= rp.backoff_until and not rp.standby:
             rp.prewarm()
+        edges = [warmed_until] if now < warmed_until else []
+        if action is Action.PREWARM and now < rp.backoff_until:
+            edges.append(rp.backoff_until)
+        if ended is not None and idle_for is not None:
+            edges += [ended + t for t in next_edges(w, idle_for)]
+        return min(edges, default=None)
 
     def statistics(self) -> list[RevisionStats]:
         return [rp.statistics() for rp in self.revisions.values()]

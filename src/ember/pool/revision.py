@@ -1,8 +1,14 @@
 """One revision's pool: idle instances, a FIFO of waiting requests, starts within `scale.max`.
 
 A `RevisionPool` talks to the node's pool only through `PoolHost`, the few things it needs
-from it (quotas, the memory budget, zygotes from the root, cgroup placement, logs), and offers
-the memory budget its idle instances and zygote as `Eviction`s rather than being edited.
+from it (quotas, the memory budget, zygotes from the root, cgroup placement, logs, its own
+keep-alive schedule), and offers the memory budget its idle instances and zygote as
+`Eviction`s rather than being edited. Its zygote keeps a spare instance (`prefork.py`), so a
+start from zero is a hand-off (tier `spare`) rather than a fork.
+
+Start tiers, as `X-Ember-Start` names them: `warm` (an idle instance), `spare` (the spare
+instance handed over), `fork` (forked from the warm zygote), `specialize` (a new zygote first),
+`fresh` (the root zygote too).
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ import functools
 import logging
 import math
 import secrets
-import signal
 import time
 from collections import deque
 from collections.abc import Coroutine
@@ -21,26 +26,19 @@ from typing import Any
 import msgspec
 
 from ember.autoscaler.scaler import Decision, Window, decide
-from ember.errors import (
-    CapacityError,
-    DeployRejected,
-    EmberError,
-    FunctionCrashed,
-    FunctionError,
-    FunctionMemoryExceeded,
-    FunctionTimeout,
-    PlatformError,
-)
-from ember.pool.budget import Eviction
+from ember.errors import DeployRejected, EmberError, FunctionError, PlatformError
+from ember.pool import failures
+from ember.pool.budget import KB, Eviction
 from ember.pool.host import PoolHost, PoolSettings, RevisionStats
 from ember.pool.instance import Instance
-from ember.pool.placement import MemoryVerdict
+from ember.pool.prefork import SpareInstance
 from ember.pool.target import Target
 from ember.pool.zygote import FunctionZygote
 from ember.wire.messages import Invoke, Log, Result
 
 log = logging.getLogger("ember.pool")
-WARM, FORK, SPECIALIZE, FRESH = "warm", "fork", "specialize", "fresh"
+WARM, SPARE, FORK, SPECIALIZE, FRESH = "warm", "spare", "fork", "specialize", "fresh"
+TIERS = (WARM, SPARE, FORK, SPECIALIZE, FRESH)
 
 
 class RevisionPool:
@@ -61,12 +59,15 @@ class RevisionPool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._failures = 0  # keep-warm starts that failed in a row
         self.backoff_until = 0.0
-        self.starts = {WARM: 0, FORK: 0, SPECIALIZE: 0, FRESH: 0}
+        self.starts = dict.fromkeys(TIERS, 0)
+        self.spare = SpareInstance(self._fork, self._spare_changed, target.label)
+        self.spare_wanted = False  # scaled to its floor after idleness: a spare stands in
         # Concurrency for the autoscaler: requests in flight or waiting, integrated over time.
         self.demand = 0
         self._area = 0.0
         self._mark = self._sampled = time.monotonic()
         self.window = Window(self.spec.scale.window)
+        self.asleep = False  # quiet at its last step: the pool stopped stepping it until woken
 
     # ---- the hot path ----
     async def invoke(
@@ -94,6 +95,8 @@ class RevisionPool:
         finally:
             self._load(-1)
         self.starts[tier] += 1
+        if tier == SPARE:
+            self.spare.succeeded()
         return result, tier, inst
 
     def _load(self, delta: int) -> None:
@@ -104,8 +107,9 @@ class RevisionPool:
         self.demand += delta
         if was_idle and delta > 0:
             self.host.activity(self.target, busy=True, now=now)
+            self._account()  # its idle instances count at their cap again
         elif self.demand == 0:
-            self.host.activity(self.target, busy=False, now=now)
+            self.host.activity(self.target, busy=False, now=now)  # at rest: measured soon
 
     async def acquire(self, loop_deadline: float) -> tuple[Instance, str]:
         while True:
@@ -125,10 +129,7 @@ class RevisionPool:
             async with asyncio.timeout_at(loop_deadline):  # same task: `starting` counts at once
                 return await self._start(loop_deadline)
         except TimeoutError:
-            raise FunctionTimeout(
-                f"function '{self.target.function}' timed out after {self.spec.timeout:g} s "
-                "while its instance was starting (slow module import?)"
-            ) from None
+            raise failures.start_timed_out(self.target.function, self.spec.timeout) from None
         except DeployRejected as exc:
             error = FunctionError(exc.message, code="init_failed", detail=exc.detail)
             for waiter in self.waiters:  # they would only import the same module again
@@ -156,15 +157,13 @@ class RevisionPool:
 
     async def _wait(self, loop_deadline: float) -> Instance | None:
         if len(self.waiters) >= self.settings.queue_depth:
-            raise CapacityError(
-                f"function '{self.target.function}' is at scale.max={self.spec.scale.max} "
-                f"with {len(self.waiters)} requests waiting; retry later or raise scale.max",
-                headers={"Retry-After": "1"},
-            )
+            raise failures.queue_full(self.target.function, self.spec.scale.max, len(self.waiters))
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Instance | None] = loop.create_future()
         self.waiters.append(fut)
-        timer = loop.call_at(loop_deadline, _expire, fut, self.target.function, self.spec.scale.max)
+        timer = loop.call_at(
+            loop_deadline, failures.expire, fut, self.target.function, self.spec.scale.max
+        )
         try:
             return await fut
         finally:
@@ -199,25 +198,46 @@ class RevisionPool:
         self.starting += 1  # holds its place within scale.max (and its memory) from here
         try:
             await self.host.make_room(self, loop_deadline)  # the node's memory budget
-            tier = await self.ensure_zygote()
-            assert self.zygote is not None
-            try:
-                inst = await self._fork(self.zygote)
-            except PlatformError:  # it died and we have not read its EOF yet: one new zygote
-                self.zygote.stop()
-                tier = await self.ensure_zygote()
-                assert self.zygote is not None
-                inst = await self._fork(self.zygote)
+            inst, tier = await self._new_instance()
         except BaseException:
             self.starting -= 1
+            self._account()
             self._wake_waiter()  # the room this start held is free again
             self.host.freed()
             raise
         self.starting -= 1
         inst.reserved += 1
         self.instances[inst.id] = inst
+        self._account()
         self.release(inst)  # room beyond this request (concurrency > 1): waiters, idle list
         return inst, tier
+
+    async def _new_instance(self) -> tuple[Instance, str]:
+        """The spare if the zygote has one (a hand-off), else a fork (a new zygote first if
+        there is none)."""
+        zygote = self._ready_zygote()
+        if zygote is not None:
+            spare = await self.spare.take(zygote)
+            if spare is not None:
+                self.spare_wanted = False  # it is an instance now, until the next scale-down
+                return spare, SPARE
+        tier = await self.ensure_zygote()
+        assert self.zygote is not None
+        try:
+            return await self._fork(self.zygote), tier
+        except PlatformError:  # it died and we have not read its EOF yet: one new zygote
+            self.zygote.stop()
+            tier = await self.ensure_zygote()
+            assert self.zygote is not None
+            return await self._fork(self.zygote), tier
+
+    def _ready_zygote(self) -> FunctionZygote | None:
+        zygote = self.zygote
+        if zygote is None or zygote.dead or not zygote.ready.done():
+            return None
+        if zygote.ready.cancelled() or zygote.ready.exception() is not None:
+            return None
+        return zygote
 
     def _wake_waiter(self) -> None:
         while self.waiters and self.count < self.spec.scale.max:
@@ -246,9 +266,16 @@ class RevisionPool:
         return await asyncio.shield(self._zygote_task)
 
     async def _spawn_zygote(self) -> str:
+        try:
+            return await self._load_zygote()
+        finally:
+            self._account()
+
+    async def _load_zygote(self) -> str:
         zygote, fresh = await self.host.start_zygote(self.target)
         timeout = self.settings.init_timeout
         self.zygote = zygote
+        zygote.on_close = functools.partial(self._zygote_gone, zygote)
         try:  # the zygote enforces init_timeout itself; this bounds a zygote that hangs anyway
             ready = await asyncio.wait_for(asyncio.shield(zygote.ready), timeout + 5.0)
         except TimeoutError:
@@ -276,7 +303,16 @@ class RevisionPool:
         if ready.output:
             self.host.system_log(self.target, ready.output)
         log.info("zygote of %s ready in %.1f ms", self.target.label, ready.import_ms)
+        self.host.rested(self)  # its memory is measured soon
         return FRESH if fresh else SPECIALIZE
+
+    def _zygote_gone(self, zygote: FunctionZygote) -> None:
+        """Its channel closed (it exited, or was stopped): what it held counts no more."""
+        if zygote is self.zygote:
+            self.spare_wanted = False
+            self.spare.discard()
+            self._account()
+            self.host.wake(self)
 
     async def warm_one(self) -> None:
         if self.count >= self.spec.scale.max:  # requests started their own meanwhile
@@ -295,10 +331,12 @@ class RevisionPool:
         self.host.instance_log(self.target, inst.id, msg)
 
     def _on_lost(self, inst: Instance) -> None:
-        self.forget(inst)
+        if not self.spare.lost(inst):
+            self.forget(inst)
+            self._wake_waiter()
         self._background(self._bury(inst))
-        self._wake_waiter()
         self.host.freed()
+        self.host.wake(self)  # scale.min may want it back
 
     async def _bury(self, inst: Instance) -> None:
         try:
@@ -311,56 +349,32 @@ class RevisionPool:
             await asyncio.wait({inst.placed}, timeout=5.0)  # a move under way finishes first
         if inst.inflight:
             verdict = await self.host.verdict(inst.cgroup)  # read on the cgroup thread
-            inst.fail_all(inst.death or self._cause(verdict, status))
+            cause = failures.crash(self.target.function, self.spec.memory, verdict, status)
+            inst.fail_all(inst.death or cause)
         inst.close_pidfd()
         self.host.release_cgroup(inst.cgroup)
-
-    def _cause(self, verdict: MemoryVerdict, status: int | None) -> EmberError:
-        name, mb = self.target.function, self.spec.memory
-        if verdict.oom_killed:
-            peak = verdict.peak_kb // 1024
-            return FunctionMemoryExceeded(
-                f"function '{name}' exceeded its memory limit of {mb} MB (peak {peak} MB) and "
-                "was killed; raise memory: in ember.yaml"
-            )
-        if status is not None and status < 0:
-            what = f"was killed by {signal.Signals(-status).name}"
-        elif status is not None:
-            what = f"exited with code {status}"
-        else:
-            what = "exited"
-        return FunctionCrashed(
-            f"function '{name}' instance {what} while handling the request (a crash, os._exit "
-            "or sys.exit); the next request gets a new instance"
-        )
 
     def _timed_out(self, inst: Instance, msg: Invoke, caller_deadline: bool) -> None:
         fut = inst.inflight.get(msg.id)
         if fut is None or fut.done():
             return  # its result came in the same loop turn: nothing ran over its time
         del inst.inflight[msg.id]
-        if caller_deadline:
-            what = "the caller's deadline (X-Ember-Timeout) passed while it ran"
-        else:
-            what = f"it timed out after {self.spec.timeout:g} s"
-        fut.set_exception(
-            FunctionTimeout(
-                f"function '{self.target.function}': {what}, and the request was ended; "
-                "raise timeout: in ember.yaml (at most 15m)"
-            )
-        )
+        name = self.target.function
+        fut.set_exception(failures.ran_too_long(name, self.spec.timeout, caller_deadline))
         if caller_deadline and inst.concurrency > 1:
             return  # other requests run on it: they keep their own deadlines; its answer is dropped
-        inst.kill(
-            FunctionCrashed(
-                f"function '{self.target.function}' instance was killed because another request "
-                "on it timed out"
-            )
-        )
+        inst.kill(failures.killed_beside(name))
 
-    # ---- autoscaling ----
-    def autoscale(self, now: float) -> Decision:
-        """One tick: sample the concurrency, ask the scaler, start or stop instances."""
+    # ---- autoscaling, keep-alive, the spare ----
+    def autoscale(self, now: float, step: float) -> Decision:
+        """One step: sample the concurrency, ask the scaler, start or stop instances. `step`:
+        the seconds between two steps while the revision is busy; a revision that slept since
+        its last step (`asleep`, set by the pool when it was `quiet`) gets the zero samples
+        the skipped steps would have taken."""
+        if self.asleep:  # nothing ran while it slept: what did came within the last step
+            self.window.idle_until(now, step)
+            self._sampled = max(self._sampled, now - step)
+            self.asleep = False
         self._area += self.demand * (now - self._mark)
         span = now - self._sampled
         mean = self._area / span if span > 0 else float(self.demand)
@@ -378,7 +392,51 @@ class RevisionPool:
         elif desired < self.count:
             for inst in self._idle_oldest_first()[: self.count - desired]:
                 inst.stop()
+            if desired <= scale.min:  # back at its floor: the next start is from zero
+                self.spare_wanted = True
         return decision
+
+    def quiet(self, now: float) -> bool:
+        """Nothing to sample, start or stop until something happens to it (a request, a lost
+        instance, `ember scale`, a route change, its zygote or spare): it need not be stepped."""
+        if self.demand or self.waiters or self.starting or self._tasks or self.spare.pending:
+            return False
+        if self._zygote_task is not None and not self._zygote_task.done():
+            return False
+        if now < self.window.held_until or now - self.window.last_active < self.spec.scale.idle:
+            return False
+        return self.count == (0 if self.standby else self.spec.scale.min)
+
+    def keep_spare(self, now: float) -> float | None:
+        """Have a spare instance once the autoscaler took the revision back to its floor
+        (until a start takes it), while its zygote is ready and it gets traffic; returns when
+        to look again if it backs off (None: at the next event)."""
+        zygote = self._ready_zygote()
+        if self.window.held == 0 and now < self.window.held_until:  # ember scale 0
+            self.spare_wanted = False
+        if (
+            zygote is None
+            or not self.spare_wanted
+            or self.retired
+            or self.standby
+            or not self.settings.spare_instances
+        ):
+            if self.spare.held:
+                self.spare.discard()
+                self._account()
+            return None
+        if self.spare.held:
+            return None
+        if now < self.spare.retry_at:
+            return self.spare.retry_at
+        if self.host.spare_fits(self, self.spec.memory * KB):  # free memory only
+            self.spare.replenish(zygote, now)
+        return None
+
+    def _spare_changed(self) -> None:
+        self._account()
+        self.host.rested(self)  # a new spare is measured soon
+        self.host.wake(self)
 
     def _idle_oldest_first(self) -> list[Instance]:
         """Instances with nothing to do, longest idle first: the first to stop or evict."""
@@ -390,15 +448,20 @@ class RevisionPool:
         for inst in list(self.instances.values()):
             if not inst.busy:
                 inst.stop()
+        self.spare.discard()
         if not self.instances and not self.starting and self.zygote is not None:
             self.zygote.stop()
             self.zygote = None
+        self._account()
 
     def release_zygote(self) -> None:
+        self.spare_wanted = False
+        self.spare.discard()
         if self.zygote is not None:
             self.zygote.stop()
             self.zygote = None
             self.host.freed()
+        self._account()
 
     def forget(self, inst: Instance) -> None:
         """An instance being stopped no longer counts (its memory is on its way back)."""
@@ -406,6 +469,7 @@ class RevisionPool:
         if inst.listed:
             self.idle.remove(inst)
             inst.listed = False
+        self._account()
 
     def prewarm(self) -> None:
         """Start the zygote ahead of the request the keep-alive histogram expects."""
@@ -437,16 +501,20 @@ class RevisionPool:
 
     async def hold_scale(self, n: int) -> int:
         """`ember scale`: stop idle instances down to n, or start up to n (within scale.max),
-        now; the autoscaler then holds exactly n for the idle grace before it decides again."""
+        now; the autoscaler then holds exactly n for the idle grace before it decides again.
+        Holding 0 frees the spare instance too (the zygote stays)."""
         n = min(n, self.spec.scale.max)
         self.window.held, self.window.held_until = n, time.monotonic() + self.spec.scale.idle
         for inst in self._idle_oldest_first()[: max(0, self.count - n)]:
             inst.stop()
+        if n == 0:
+            self.keep_spare(time.monotonic())
         extra = max(0, n - self.count)
         await asyncio.gather(*(self.warm_one() for _ in range(extra)))
+        self.host.wake(self)
         return self.count
 
-    # ---- the node's memory budget (an Occupant) ----
+    # ---- the node's memory budget (an Occupant) and its measurements ----
     @property
     def label(self) -> str:
         return self.target.label
@@ -464,28 +532,84 @@ class RevisionPool:
         """Instances the budget must leave running: scale.min while it gets traffic."""
         return 0 if self.retired or self.standby else self.spec.scale.min
 
-    def used_mb(self) -> int:
-        """Every instance (running or starting) and the zygote, each at `memory:`."""
+    @property
+    def at_rest(self) -> bool:
+        return not self.demand and not self.waiters
+
+    def _account(self) -> None:
+        self.host.account(self)
+
+    def declared_mb(self) -> int:
+        """Every instance (running or starting) and the zygote at `memory:`: the namespace
+        quotas' count, the user's contract (the spare is not an instance of it)."""
         return (self.count + self.zygote_alive) * self.spec.memory
 
-    def reserve_mb(self) -> int:
-        """What it still needs to reach scale.min (its zygote included)."""
+    def counted_kb(self) -> int:
+        """What the budget counts (budget.py): at rest, idle processes at their measured use;
+        starts, instances of a revision with requests, and whatever is not measured at cap."""
+        cap = self.spec.memory * KB
+        total = self.starting * cap
+        if self.at_rest:
+            total += sum(i.rest_kb(cap) for i in self.instances.values())
+        else:
+            total += len(self.instances) * cap
+        if self.zygote is not None and not self.zygote.dead:
+            total += self.zygote.measured_kb or cap
+        elif self.zygote_alive:
+            total += cap  # being started
+        spare = self.spare.instance
+        if spare is not None:
+            total += spare.rest_kb(cap)
+        elif self.spare.pending:
+            total += cap
+        return total
+
+    def reserve_kb(self) -> int:
+        """What it still needs to reach scale.min (its zygote included), at `memory:`."""
         if self.count >= self.protected:
             return 0
-        return (self.protected - self.count + (not self.zygote_alive)) * self.spec.memory
+        return (self.protected - self.count + (not self.zygote_alive)) * self.spec.memory * KB
+
+    def measurable(self) -> list[tuple[object, int]]:
+        """Its processes to measure now, with their host pids: the zygote and the spare, and
+        idle instances while the revision is at rest."""
+        out: list[tuple[object, int]] = []
+        zygote = self._ready_zygote()
+        if zygote is not None and zygote.pid:
+            out.append((zygote, zygote.pid))
+        spare = self.spare.instance
+        if spare is not None and spare.pid and not spare.dead:
+            out.append(((spare, spare.calls), spare.pid))
+        if self.at_rest:
+            for inst in self.instances.values():
+                if inst.pid and not inst.dead and not inst.busy:
+                    out.append(((inst, inst.calls), inst.pid))
+        return out
+
+    def measured(self, values: list[tuple[object, int]]) -> bool:
+        """Measurements (kB) of what `measurable` listed; True: measure it again later."""
+        for what, kb in values:
+            if isinstance(what, FunctionZygote):
+                what.measured_kb = kb
+            elif isinstance(what, tuple):
+                inst, calls = what
+                inst.measured(calls, kb)
+        self._account()
+        return self.zygote_alive and not self.retired
 
     def evictions(self, asking: bool) -> list[Eviction]:
-        """Idle instances above scale.min, then the zygote once everything in it may go;
-        nothing of the asking revision (it would only start them again)."""
+        """Idle instances above scale.min, then the zygote (and its spare) once everything in
+        it may go; nothing of the asking revision (it would only start them again)."""
         if asking:
             return []
+        cap = self.spec.memory * KB
         may_go = self.count - self.protected
         idle = self._idle_oldest_first()
         offers = [
             Eviction(
                 i.idle_since,
                 False,
-                self.spec.memory,
+                i.rest_kb(cap) if self.at_rest else cap,
                 f"an instance of {self.label}",
                 functools.partial(self._evict_instance, i),
             )
@@ -501,11 +625,13 @@ class RevisionPool:
             and len(idle) == self.count  # everything in it is idle
             and may_go >= self.count  # and may go
         ):
+            spare = self.spare.instance
+            kb = (zygote.measured_kb or cap) + (spare.rest_kb(cap) if spare is not None else 0)
             offers.append(
                 Eviction(
                     zygote.last_used,
                     True,
-                    self.spec.memory,
+                    kb,
                     f"the zygote of {self.label}",
                     self._evict_zygote,
                 )
@@ -546,22 +672,14 @@ class RevisionPool:
             desired=self.window.last.desired,
             panic=self.window.last.panic,
             concurrency=round(self.window.last.stable, 3),
+            spare=int(self.spare.instance is not None),
+            counted_kb=self.counted_kb(),
         )
 
     def stop(self) -> None:
+        self.spare.discard()
         for inst in list(self.instances.values()):
             inst.kill()
         if self.zygote is not None:
             self.zygote.stop()
             self.zygote = None
-
-
-def _expire(fut: asyncio.Future[Instance | None], function: str, scale_max: int) -> None:
-    if not fut.done():
-        fut.set_exception(
-            FunctionTimeout(
-                f"function '{function}': the request's deadline passed while it was waiting for "
-                f"a free instance (all {scale_max} busy at scale.max); it never ran. Raise "
-                "scale.max or timeout: in ember.yaml"
-            )
-        )

@@ -37,6 +37,8 @@ class FunctionZygote:
         self.pid = 0
         self.cgroup_dir = ""  # its cgroups (below the server's); its instances' leaves go there
         self.last_used = time.monotonic()
+        self.measured_kb = 0  # its memory use, once measured (0: not yet)
+        self.on_close: Callable[[], None] | None = None  # its pool's, told when it is gone
         self._by_id: dict[str, Instance] = {}
         self._by_pid: dict[int, Instance] = {}
         self.channel: AsyncChannel[ZygoteMessage] = AsyncChannel(
@@ -91,6 +93,8 @@ class FunctionZygote:
 
     def _on_close(self) -> None:
         self.dead = True
+        if self.on_close is not None:
+            self.on_close()
         if not self.ready.done():
             self.ready.set_exception(
                 PlatformError(
