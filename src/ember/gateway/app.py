@@ -69,6 +69,9 @@ class Gateway:
         self.max_body = max_body_bytes
         self.max_buffered = max_buffered_bytes  # bodies of every request in memory at once
         self.buffered = 0
+        # Kept, not asked for per request: asyncio.get_running_loop() makes a getpid() system
+        # call each time (to notice a fork).
+        self.loop = asyncio.get_running_loop()
 
     def open(
         self, method: str, path: str, raw_path: bytes, query: bytes, headers: Headers
@@ -250,7 +253,7 @@ class Exchange:
             deadline=self.started + timeout,
             revision=target.number,
         )
-        loop_deadline = asyncio.get_running_loop().time() + timeout
+        loop_deadline = gateway.loop.time() + timeout
         self.caller = timeout < target.spec.timeout
         result, self.tier, inst = await gateway.pool.open_revision(target).invoke(
             msg, loop_deadline, caller_deadline=self.caller
