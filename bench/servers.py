@@ -324,7 +324,7 @@ class Ember(_Process):
             kept.setdefault(parent, set()).add(kind)
         out: dict[str, list[psutil.Process]] = {}
         for proc, parent, kind in found:
-            kind = kind or _kind_by_place(kinds.get(parent, ""), kept.get(proc.pid, set()))
+            kind = kind or kind_by_place(kinds.get(parent, ""), kept.get(proc.pid, set()))
             out.setdefault(kind, []).append(proc)
         return out
 
@@ -357,7 +357,7 @@ def _zygote_kind(proc: psutil.Process, root_child: bool) -> str:
     return "zygote" if root_child and in_code else ""
 
 
-def _kind_by_place(parent: str, kept: set[str]) -> str:
+def kind_by_place(parent: str, kept: set[str]) -> str:
     """The kind of a process that is no zygote, from its parent's kind and its children's."""
     if parent == "zygote":
         return "instance"
