@@ -189,13 +189,15 @@ class Overlap:
     during_ms: list[float]  # fast requests sent one after another until that first byte came
 
 
-def overlapped(port: int, slow_path: str, fast_path: str) -> Overlap:
-    """Send `slow_path` on a connection of its own and, until its answer starts to arrive, time
-    requests to `fast_path` one after another on a kept-alive connection: what a small request
-    waits while the server works on the slow one."""
+def overlapped(port: int, slow_path: str, fast_path: str, auth: str = "") -> Overlap:
+    """Send `slow_path` (with `auth` as its Authorization header, if any) on a connection of its
+    own and, until its answer starts to arrive, time requests to `fast_path` one after another
+    on a kept-alive connection: what a small request waits while the server works on the slow
+    one."""
     fast = KeepAlive(port)
     slow = socket.create_connection(("127.0.0.1", port))
-    request = f"GET {slow_path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    extra = f"Authorization: {auth}\r\n" if auth else ""
+    request = f"GET {slow_path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}Connection: close\r\n\r\n"
     try:
         t0 = time.perf_counter()
         slow.sendall(request.encode())

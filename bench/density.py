@@ -134,7 +134,11 @@ def metrics_rows(ember: Ember, point: str, n: int) -> list[Row]:
         quiet = [quiet_client.get("/fn/warm").ms for _ in range(20)]
     finally:
         quiet_client.close()
-    runs = [overlapped(ember.port, "/metrics", "/fn/warm") for _ in range(n)]
+    auth = ember.http.headers.get("Authorization", "")
+    runs = [overlapped(ember.port, "/metrics", "/fn/warm", auth) for _ in range(n)]
+    refused = [r.status for r in runs if r.status != 200]
+    if refused:
+        raise RuntimeError(f"GET /metrics answered {refused}: no render to time")
     render = [r.first_byte_ms for r in runs]
     during = [ms for r in runs for ms in r.during_ms]
     stall = (max(during) if during else 0.0) - max(quiet)
