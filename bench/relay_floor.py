@@ -1,6 +1,6 @@
 """The floor of any design that answers HTTP in one process and runs the code in others.
 
-Not a baseline (no user would run it) but a yardstick for the issue's goal of ≥ 1.0× a plain
+Not a baseline (no user would run it) but a yardstick for the issue's goal of at least 1.0x a plain
 Starlette app: the least a front process can do per request when the handler runs in another
 process. One uvloop process parses HTTP with httptools (no routing, auth, limits or records)
 and relays each request as one length-prefixed frame over a socketpair to one of `--workers`
