@@ -200,3 +200,48 @@ def test_starts_waiting_for_memory_stay_within_scale_max(tmp_path: Path) -> None
             await pool.shutdown()
 
     asyncio.run(main())
+
+
+def test_functions_at_rest_count_what_they_use_so_many_stay_warm(tmp_path: Path) -> None:
+    """The budget counts what is at rest at its measured use: eight functions of memory: 128,
+    each called once, all keep their zygote and idle instance in a 400 MB budget that,
+    counting each process at its setting, would hold three zygotes and evict the rest."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "handler.py").write_text(CODE)
+    targets = [
+        Target(
+            function=f"f{i}",
+            number=1,
+            sha256=f"{i}" * 64,
+            code_dir=str(code),
+            spec=FunctionSpec(name=f"f{i}", memory=128),
+        )
+        for i in range(8)
+    ]
+
+    async def main() -> None:
+        env = {k: v for k, v in os.environ.items() if k in PASSED_ENV}
+        config = ServerConfig(
+            home=tmp_path / "home", use_cgroups=False, base_env=env, memory_budget_mb=400
+        )
+        pool = Pool(config, TelemetryBuffer(1024))
+        await pool.start()
+        try:
+            pool.retire_all_but([t.key for t in targets])
+            loop = asyncio.get_running_loop()
+            for n, target in enumerate(targets):
+                await pool.prepare(target)
+                _result, tier, _inst = await pool.open_revision(target).invoke(
+                    invoke(n), loop.time() + 30
+                )
+                assert tier == "fork"
+                # At rest its zygote and idle instance are measured: a few MB, not 2 x 128.
+                await until(lambda: pool.budget.used_mb() <= 30 * (n + 1), "the measurement")  # noqa: B023
+            stats = [pool.open_revision(t).statistics() for t in targets]
+            assert [(s.zygote, s.idle) for s in stats] == [("ready", 1)] * len(targets), stats
+            assert pool.node_statistics().memory_used_mb <= 30 * len(targets)
+        finally:
+            await pool.shutdown()
+
+    asyncio.run(main())

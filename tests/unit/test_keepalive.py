@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ember.autoscaler.histogram import Windows
-from ember.autoscaler.keepalive import Action, zygote_action
+from ember.autoscaler.keepalive import Action, next_edges, zygote_action
 
 FIXED = Windows(0.0, 600.0, representative=False, reason="fixed")
 LEARNED = Windows(540.0, 120.0, representative=True, reason="p5 9 min, p99 10 min")
@@ -36,3 +36,36 @@ def test_zygote_action(
     windows: Windows, zygote: bool, in_use: bool, idle_for: float | None, expected: Action
 ) -> None:
     assert zygote_action(windows, zygote, in_use, idle_for) is expected
+
+
+EDGES = [
+    ("fixed: the end of the keep-alive is ahead", FIXED, 10.0, [600.0]),
+    ("fixed: past it, nothing changes any more", FIXED, 600.0, []),
+    ("learned: before the head, both edges", LEARNED, 1.0, [540.0, 660.0]),
+    ("learned: inside the window, its end", LEARNED, 600.0, [660.0]),
+    ("learned: past the tail", LEARNED, 700.0, []),
+]
+
+
+@pytest.mark.parametrize(
+    ("windows", "idle_for", "expected"),
+    [case[1:] for case in EDGES],
+    ids=[case[0] for case in EDGES],
+)
+def test_next_edges(windows: Windows, idle_for: float, expected: list[float]) -> None:
+    assert next_edges(windows, idle_for) == expected
+
+
+@pytest.mark.parametrize("windows", [FIXED, LEARNED], ids=["fixed", "learned"])
+def test_the_answer_never_changes_between_edges(windows: Windows) -> None:
+    """What lets the pool skip a quiet revision until its next edge: between two edges (or
+    after the last), `zygote_action` gives one answer, whatever the zygote or the time."""
+    for zygote in (True, False):
+        idle_for = 0.5
+        while idle_for < 900.0:
+            edges = next_edges(windows, idle_for)
+            until = edges[0] if edges else 900.0
+            answer = zygote_action(windows, zygote, False, idle_for)
+            for t in (idle_for, (idle_for + until) / 2, until - 0.01):
+                assert zygote_action(windows, zygote, False, t) is answer, (zygote, t)
+            idle_for = until + 0.01

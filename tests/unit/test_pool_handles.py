@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import threading
 from pathlib import Path
@@ -191,3 +192,45 @@ def test_cgroup_removal_and_reads_never_run_on_the_event_loop() -> None:
             placement.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_tick_steps_only_the_revisions_that_are_due_however_many_sleep(tmp_path: Path) -> None:
+    """Regression: every tick walked every revision (autoscaler sample, keep-alive decision),
+    so its cost grew with the functions deployed, idle or not. Now a quiet revision (nothing
+    to sample, start or stop) is stepped again only at its next keep-alive edge or when
+    something happens to it."""
+    pool = Pool(ServerConfig(home=tmp_path), TelemetryBuffer(1024))
+    try:
+        targets = [
+            Target(f"f{i}", 1, f"{i:064d}", "/nonexistent", FunctionSpec(name=f"f{i}"))
+            for i in range(1000)
+        ]
+        pool.retire_all_but([t.key for t in targets])
+        revisions = [pool.open_revision(t) for t in targets]
+        stepped: list[str] = []
+        step = pool._step
+
+        def counted(key: tuple[str, str, int, str], rp: RevisionPool, now: float) -> float | None:
+            stepped.append(key[1])
+            return step(key, rp, now)
+
+        pool._step = counted  # type: ignore[method-assign]
+        pool.tick(1.0)
+        assert len(stepped) == 1000  # each new pool once
+        stepped.clear()
+        for n in range(2, 10):
+            pool.tick(float(n))
+        assert stepped == [] and len(pool.due) == 0  # all quiet: nothing is due
+        revisions[7].demand = 1  # a request begins on f7 (as RevisionPool.invoke reports it)
+        revisions[7].backoff_until = math.inf  # no instance can start here (no zygote): none tried
+        pool.activity(targets[7], busy=True, now=10.0)
+        for n in range(10, 13):
+            pool.tick(n + 0.25 * (n - 10))
+        assert stepped == ["f7", "f7", "f7"]  # busy: stepped every STEP, the others not at all
+        revisions[7].demand = 0
+        pool.activity(targets[7], busy=False, now=13.0)
+        pool.tick(13.0)
+        # Within its idle grace it is stepped on (its instance may have to go), alone.
+        assert len(pool.due) == 1 and pool.due.when(targets[7].key) == 13.0 + manager.STEP
+    finally:
+        pool.placement.shutdown()

@@ -206,3 +206,29 @@ def test_a_manual_scale_down_holds_below_what_the_window_remembers() -> None:
     for i in range(41, 81):  # the load goes on: the hold still says 2 (requests start their own)
         instances = tick(i)
         assert instances == 2
+
+
+def test_a_window_that_slept_gets_the_zero_samples_its_skipped_ticks_would_have_taken() -> None:
+    """The pool stops stepping a revision with nothing to decide; when it steps it again, the
+    window must say what a window sampled every tick would (else old load, never diluted by
+    the idle time, would look current)."""
+    scale = ScaleSpec(max=50, window=60.0, idle=1.0)
+    ticked, slept = Window(scale.window), Window(scale.window)
+    for i in range(1, 41):  # 10 s of load 8 on both
+        ticked.add(i * TICK, 8.0, 8, active=True)
+        slept.add(i * TICK, 8.0, 8, active=True)
+    for i in range(41, 41 + 80):  # 20 s idle: one window sampled every tick, the other asleep
+        ticked.add(i * TICK, 0.0, 0, active=False)
+    now = 120 * TICK
+    slept.idle_until(now, TICK)
+    slept.add(now, 0.0, 0, active=False)
+    assert list(slept.samples) == list(ticked.samples)
+    assert decide(scale, 1, slept, now + 5) == decide(scale, 1, ticked, now + 5)
+
+
+def test_a_window_asleep_longer_than_its_span_keeps_at_most_a_span_of_zeros() -> None:
+    window = Window(6.0)
+    window.add(1.0, 5.0, 5, active=True)
+    window.idle_until(1000.0, TICK)
+    window.add(1000.0, 0.0, 0, active=False)
+    assert len(window.samples) == 24 and window.mean(1000.0, 6.0) == 0.0
