@@ -12,7 +12,7 @@ class ActivationRecord(msgspec.Struct, frozen=True):
     start: float  # unix time the request arrived
     duration_ms: float
     status: int
-    tier: str  # warm | fork | specialize | fresh | none (never reached an instance)
+    tier: str  # warm | spare | fork | specialize | fresh | none (never reached an instance)
     instance: str
     peak_memory_kb: int
     billed_ms: int
