@@ -403,3 +403,31 @@ def test_a_thread_in_the_zygote_cannot_use_the_room_kept_for_new_instances(
 
     wait_for(stopped, 30, "the growing zygote to be stopped at its memory limit")
     assert biggest < 64 + 80 + 40, f"the zygote held {biggest} MB"
+
+
+def _nspids(proc: psutil.Process) -> list[int]:
+    """The process's pid in each pid namespace it is in, outermost first (`NSpid:`)."""
+    with open(f"/proc/{proc.pid}/status") as f:
+        line = next(line for line in f if line.startswith("NSpid:"))
+    return [int(pid) for pid in line.split()[1:]]
+
+
+def test_no_process_waits_outside_a_sandbox(server: EmberServer, fn_dir: Callable[..., Path]):
+    """The process that forks a zygote into its pid namespace and places it in its cgroups
+    exits once done: each zygote (and the spare) is a child of the root zygote and pid 1 of a
+    namespace of its own; every other process below the root is inside a sandbox."""
+    for name in ("tree-a", "tree-b"):
+        server.deploy(fn_dir(name, f"def handle(req, ctx):\n    return '{name}'\n"))
+        assert server.http.get(f"/fn/{name}").text == name
+    assert server.proc is not None
+    root = next(
+        p
+        for p in psutil.Process(server.proc.pid).children()
+        if "ember.runtime.root" in " ".join(p.cmdline())
+    )
+    wait_for(lambda: len(root.children()) >= 3, 10, "two zygotes and the spare")
+    top = root.children()
+    assert all(_nspids(p)[1:] == [1] for p in top), [(p.pid, _nspids(p)) for p in top]
+    below = [p for p in root.children(recursive=True) if p not in top]
+    assert len(below) >= 2, "the two instances"
+    assert all(len(_nspids(p)) == 2 for p in below), [(p.pid, _nspids(p)) for p in below]

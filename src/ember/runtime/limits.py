@@ -13,7 +13,9 @@ import struct
 import sys
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 _libc: ctypes.CDLL | None = None
+_subreaper = 0  # the pid that became a child subreaper in this process or the one forked from
 
 
 def load_libc() -> ctypes.CDLL | None:
@@ -37,6 +39,32 @@ def die_with_parent(parent: int, *, in_new_pid_namespace: bool = False) -> None:
         expected = 0 if in_new_pid_namespace else parent
         if os.getppid() != expected:  # the parent died before prctl took effect
             os._exit(1)
+
+
+def become_subreaper() -> None:
+    """PR_SET_CHILD_SUBREAPER: orphans below this process are reparented to it, not to init.
+
+    The root zygote is one, so a function zygote whose sandbox-entry parent exited after
+    placing it (`sandbox.split`) becomes the root's child, dies with it and is reaped by it.
+    """
+    global _subreaper
+    libc = load_libc()
+    if libc is not None and libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0:
+        _subreaper = os.getpid()
+
+
+def parent_is_subreaper() -> bool:
+    """Whether this process was forked by one that called `become_subreaper` (the flag is
+    remembered across fork, the pid says whose it was)."""
+    return _subreaper != 0 and _subreaper == os.getppid()
+
+
+def set_death_signal(sig: int) -> None:
+    """PR_SET_PDEATHSIG with `sig` (0 clears it), without the check `die_with_parent` does."""
+    libc = load_libc()
+    if libc is not None and libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}")
 
 
 _CLONE_NEWNET = 0x40000000

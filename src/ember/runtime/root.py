@@ -44,6 +44,7 @@ def serve(fd: int, nofile: int = 0) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
 
     limits.die_with_parent(os.getppid())
+    limits.become_subreaper()  # sandboxed zygotes are handed to us by their keepers
     signal.signal(signal.SIGCHLD, _reap)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
     channel: Channel[RootMessage] = Channel(socket.socket(fileno=fd), RootMessage)

@@ -5,16 +5,18 @@ no helper binary, because the zygote must stay a fork of the root zygote to keep
 runtime it already imported. The steps, in order:
 
 1. `split()`: unshare a pid namespace (and, without privileges, a user namespace first) and
-   fork. The child is pid 1 of the new pid namespace and becomes the zygote; the parent stays
-   outside as a *keeper*: it moves the child into the revision's cgroups and then only waits,
-   so that the child dies with the server. A spare zygote does this step ahead of need.
+   fork. The child is pid 1 of the new pid namespace and becomes the zygote; the parent, the
+   *keeper*, moves it into the revision's cgroups, reports and exits. The root zygote is a
+   child subreaper, so the zygote becomes its child and re-arms its death signal on it
+   (`placed`): one process per zygote, dying with the root zygote and so with the server. A
+   spare zygote does this step ahead of need.
 2. `finish()`: unshare mount, ipc and uts namespaces (and network for `network: none`) in the
    zygote alone, and `build_root()`: a tmpfs root with read-only bind mounts of the system
    (`/usr`, `/etc`, the interpreter, site-packages and Ember), the revision's code read-only at
    `/code`, a size-capped private `/tmp`, a minimal `/dev`, a `/proc` of the new pid namespace
    and the function's secrets at `/run/secrets`; then `pivot_root` into it and forget the
    host's tree.
-3. `lock_down()`: wait until the keeper placed us in the cgroups, drop to the namespace's
+3. `lock_down()`: wait until the keeper placed us in the cgroups and exited, drop to the namespace's
    unprivileged uid/gid (or drop every capability inside a user namespace), set
    no_new_privs, and install the seccomp filter.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
+import signal
 import socket
 import sys
 
@@ -111,7 +114,40 @@ def _bind(source: str, target: str, *, read_only: bool = True, flags: int = 0) -
     _mount(None, target, None, _MS_BIND | _MS_REMOUNT | _MS_NOSUID | _MS_NODEV | extra | flags)
 
 
-# ---- 1: namespaces and the keeper ----
+# ---- 1: namespaces and the hand-off ----
+
+# The zygote's death signal while its sandbox-entry parent (the keeper) still lives: blocked,
+# so it only says "your parent changed"; the zygote waits for it in `placed`.
+_HANDOFF = signal.SIGUSR2
+
+
+class _Lineage:
+    """What a zygote knows of its parents from `split` until `lock_down`: the keeper that forks
+    and places it, the root zygote (a child subreaper) it is handed over to, and its own
+    `stat` in the host's /proc, the one place its parent's pid is told outside the sandbox's
+    pid namespace (there `getppid()` is 0 for any parent)."""
+
+    def __init__(self, keeper: int, reaper: int) -> None:
+        self.keeper = keeper
+        self.reaper = reaper
+        self.stat_fd = os.open("/proc/self/stat", os.O_RDONLY)
+
+    def parent(self) -> int:
+        stat = os.pread(self.stat_fd, 1024, 0)
+        return int(stat[stat.rindex(b")") + 2 :].split()[1])  # after comm: state, ppid
+
+    def rearm(self) -> None:
+        """Die with the root zygote from now on; fail if it is already gone (it died before
+        prctl took effect: the zygote was reparented further up)."""
+        limits.set_death_signal(signal.SIGKILL)
+        if self.parent() != self.reaper:
+            raise SandboxError(0, "sandbox: the root zygote exited while the zygote started")
+
+    def close(self) -> None:
+        os.close(self.stat_fd)
+
+
+_lineage: _Lineage | None = None  # this zygote's, between split and lock_down
 
 
 def split(cgroups: list[str], userns: SandboxPlan | None = None) -> int:
@@ -119,6 +155,10 @@ def split(cgroups: list[str], userns: SandboxPlan | None = None) -> int:
     child (the zygote to be) the read end of the pipe on which the keeper reports the cgroup
     placement. The keeper never returns. A spare zygote stops after this step until it is
     given its function; the placement, which can wait out an RCU grace period, is done by then.
+
+    When the caller's parent is a child subreaper (the root zygote), the keeper exits once it
+    has reported and the zygote becomes the root's child (`placed`): no process per zygote
+    stays outside the sandbox. Otherwise the keeper waits for the zygote, as it always did.
     """
     if userns is not None:  # no privileges: a user namespace of our own gives them, inside only
         if os.geteuid() == 0:  # the tenant would be uid 0 outside its namespaces
@@ -133,16 +173,32 @@ def split(cgroups: list[str], userns: SandboxPlan | None = None) -> int:
     else:
         _check(_libc().unshare(_CLONE_NEWPID), "unshare of a pid namespace")
     ready_r, ready_w = os.pipe()
-    keeper = os.getpid()
+    keeper, reaper = os.getpid(), os.getppid()
+    handoff = limits.parent_is_subreaper()
+    blocked = {_HANDOFF} if handoff else set()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)  # the child starts so
     child = os.fork()
     if child == 0:
         os.close(ready_w)
-        limits.die_with_parent(keeper, in_new_pid_namespace=True)
+        if handoff:
+            _watch(keeper, reaper)
+        else:
+            limits.die_with_parent(keeper, in_new_pid_namespace=True)
         return ready_r
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.close(ready_r)
     limits.close_fds_except(ready_w)  # the zygote's channel is the zygote's alone
     _keep(child, cgroups, ready_w)
-    raise AssertionError("unreachable")
+    if not handoff:
+        _wait(child)
+    os._exit(0)
+
+
+def _watch(keeper: int, reaper: int) -> None:
+    """In the zygote, right after the fork: learn of the keeper's exit by a blocked signal."""
+    global _lineage
+    _lineage = _Lineage(keeper, reaper)
+    limits.set_death_signal(_HANDOFF)  # if the keeper is gone already, `placed` sees it
 
 
 def _unshare_rest(network_none: bool) -> None:
@@ -167,7 +223,7 @@ def _write(path: str, text: str) -> None:
 
 
 def _keep(child: int, cgroups: list[str], ready_w: int) -> None:
-    """The keeper: place the zygote in its cgroups, report, then wait for it and exit."""
+    """The keeper: place the zygote in its cgroups and report."""
     report = b"ok"
     for procs in cgroups:
         try:
@@ -180,6 +236,10 @@ def _keep(child: int, cgroups: list[str], ready_w: int) -> None:
         os.write(ready_w, report)
     finally:
         os.close(ready_w)
+
+
+def _wait(child: int) -> None:
+    """A keeper whose parent cannot adopt the zygote: wait for it, then exit as it did."""
     while True:
         try:
             _, status = os.waitpid(child, 0)
@@ -312,11 +372,26 @@ def build_root(plan: SandboxPlan, code_dir: str) -> None:
 
 
 def placed(ready_r: int) -> None:
-    """Wait for the keeper's report that the zygote is in its cgroups."""
+    """Wait for the keeper's report that the zygote is in its cgroups, then for the keeper's
+    exit: the zygote is the root zygote's child from then on, and dies with it."""
     report = os.read(ready_r, 512)
     os.close(ready_r)
     if report != b"ok":
         raise SandboxError(0, f"sandbox: {report.decode(errors='replace') or 'keeper died'}")
+    if _lineage is not None:
+        _adopted(_lineage)
+
+
+def _adopted(lineage: _Lineage) -> None:
+    """The kernel sends the death signal after it has reparented the zygote, so once the
+    parent is not the keeper any more (checked after arming, so no exit goes unseen) the
+    root zygote, a child subreaper, is the parent, or it died too and `rearm` says so."""
+    while lineage.parent() == lineage.keeper:
+        if signal.sigtimedwait({_HANDOFF}, 10.0) is None:
+            raise SandboxError(0, "sandbox: the keeper did not exit after placing the zygote")
+    lineage.rearm()
+    signal.sigtimedwait({_HANDOFF}, 0)  # taken, if it came after the parent check
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {_HANDOFF})
 
 
 def lock_down(plan: SandboxPlan, ready_r: int) -> None:
@@ -337,7 +412,7 @@ def lock_down(plan: SandboxPlan, ready_r: int) -> None:
         os.setgroups([])
         os.setresgid(plan.gid, plan.gid, plan.gid)
         os.setresuid(plan.uid, plan.uid, plan.uid)
-    limits.die_with_parent(0, in_new_pid_namespace=True)  # a change of credentials cleared it
+    _die_with_root()  # a change of credentials cleared the death signal
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core files of user code
     # Not dumpable: no process of the revision may open another's /proc/PID/mem (instances
     # and their zygote share a uid; in a user namespace they would otherwise be "owners").
@@ -345,6 +420,18 @@ def lock_down(plan: SandboxPlan, ready_r: int) -> None:
     seccomp.install()  # sets no_new_privs first
     os.environ["HOME"] = "/tmp"
     os.environ["TMPDIR"] = "/tmp"
+
+
+def _die_with_root() -> None:
+    global _lineage
+    if _lineage is None:  # a keeper waits outside: die with it
+        limits.die_with_parent(0, in_new_pid_namespace=True)
+        return
+    try:
+        _lineage.rearm()
+    finally:
+        _lineage.close()  # the host's /proc is not for user code
+        _lineage = None
 
 
 class _CapHeader(ctypes.Structure):
@@ -423,6 +510,7 @@ def probe(workdir: str, mode: str = "auto") -> tuple[str, str]:
         tmp_mb=1,
         userns=mode == "userns",
     )
+    limits.become_subreaper()  # as the root zygote is: the zygote is handed over to us
     err_r, err_w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -438,14 +526,24 @@ def probe(workdir: str, mode: str = "auto") -> tuple[str, str]:
     os.close(err_w)
     with os.fdopen(err_r, "rb") as errors:
         why = errors.read().decode(errors="replace")
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) == 0:
+    if _reap_all() == 0:  # the keeper and the zygote it handed over
         return mode, ""
     if mode == "root":
         return "none", why or "the sandbox could not be entered"
     return "none", (why or "user namespaces are not allowed here") + (
         "; run `ember up` as root, or allow unprivileged user namespaces"
     )
+
+
+def _reap_all() -> int:
+    """Wait for every child (adopted ones too); the first non-zero exit code, else 0."""
+    worst = 0
+    while True:
+        try:
+            _, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return worst
+        worst = worst or os.waitstatus_to_exitcode(status)
 
 
 if __name__ == "__main__":
