@@ -241,11 +241,12 @@ class Ember(_Process):
         return int(resp.json()["instances"])
 
     def sandboxed(self, name: str) -> bool:
-        """Whether NAME's zygote is in the sandbox: its parent is a keeper, not the root zygote."""
+        """Whether NAME's zygote is in the sandbox: pid 1 of a pid namespace of its own (with
+        or without a keeper between it and the root zygote)."""
         zygote = self.function_zygote(name)
         if zygote is None:
             raise LookupError(f"{self.label}: no zygote of {name}")
-        return zygote.ppid() != self.root_zygote().pid
+        return _pid_one(zygote.pid) or zygote.ppid() != self.root_zygote().pid
 
     # ---- the process tree ----
     def root_zygote(self) -> psutil.Process:
@@ -348,13 +349,18 @@ class Ember(_Process):
 
 def _zygote_kind(proc: psutil.Process, root_child: bool) -> str:
     """PROC's kind if it is a zygote ("zygote", "spare zygote" for a zygote-to-be), else ""."""
-    with open(f"/proc/{proc.pid}/status") as f:
-        nspid = next((line.split()[1:] for line in f if line.startswith("NSpid:")), [])
     cwd = proc.cwd()
     in_code = cwd == "/code" or "/code/" in cwd
-    if len(nspid) > 1 and nspid[-1] == "1":
+    if _pid_one(proc.pid):
         return "zygote" if in_code else "spare zygote"
     return "zygote" if root_child and in_code else ""
+
+
+def _pid_one(pid: int) -> bool:
+    """Whether PID is pid 1 of a pid namespace below ours (as a sandboxed zygote is)."""
+    with open(f"/proc/{pid}/status") as f:
+        nspid = next((line.split()[1:] for line in f if line.startswith("NSpid:")), [])
+    return len(nspid) > 1 and nspid[-1] == "1"
 
 
 def kind_by_place(parent: str, kept: set[str]) -> str:
