@@ -104,17 +104,17 @@ def test_a_revision_counts_its_idle_processes_as_measured_at_rest_and_at_cap_at_
         a = Instance("fn-1-a", 1, lambda _i, _m: None, lambda _i: None)
         b = Instance("fn-1-b", 1, lambda _i, _m: None, lambda _i: None)
         rp.instances = {a.id: a, b.id: b}
-        assert rp.counted_kb() == 2 * cap  # not measured yet: at their cap
+        assert rp.occupancy.counted_kb() == 2 * cap  # not measured yet: at their cap
         a.measured(a.calls, 2 * KB)
         b.measured(b.calls, 3 * KB)
-        assert rp.counted_kb() == 5 * KB  # at rest: what they use
+        assert rp.occupancy.counted_kb() == 5 * KB  # at rest: what they use
         rp.demand = 1
-        assert rp.counted_kb() == 2 * cap  # a request in flight: every instance at its cap
+        assert rp.occupancy.counted_kb() == 2 * cap  # a request in flight: every instance at its cap
         rp.demand = 0
         b.calls += 1  # it served one since it was measured
-        assert rp.counted_kb() == 2 * KB + cap
+        assert rp.occupancy.counted_kb() == 2 * KB + cap
         rp.starting = 1
-        assert rp.counted_kb() == 2 * KB + 2 * cap  # a start counts at its cap
-        assert rp.declared_mb() == 3 * 128  # what the namespace quotas count
+        assert rp.occupancy.counted_kb() == 2 * KB + 2 * cap  # a start counts at its cap
+        assert rp.occupancy.declared_mb() == 3 * 128  # what the namespace quotas count
 
     asyncio.run(main())

@@ -91,7 +91,7 @@ class Pool:
         self.budget = MemoryBudget(
             config.memory_budget_mb or _default_budget_mb(),
             config.budget_wait,
-            self.revisions.values,
+            lambda: [rp.occupancy for rp in self.revisions.values()],
         )
         self.usage = Usage(self.placement.run)
 
@@ -149,8 +149,8 @@ class Pool:
         if rp is None:
             return None
         self.due.discard(key)
-        self.usage.forget(rp)
-        self.budget.leave(rp)
+        self.usage.forget(rp.occupancy)
+        self.budget.leave(rp.occupancy)
         self._failing.discard(key)
         for index, name in ((self._of_function, rp.target.qualified), (self._of_namespace, key[0])):
             keys = index.get(name)
@@ -173,7 +173,7 @@ class Pool:
             retired, standby_now = key not in self._live, key in self._standby
             if (retired, standby_now) != (rp.retired, rp.standby):
                 rp.retired, rp.standby = retired, standby_now
-                self.budget.account(rp)  # what it keeps for scale.min changed
+                self.budget.account(rp.occupancy)  # what it keeps for scale.min changed
                 self.due.wake(key)
 
     def serve(self, serving: Iterable[Target], standby: Iterable[Target]) -> None:
@@ -232,7 +232,9 @@ class Pool:
         ns = target.namespace
         mine = [self.revisions[key] for key in self._of_namespace.get(ns, ())]
         count = sum(rp.count for rp in mine)
-        memory = sum(rp.declared_mb() for rp in mine)  # a zygote counts as one more instance
+        memory = sum(
+            rp.occupancy.declared_mb() for rp in mine
+        )  # a zygote counts as one more instance
         if quota.instances and count + 1 > quota.instances:
             raise QuotaReached(
                 f"namespace '{ns}' runs {count} instances, its quota max_instances="
@@ -253,24 +255,24 @@ class Pool:
 
     # ---- the memory budget, for revision pools ----
     async def make_room(self, rp: RevisionPool, loop_deadline: float | None) -> None:
-        await self.budget.make_room(rp, loop_deadline)
+        await self.budget.make_room(rp.occupancy, loop_deadline)
 
     def check_prewarm(self, rp: RevisionPool) -> None:
-        self.budget.check_prewarm(rp)
+        self.budget.check_prewarm(rp.occupancy)
 
     def freed(self) -> None:
         self.budget.freed()
 
     def account(self, rp: RevisionPool) -> None:
         if self.revisions.get(rp.target.key) is rp:  # not one discarded meanwhile
-            self.budget.account(rp)
+            self.budget.account(rp.occupancy)
 
     def spare_fits(self, rp: RevisionPool, kb: int) -> bool:
-        return self.budget.fits(rp, kb)
+        return self.budget.fits(rp.occupancy, kb)
 
     def rested(self, rp: RevisionPool) -> None:
         if self.revisions.get(rp.target.key) is rp:
-            self.usage.measure(rp, time.monotonic())
+            self.usage.measure(rp.occupancy, time.monotonic())
 
     def wake(self, rp: RevisionPool) -> None:
         if self.revisions.get(rp.target.key) is rp:
@@ -406,7 +408,7 @@ class Pool:
             self.due.wake(key)
         rp = self.revisions.get(target.key)
         if not busy and rp is not None:
-            self.usage.measure(rp, now)
+            self.usage.measure(rp.occupancy, now)
 
     def keepalive_windows(self, function: str) -> Windows:
         return self.activity_of.windows(function)
@@ -457,7 +459,7 @@ class Pool:
         rp.autoscale(now, STEP)
         zygote_due = self._keep_zygote(rp, now)
         spare_due = rp.keep_spare(now)
-        self.budget.account(rp)
+        self.budget.account(rp.occupancy)
         rp.asleep = rp.quiet(now)
         if not rp.asleep:
             return now + STEP

@@ -28,9 +28,10 @@ import msgspec
 from ember.autoscaler.scaler import Decision, Window, decide
 from ember.errors import DeployRejected, EmberError, FunctionError, PlatformError
 from ember.pool import failures
-from ember.pool.budget import KB, Eviction
+from ember.pool.budget import KB
 from ember.pool.host import PoolHost, PoolSettings, RevisionStats
 from ember.pool.instance import Instance
+from ember.pool.occupancy import Occupancy
 from ember.pool.prefork import SpareInstance
 from ember.pool.target import Target
 from ember.pool.zygote import FunctionZygote
@@ -62,6 +63,7 @@ class RevisionPool:
         self.starts = dict.fromkeys(TIERS, 0)
         self.spare = SpareInstance(self._fork, self._spare_changed, target.label)
         self.spare_wanted = False  # scaled to its floor after idleness: a spare stands in
+        self.occupancy = Occupancy(self, self._account)  # as the memory budget sees it
         # Concurrency for the autoscaler: requests in flight or waiting, integrated over time.
         self.demand = 0
         self._area = 0.0
@@ -215,7 +217,7 @@ class RevisionPool:
     async def _new_instance(self) -> tuple[Instance, str]:
         """The spare if the zygote has one (a hand-off), else a fork (a new zygote first if
         there is none)."""
-        zygote = self._ready_zygote()
+        zygote = self.ready_zygote()
         if zygote is not None:
             spare = await self.spare.take(zygote)
             if spare is not None:
@@ -231,7 +233,7 @@ class RevisionPool:
             assert self.zygote is not None
             return await self._fork(self.zygote), tier
 
-    def _ready_zygote(self) -> FunctionZygote | None:
+    def ready_zygote(self) -> FunctionZygote | None:
         zygote = self.zygote
         if zygote is None or zygote.dead or not zygote.ready.done():
             return None
@@ -390,7 +392,7 @@ class RevisionPool:
             for _ in range(desired - self.count):
                 self._background(self._warm_quietly())
         elif desired < self.count:
-            for inst in self._idle_oldest_first()[: self.count - desired]:
+            for inst in self.idle_oldest_first()[: self.count - desired]:
                 inst.stop()
             if desired <= scale.min:  # back at its floor: the next start is from zero
                 self.spare_wanted = True
@@ -411,7 +413,7 @@ class RevisionPool:
         """Have a spare instance once the autoscaler took the revision back to its floor
         (until a start takes it), while its zygote is ready and it gets traffic; returns when
         to look again if it backs off (None: at the next event)."""
-        zygote = self._ready_zygote()
+        zygote = self.ready_zygote()
         if self.window.held == 0 and now < self.window.held_until:  # ember scale 0
             self.spare_wanted = False
         if (
@@ -438,7 +440,7 @@ class RevisionPool:
         self.host.rested(self)  # a new spare is measured soon
         self.host.wake(self)
 
-    def _idle_oldest_first(self) -> list[Instance]:
+    def idle_oldest_first(self) -> list[Instance]:
         """Instances with nothing to do, longest idle first: the first to stop or evict."""
         idle = [i for i in self.instances.values() if not i.busy and not i.dead]
         return sorted(idle, key=lambda i: i.idle_since)
@@ -505,7 +507,7 @@ class RevisionPool:
         Holding 0 frees the spare instance too (the zygote stays)."""
         n = min(n, self.spec.scale.max)
         self.window.held, self.window.held_until = n, time.monotonic() + self.spec.scale.idle
-        for inst in self._idle_oldest_first()[: max(0, self.count - n)]:
+        for inst in self.idle_oldest_first()[: max(0, self.count - n)]:
             inst.stop()
         if n == 0:
             self.keep_spare(time.monotonic())
@@ -514,18 +516,10 @@ class RevisionPool:
         self.host.wake(self)
         return self.count
 
-    # ---- the node's memory budget (an Occupant) and its measurements ----
+    # ---- what the memory budget reads (occupancy.py) ----
     @property
     def label(self) -> str:
         return self.target.label
-
-    @property
-    def memory_mb(self) -> int:
-        return self.spec.memory
-
-    @property
-    def within_min(self) -> bool:
-        return self.count <= self.spec.scale.min and not self.standby
 
     @property
     def protected(self) -> int:
@@ -539,113 +533,14 @@ class RevisionPool:
     def _account(self) -> None:
         self.host.account(self)
 
-    def declared_mb(self) -> int:
-        """Every instance (running or starting) and the zygote at `memory:`: the namespace
-        quotas' count, the user's contract (the spare is not an instance of it)."""
-        return (self.count + self.zygote_alive) * self.spec.memory
-
-    def counted_kb(self) -> int:
-        """What the budget counts (budget.py): at rest, idle processes at their measured use;
-        starts, instances of a revision with requests, and whatever is not measured at cap."""
-        cap = self.spec.memory * KB
-        total = self.starting * cap
-        if self.at_rest:
-            total += sum(i.rest_kb(cap) for i in self.instances.values())
-        else:
-            total += len(self.instances) * cap
-        if self.zygote is not None and not self.zygote.dead:
-            total += self.zygote.measured_kb or cap
-        elif self.zygote_alive:
-            total += cap  # being started
-        spare = self.spare.instance
-        if spare is not None:
-            total += spare.rest_kb(cap)
-        elif self.spare.pending:
-            total += cap
-        return total
-
-    def reserve_kb(self) -> int:
-        """What it still needs to reach scale.min (its zygote included), at `memory:`."""
-        if self.count >= self.protected:
-            return 0
-        return (self.protected - self.count + (not self.zygote_alive)) * self.spec.memory * KB
-
-    def measurable(self) -> list[tuple[object, int]]:
-        """Its processes to measure now, with their host pids: the zygote and the spare, and
-        idle instances while the revision is at rest."""
-        out: list[tuple[object, int]] = []
-        zygote = self._ready_zygote()
-        if zygote is not None and zygote.pid:
-            out.append((zygote, zygote.pid))
-        spare = self.spare.instance
-        if spare is not None and spare.pid and not spare.dead:
-            out.append(((spare, spare.calls), spare.pid))
-        if self.at_rest:
-            for inst in self.instances.values():
-                if inst.pid and not inst.dead and not inst.busy:
-                    out.append(((inst, inst.calls), inst.pid))
-        return out
-
-    def measured(self, values: list[tuple[object, int]]) -> bool:
-        """Measurements (kB) of what `measurable` listed; True: measure it again later."""
-        for what, kb in values:
-            if isinstance(what, FunctionZygote):
-                what.measured_kb = kb
-            elif isinstance(what, tuple):
-                inst, calls = what
-                inst.measured(calls, kb)
-        self._account()
-        return self.zygote_alive and not self.retired
-
-    def evictions(self, asking: bool) -> list[Eviction]:
-        """Idle instances above scale.min, then the zygote (and its spare) once everything in
-        it may go; nothing of the asking revision (it would only start them again)."""
-        if asking:
-            return []
-        cap = self.spec.memory * KB
-        may_go = self.count - self.protected
-        idle = self._idle_oldest_first()
-        offers = [
-            Eviction(
-                i.idle_since,
-                False,
-                i.rest_kb(cap) if self.at_rest else cap,
-                f"an instance of {self.label}",
-                functools.partial(self._evict_instance, i),
-            )
-            for i in idle[: max(0, may_go)]
-        ]
-        zygote = self.zygote
-        if (
-            zygote is not None
-            and zygote.ready.done()
-            and not zygote.dead
-            and not self.starting
-            and not self.demand
-            and len(idle) == self.count  # everything in it is idle
-            and may_go >= self.count  # and may go
-        ):
-            spare = self.spare.instance
-            kb = (zygote.measured_kb or cap) + (spare.rest_kb(cap) if spare is not None else 0)
-            offers.append(
-                Eviction(
-                    zygote.last_used,
-                    True,
-                    kb,
-                    f"the zygote of {self.label}",
-                    self._evict_zygote,
-                )
-            )
-        return offers
-
-    def _evict_instance(self, inst: Instance) -> bool:
+    def evict_instance(self, inst: Instance) -> bool:
         if inst.busy or inst.dead:
             return False
         inst.stop()
         self.forget(inst)
         return True
 
-    def _evict_zygote(self) -> bool:
+    def evict_zygote(self) -> bool:
         if self.instances or self.zygote is None:
             return False  # its instances are not all gone yet
         self.release_zygote()
@@ -673,7 +568,7 @@ class RevisionPool:
             panic=self.window.last.panic,
             concurrency=round(self.window.last.stable, 3),
             spare=int(self.spare.instance is not None),
-            counted_kb=self.counted_kb(),
+            counted_kb=self.occupancy.counted_kb(),
         )
 
     def stop(self) -> None:
