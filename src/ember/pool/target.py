@@ -1,6 +1,11 @@
-"""What the data plane runs: one revision of one function, as the control plane published it."""
+"""What the data plane runs: one revision of one function, as the control plane published it.
+
+Its names are computed once (`functools.cached_property`): the hot path asks for `key` and
+`qualified` about ten times per request."""
 
 from __future__ import annotations
+
+import functools
 
 import msgspec
 
@@ -9,7 +14,7 @@ from ember.spec import FunctionSpec
 RevisionKey = tuple[str, str, int, str]  # namespace, function, number, sha256 + generation
 
 
-class Target(msgspec.Struct, frozen=True):
+class Target(msgspec.Struct, frozen=True, dict=True):  # a __dict__ for the cached names
     function: str
     number: int  # revision number
     sha256: str
@@ -23,17 +28,17 @@ class Target(msgspec.Struct, frozen=True):
     # requests on the old one finish.
     generation: str = ""
 
-    @property
+    @functools.cached_property
     def key(self) -> RevisionKey:
         """Numbers restart after `ember rm`, so the content hash is part of the identity."""
         return (self.namespace, self.function, self.number, self.sha256 + self.generation)
 
-    @property
+    @functools.cached_property
     def qualified(self) -> str:
         """ "namespace/name": the function's key in the store, records and routes."""
         return f"{self.namespace}/{self.function}"
 
-    @property
+    @functools.cached_property
     def label(self) -> str:
         prefix = "" if self.namespace == "default" else f"{self.namespace}/"
         return f"{prefix}{self.function}@{self.number}"
