@@ -85,23 +85,14 @@ class Gateway:
             exchange.fail(exc)
         return exchange
 
-    def _headers_for(self, target: Target, headers: Headers, private: bool) -> Headers:
-        """The headers the function gets: a private function's caller must hold an invoke
-        key; an Ember key sent to a public one is dropped all the same."""
-        if private:
-            return self._authorize(target, headers)
-        if any(k == b"authorization" and is_ember_token(v) for k, v in headers):
-            return [(k, v) for k, v in headers if k != b"authorization"]
-        return headers
-
     def _authorize(self, target: Target, headers: Headers) -> Headers:
         """A private function: the caller's key must allow invoke in its namespace. The key is
         Ember's, not the function's: it is taken out of the headers the function sees."""
-        authorization = next((v for k, v in headers if k == b"authorization"), None)
+        authorization = _header(headers, b"authorization")
         principal = self.keys.verify(authorization.decode("latin-1") if authorization else None)
         self.keys.require(principal, "invoke", target.namespace)
         self.keys.throttle(principal, time.monotonic())
-        return [(k, v) for k, v in headers if k != b"authorization"]
+        return _without_authorization(headers)
 
     def _hold(self, n: int) -> None:
         if self.buffered + n > self.max_buffered:
@@ -142,6 +133,7 @@ class Exchange:
 
     __slots__ = (
         "alias",
+        "asked_timeout",
         "authorized",
         "caller",
         "chunks",
@@ -161,6 +153,7 @@ class Exchange:
         "rid",
         "route",
         "sent",
+        "served_alias",
         "size",
         "started",
         "t0",
@@ -185,6 +178,8 @@ class Exchange:
         self.key, self.name, self.alias, self.rest = gateway.routes.resolve(path[len(PREFIX) :])
         self.route: Route | None = None
         self.target: Target | None = None
+        self.served_alias = ""  # the alias that chose the target (a name or a weighted split)
+        self.asked_timeout: bytes | None = None  # X-Ember-Timeout as sent
         self.authorized = False
         self.response: Response | None = None
         self.chunks: list[bytes] = []
@@ -193,16 +188,34 @@ class Exchange:
         self.caller = False  # the caller shortened the deadline: its 504 says nothing of the code
 
     def admit(self) -> None:
-        route = self.route = self.gateway.routes.get(self.key)
+        """Route and check the head: one pass over the headers for everything the gateway
+        reads in them (each pass and call costs on the hot path)."""
+        gateway = self.gateway
+        route = self.route = gateway.routes.get(self.key)
         if route is None:
             raise _no_function(self.key, self.name)
-        target, _ = _choose(route, self.alias, self.headers, self.rid, self.name)
+        key_sent = length = False
+        sticky = None
+        for name, value in self.headers:
+            if name == b"authorization":
+                key_sent = key_sent or is_ember_token(value)
+            elif name == b"content-length":
+                length = value.isdigit() and int(value) > gateway.max_body
+            elif name == b"x-ember-timeout":
+                self.asked_timeout = value
+            elif name == b"x-request-id":
+                sticky = value[:200] or None
+        target, self.served_alias = _choose(
+            route, self.alias, sticky or self.rid.encode(), self.name
+        )
         self.target = target
         self.authorized = _private(route, target)
-        self.headers = self.gateway._headers_for(target, self.headers, self.authorized)
-        for key, value in self.headers:
-            if key == b"content-length" and value.isdigit() and int(value) > self.gateway.max_body:
-                raise _too_large(int(value), self.gateway.max_body)
+        if self.authorized:
+            self.headers = gateway._authorize(target, self.headers)
+        elif key_sent:  # an Ember key sent to a public function: never shown to it
+            self.headers = _without_authorization(self.headers)
+        if length:
+            raise _too_large(int(_header(self.headers, b"content-length") or 0), gateway.max_body)
 
     def feed(self, chunk: bytes) -> None:
         """A piece of the body; over the body limit or the server's budget of held bodies it
@@ -235,18 +248,23 @@ class Exchange:
     async def _invoke(self) -> Response:
         gateway = self.gateway
         route = gateway.routes.get(self.key) or self.route  # a deploy may have landed meanwhile
-        assert route is not None
-        target, alias = _choose(route, self.alias, self.headers, self.rid, self.name)
-        self.target, headers = target, self.headers
-        if _private(route, target) and not self.authorized:  # it became private meanwhile
-            headers = gateway._authorize(target, self.sent)
-        timeout = _timeout(headers, target)
+        assert route is not None and self.target is not None
+        target, alias, headers = self.target, self.served_alias, self.headers
+        if route is not self.route:
+            sticky = _header(self.sent, b"x-request-id")
+            target, alias = _choose(route, self.alias, sticky or self.rid.encode(), self.name)
+            self.target = target
+            if _private(route, target) and not self.authorized:  # it became private meanwhile
+                headers = gateway._authorize(target, self.sent)
+        timeout = _timeout(self.asked_timeout, target)
         body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
         msg = Invoke(
             id=self.rid,
             method=self.method,
             path="/" + self.rest,
-            raw_path=_raw_rest(self.path, self.raw_path, self.rest),
+            raw_path=_raw_rest(self.path, self.raw_path, self.rest)
+            if b"%" in self.raw_path
+            else "/" + self.rest,
             query=self.query,
             headers=headers,
             body=body,
@@ -338,17 +356,23 @@ def _private(route: Route, target: Target) -> bool:
     return target.spec.access == "private" or route.main.spec.access == "private"
 
 
-def _sticky(headers: Headers, rid: str) -> bytes:
-    """What weighted routing hashes: the caller's X-Request-Id (a retry that repeats it lands
-    on the same revision), else Ember's own request id."""
-    own = next((v for k, v in headers if k == b"x-request-id"), None)
-    return own[:200] if own else rid.encode()
+def _header(headers: Headers, name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
 
 
-def _choose(route: Route, alias: str, headers: Headers, rid: str, name: str) -> tuple[Target, str]:
-    """`/fn/NAME@ALIAS` reaches the alias; `/fn/NAME` the split or the serving revision."""
+def _without_authorization(headers: Headers) -> Headers:
+    return [(k, v) for k, v in headers if k != b"authorization"]
+
+
+def _choose(route: Route, alias: str, sticky: bytes, name: str) -> tuple[Target, str]:
+    """`/fn/NAME@ALIAS` reaches the alias; `/fn/NAME` the split or the serving revision.
+    `sticky` is what a weighted split hashes: the caller's X-Request-Id (a retry that repeats
+    it lands on the same revision), else Ember's own request id."""
     if not alias:
-        return route.pick(_sticky(headers, rid)) if route.split else (route.main, "")
+        return route.pick(sticky[:200]) if route.split else (route.main, "")
     target = route.aliases.get(alias)
     if target is None:
         listed = ""
@@ -361,10 +385,9 @@ def _choose(route: Route, alias: str, headers: Headers, rid: str, name: str) -> 
     return target, alias
 
 
-def _timeout(headers: Headers, target: Target) -> float:
+def _timeout(raw: bytes | None, target: Target) -> float:
     """The function's timeout, or less when the caller sends `X-Ember-Timeout: SECONDS` (a
     deadline of its own, e.g. what its client still waits; never more than the function's)."""
-    raw = next((v for k, v in headers if k == b"x-ember-timeout"), None)
     if raw is None:
         return target.spec.timeout
     try:
