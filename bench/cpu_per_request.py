@@ -83,7 +83,7 @@ def _measure(label: str, server: Any, connections: int, seconds: float) -> Row:
 
 
 def run(scale: float = 1.0) -> dict[str, Any]:
-    seconds = max(2.0, round(5 * scale))
+    seconds = max(1.0, round(5 * scale))
     rows: list[Row] = []
     with Plain() as plain, RelayFloor() as floor, Ember() as ember:
         ember.deploy("noop", scale={"min": 2})

@@ -24,6 +24,7 @@ import psutil
 from bench import (
     autoscale,
     burst,
+    cpu_per_request,
     density,
     fork_breakdown,
     fork_start,
@@ -41,6 +42,7 @@ SUITE: dict[str, Callable[[float], dict[str, Any]]] = {
     "specialize_start": specialize_start.run,
     "breakdown": fork_breakdown.run,
     "warm": warm.run,
+    "cpu_per_request": cpu_per_request.run,
     "memory": memory.run,
     "burst": burst.run,
     "autoscale": autoscale.run,
