@@ -26,6 +26,7 @@ from ember.pool.deadlines import Deadlines
 log = logging.getLogger("ember.pool")
 REFRESH = 60.0  # seconds between two measurements of a revision that stays idle
 SETTLE = 0.3  # seconds after a revision asks before it is measured (output flushed, freed)
+MIN_GAP = 5.0  # seconds between two measurements of one revision, however often it asks
 BATCH = 16  # revisions per tick
 
 
@@ -58,22 +59,28 @@ class Usage:
     def __init__(self, run: Callable[..., Awaitable[list[int | None]]]) -> None:
         self._run = run  # Placement.run: a call on the cgroup thread
         self._due: Deadlines[Measurable] = Deadlines()
+        self._last: dict[Measurable, float] = {}  # when each was last measured
         self._batch: asyncio.Task[None] | None = None
         self.measurements = 0  # processes measured since start (for tests and statistics)
 
     def measure(self, rp: Measurable, now: float) -> None:
-        """`rp` changed (went idle, a new zygote or spare): measure it soon."""
+        """`rp` changed (went idle, a new zygote or spare): measure it soon, but not more
+        often than every `MIN_GAP` (what served since counts at its cap until then)."""
+        soon = max(now + SETTLE, self._last.get(rp, -MIN_GAP) + MIN_GAP)
         when = self._due.when(rp)
-        if when is None or when > now + SETTLE:
-            self._due.at(rp, now + SETTLE)
+        if when is None or when > soon:
+            self._due.at(rp, soon)
 
     def forget(self, rp: Measurable) -> None:
         self._due.discard(rp)
+        self._last.pop(rp, None)
 
     def tick(self, now: float) -> None:
         if self._batch is not None and not self._batch.done():
             return
         due = self._due.due(now, BATCH)
+        for rp in due:
+            self._last[rp] = now
         jobs = [(rp, rp.measurable()) for rp in due]
         jobs = [(rp, items) for rp, items in jobs if items]
         if jobs:
