@@ -241,6 +241,14 @@ def test_functions_at_rest_count_what_they_use_so_many_stay_warm(tmp_path: Path)
             stats = [pool.open_revision(t).statistics() for t in targets]
             assert [(s.zygote, s.idle) for s in stats] == [("ready", 1)] * len(targets), stats
             assert pool.node_statistics().memory_used_mb <= 30 * len(targets)
+            # A second pass of warm requests: each instance served since it was measured and
+            # counts its measurement plus its peak RSS's growth (none), not its 128 MB cap.
+            for n, target in enumerate(targets):
+                _result, tier, _inst = await pool.open_revision(target).invoke(
+                    invoke(100 + n), loop.time() + 30
+                )
+                assert tier == "warm"
+            assert pool.node_statistics().memory_used_mb <= 30 * len(targets)
         finally:
             await pool.shutdown()
 

@@ -109,9 +109,15 @@ def test_a_revision_counts_its_idle_processes_as_measured_at_rest_and_at_cap_at_
         b.measured(b.calls, 3 * KB)
         assert rp.occupancy.counted_kb() == 5 * KB  # at rest: what they use
         rp.demand = 1
-        assert rp.occupancy.counted_kb() == 2 * cap  # a request in flight: every instance at its cap
+        assert rp.occupancy.counted_kb() == 2 * cap  # a request in flight: all at their cap
         rp.demand = 0
-        b.calls += 1  # it served one since it was measured
+        b.calls += 1  # it served one since it was measured, its peak RSS unchanged
+        assert rp.occupancy.counted_kb() == 5 * KB
+        b.peak_kb += 50 * KB  # ... and one that grew its peak RSS by 50 MB
+        b.calls += 1
+        assert rp.occupancy.counted_kb() == 55 * KB
+        b.peak_kb += 500 * KB  # never more than its cap
+        b.calls += 1
         assert rp.occupancy.counted_kb() == 2 * KB + cap
         rp.starting = 1
         assert rp.occupancy.counted_kb() == 2 * KB + 2 * cap  # a start counts at its cap

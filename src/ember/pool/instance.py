@@ -39,7 +39,8 @@ class Instance(asyncio.Protocol):
         self.idle_since = time.monotonic()
         self.reserved = 0  # handed out by the pool, call() not made yet
         self.calls = 0  # requests sent to it
-        self._measured = (-1, 0)  # (calls then, kB): its memory as last measured at rest
+        self.peak_kb = 0  # its peak RSS, as its last result reported
+        self._measured = (-1, 0, 0)  # (calls, kB, peak_kb) when its memory was last measured
         self.listed = False  # in its pool's idle list
         self.dead = False
         self.death: EmberError | None = None  # set when the pool killed it on purpose
@@ -71,6 +72,7 @@ class Instance(asyncio.Protocol):
                 self.kill()
                 return
             if isinstance(msg, Result):
+                self.peak_kb = max(self.peak_kb, msg.max_rss_kb)
                 fut = self.inflight.pop(msg.id, None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
@@ -102,13 +104,17 @@ class Instance(asyncio.Protocol):
 
     def measured(self, calls: int, kb: int) -> None:
         """Its memory use, measured when it had served `calls` requests."""
-        self._measured = (calls, kb)
+        self._measured = (calls, kb, self.peak_kb)
 
     def rest_kb(self, cap_kb: int) -> int:
-        """What it counts at rest: its measured use, unless it served a request since (or was
-        never measured): then its cap."""
-        calls, kb = self._measured
-        return kb if calls == self.calls and kb > 0 else cap_kb
+        """What it counts at rest: its measured use, plus what its peak RSS grew by in the
+        requests it served since (their results report it); its cap if never measured."""
+        calls, kb, peak = self._measured
+        if kb <= 0:
+            return cap_kb
+        if calls == self.calls:
+            return kb
+        return min(cap_kb, kb + max(0, self.peak_kb - peak))
 
     def set_pid(self, pid: int) -> None:
         self.pid = pid

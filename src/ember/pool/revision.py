@@ -112,6 +112,7 @@ class RevisionPool:
             self._account()  # its idle instances count at their cap again
         elif self.demand == 0:
             self.host.activity(self.target, busy=False, now=now)  # at rest: measured soon
+            self._account()  # its idle instances count as last measured (plus their growth)
 
     async def acquire(self, loop_deadline: float) -> tuple[Instance, str]:
         while True:
