@@ -93,6 +93,12 @@ class _Host:
     def account(self, rp: RevisionPool) -> None:
         pass
 
+    async def start_zygote(self, target: Target) -> None:
+        raise AssertionError("no zygote in this test")
+
+    def system_log(self, target: Target, text: str) -> None:
+        pass
+
     def activity(self, target: Target, busy: bool, now: float) -> None:
         pass
 

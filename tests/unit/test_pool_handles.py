@@ -61,6 +61,12 @@ class _Host:
     async def verdict(self, procs: str) -> MemoryVerdict:
         return MemoryVerdict(False, 0)
 
+    async def start_zygote(self, target: Target) -> None:
+        raise AssertionError("no zygote in this test")
+
+    def system_log(self, target: Target, text: str) -> None:
+        pass
+
 
 class _Transport(asyncio.Transport):
     def __init__(self) -> None:

@@ -15,6 +15,11 @@ from ember.wire.messages import Log
 if TYPE_CHECKING:
     from ember.pool.revision import RevisionPool
 
+# Start tiers, as `X-Ember-Start` names them: an idle instance, the spare instance handed
+# over (prefork.py), a fork of the warm zygote, a new zygote first, the root zygote too.
+WARM, SPARE, FORK, SPECIALIZE, FRESH = "warm", "spare", "fork", "specialize", "fresh"
+TIERS = (WARM, SPARE, FORK, SPECIALIZE, FRESH)
+
 
 class PoolSettings(msgspec.Struct, frozen=True):
     queue_depth: int  # requests that may wait per revision at scale.max

@@ -6,15 +6,14 @@ keep-alive schedule), and offers the memory budget its idle instances and zygote
 `Eviction`s rather than being edited. Its zygote keeps a spare instance (`prefork.py`), so a
 start from zero is a hand-off (tier `spare`) rather than a fork.
 
-Start tiers, as `X-Ember-Start` names them: `warm` (an idle instance), `spare` (the spare
-instance handed over), `fork` (forked from the warm zygote), `specialize` (a new zygote first),
-`fresh` (the root zygote too).
+Start tiers, as `X-Ember-Start` names them (host.py): `warm` (an idle instance), `spare` (the
+spare instance handed over), `fork` (forked from the warm zygote), `specialize` (a new zygote
+first), `fresh` (the root zygote too). The zygote itself is held by a `ZygoteSlot`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import secrets
@@ -26,20 +25,19 @@ from typing import Any
 import msgspec
 
 from ember.autoscaler.scaler import Decision, Window, decide
-from ember.errors import DeployRejected, EmberError, FunctionError, PlatformError
+from ember.errors import DeployRejected, FunctionError, PlatformError
 from ember.pool import failures
 from ember.pool.budget import KB
-from ember.pool.host import PoolHost, PoolSettings, RevisionStats
+from ember.pool.host import SPARE, TIERS, WARM, PoolHost, PoolSettings, RevisionStats
 from ember.pool.instance import Instance
 from ember.pool.occupancy import Occupancy
 from ember.pool.prefork import SpareInstance
 from ember.pool.target import Target
 from ember.pool.zygote import FunctionZygote
+from ember.pool.zygote_slot import ZygoteSlot
 from ember.wire.messages import Invoke, Log, Result
 
 log = logging.getLogger("ember.pool")
-WARM, SPARE, FORK, SPECIALIZE, FRESH = "warm", "spare", "fork", "specialize", "fresh"
-TIERS = (WARM, SPARE, FORK, SPECIALIZE, FRESH)
 
 
 class RevisionPool:
@@ -52,8 +50,9 @@ class RevisionPool:
         self.idle: list[Instance] = []
         self.waiters: deque[asyncio.Future[Instance | None]] = deque()
         self.starting = 0
-        self.zygote: FunctionZygote | None = None
-        self._zygote_task: asyncio.Task[str] | None = None
+        self.slot = ZygoteSlot(
+            target, host.start_zygote, host.system_log, settings.init_timeout, self._zygote_changed
+        )
         self.retired = False
         self.standby = False  # reachable only through an alias without traffic weight
         self.warmed_at = -math.inf  # when a deploy, rollback or traffic change started it
@@ -190,11 +189,13 @@ class RevisionPool:
 
     # ---- starting instances ----
     @property
+    def zygote(self) -> FunctionZygote | None:
+        return self.slot.zygote
+
+    @property
     def zygote_alive(self) -> bool:
         """A zygote runs or is being started (it counts against memory from the start)."""
-        if self.zygote is not None and not self.zygote.dead:
-            return True
-        return self._zygote_task is not None and not self._zygote_task.done()
+        return self.slot.alive
 
     async def _start(self, loop_deadline: float | None) -> tuple[Instance, str]:
         self.host.check_quota(self.target)  # the namespace's quotas (429 naming the one reached)
@@ -235,12 +236,7 @@ class RevisionPool:
             return await self._fork(self.zygote), tier
 
     def ready_zygote(self) -> FunctionZygote | None:
-        zygote = self.zygote
-        if zygote is None or zygote.dead or not zygote.ready.done():
-            return None
-        if zygote.ready.cancelled() or zygote.ready.exception() is not None:
-            return None
-        return zygote
+        return self.slot.ready()
 
     def _wake_waiter(self) -> None:
         while self.waiters and self.count < self.spec.scale.max:
@@ -259,63 +255,16 @@ class RevisionPool:
 
     async def ensure_zygote(self) -> str:
         """Have a ready zygote; the tier says what it took: fork, specialize or fresh."""
-        if self.zygote is not None and not self.zygote.dead and self.zygote.ready.done():
-            self.zygote.ready.result()
-            return FORK
-        if self._zygote_task is None or self._zygote_task.done():
-            self._zygote_task = asyncio.get_running_loop().create_task(self._spawn_zygote())
-            # every waiter may have given up (timed out) by the time it fails: mark it seen
-            self._zygote_task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return await asyncio.shield(self._zygote_task)
+        return await self.slot.ensure()
 
-    async def _spawn_zygote(self) -> str:
-        try:
-            return await self._load_zygote()
-        finally:
-            self._account()
-
-    async def _load_zygote(self) -> str:
-        zygote, fresh = await self.host.start_zygote(self.target)
-        timeout = self.settings.init_timeout
-        self.zygote = zygote
-        zygote.on_close = functools.partial(self._zygote_gone, zygote)
-        try:  # the zygote enforces init_timeout itself; this bounds a zygote that hangs anyway
-            ready = await asyncio.wait_for(asyncio.shield(zygote.ready), timeout + 5.0)
-        except TimeoutError:
-            self.zygote = None
-            zygote.stop()
-            raise DeployRejected(
-                f"function '{self.target.function}' did not finish importing within "
-                f"{timeout:g} s; move slow work out of module level"
-            ) from None
-        except EmberError:
-            self.zygote = None
-            zygote.stop()
-            raise
-        used_mb = ready.import_anon_kb // 1024
-        if used_mb > self.spec.memory:  # its cgroup allows more, for instances not yet moved
-            self.zygote = None
-            zygote.stop()
-            raise DeployRejected(
-                f"function '{self.target.function}' used {used_mb} MB while importing its "
-                f"module, more than memory: {self.spec.memory} MB; raise memory: in ember.yaml "
-                "or import less at module level"
-            )
-        for warning in ready.warnings:
-            self.host.system_log(self.target, f"[ember] warning: {warning}\n")
-        if ready.output:
-            self.host.system_log(self.target, ready.output)
-        log.info("zygote of %s ready in %.1f ms", self.target.label, ready.import_ms)
-        self.host.rested(self)  # its memory is measured soon
-        return FRESH if fresh else SPECIALIZE
-
-    def _zygote_gone(self, zygote: FunctionZygote) -> None:
-        """Its channel closed (it exited, or was stopped): what it held counts no more."""
-        if zygote is self.zygote:
+    def _zygote_changed(self, ready: bool) -> None:
+        if ready:
+            self.host.rested(self)  # its memory is measured soon
+        else:  # gone (or never ready): what it held counts no more
             self.spare_wanted = False
             self.spare.discard()
-            self._account()
             self.host.wake(self)
+        self._account()
 
     async def warm_one(self) -> None:
         if self.count >= self.spec.scale.max:  # requests started their own meanwhile
@@ -404,7 +353,7 @@ class RevisionPool:
         instance, `ember scale`, a route change, its zygote or spare): it need not be stepped."""
         if self.demand or self.waiters or self.starting or self._tasks or self.spare.pending:
             return False
-        if self._zygote_task is not None and not self._zygote_task.done():
+        if self.slot.starting:
             return False
         if now < self.window.held_until or now - self.window.last_active < self.spec.scale.idle:
             return False
@@ -452,17 +401,14 @@ class RevisionPool:
             if not inst.busy:
                 inst.stop()
         self.spare.discard()
-        if not self.instances and not self.starting and self.zygote is not None:
-            self.zygote.stop()
-            self.zygote = None
+        if not self.instances and not self.starting:
+            self.slot.release()
         self._account()
 
     def release_zygote(self) -> None:
         self.spare_wanted = False
         self.spare.discard()
-        if self.zygote is not None:
-            self.zygote.stop()
-            self.zygote = None
+        if self.slot.release():
             self.host.freed()
         self._account()
 
@@ -576,6 +522,4 @@ class RevisionPool:
         self.spare.discard()
         for inst in list(self.instances.values()):
             inst.kill()
-        if self.zygote is not None:
-            self.zygote.stop()
-            self.zygote = None
+        self.slot.release()
