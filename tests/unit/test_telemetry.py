@@ -7,6 +7,7 @@ import re
 
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ember.errors import UserError
 from ember.telemetry.buffer import (
@@ -287,3 +288,78 @@ def test_outcomes_forget_stops_watching_every_revision_of_a_function() -> None:
     outcomes.add("ns/gone", 2, 500, 0.01)  # no longer kept
     assert outcomes.peek("ns/gone", 2).requests == 0
     assert outcomes.peek("ns/kept", 1).requests == 1
+
+
+# ---- /metrics: valid text, rendered only for what changed ----
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text exposition, parsed by the Prometheus client."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_text_parses_with_every_series_of_each_function() -> None:
+    metrics = Metrics(lambda: [Counts("ns/a", idle=1), Counts("ns/b", busy=2, waiting=1)])
+    for seconds in (0.0004, 0.002, 0.002, 7.0, 1000.0):
+        metrics.observe("ns/a", 200, seconds, "warm")
+    metrics.observe("ns/a", 502, 0.01, "fork")
+    metrics.observe('ns/we"ird', 404, 0.01, "none")
+    samples = _samples(metrics.render().decode())
+    a = (("function", "a"), ("namespace", "ns"))
+    assert samples[("ember_invocations_total", (("code", "200"), *a))] == 5
+    assert samples[("ember_invocations_total", (("code", "502"), *a))] == 1
+    assert samples[("ember_starts_total", (*a, ("tier", "warm")))] == 5
+    assert samples[("ember_starts_total", (*a, ("tier", "fork")))] == 1
+    bucket = "ember_invocation_duration_seconds_bucket"
+    le = lambda bound: (("function", "a"), ("le", bound), ("namespace", "ns"))  # noqa: E731
+    assert [samples[(bucket, le(b))] for b in ("0.0005", "0.0025", "10.0", "900.0", "+Inf")] == [
+        1,
+        3,
+        5,
+        5,
+        6,
+    ]
+    assert samples[("ember_invocation_duration_seconds_count", a)] == 6
+    assert samples[("ember_invocation_duration_seconds_sum", a)] == pytest.approx(1007.0144)
+    assert ("ember_invocations_created", (("code", "200"), *a)) in samples
+    weird = (("code", "404"), ("function", 'we"ird'), ("namespace", "ns"))
+    assert samples[("ember_invocations_total", weird)] == 1
+    b = (("function", "b"), ("namespace", "ns"))
+    assert samples[("ember_instances", (*b, ("state", "busy")))] == 2
+    assert samples[("ember_waiting_requests", b)] == 1
+    per_function = [key for key in samples if ("function", "a") in key[1]]
+    assert len(per_function) == 2 * 2 + 22 + 2 * 2 + 4  # 2 codes, histogram, 2 tiers, gauges
+
+
+def test_a_scrape_renders_only_the_functions_called_since_the_last() -> None:
+    metrics = Metrics(list)
+    for i in range(100):
+        metrics.observe(f"ns/f{i}", 200, 0.01, "fork")
+    first = metrics.scrape()
+    assert first.changed == 100
+    text = first.render()
+    assert metrics.scrape().changed == 0
+    assert metrics.render() == text
+    metrics.observe("ns/f7", 200, 0.01, "warm")
+    again = metrics.scrape()
+    assert again.changed == 1
+    samples = _samples(again.render().decode())
+    f7 = (("code", "200"), ("function", "f7"), ("namespace", "ns"))
+    assert samples[("ember_invocations_total", f7)] == 2
+    assert len(samples) == len(_samples(text.decode())) + 2  # f7's new tier, its created
+
+
+def test_a_request_during_a_render_is_not_lost_to_the_cache() -> None:
+    """The numbers are copied on the loop and rendered on a thread: an observation that comes
+    in between is not in that render, and the render is not kept as current."""
+    metrics = Metrics(list)
+    metrics.observe("ns/f", 200, 0.01, "warm")
+    scrape = metrics.scrape()
+    metrics.observe("ns/f", 200, 0.01, "warm")  # while the thread renders
+    f = (("code", "200"), ("function", "f"), ("namespace", "ns"))
+    assert _samples(scrape.render().decode())[("ember_invocations_total", f)] == 1
+    assert _samples(metrics.render().decode())[("ember_invocations_total", f)] == 2

@@ -292,7 +292,11 @@ class Api:
         return _ok({"status": "ok", "time": time.time()})
 
     async def metrics_endpoint(self, request: Request) -> Response:
-        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        # Copied on the loop (functions called since the last scrape, the pool's gauges);
+        # formatted on a worker thread, so requests keep being served meanwhile.
+        scrape = self.metrics.scrape()
+        body = await asyncio.to_thread(scrape.render)
+        return Response(body, media_type="text/plain; version=0.0.4")
 
 
 def build(control: Control, metrics: Metrics) -> Starlette:

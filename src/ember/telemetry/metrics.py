@@ -1,38 +1,21 @@
-"""Prometheus metrics on a registry of our own (no process-wide singletons).
+"""Prometheus metrics for /metrics, rendered by Ember itself (no process-wide registry).
 
-The instance gauges read the pool's per-revision statistics through `RevisionCounts`, declared
-here: telemetry does not import the pool (the pool imports telemetry).
+Per-function request series live in `series.py`: plain numbers updated on the hot path and
+exposition text cached per function until its next request, so the cost of a scrape follows
+the functions called since the last one, not all functions deployed. The instance gauges read
+the pool's per-revision statistics through `RevisionCounts`, declared here: telemetry does not
+import the pool (the pool imports telemetry); their text is cached per function too, until its
+counts change.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from ember.telemetry.series import BUCKETS, FAMILIES, FunctionSeries, Numbers, escape, number
 
-BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    30,
-    60,
-    300,
-    900,
-)
+__all__ = ["BUCKETS", "Metrics", "NodeCounts", "RevisionCounts", "Scrape", "Statistics"]
 
 
 class RevisionCounts(Protocol):
@@ -81,102 +64,121 @@ _NODE_GAUGES = (
 )
 
 
-class _NodeCollector(Collector):
-    def __init__(self, node: Callable[[], NodeCounts]) -> None:
-        self._node = node
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        counts = self._node()
-        for name, help_text, field in _NODE_GAUGES:
-            yield GaugeMetricFamily(name, help_text, value=getattr(counts, field))
+def _header(name: str, kind: str, help_text: str) -> str:
+    return f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
 
 
-class _InstanceCollector(Collector):
-    def __init__(self, stats: Statistics) -> None:
-        self._stats = stats
+_INSTANCES = _header("ember_instances", "gauge", "Instances by function and state")
+_WAITING = _header("ember_waiting_requests", "gauge", "Requests waiting for a free instance")
+_HEADERS = [_header(name, kind, help_text) for name, kind, help_text in FAMILIES]
+Counts = tuple[int, int, int, int]  # idle, busy, starting, waiting
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(
-            "ember_instances",
-            "Instances by function and state",
-            labels=["namespace", "function", "state"],
-        )
-        totals: dict[tuple[str, str, str], int] = {}
-        waiting = GaugeMetricFamily(
-            "ember_waiting_requests",
-            "Requests waiting for a free instance",
-            labels=["namespace", "function"],
-        )
-        queued: dict[tuple[str, str], int] = {}
-        for s in self._stats():
-            ns, _, name = s.function.partition("/")
-            for state, n in (("idle", s.idle), ("busy", s.busy), ("starting", s.starting)):
-                totals[(ns, name, state)] = totals.get((ns, name, state), 0) + n
-            queued[(ns, name)] = queued.get((ns, name), 0) + s.waiting
-        for labels, n in sorted(totals.items()):
-            family.add_metric(list(labels), n)
-        for pair, n in sorted(queued.items()):
-            waiting.add_metric(list(pair), n)
-        yield family
-        yield waiting
+
+def _gauge_text(function: str, counts: Counts) -> tuple[str, str]:
+    ns, _, name = function.partition("/")
+    both = f'function="{escape(name)}",namespace="{escape(ns)}"'
+    idle, busy, starting, waiting = counts
+    states = "".join(
+        f'ember_instances{{{both},state="{state}"}} {number(n)}\n'
+        for state, n in (("busy", busy), ("idle", idle), ("starting", starting))
+    )
+    return states, f"ember_waiting_requests{{{both}}} {number(waiting)}\n"
+
+
+class Scrape:
+    """One /metrics response: what changed was copied on the event loop (`Metrics.scrape`);
+    `render()` formats it and may run on a worker thread."""
+
+    def __init__(
+        self,
+        chunks: list[tuple[str, ...] | None],
+        todo: list[tuple[int, FunctionSeries, int, Numbers]],
+        tail: list[str],
+    ) -> None:
+        self._chunks = chunks
+        self._todo = todo
+        self._tail = tail
+
+    @property
+    def changed(self) -> int:
+        """Functions whose text this scrape renders (called since they were last rendered)."""
+        return len(self._todo)
+
+    def render(self) -> bytes:
+        chunks = self._chunks
+        for i, series, version, numbers in self._todo:
+            chunks[i] = text = series.render(numbers)
+            series.rendered = (version, text)
+        out: list[str] = []
+        for family, header in enumerate(_HEADERS):
+            if chunks:  # a family without samples is left out, as before
+                out.append(header)
+                out.extend(chunk[family] for chunk in chunks if chunk is not None)
+        out.extend(self._tail)
+        return "".join(out).encode()
 
 
 class Metrics:
     def __init__(self, stats: Statistics, node: Callable[[], NodeCounts] | None = None) -> None:
-        self.registry = CollectorRegistry()
-        self.invocations = Counter(
-            "ember_invocations",
-            "Invocations by function and HTTP code",
-            ["namespace", "function", "code"],
-            registry=self.registry,
-        )
-        self.duration = Histogram(
-            "ember_invocation_duration_seconds",
-            "Time from request to response, by function",
-            ["namespace", "function"],
-            buckets=BUCKETS,
-            registry=self.registry,
-        )
-        self.starts = Counter(
-            "ember_starts",
-            "Invocations by the start tier that served them",
-            ["namespace", "function", "tier"],
-            registry=self.registry,
-        )
-        self.registry.register(_InstanceCollector(stats))
-        if node is not None:
-            self.registry.register(_NodeCollector(node))
-        # function -> (code, tier) -> its children: labels() costs a lock and a dict build
-        self._children: dict[str, dict[tuple[int, str], tuple[Any, Any, Any]]] = {}
+        self._stats = stats
+        self._node = node
+        self._series: dict[str, FunctionSeries] = {}  # "namespace/name" -> its series
+        self._gauges: dict[str, tuple[Counts, tuple[str, str]]] = {}  # text per counts
 
     def observe(self, qualified: str, code: int, seconds: float, tier: str) -> None:
-        """`qualified` is "namespace/name"."""
-        of_function = self._children.get(qualified)
-        if of_function is None:
-            of_function = self._children[qualified] = {}
-        children = of_function.get((code, tier))
-        if children is None:
-            ns, _, fn = qualified.partition("/")
-            children = of_function[(code, tier)] = (
-                self.invocations.labels(ns, fn, str(code)),
-                self.duration.labels(ns, fn),
-                self.starts.labels(ns, fn, tier) if tier != "none" else None,
-            )
-        calls, duration, starts = children
-        calls.inc()
-        duration.observe(seconds)
-        if starts is not None:
-            starts.inc()
+        """`qualified` is "namespace/name"; once per request."""
+        series = self._series.get(qualified)
+        if series is None:
+            series = self._series[qualified] = FunctionSeries(qualified)
+        series.observe(code, seconds, tier)
 
     def forget(self, qualified: str) -> None:
         """Remove every series of a removed function ("namespace/name"): /metrics no longer
-        lists it and its children are freed. A later request starts its series from zero."""
-        ns, _, fn = qualified.partition("/")
-        for code, tier in self._children.pop(qualified, {}):
-            self.invocations.remove(ns, fn, str(code))
-            if tier != "none":
-                self.starts.remove(ns, fn, tier)
-        self.duration.remove(ns, fn)
+        lists it. A later request starts its series from zero."""
+        self._series.pop(qualified, None)
+        self._gauges.pop(qualified, None)
+
+    def scrape(self) -> Scrape:
+        """On the event loop: the cached text of functions not called since they were last
+        rendered, a copy of the others' numbers, and the gauges (the pool's statistics)."""
+        chunks: list[tuple[str, ...] | None] = []
+        todo: list[tuple[int, FunctionSeries, int, Numbers]] = []
+        for series in self._series.values():
+            version, text = series.rendered
+            if version == series.version:
+                chunks.append(text)
+            else:
+                todo.append((len(chunks), series, series.version, series.numbers()))
+                chunks.append(None)
+        tail = self._instance_gauges()
+        if self._node is not None:
+            counts = self._node()
+            for name, help_text, field in _NODE_GAUGES:
+                value = number(getattr(counts, field))
+                tail.append(f"{_header(name, 'gauge', help_text)}{name} {value}\n")
+        return Scrape(chunks, todo, tail)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return self.scrape().render()
+
+    def _instance_gauges(self) -> list[str]:
+        totals: dict[str, Counts] = {}
+        for s in self._stats():
+            idle, busy, starting, waiting = totals.get(s.function, (0, 0, 0, 0))
+            totals[s.function] = (
+                idle + s.idle,
+                busy + s.busy,
+                starting + s.starting,
+                waiting + s.waiting,
+            )
+        states, waiting_lines = [_INSTANCES], [_WAITING]
+        for function in sorted(totals, key=lambda f: f.partition("/")[::2]):
+            counts = totals[function]
+            cached = self._gauges.get(function)
+            if cached is None or cached[0] != counts:
+                cached = self._gauges[function] = (counts, _gauge_text(function, counts))
+            states.append(cached[1][0])
+            waiting_lines.append(cached[1][1])
+        for gone in self._gauges.keys() - totals.keys():
+            del self._gauges[gone]
+        return states + waiting_lines
