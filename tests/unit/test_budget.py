@@ -111,6 +111,8 @@ def test_a_revision_counts_its_idle_processes_as_measured_at_rest_and_at_cap_at_
         b = Instance("fn-1-b", 1, lambda _i, _m: None, lambda _i: None)
         rp.instances = {a.id: a, b.id: b}
         assert rp.occupancy.counted_kb() == 2 * cap  # not measured yet: at their cap
+        a.peak_kb = 20 * KB  # its first result reported its peak RSS
+        assert rp.occupancy.counted_kb() == 20 * KB + cap
         a.measured(a.calls, 2 * KB)
         b.measured(b.calls, 3 * KB)
         assert rp.occupancy.counted_kb() == 5 * KB  # at rest: what they use

@@ -8,12 +8,15 @@ Policy: **what is at rest counts what it really uses; what works counts its cap.
   its spare instance (`prefork.py`) at the memory it was measured to use (PSS, read on the
   cgroup worker thread soon after it came to rest and every minute while it stays at rest,
   `usage.py`). An idle process seldom grows, and its cgroup caps it if it does. Until it is
-  measured, or where it cannot be measured, it counts at `memory:` too. An instance that
-  served requests since it was measured counts its measurement plus what its peak RSS grew
-  by meanwhile (each result reports it), at most `memory:`, until measured again (at most
-  every 5 s): a pass of warm requests over a thousand functions does not make them look
-  full. (A page it shared with its zygote and then wrote is not in that growth: the next
-  measurement sees it.)
+  measured, or where it cannot be measured, it counts at `memory:` too, with two exceptions:
+  an instance whose results reported its peak RSS counts that (shared pages included, so
+  more than it adds), and a spare, a fork of its zygote that served nothing, counts what its
+  zygote was measured to use (its `on_fork` hooks' allocations show at its first
+  measurement, a second or so later). An instance that served requests since it was
+  measured counts its measurement plus what its peak RSS grew by meanwhile (each result
+  reports it), at most `memory:`, until measured again (at most every 5 s): a pass of warm
+  requests over a thousand functions does not make them look full. (A page it shared with
+  its zygote and then wrote is not in that growth: the next measurement sees it.)
 * A start that would go over the budget evicts idle instances, then zygotes (with their spare)
   of revisions with nothing running, least recently used first, never below another
   revision's `scale.min` (room for which is kept free, at `memory:` per instance); otherwise

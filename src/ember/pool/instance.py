@@ -106,12 +106,16 @@ class Instance(asyncio.Protocol):
         """Its memory use, measured when it had served `calls` requests."""
         self._measured = (calls, kb, self.peak_kb)
 
-    def rest_kb(self, cap_kb: int) -> int:
+    def rest_kb(self, cap_kb: int, unmeasured_kb: int | None = None) -> int:
         """What it counts at rest: its measured use, plus what its peak RSS grew by in the
-        requests it served since (their results report it); its cap if never measured."""
+        requests it served since (their results report it). Never measured: its peak RSS once
+        a result reported it (shared pages included: more than it adds), else
+        `unmeasured_kb` or its cap."""
         calls, kb, peak = self._measured
         if kb <= 0:
-            return cap_kb
+            if self.peak_kb:
+                return min(cap_kb, self.peak_kb)
+            return cap_kb if unmeasured_kb is None else min(cap_kb, unmeasured_kb)
         if calls == self.calls:
             return kb
         return min(cap_kb, kb + max(0, self.peak_kb - peak))

@@ -30,7 +30,7 @@ import psutil
 from ember.autoscaler.histogram import Windows
 from ember.autoscaler.keepalive import Action, next_edges, zygote_action
 from ember.config import ServerConfig
-from ember.errors import IsolationUnavailable, QuotaReached
+from ember.errors import IsolationUnavailable
 from ember.pool.activity import Activity
 from ember.pool.budget import MemoryBudget
 from ember.pool.capabilities import Check, SandboxProbe, missing, probe_sandbox, protections
@@ -39,6 +39,7 @@ from ember.pool.deadlines import Deadlines
 from ember.pool.host import NodeStats, PoolSettings, RevisionStats
 from ember.pool.instance import Instance
 from ember.pool.placement import MemoryVerdict, Placement
+from ember.pool.quotas import check_quota
 from ember.pool.revision import RevisionPool
 from ember.pool.root import RootZygote, spec_message
 from ember.pool.spares import Spares
@@ -225,33 +226,10 @@ class Pool:
         self.quotas = dict(quotas)
 
     def check_quota(self, target: Target) -> None:
-        """Raise 429 when one more instance of `target` would exceed its namespace's quota."""
-        quota = self.quotas.get(target.namespace)
-        if quota is None or not (quota.instances or quota.memory_mb):
-            return
-        ns = target.namespace
-        mine = [self.revisions[key] for key in self._of_namespace.get(ns, ())]
-        count = sum(rp.count for rp in mine)
-        memory = sum(
-            rp.occupancy.declared_mb() for rp in mine
-        )  # a zygote counts as one more instance
-        if quota.instances and count + 1 > quota.instances:
-            raise QuotaReached(
-                f"namespace '{ns}' runs {count} instances, its quota max_instances="
-                f"{quota.instances}; retry later or raise it (`ember quota set {ns} "
-                "--instances N`)",
-                headers={"Retry-After": "1"},
-            )
-        own = self.revisions.get(target.key)
-        warm = own is not None and own.zygote is not None and not own.zygote.dead
-        needs = target.spec.memory * (1 if warm else 2)
-        if quota.memory_mb and memory + needs > quota.memory_mb:
-            raise QuotaReached(
-                f"namespace '{ns}' instances and zygotes use {memory} MB, one more instance "
-                f"of '{target.function}' needs {needs} MB over its quota "
-                f"max_memory={quota.memory_mb} MB; retry later or raise it",
-                headers={"Retry-After": "1"},
-            )
+        """Raise 429 when one more instance of `target` would exceed its namespace's quota
+        (pool/quotas.py); only the namespace's revisions are counted."""
+        mine = [self.revisions[key] for key in self._of_namespace.get(target.namespace, ())]
+        check_quota(self.quotas.get(target.namespace), target, mine)
 
     # ---- the memory budget, for revision pools ----
     async def make_room(self, rp: RevisionPool, loop_deadline: float | None) -> None:

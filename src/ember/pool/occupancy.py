@@ -92,11 +92,13 @@ class Occupancy:
             total += zygote.measured_kb or cap
         elif held.zygote_alive:
             total += cap  # being started
+        # The spare is a fork of the zygote: until it is measured, it counts the zygote's use.
+        zygote_kb = (zygote.measured_kb or None) if zygote is not None else None
         spare = held.spare.instance
         if spare is not None:
-            total += spare.rest_kb(cap)
+            total += spare.rest_kb(cap, zygote_kb)
         elif held.spare.pending:
-            total += cap
+            total += min(cap, zygote_kb or cap)
         return total
 
     def reserve_kb(self) -> int:

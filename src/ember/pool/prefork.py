@@ -47,6 +47,7 @@ class SpareInstance:
         self._task: asyncio.Task[None] | None = None
         self._generation = 0  # a discard makes a fork under way unwanted
         self._failures = 0
+        self._no_room = 0  # times in a row it did not fit in the node's free memory
         self.retry_at = 0.0
         self.handoffs = 0
 
@@ -90,6 +91,7 @@ class SpareInstance:
             inst.stop()
         else:
             self.instance, self._zygote = inst, zygote
+            self._no_room = 0
         self._changed()
 
     def lost(self, inst: Instance) -> bool:
@@ -106,6 +108,12 @@ class SpareInstance:
         delay = min(60.0, 0.5 * 2**self._failures)
         self.retry_at = time.monotonic() + delay
         log.warning("%s; the next one in %.0f s", why, delay)
+
+    def no_room(self, now: float) -> float:
+        """It did not fit in the node's free memory: try again later, less often each time."""
+        self._no_room += 1
+        self.retry_at = now + min(60.0, 0.5 * 2**self._no_room)
+        return self.retry_at
 
     def succeeded(self) -> None:
         """A handed-off spare served its first request: forget the back-off."""

@@ -381,8 +381,10 @@ class RevisionPool:
             return None
         if now < self.spare.retry_at:
             return self.spare.retry_at
-        if self.host.spare_fits(self, self.spec.memory * KB):  # free memory only
-            self.spare.replenish(zygote, now)
+        need = zygote.measured_kb or self.spec.memory * KB  # what it counts until measured
+        if not self.host.spare_fits(self, need):  # free memory only
+            return self.spare.no_room(now)
+        self.spare.replenish(zygote, now)
         return None
 
     def _spare_changed(self) -> None:

@@ -27,7 +27,7 @@ log = logging.getLogger("ember.pool")
 REFRESH = 60.0  # seconds between two measurements of a revision that stays idle
 SETTLE = 0.3  # seconds after a revision asks before it is measured (output flushed, freed)
 MIN_GAP = 5.0  # seconds between two measurements of one revision, however often it asks
-BATCH = 16  # revisions per tick
+BATCH = 32  # revisions per tick
 
 
 def pss_kb(pids: Sequence[int]) -> list[int | None]:
