@@ -48,7 +48,7 @@ async def _deploy(bundles: Bundles, data: bytes) -> tuple[str, bool]:
     digest = hashlib.sha256(data).hexdigest()
     created = await bundles.install(staging, digest)
     await bundles.remove([staging])
-    await bundles.put(data)
+    await bundles.put_new(data, digest)
     return digest, created
 
 
@@ -131,7 +131,7 @@ def test_the_start_sweeps_what_a_shutdown_left(tmp_path: Path) -> None:
         assert list(bundles.root.iterdir()) == []
         assert list(bundles.blobs.all()) == []
         # A blob whose code directory is gone is unpacked again on demand.
-        await bundles.put(data)
+        assert await bundles.put_new(data, digest)
         assert (await bundles.ensure_code(digest)).joinpath("handler.py").is_file()
 
     run(tmp_path, body)

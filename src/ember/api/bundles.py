@@ -82,8 +82,19 @@ class Bundles:
             read_only(path)
         return path
 
-    async def put(self, data: bytes) -> None:
-        await asyncio.to_thread(self.blobs.put, data)
+    async def put_new(self, data: bytes, digest: str) -> bool:
+        """Store the blob of bundle `digest`; True if it was not stored yet."""
+        return await asyncio.to_thread(self._put_new, data, digest)
+
+    def _put_new(self, data: bytes, digest: str) -> bool:
+        if self.blobs.has(digest):
+            return False
+        self.blobs.put(data)
+        return True
+
+    async def drop_blob(self, digest: str) -> None:
+        """Delete a blob this deploy stored and no revision came to use."""
+        await asyncio.to_thread(self.blobs.delete, digest)
 
     # ---- removal ----
     async def remove(self, paths: Iterable[Path]) -> None:

@@ -61,6 +61,14 @@ class Plan:
 
 
 @dataclass(frozen=True, slots=True)
+class Staged:
+    """An unpacked bundle: a plan per function and the bundle's sha256."""
+
+    plans: list[Plan]
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
 class Probe:
     """A function whose code changed got a zygote (`target`); one that did not, none."""
 
@@ -124,11 +132,12 @@ class Deploys:
     ) -> list[Deployed]:
         staging = self.bundles.staging()
         try:
-            specs = await asyncio.to_thread(self._unpack, data, staging, default_name)
-            self._check_deployable(namespace, specs, canary)
-            plans = [await self._plan(staging, spec) for spec in specs]
+            # One worker-thread hop for the file work of the bundle (each hop is a wake-up of
+            # the loop), then the checks, then one more for its content address.
+            staged = await asyncio.to_thread(self._stage, data, staging, default_name)
+            plans, digest = staged.plans, staged.digest
+            self._check_deployable(namespace, [plan.spec for plan in plans], canary)
             await self.namespaces.ensure(namespace)
-            digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
             created_dir = await self.bundles.install(staging, digest)
             committed: list[str] = []
             try:
@@ -142,6 +151,13 @@ class Deploys:
             return results
         finally:
             await self.bundles.remove([staging])  # left when the code was there already
+
+    def _stage(self, data: bytes, staging: Path, default_name: str) -> Staged:
+        """On a worker thread: unpack, read the manifest, hash every function's tree and the
+        bundle."""
+        specs = self._unpack(data, staging, default_name)
+        plans = [self._plan(staging, spec) for spec in specs]
+        return Staged(plans, hashlib.sha256(data).hexdigest())
 
     def _unpack(self, data: bytes, staging: Path, default_name: str) -> list[FunctionSpec]:
         """Unpack and read the manifest, off the event loop (both can be slow on hostile input)."""
@@ -178,7 +194,7 @@ class Deploys:
         if canary is not None:
             self.traffic.check_canary(namespace, specs, canary)
 
-    async def _plan(self, staging: Path, spec: FunctionSpec) -> Plan:
+    def _plan(self, staging: Path, spec: FunctionSpec) -> Plan:
         source = staging / spec.source
         if not source.is_dir():
             raise UserError(
@@ -194,8 +210,8 @@ class Deploys:
                 "add it or set handler: in ember.yaml",
                 code="bad_manifest",
             )
-        tree = await asyncio.to_thread(bundle.tree_hash, source)
-        code = await asyncio.to_thread(bundle.tree_hash, source, CONFIG_FILES)
+        tree = bundle.tree_hash(source)
+        code = bundle.tree_hash(source, CONFIG_FILES)
         return Plan(spec, revision_hash(tree, spec), code)
 
     async def _commit(
@@ -210,19 +226,29 @@ class Deploys:
         """Probe every new revision, then store and publish them; `committed` names the ones
         the store took, so a failure half-way knows what is already live."""
         probes: list[Probe] = []
+        # The blob is written (and fsynced) on a worker thread while the zygotes import; when
+        # no revision is stored after all, a blob this deploy wrote is deleted again.
+        storing = asyncio.ensure_future(self.bundles.put_new(data, digest))
+        new_blob = False
         try:
-            await self._probe(namespace, plans, digest, probes)
-            if any(p.target is not None for p in probes):
-                await self.bundles.put(data)  # only once every probe passed
+            try:
+                await self._probe(namespace, plans, digest, probes)
+            finally:
+                new_blob = await storing
             results = [await self._store(namespace, p, digest, committed, canary) for p in probes]
-            self.publisher.publish()  # the keep-alive loop starts scale.min instances from here
+            if new_blob and not committed:  # same code under another bundle: nothing stored
+                await self.bundles.drop_blob(digest)
+            # the keep-alive loop starts scale.min instances from here
+            self.publisher.publish(changed=[qualified(namespace, n) for n in committed])
             return results
         except BaseException:
             for p in probes:
                 if p.target is not None and p.plan.spec.name not in committed:
                     self.pool.discard(p.target)
+            if new_blob and not committed:
+                await self.bundles.drop_blob(digest)
             if committed:
-                self.publisher.publish()
+                self.publisher.publish(changed=[qualified(namespace, n) for n in committed])
             raise
 
     async def _probe(
@@ -290,7 +316,7 @@ class Deploys:
             grace = max((t.spec.timeout for t in revisions), default=0)
             await self.store.delete_function(key)
             self.functions.forget(key)
-            self.publisher.publish()
+            self.publisher.publish(changed=[key])
             self.forget_function(key)  # a deploy/rm loop must not grow the server
             # Requests still running on it finish first: they may read their code meanwhile.
             self.delayed.call(

@@ -26,13 +26,26 @@ class Publisher:
         self.table = table
         self.pool = pool
         self._quotas: dict[str, Quota] = {}  # of every namespace, as last published
+        self._routes: dict[str, Route] = {}  # of every function, as last published
 
-    def publish(self, quotas: dict[str, Quota] | None = None) -> None:
+    def publish(
+        self, quotas: dict[str, Quota] | None = None, changed: Iterable[str] | None = None
+    ) -> None:
         """Push the routes of every function, and the namespaces with their quotas (`quotas`
-        when they changed, else the ones published last)."""
+        when they changed, else the ones published last). With `changed` (keys of functions
+        deployed or removed), only their routes are built again; the others are as published
+        last, so a deploy's cost does not grow with the number of functions."""
         if quotas is not None:
             self._quotas = dict(quotas)
-        routes = {key: self.route(key) for key in self.functions.qualified_names()}
+        if changed is None:
+            self._routes = {key: self.route(key) for key in self.functions.qualified_names()}
+        else:
+            for key in changed:
+                if self.functions.serving(key) is None:
+                    self._routes.pop(key, None)
+                else:
+                    self._routes[key] = self.route(key)
+        routes = self._routes
         self.table.publish(routes, frozenset(self._quotas))
         self.pool.set_quotas(self._quotas)
         serving = [
