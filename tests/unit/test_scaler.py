@@ -232,3 +232,21 @@ def test_a_window_asleep_longer_than_its_span_keeps_at_most_a_span_of_zeros() ->
     window.idle_until(1000.0, TICK)
     window.add(1000.0, 0.0, 0, active=False)
     assert len(window.samples) == 24 and window.mean(1000.0, 6.0) == 0.0
+
+
+def test_a_burst_that_first_shows_in_part_of_a_tick_still_panics() -> None:
+    """Regression (a flaky integration test): seven clients joined one just before a tick, so
+    that tick saw a little more than one; requests had started eight instances themselves, so
+    the scaler's 'fewer than running' took the rate-limited scale-down path, which holds what
+    runs and made that its previous decision: the next ticks, at load eight, never looked
+    like twice what it had provided, and the burst never panicked."""
+    scale = ScaleSpec(max=20, window=6.0, panic_window=1.0, idle=2.0)
+    window = Window(scale.window)
+    now = 0.0
+    decision = None
+    for load, instances in [(0.93, 1)] * 30 + [(1.2, 8)] + [(8.0, 8)] * 3:
+        now += TICK
+        window.add(now, load, instances, active=True)
+        decision = decide(scale, 1, window, now)
+        window.keep(decision)
+    assert decision is not None and decision.panic and decision.desired >= 8

@@ -8,7 +8,8 @@ starts or stops instances to reach `Decision.desired`, and stores the decision's
   default 60 s), clamped to [scale.min, scale.max]; target = `scale.target`, or the
   function's `concurrency` when unset.
 * **Panic**: when the mean over the short **panic window** (`scale.panic_window`, 6 s) asks
-  for at least twice the instances the scaler itself provided (its previous decision), it
+  for at least twice the instances the scaler itself provided (its previous decision, before
+  the scale-down rate limit held instances that requests had started on their own), it
   follows the short window, and keeps doing so until a whole stable window has passed without
   that condition. It never scales down while panicking. (Requests start instances of their
   own when none is free, so the running count already follows a burst within milliseconds;
@@ -88,6 +89,7 @@ class Window:
 
 class Decision(msgspec.Struct, frozen=True):
     desired: int
+    wanted: int = 0  # what the windows asked for, before the scale-down rate limit held more
     panic: bool = False
     stable: float = 0.0  # mean concurrency over the stable window
     short: float = 0.0  # over the panic window
@@ -103,34 +105,39 @@ def decide(scale: ScaleSpec, concurrency: int, window: Window, now: float) -> De
     want_stable = _instances(stable, target)
     want_short = _instances(short, target)
     panic_until = window.last.panic_until
-    if want_short >= PANIC_FACTOR * max(window.last.desired, 1):
+    # Compared with what the scaler itself last asked for: a rate-limited scale-down holds
+    # the instances requests started on their own, which the scaler did not provide.
+    if want_short >= PANIC_FACTOR * max(window.last.wanted, 1):
         panic_until = now + scale.window
     last_down = window.last.last_down
     if now - window.last_active >= scale.idle:
         panic_until = -math.inf  # no request for the whole grace: straight to scale.min
     panic = now < panic_until
     if now - window.last_active >= scale.idle:
-        desired = 0
+        desired = wanted = 0
     elif panic:
-        desired = max(want_short, want_stable, current)
+        desired = wanted = max(want_short, want_stable, current)
     else:
         desired = want_stable
         if desired < current:  # never below what the last seconds needed
             desired = max(desired, min(want_short, current))
         if desired == 0:
             desired = min(current, 1)  # within the idle grace: keep one
+        wanted = desired
         if desired < current:
             if now - last_down < DOWN_STEP:
                 desired = current
             else:
                 desired = max(desired, math.ceil(current / scale.down_rate))
     if now < window.held_until:  # `ember scale N` holds exactly N until then
-        desired = window.held
+        desired = wanted = window.held
     desired = max(scale.min, min(scale.max, desired))
+    wanted = max(scale.min, min(scale.max, wanted))
     if desired < current:
         last_down = now
     return Decision(
         desired=desired,
+        wanted=wanted,
         panic=panic,
         stable=stable,
         short=short,

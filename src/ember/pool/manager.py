@@ -439,9 +439,10 @@ class Pool:
         spare_due = rp.keep_spare(now)
         self.budget.account(rp.occupancy)
         rp.asleep = rp.quiet(now)
-        if not rp.asleep:
-            return now + STEP
-        return min((t for t in (zygote_due, spare_due) if t is not None), default=None)
+        edges = [t for t in (zygote_due, spare_due) if t is not None]
+        if not rp.asleep:  # sampled every STEP, and at its keep-alive edges on time
+            edges.append(now + STEP)
+        return min(edges, default=None)
 
     def _keep_zygote(self, rp: RevisionPool, now: float) -> float | None:
         """Load, keep or release the zygote as `zygote_action` says; when its answer can next
