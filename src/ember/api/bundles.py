@@ -70,7 +70,11 @@ class Bundles:
 
     async def ensure_code(self, digest: str) -> Path:
         """The code directory of a stored bundle, unpacked again from its blob when missing
-        (after a restart, or when an earlier clean-up took it)."""
+        (after a restart, or when an earlier clean-up took it). One stat on the loop when it
+        is there (after every deploy), a worker thread only to unpack it."""
+        path = self.code_dir(digest)
+        if path.is_dir():
+            return path
         return await asyncio.to_thread(self._ensure_code, digest)
 
     def _ensure_code(self, digest: str) -> Path:
