@@ -132,3 +132,64 @@ def test_a_revision_counts_its_idle_processes_as_measured_at_rest_and_at_cap_at_
         assert rp.occupancy.declared_mb() == 3 * 128  # what the namespace quotas count
 
     asyncio.run(main())
+
+
+class _Offers:
+    """An occupant that offers fixed evictions and records which were taken."""
+
+    def __init__(self, label: str, offers: list[tuple[float, bool, int]], taken: list[str]):
+        self.label = label
+        self.memory_mb = 64
+        self.zygote_alive = True
+        self.within_min = False
+        self._offers = offers
+        self._taken = taken
+        self.budget: MemoryBudget | None = None
+
+    def counted_kb(self) -> int:
+        return sum(kb for _t, _z, kb in self._offers)
+
+    def reserve_kb(self) -> int:
+        return 0
+
+    def evictions(self, asking: bool) -> list[Eviction]:
+        if asking:
+            return []
+        return [
+            Eviction(
+                t,
+                z,
+                kb,
+                f"{self.label} {'zygote' if z else 'instance'} {t:g}",
+                lambda o=(t, z, kb): self._take(o),
+            )
+            for t, z, kb in self._offers
+        ]
+
+    def _take(self, offer: tuple[float, bool, int]) -> bool:
+        self._offers.remove(offer)
+        self._taken.append(f"{self.label} {'zygote' if offer[1] else 'instance'} {offer[0]:g}")
+        assert self.budget is not None
+        self.budget.account(self)
+        return True
+
+
+def test_evictions_take_idle_instances_least_recently_used_first_then_zygotes() -> None:
+    taken: list[str] = []
+    a = _Offers("a", [(5.0, False, 3 * KB), (1.0, True, 4 * KB)], taken)
+    b = _Offers("b", [(2.0, False, 3 * KB), (9.0, False, 3 * KB), (0.5, True, 4 * KB)], taken)
+    asking = _Offers("asking", [], taken)
+    budget = MemoryBudget(64 + 14, 0.0, lambda: [a, b, asking])
+    for o in (a, b):
+        o.budget = budget
+        budget.account(o)
+    asking.counted_kb = lambda: 64 * KB  # type: ignore[method-assign]  # its start, at its cap
+
+    async def start() -> None:
+        await budget.make_room(asking, asyncio.get_running_loop().time() + 0.05)
+
+    asyncio.run(start())  # 17 MB rest + 64 over 78: 3 MB short, the oldest idle instance goes
+    assert taken == ["b instance 2"]
+    budget.mb = 64 + 4  # now 14 MB rest: every instance goes, then the older zygote
+    asyncio.run(start())
+    assert taken == ["b instance 2", "a instance 5", "b instance 9", "b zygote 0.5"]
