@@ -20,7 +20,11 @@ from typing import Any
 import psutil
 import pytest
 
-from ember.runtime import limits, sandbox
+from ember.runtime import limits, lineage, sandbox
+
+
+def current_lineage() -> lineage.Lineage | None:
+    return lineage.current
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,17 +55,17 @@ def _gone(pid: int) -> bool:
 
 def _zygote(go_r: int, out_w: int) -> None:
     """In the zygote: say who we are, wait for the test, then finish the hand-off."""
-    lineage = sandbox._lineage
-    assert lineage is not None
+    mine = current_lineage()
+    assert mine is not None
     me = int(os.readlink("/proc/self"))  # the host's /proc: our pid outside the namespace
-    os.write(out_w, json.dumps({"pid": me, "keeper": lineage.keeper}).encode() + b"\n")
+    os.write(out_w, json.dumps({"pid": me, "keeper": mine.keeper}).encode() + b"\n")
     os.read(go_r, 1)
     try:
         sandbox.placed(READY[0])
     except sandbox.SandboxError as exc:
         os.write(out_w, json.dumps({"error": str(exc)}).encode() + b"\n")
         return
-    os.write(out_w, json.dumps({"adopted": lineage.parent()}).encode() + b"\n")
+    os.write(out_w, json.dumps({"adopted": mine.parent()}).encode() + b"\n")
     signal.pause()  # until the root-like process dies: then SIGKILL
 
 

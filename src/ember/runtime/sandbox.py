@@ -32,7 +32,7 @@ import signal
 import socket
 import sys
 
-from ember.runtime import limits, seccomp
+from ember.runtime import limits, lineage, seccomp
 from ember.wire.messages import SandboxPlan
 
 CODE_DIR = "/code"  # where the revision's code appears inside the sandbox
@@ -116,39 +116,6 @@ def _bind(source: str, target: str, *, read_only: bool = True, flags: int = 0) -
 
 # ---- 1: namespaces and the hand-off ----
 
-# The zygote's death signal while its sandbox-entry parent (the keeper) still lives: blocked,
-# so it only says "your parent changed"; the zygote waits for it in `placed`.
-_HANDOFF = signal.SIGUSR2
-
-
-class _Lineage:
-    """What a zygote knows of its parents from `split` until `lock_down`: the keeper that forks
-    and places it, the root zygote (a child subreaper) it is handed over to, and its own
-    `stat` in the host's /proc, the one place its parent's pid is told outside the sandbox's
-    pid namespace (there `getppid()` is 0 for any parent)."""
-
-    def __init__(self, keeper: int, reaper: int) -> None:
-        self.keeper = keeper
-        self.reaper = reaper
-        self.stat_fd = os.open("/proc/self/stat", os.O_RDONLY)
-
-    def parent(self) -> int:
-        stat = os.pread(self.stat_fd, 1024, 0)
-        return int(stat[stat.rindex(b")") + 2 :].split()[1])  # after comm: state, ppid
-
-    def rearm(self) -> None:
-        """Die with the root zygote from now on; fail if it is already gone (it died before
-        prctl took effect: the zygote was reparented further up)."""
-        limits.set_death_signal(signal.SIGKILL)
-        if self.parent() != self.reaper:
-            raise SandboxError(0, "sandbox: the root zygote exited while the zygote started")
-
-    def close(self) -> None:
-        os.close(self.stat_fd)
-
-
-_lineage: _Lineage | None = None  # this zygote's, between split and lock_down
-
 
 def split(cgroups: list[str], userns: SandboxPlan | None = None) -> int:
     """Unshare a pid namespace (and, with `userns`, a user namespace) and fork; returns in the
@@ -175,13 +142,13 @@ def split(cgroups: list[str], userns: SandboxPlan | None = None) -> int:
     ready_r, ready_w = os.pipe()
     keeper, reaper = os.getpid(), os.getppid()
     handoff = limits.parent_is_subreaper()
-    blocked = {_HANDOFF} if handoff else set()
+    blocked = {lineage.HANDOFF} if handoff else set()
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)  # the child starts so
     child = os.fork()
     if child == 0:
         os.close(ready_w)
         if handoff:
-            _watch(keeper, reaper)
+            lineage.watch(keeper, reaper)
         else:
             limits.die_with_parent(keeper, in_new_pid_namespace=True)
         return ready_r
@@ -192,13 +159,6 @@ def split(cgroups: list[str], userns: SandboxPlan | None = None) -> int:
     if not handoff:
         _wait(child)
     os._exit(0)
-
-
-def _watch(keeper: int, reaper: int) -> None:
-    """In the zygote, right after the fork: learn of the keeper's exit by a blocked signal."""
-    global _lineage
-    _lineage = _Lineage(keeper, reaper)
-    limits.set_death_signal(_HANDOFF)  # if the keeper is gone already, `placed` sees it
 
 
 def _unshare_rest(network_none: bool) -> None:
@@ -378,20 +338,8 @@ def placed(ready_r: int) -> None:
     os.close(ready_r)
     if report != b"ok":
         raise SandboxError(0, f"sandbox: {report.decode(errors='replace') or 'keeper died'}")
-    if _lineage is not None:
-        _adopted(_lineage)
-
-
-def _adopted(lineage: _Lineage) -> None:
-    """The kernel sends the death signal after it has reparented the zygote, so once the
-    parent is not the keeper any more (checked after arming, so no exit goes unseen) the
-    root zygote, a child subreaper, is the parent, or it died too and `rearm` says so."""
-    while lineage.parent() == lineage.keeper:
-        if signal.sigtimedwait({_HANDOFF}, 10.0) is None:
-            raise SandboxError(0, "sandbox: the keeper did not exit after placing the zygote")
-    lineage.rearm()
-    signal.sigtimedwait({_HANDOFF}, 0)  # taken, if it came after the parent check
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {_HANDOFF})
+    if lineage.current is not None and (error := lineage.current.adopted()):
+        raise SandboxError(0, f"sandbox: {error}")
 
 
 def lock_down(plan: SandboxPlan, ready_r: int) -> None:
@@ -423,15 +371,10 @@ def lock_down(plan: SandboxPlan, ready_r: int) -> None:
 
 
 def _die_with_root() -> None:
-    global _lineage
-    if _lineage is None:  # a keeper waits outside: die with it
+    if lineage.current is None:  # a keeper waits outside: die with it
         limits.die_with_parent(0, in_new_pid_namespace=True)
-        return
-    try:
-        _lineage.rearm()
-    finally:
-        _lineage.close()  # the host's /proc is not for user code
-        _lineage = None
+    elif not lineage.release():
+        raise SandboxError(0, "sandbox: the root zygote exited while the zygote started")
 
 
 class _CapHeader(ctypes.Structure):
@@ -466,9 +409,6 @@ def enter(plan: SandboxPlan, code_dir: str, network_none: bool) -> None:
     finish(plan, code_dir, network_none, ready_r)
 
 
-# ---- what this host allows: `python -m ember.runtime.sandbox DIR` ----
-
-
 def privileged() -> bool:
     """CAP_SYS_ADMIN in the effective set: root that may mount and create namespaces."""
     try:
@@ -479,75 +419,10 @@ def privileged() -> bool:
     return bool(int(caps.split()[1], 16) & (1 << 21))
 
 
-def probe(workdir: str, mode: str = "auto") -> tuple[str, str]:
-    """Enter a throw-away sandbox in a child: ("root" | "userns" | "none", why not).
-
-    `auto` tries the root sandbox when privileged, else user namespaces; `userns` forces them.
-    """
-    if not sys.platform.startswith("linux"):
-        return "none", f"not Linux ({sys.platform})"
-    if not seccomp.supported():
-        return "none", f"no seccomp filter for {os.uname().machine}"
-    if mode == "auto":
-        mode = "root" if privileged() else "userns"
-    if mode == "userns" and os.geteuid() == 0 and not privileged():
-        return "none", (
-            "uid 0 without CAP_SYS_ADMIN (a default container?): give Ember CAP_SYS_ADMIN for "
-            "the root sandbox, or run it as an ordinary user for the user-namespace sandbox"
-        )
-    elif mode == "userns" and privileged():
-        return "none", (
-            "--sandbox userns is for servers without root; as root, --sandbox auto gives "
-            "the stronger root sandbox (a uid and cgroups per tenant)"
-        )
-    for sub in ("root", "code"):
-        os.makedirs(os.path.join(workdir, sub), exist_ok=True)
-    plan = SandboxPlan(
-        root=os.path.join(workdir, "root"),
-        uid=65534,
-        gid=65534,
-        hostname="probe",
-        tmp_mb=1,
-        userns=mode == "userns",
-    )
-    limits.become_subreaper()  # as the root zygote is: the zygote is handed over to us
-    err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(err_r)
-            enter(plan, os.path.join(workdir, "code"), network_none=True)
-            code = 0 if os.getuid() == plan.uid and os.listdir("/proc") else 1
-        except BaseException as exc:
-            os.write(err_w, str(exc).encode()[:500])
-        finally:
-            os._exit(code)
-    os.close(err_w)
-    with os.fdopen(err_r, "rb") as errors:
-        why = errors.read().decode(errors="replace")
-    if _reap_all() == 0:  # the keeper and the zygote it handed over
-        return mode, ""
-    if mode == "root":
-        return "none", why or "the sandbox could not be entered"
-    return "none", (why or "user namespaces are not allowed here") + (
-        "; run `ember up` as root, or allow unprivileged user namespaces"
-    )
-
-
-def _reap_all() -> int:
-    """Wait for every child (adopted ones too); the first non-zero exit code, else 0."""
-    worst = 0
-    while True:
-        try:
-            _, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            return worst
-        worst = worst or os.waitstatus_to_exitcode(status)
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # what this host allows: `python -m ember.runtime.sandbox DIR [MODE]`
     import json
+
+    from ember.runtime.sandbox_probe import probe
 
     found, reason = probe(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "auto")
     sys.stdout.write(json.dumps({"mode": found, "detail": reason}) + "\n")
