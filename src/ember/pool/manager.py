@@ -20,8 +20,6 @@ import asyncio
 import logging
 import os
 import resource
-import secrets
-import socket
 import time
 from collections.abc import Iterable
 
@@ -41,24 +39,21 @@ from ember.pool.instance import Instance
 from ember.pool.placement import MemoryVerdict, Placement
 from ember.pool.quotas import check_quota
 from ember.pool.revision import RevisionPool
-from ember.pool.root import RootZygote, spec_message
+from ember.pool.root import RootZygote
 from ember.pool.spares import Spares
 from ember.pool.target import RevisionKey, Target
 from ember.pool.usage import Usage
 from ember.pool.zygote import FunctionZygote
+from ember.pool.zygotes import ZygoteStarter
 from ember.spec import Quota
 from ember.telemetry.buffer import TelemetryBuffer
 from ember.telemetry.records import LogRecord
-from ember.wire.messages import Log, SandboxPlan, ZygoteReady
+from ember.wire.messages import Log, ZygoteReady
 
 log = logging.getLogger("ember.pool")
 TICK = 0.25  # seconds between two runs of the keep-alive loop
 STEP = 0.25  # seconds between two keep-alive steps of a revision that is not quiet
 INSTANCE_STREAMS = frozenset({"stdout", "stderr", "log"})  # `system` lines are Ember's alone
-# A new instance is charged to its zygote's cgroup until the server moves it into its own:
-# the zygote's limit is `memory` plus this much per instance of `scale.max`, at most the cap.
-PRE_MOVE_MB = 4
-PRE_MOVE_CAP_MB = 256
 
 
 def _default_budget_mb() -> int:
@@ -83,6 +78,7 @@ class Pool:
         self._loop_task: asyncio.Task[None] | None = None
         self.placement = Placement(None)
         self.spares = Spares(self.root, self.placement)
+        self.zygotes = ZygoteStarter(config, self.root, self.placement, self.spares)
         self.activity_of = Activity(config.zygote_keepalive)
         self.sandboxed = False
         self.probe = SandboxProbe("off")
@@ -107,6 +103,7 @@ class Pool:
             probe_sandbox, self.config.run_dir / "probe", self.config.sandbox, self.config.base_env
         )
         self.sandboxed = self.probe.mode in ("root", "userns")
+        self.zygotes.probe = self.probe
         if self.config.sandbox == "userns" and not self.sandboxed:
             raise IsolationUnavailable(f"--sandbox userns: {self.probe.detail}")
         self.protections = protections(self.cgroups, self.probe, self.config.use_cgroups)
@@ -256,79 +253,11 @@ class Pool:
         if self.revisions.get(rp.target.key) is rp:
             self.due.wake(rp.target.key)
 
-    # ---- zygotes and the sandbox ----
+    # ---- zygotes ----
     async def start_zygote(self, target: Target) -> tuple[FunctionZygote, bool]:
         """A new zygote for `target` (its import under way); True if the root zygote had to
-        be (re)started for it."""
-        fresh = await self.root.ensure()
-        try:
-            return await self._start_zygote(target), fresh
-        except OSError:  # the root died and we have not read its EOF yet: one new root
-            fresh = await self.root.ensure()
-            return await self._start_zygote(target), fresh
-
-    async def _start_zygote(self, target: Target) -> FunctionZygote:
-        """Fork a zygote-to-be and send it `target`'s spec on its own channel.
-
-        Each zygote gets cgroups of its own (a directory per zygote start, so no name is ever
-        reused); its instances' memory leaves go below them. In the root sandbox a spare,
-        already placed in cgroups of its own, is used when there is one: it only gets the
-        revision's limits (no migration, which can wait out an RCU grace period), and a new
-        spare is made in the background.
-        """
-        plan = self._plan(target)
-        cgroups = self.cgroups
-        directory = ""
-        self.placement.forget_zygote_dirs(target.key)  # their processes died with the zygote
-        if cgroups is None:
-            sock = self._spawn([], split=False)
-        elif plan is None or self.probe.mode != "root":
-            # The zygote stays in the server's cgroups; its instances still get memory leaves.
-            directory = f"{target.slug}.{secrets.token_hex(3)}"
-            await self.placement.run(cgroups.parent_for_instances, directory)
-            sock = self._spawn([], split=False)
-        else:
-            spec = target.spec
-            zygote_mb = spec.memory + min(spec.scale.max * PRE_MOVE_MB, PRE_MOVE_CAP_MB)
-            spare = await self.spares.take(spec, zygote_mb)
-            if spare is not None:
-                sock, directory = spare.sock, spare.slug
-            else:
-                directory = f"{target.slug}.{secrets.token_hex(3)}"
-                joins = await self.placement.run(
-                    cgroups.revision, directory, zygote_mb, spec.pids, spec.cpu
-                )
-                sock = self._spawn(joins, split=True)
-            self.spares.replenish()
-        if directory:
-            self.placement.zygote_dir(target.key, directory)
-        zygote = FunctionZygote(sock, target)
-        zygote.cgroup_dir = directory
-        zygote.channel.send(spec_message(target, self.config.init_timeout, plan))
-        return zygote
-
-    def _spawn(self, cgroups: list[str], split: bool) -> socket.socket:
-        try:
-            return self.root.spawn_blank(cgroups, split)
-        except OSError:  # the root died and we have not read its EOF yet: the caller retries
-            self.root.forget()
-            raise
-
-    def _plan(self, target: Target) -> SandboxPlan | None:
-        """What the revision's zygote sets up before its import; None without a sandbox."""
-        if not self.sandboxed:
-            return None
-        uid = target.uid or self.config.sandbox_uid_base
-        return SandboxPlan(
-            root=str(self.config.sandbox_root),
-            uid=uid,
-            gid=uid,
-            hostname=target.function[:63],
-            tmp_mb=target.spec.tmp,
-            hide=[str(self.config.home)],
-            secrets=dict(target.secrets),
-            userns=self.probe.mode == "userns",
-        )
+        be (re)started for it (pool/zygotes.py)."""
+        return await self.zygotes.start(target)
 
     # ---- cgroups, for revision pools ----
     def rlimit_for(self, memory_mb: int) -> int:
