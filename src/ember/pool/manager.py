@@ -420,6 +420,7 @@ class Pool:
                 pass
         for rp in self.revisions.values():
             rp.stop()
+        await self.usage.shutdown()
         await self.root.stop()
         self.placement.shutdown()
         if self.cgroups is not None:

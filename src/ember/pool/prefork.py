@@ -126,3 +126,9 @@ class SpareInstance:
         inst, self.instance = self.instance, None
         if inst is not None:
             inst.stop()
+
+    def close(self) -> None:
+        """The revision's pool stops (its zygote too): discard, and end a fork under way."""
+        self.discard()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()

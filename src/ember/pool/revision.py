@@ -521,7 +521,7 @@ class RevisionPool:
         )
 
     def stop(self) -> None:
-        self.spare.discard()
+        self.spare.close()
         for inst in list(self.instances.values()):
             inst.kill()
         self.slot.release()

@@ -17,6 +17,7 @@ counting at its `memory:` setting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
@@ -101,6 +102,14 @@ class Usage:
             pairs = [(what, kb) for (what, _), kb in zip(items, got, strict=True) if kb is not None]
             if rp.measured(pairs):
                 self._due.at(rp, now + REFRESH)
+
+    async def shutdown(self) -> None:
+        """Let a batch under way end (its reads are on the cgroup thread); measure no more."""
+        self._due = Deadlines()
+        if self._batch is not None and not self._batch.done():
+            self._batch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._batch
 
     def __len__(self) -> int:
         """Revisions waiting to be measured."""
