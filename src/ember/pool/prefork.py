@@ -64,7 +64,7 @@ class SpareInstance:
         """The spare, for a request, if it is alive and a child of `zygote`; one being forked
         is waited for (its fork began before the request: it is still the shorter way)."""
         if self.instance is None and self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
+            await asyncio.wait({self._task})  # never cancels it, nor raises what ended it
         inst, self.instance = self.instance, None
         if inst is None:
             return None
