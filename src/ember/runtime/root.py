@@ -16,7 +16,7 @@ import sys
 
 import msgspec
 
-from ember.runtime import instance, zygote  # noqa: F401
+from ember.runtime import instance, sandbox, zygote  # noqa: F401
 from ember.runtime.channel import Channel
 from ember.wire.messages import RootMessage, Shutdown, SpawnBlank, ZygoteFailed
 
@@ -48,6 +48,7 @@ def serve(fd: int, nofile: int = 0) -> None:
     signal.signal(signal.SIGCHLD, _reap)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
     channel: Channel[RootMessage] = Channel(socket.socket(fileno=fd), RootMessage)
+    sandbox.warm()  # computed once here, not in every zygote (whose writes are private pages)
     # Everything imported so far is shared by every zygote and instance: freezing it keeps the
     # zygotes' own gc.collect() from walking (and copying) these pages.
     gc.collect()

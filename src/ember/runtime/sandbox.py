@@ -26,6 +26,7 @@ Everything the zygote forks afterwards (its instances) inherits all of it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import resource
 import signal
@@ -223,10 +224,12 @@ def _under(path: str, parents: list[str]) -> bool:
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in parents)
 
 
-def _python_paths() -> list[str]:
+@functools.cache
+def _python_paths() -> tuple[str, ...]:
     """The interpreter, its standard library, the site-packages directories and Ember itself;
     not other `sys.path` entries (a current directory or `PYTHONPATH` would expose the
-    operator's files to every function)."""
+    operator's files to every function). The same for every zygote: `warm` computes it once
+    in the root zygote, before it freezes its heap."""
     import ember
 
     prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
@@ -245,7 +248,12 @@ def _python_paths() -> list[str]:
     for path in sorted({os.path.realpath(p) for p in candidates if p and os.path.isabs(p)}):
         if os.path.isdir(path) and not _under(path, out):
             out.append(path)
-    return out
+    return tuple(out)
+
+
+def warm() -> None:
+    """In the root zygote: what every sandbox needs and can be known before any function."""
+    _python_paths()
 
 
 def _system(root: str) -> list[str]:
@@ -256,7 +264,7 @@ def _system(root: str) -> list[str]:
         elif os.path.isdir(path):
             _bind(path, _mkdirs(root, path))
             bound.append(path)
-    for path in _python_paths() + [p for p in _SYSTEM_OPTIONAL if os.path.isdir(p)]:
+    for path in [*_python_paths(), *(p for p in _SYSTEM_OPTIONAL if os.path.isdir(p))]:
         if not _under(path, bound):
             _bind(path, _mkdirs(root, path))
             bound.append(path)
