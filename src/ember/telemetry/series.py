@@ -75,8 +75,8 @@ def escape(value: str) -> str:
 class Numbers(NamedTuple):
     """A copy of one function's numbers, taken on the event loop, rendered anywhere."""
 
-    calls: list[tuple[int, list[float]]]
-    starts: list[tuple[str, list[float]]]
+    calls: list[tuple[int, float, float]]  # code, count, created
+    starts: list[tuple[str, float, float]]  # tier, count, created
     buckets: list[int]
     total: float
     observed: int
@@ -131,9 +131,9 @@ class FunctionSeries:
 
     def numbers(self) -> Numbers:
         """A consistent copy, on the event loop (nothing changes them meanwhile)."""
-        return Numbers(
-            sorted((code, list(pair)) for code, pair in self.calls.items()),
-            sorted((tier, list(pair)) for tier, pair in self.starts.items()),
+        return Numbers(  # sorted where it is rendered, off the loop
+            [(code, n, created) for code, (n, created) in self.calls.items()],
+            [(tier, n, created) for tier, (n, created) in self.starts.items()],
             list(self.buckets),
             self.total,
             self.count,
@@ -143,14 +143,14 @@ class FunctionSeries:
     def render(self, numbers: Numbers) -> tuple[str, ...]:
         """The function's lines of each family of FAMILIES."""
         fn, ns = self.labels
+        by_code, by_tier = sorted(numbers.calls), sorted(numbers.starts)
         both = f'function="{fn}",namespace="{ns}"'
         calls = "".join(
-            f'ember_invocations_total{{code="{c}",{both}}} {number(n)}\n'
-            for c, (n, _) in numbers.calls
+            f'ember_invocations_total{{code="{c}",{both}}} {number(n)}\n' for c, n, _ in by_code
         )
         calls_created = "".join(
             f'ember_invocations_created{{code="{c}",{both}}} {floatToGoString(t)}\n'
-            for c, (_, t) in numbers.calls
+            for c, _, t in by_code
         )
         head = f'ember_invocation_duration_seconds_bucket{{function="{fn}",le="'
         tail = f'",namespace="{ns}"}} '
@@ -169,11 +169,10 @@ class FunctionSeries:
             f"{floatToGoString(numbers.created)}\n"
         )
         starts = "".join(
-            f'ember_starts_total{{{both},tier="{tier}"}} {number(n)}\n'
-            for tier, (n, _) in numbers.starts
+            f'ember_starts_total{{{both},tier="{tier}"}} {number(n)}\n' for tier, n, _ in by_tier
         )
         starts_created = "".join(
             f'ember_starts_created{{{both},tier="{tier}"}} {floatToGoString(t)}\n'
-            for tier, (_, t) in numbers.starts
+            for tier, _, t in by_tier
         )
         return calls, calls_created, "".join(lines), created, starts, starts_created
