@@ -23,7 +23,9 @@ class Activity:
         count = self._busy.get(function, 0)
         if busy:
             if count == 0 and function in self._idle_since:
-                hist = self.histograms.setdefault(function, IdleHistogram())
+                hist = self.histograms.get(function)
+                if hist is None:  # not setdefault: that built a 240-bin histogram per request
+                    hist = self.histograms[function] = IdleHistogram()
                 hist.record(now - self._idle_since[function])
             self._busy[function] = count + 1
             return
