@@ -59,7 +59,11 @@ _NODE_GAUGES = (
     ),
     ("ember_pool_functions_tracked", "Functions with keep-alive state", "functions_tracked"),
     ("ember_cgroups_pending", "Cgroup directories waiting for removal", "cgroups_pending"),
-    ("ember_memory_used_mb", "Memory budget in use (at rest as measured, at work at memory:)", "memory_used_mb"),
+    (
+        "ember_memory_used_mb",
+        "Memory budget in use (at rest as measured, at work at memory:)",
+        "memory_used_mb",
+    ),
     ("ember_memory_budget_mb", "The node's memory budget", "memory_budget_mb"),
 )
 
