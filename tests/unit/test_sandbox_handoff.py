@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,6 +20,7 @@ import psutil
 import pytest
 
 from ember.runtime import limits, lineage, sandbox
+from tests.integration.conftest import wait_for
 
 
 def current_lineage() -> lineage.Lineage | None:
@@ -35,15 +35,6 @@ def _privileged() -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI=true and {why}", pytrace=False)
     pytest.skip(why)
-
-
-def _poll(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _gone(pid: int) -> bool:
@@ -143,9 +134,9 @@ def test_the_keeper_exits_and_the_zygote_is_the_root_zygotes_child_and_dies_with
         os.write(go, b"x")
         assert _report(reports) == {"adopted": root}
         assert psutil.Process(zygote).ppid() == root
-        _poll(lambda: _gone(keeper), 10, "the keeper to exit")
+        wait_for(lambda: _gone(keeper), 10, "the keeper to exit")
         os.kill(root, signal.SIGKILL)
-        _poll(lambda: _gone(zygote), 10, "the zygote to die with the root-like process")
+        wait_for(lambda: _gone(zygote), 10, "the zygote to die with the root-like process")
 
 
 def test_a_root_zygote_that_dies_during_the_hand_off_takes_the_zygote_with_it() -> None:
@@ -154,11 +145,11 @@ def test_a_root_zygote_that_dies_during_the_hand_off_takes_the_zygote_with_it() 
     with _family() as (root, go, reports):
         hello = _report(reports)
         zygote, keeper = hello["pid"], hello["keeper"]
-        _poll(lambda: _gone(keeper), 10, "the keeper to exit")
+        wait_for(lambda: _gone(keeper), 10, "the keeper to exit")
         os.kill(root, signal.SIGKILL)
         os.waitpid(root, 0)
         assert not _gone(zygote), "the zygote died before it was told of it"
         os.write(go, b"x")
         report = _report(reports)
         assert "root zygote exited" in report.get("error", ""), report
-        _poll(lambda: _gone(zygote), 10, "the zygote to exit")
+        wait_for(lambda: _gone(zygote), 10, "the zygote to exit")

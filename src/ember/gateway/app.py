@@ -7,34 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import os
 import time
 from typing import NamedTuple
 
 import msgspec
 
 from ember.auth import KeyTable, is_ember_token
-from ember.errors import (
-    EmberError,
-    FunctionError,
-    FunctionMemoryExceeded,
-    NotFound,
-    PlatformError,
-    TooLarge,
-    UserError,
-)
+from ember.errors import EmberError, PlatformError
+from ember.gateway import rules
 from ember.gateway.router import Route, RouteTable
+from ember.gateway.rules import PREFIX
 from ember.pool.manager import Pool
 from ember.pool.target import Target
-from ember.runtime.convert import BAD_HEADER_VALUE, HEADER_TOKEN, RESERVED_HEADERS
 from ember.telemetry.buffer import TelemetryBuffer, billed_ms
 from ember.telemetry.metrics import Metrics
 from ember.telemetry.outcomes import Outcomes
 from ember.telemetry.records import ActivationRecord
-from ember.wire.messages import Headers, Invoke, Result
+from ember.wire.messages import Headers, Invoke
 
-PREFIX = "/fn/"
 log = logging.getLogger("ember.gateway")
 _json = msgspec.json.Encoder()
 
@@ -88,11 +78,11 @@ class Gateway:
     def _authorize(self, target: Target, headers: Headers) -> Headers:
         """A private function: the caller's key must allow invoke in its namespace. The key is
         Ember's, not the function's: it is taken out of the headers the function sees."""
-        authorization = _header(headers, b"authorization")
+        authorization = rules.header(headers, b"authorization")
         principal = self.keys.verify(authorization.decode("latin-1") if authorization else None)
         self.keys.require(principal, "invoke", target.namespace)
         self.keys.throttle(principal, time.monotonic())
-        return _without_authorization(headers)
+        return rules.without_authorization(headers)
 
     def _hold(self, n: int) -> None:
         if self.buffered + n > self.max_buffered:
@@ -174,7 +164,7 @@ class Exchange:
         self.gateway = gateway
         self.method, self.path, self.raw_path, self.query = method, path, raw_path, query
         self.sent = self.headers = headers  # as sent; once admitted, without Ember's key
-        self.rid = request_id()
+        self.rid = rules.request_id()
         self.key, self.name, self.alias, self.rest = gateway.routes.resolve(path[len(PREFIX) :])
         self.route: Route | None = None
         self.target: Target | None = None
@@ -193,7 +183,7 @@ class Exchange:
         gateway = self.gateway
         route = self.route = gateway.routes.get(self.key)
         if route is None:
-            raise _no_function(self.key, self.name)
+            raise rules.no_function(self.key, self.name)
         key_sent = length = False
         sticky = None
         for name, value in self.headers:
@@ -205,17 +195,19 @@ class Exchange:
                 self.asked_timeout = value
             elif name == b"x-request-id":
                 sticky = value[:200] or None
-        target, self.served_alias = _choose(
+        target, self.served_alias = rules.choose(
             route, self.alias, sticky or self.rid.encode(), self.name
         )
         self.target = target
-        self.authorized = _private(route, target)
+        self.authorized = rules.private(route, target)
         if self.authorized:
             self.headers = gateway._authorize(target, self.headers)
         elif key_sent:  # an Ember key sent to a public function: never shown to it
-            self.headers = _without_authorization(self.headers)
+            self.headers = rules.without_authorization(self.headers)
         if length:
-            raise _too_large(int(_header(self.headers, b"content-length") or 0), gateway.max_body)
+            raise rules.too_large(
+                int(rules.header(self.headers, b"content-length") or 0), gateway.max_body
+            )
 
     def feed(self, chunk: bytes) -> None:
         """A piece of the body; over the body limit or the server's budget of held bodies it
@@ -225,7 +217,7 @@ class Exchange:
         self.size += len(chunk)
         try:
             if self.size > self.gateway.max_body:
-                raise _too_large(self.size, self.gateway.max_body)
+                raise rules.too_large(self.size, self.gateway.max_body)
             self.gateway._hold(len(chunk))
         except EmberError as exc:
             self.fail(exc)
@@ -241,7 +233,7 @@ class Exchange:
             return self.fail(exc)
         except Exception as exc:  # a bug of ours: answer, record, log; never a bare 500
             log.exception("invocation %s of %s failed inside Ember", self.rid, self.key)
-            return self.fail(_internal(exc))
+            return self.fail(rules.internal(exc))
         finally:
             self.close()
 
@@ -251,18 +243,18 @@ class Exchange:
         assert route is not None and self.target is not None
         target, alias, headers = self.target, self.served_alias, self.headers
         if route is not self.route:
-            sticky = _header(self.sent, b"x-request-id")
-            target, alias = _choose(route, self.alias, sticky or self.rid.encode(), self.name)
+            sticky = rules.header(self.sent, b"x-request-id")
+            target, alias = rules.choose(route, self.alias, sticky or self.rid.encode(), self.name)
             self.target = target
-            if _private(route, target) and not self.authorized:  # it became private meanwhile
+            if rules.private(route, target) and not self.authorized:  # it became private meanwhile
                 headers = gateway._authorize(target, self.sent)
-        timeout = _timeout(self.asked_timeout, target)
+        timeout = rules.timeout(self.asked_timeout, target)
         body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
         msg = Invoke(
             id=self.rid,
             method=self.method,
             path="/" + self.rest,
-            raw_path=_raw_rest(self.path, self.raw_path, self.rest)
+            raw_path=rules.raw_rest(self.path, self.raw_path, self.rest)
             if b"%" in self.raw_path
             else "/" + self.rest,
             query=self.query,
@@ -278,10 +270,10 @@ class Exchange:
         )
         self.instance, self.peak = inst.id, result.max_rss_kb
         if result.error is not None and result.error.kind == "memory":
-            raise _memory_error(target, result)
+            raise rules.memory_error(target, result)
         response = Response(
             result.status,
-            _function_headers(result.headers, target) + self._ember_headers(alias),
+            rules.function_headers(result.headers, target) + self._ember_headers(alias),
             result.body,
         )
         error = result.error.error_type if result.error is not None else None
@@ -292,7 +284,7 @@ class Exchange:
         """Answer with the error (recorded when the request reached a function)."""
         headers = [(b"content-type", b"application/json")]
         headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
-        body = _json.encode({"error": _error_body(exc, self.rid)})
+        body = _json.encode({"error": rules.error_body(exc, self.rid)})
         self.response = Response(exc.status, headers + self._ember_headers(""), body)
         if self.target is not None:
             self.gateway._record(self, self.target, exc.status, exc.code)
@@ -315,136 +307,3 @@ class Exchange:
         if self.tier != "none":
             extra.append((b"x-ember-start", self.tier.encode()))
         return extra
-
-
-def _function_headers(headers: Headers, target: Target) -> Headers:
-    """The instance filters these too, but it runs the function's code: check again here.
-    Framing and `X-Ember-*` headers are dropped; an invalid name or value is the function's
-    error (502)."""
-    out: Headers = []
-    for name, value in headers:
-        if not HEADER_TOKEN.match(name) or BAD_HEADER_VALUE.search(value):
-            raise FunctionError(
-                f"function '{target.function}' returned an invalid response header "
-                f"{name[:40]!r}; names must be HTTP tokens, values without CR, LF or NUL",
-                code="bad_response",
-            )
-        if name not in RESERVED_HEADERS and not name.startswith(b"x-ember-"):
-            out.append((name, value))
-    return out
-
-
-def _no_function(key: str, name: str) -> NotFound:
-    where = "" if key.startswith("default/") else f" in namespace '{key.split('/')[0]}'"
-    return NotFound(
-        f"no function named '{name}'{where}; deploy it with `ember deploy` "
-        "or list functions with `ember ls`"
-    )
-
-
-def _raw_rest(path: str, raw_path: bytes, rest: str) -> str:
-    """The path after /fn/[NAMESPACE/]NAME as sent (percent-encoding kept), for `req.raw_path`."""
-    after = path[len(PREFIX) :]
-    taken = after[: len(after) - len(rest)].rstrip("/").count("/") + 3  # "", "fn", the name
-    parts = (raw_path or path.encode()).split(b"/", taken)
-    return "/" + (parts[taken].decode("latin-1") if len(parts) > taken else "")
-
-
-def _private(route: Route, target: Target) -> bool:
-    """A function is as private as its serving revision: an alias of an older, public
-    revision (or a canary) does not open it to callers without a key."""
-    return target.spec.access == "private" or route.main.spec.access == "private"
-
-
-def _header(headers: Headers, name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key == name:
-            return value
-    return None
-
-
-def _without_authorization(headers: Headers) -> Headers:
-    return [(k, v) for k, v in headers if k != b"authorization"]
-
-
-def _choose(route: Route, alias: str, sticky: bytes, name: str) -> tuple[Target, str]:
-    """`/fn/NAME@ALIAS` reaches the alias; `/fn/NAME` the split or the serving revision.
-    `sticky` is what a weighted split hashes: the caller's X-Request-Id (a retry that repeats
-    it lands on the same revision), else Ember's own request id."""
-    if not alias:
-        return route.pick(sticky[:200]) if route.split else (route.main, "")
-    target = route.aliases.get(alias)
-    if target is None:
-        listed = ""
-        if route.main.spec.access == "public":  # a private function's aliases are not shown
-            listed = f" (aliases: {', '.join(sorted(route.aliases)) or 'none'})"
-        raise NotFound(
-            f"function '{name}' has no alias '{alias[:64]}'{listed}; set one with "
-            f"`ember traffic {name} {alias[:64]}=REVISION:WEIGHT`"
-        )
-    return target, alias
-
-
-def _timeout(raw: bytes | None, target: Target) -> float:
-    """The function's timeout, or less when the caller sends `X-Ember-Timeout: SECONDS` (a
-    deadline of its own, e.g. what its client still waits; never more than the function's)."""
-    if raw is None:
-        return target.spec.timeout
-    try:
-        asked = float(raw)
-    except ValueError:
-        asked = math.nan
-    if not 0 < asked < math.inf:
-        raise UserError(
-            f"X-Ember-Timeout: {raw[:40].decode('latin-1')!r} is not a number of seconds above "
-            f"0; send e.g. X-Ember-Timeout: 2.5 (at most the function's {target.spec.timeout:g} s)",
-            code="bad_timeout",
-        )
-    return min(asked, target.spec.timeout)
-
-
-def _internal(exc: Exception) -> PlatformError:
-    return PlatformError(
-        f"Ember failed while handling this request ({type(exc).__name__}); see the server log",
-        code="internal",
-        status=500,
-    )
-
-
-def _error_body(exc: EmberError, rid: str) -> dict[str, str]:
-    body = {"code": exc.code, "message": exc.message, "requestId": rid}
-    if exc.detail:
-        body["detail"] = exc.detail  # e.g. the traceback of a failed import
-    return body
-
-
-def request_id() -> str:
-    """32 random hex digits; any prefix of them (the CLI shows 8) tells requests apart. The
-    kernel's randomness is read 4 KB at a time: one getrandom() per request cost ~3 % of the
-    server's time under load."""
-    global _random_at
-    if _random_at >= len(_random):
-        _random[:] = os.urandom(len(_random))
-        _random_at = 0
-    _random_at += 16
-    return _random[_random_at - 16 : _random_at].hex()
-
-
-_random = bytearray(4096)
-_random_at = len(_random)
-
-
-def _too_large(size: int, limit: int) -> TooLarge:
-    return TooLarge(
-        f"request body of {size} bytes exceeds the {limit // (1024 * 1024)} MB limit; "
-        "send large payloads by reference (e.g. a URL)",
-        code="body_too_large",
-    )
-
-
-def _memory_error(target: Target, result: Result) -> FunctionMemoryExceeded:
-    return FunctionMemoryExceeded(
-        f"function '{target.function}' exceeded its memory limit of {target.spec.memory} MB "
-        f"(peak {result.max_rss_kb // 1024} MB RSS) and its instance was stopped; "
-        "raise memory: in ember.yaml"
-    )

@@ -30,7 +30,8 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from ember.gateway.app import PREFIX, Exchange, Gateway, Response
+from ember.gateway.app import Exchange, Gateway, Response
+from ember.gateway.rules import PREFIX
 
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers; more is a 431
 
