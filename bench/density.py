@@ -1,7 +1,7 @@
 """Density: N trivial functions deployed through the API and called once, on one node (issue 9,
 item 3). N = 1,000 (with a point at 500 on the way); `--quick`: 100.
 
-python -m bench.density [--quick]
+python -m bench.density [--quick] [--n N]   (`--n`: N functions, for faster iteration)
 
 One `ember up` with default settings. Before anything else it gets `probe` (bench/functions/noop
 with `scale.idle: 1s`) and `warm` (noop with `scale.min: 1`). Then N copies of noop, named
@@ -209,8 +209,8 @@ def point(ember: Ember, label: str, scale: float, judged: bool, into: Sections) 
     into[MEMORY] += tree_rows(ember, label, judged)
 
 
-def run(scale: float = 1.0) -> dict[str, Any]:
-    n = 1000 if scale >= 1 else 100
+def run(scale: float = 1.0, n: int | None = None) -> dict[str, Any]:
+    n = n or (1000 if scale >= 1 else 100)
     names = [f"d{i:04d}" for i in range(n)]
     halves = [names[: n // 2], names[n // 2 :]] if scale >= 1 else [names]
     out: Sections = {LATENCY: [], METRICS: [], MEMORY: []}
@@ -243,4 +243,6 @@ def _uss_mb(procs: list[psutil.Process]) -> list[float]:
 
 
 if __name__ == "__main__":
-    run(0.25 if "--quick" in sys.argv else 1.0)
+    args = sys.argv[1:]
+    count = int(args[args.index("--n") + 1]) if "--n" in args else None
+    run(0.25 if "--quick" in args else 1.0, count)

@@ -369,8 +369,13 @@ class Pool:
         self.budget.account(rp.occupancy)
         rp.asleep = rp.quiet(now)
         edges = [t for t in (zygote_due, spare_due) if t is not None]
-        if not rp.asleep:  # sampled every STEP, and at its keep-alive edges on time
-            edges.append(now + STEP)
+        if not rp.asleep:
+            resting = _resting_until(rp, now)
+            if resting is None:  # sampled every STEP, and at its keep-alive edges on time
+                edges.append(now + STEP)
+            else:  # nothing to decide before then: it sleeps (its zero samples are filled in)
+                rp.asleep = True
+                edges.append(resting)
         return min(edges, default=None)
 
     def _keep_zygote(self, rp: RevisionPool, now: float) -> float | None:
@@ -427,3 +432,23 @@ class Pool:
             deadline = time.monotonic() + 2.0  # killed instances take a moment to leave
             while not self.cgroups.cleanup() and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
+
+
+def _resting_until(rp: RevisionPool, now: float) -> float | None:
+    """When a revision at rest within its idle grace must be stepped again (None: it must be
+    stepped every STEP): nothing in flight, waiting or starting, and the autoscaler keeps what
+    runs, at most one instance or its scale.min. With only zero samples to come its means can
+    only fall, so its answer stays until the grace ends (scale to scale.min) or `ember scale`'s
+    hold does; a request, a lost instance or a change to its zygote or spare wakes it before.
+    Without this every function called within its idle grace (10 minutes for many) was
+    stepped four times a second: at 1,000 functions ~40 % of the event loop."""
+    if rp.demand or rp.waiters or rp.starting or rp.slot.starting or rp.spare.pending:
+        return None
+    last, window = rp.window.last, rp.window
+    if last.panic or last.desired != rp.count or rp.count > max(rp.protected, 1):
+        return None
+    edges = [window.last_active + rp.spec.scale.idle]
+    if now < window.held_until:
+        edges.append(window.held_until)
+    due = min(edges)
+    return due if due > now else None

@@ -1,0 +1,122 @@
+"""What the node's pool does per function when many are deployed: nothing per tick or per
+scrape for the ones at rest (issue 9, density)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from pathlib import Path
+
+from ember.config import ServerConfig
+from ember.pool import manager
+from ember.pool.instance import Instance
+from ember.pool.manager import Pool
+from ember.pool.target import Target
+from ember.spec import FunctionSpec, ScaleSpec
+from ember.telemetry.buffer import TelemetryBuffer
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def _idle_instance(name: str) -> Instance:  # with the event loop running
+    inst = Instance(name, 1, lambda _i, _m: None, lambda _i: None)
+    inst.connection_made(_Transport())
+    return inst
+
+
+def test_a_revision_at_rest_within_its_idle_grace_sleeps_until_the_grace_ends(
+    tmp_path: Path,
+) -> None:
+    """Regression: a revision keeping one idle instance was stepped every STEP for its whole
+    idle grace (10 minutes in the density benchmark): with 1,000 functions called once, the
+    ticks took ~40 % of the event loop. Now it sleeps until the grace ends, where its
+    instance goes as before."""
+    asyncio.run(_sleeps_until_the_grace_ends(tmp_path))
+
+
+async def _sleeps_until_the_grace_ends(tmp_path: Path) -> None:
+    pool = Pool(ServerConfig(home=tmp_path), TelemetryBuffer(1024))
+    spec = FunctionSpec(name="f", scale=ScaleSpec(idle=10.0))
+    target = Target("f", 1, "1" * 64, "/nonexistent", spec)
+    try:
+        pool.retire_all_but([target.key])
+        rp = pool.open_revision(target)
+        rp.backoff_until = math.inf  # no zygote here: no pre-warm or start is tried
+        inst = _idle_instance("f-1-abc")
+        rp.instances[inst.id] = inst
+        stepped: list[float] = []
+        autoscale = rp.autoscale
+
+        def counted(now: float, step: float) -> object:
+            stepped.append(now)
+            return autoscale(now, step)
+
+        rp.autoscale = counted  # type: ignore[method-assign]
+        t0 = time.monotonic()
+        rp.demand = 1  # a request runs (as RevisionPool.invoke reports it)
+        pool.activity(target, busy=True, now=t0)
+        pool.tick(t0)
+        rp.demand = 0
+        pool.activity(target, busy=False, now=t0 + 0.1)
+        ticks = [t0 + manager.TICK * n for n in range(1, 42)]
+        for now in ticks[:-2]:
+            pool.tick(now)
+            assert not inst.dead  # kept within the grace
+        # Busy, then the step after the request: from there nothing until the grace ends.
+        assert stepped == [t0, ticks[0]]
+        assert pool.due.when(target.key) == t0 + 10.0
+        for now in ticks[-2:]:
+            pool.tick(now)
+        assert stepped[:3] == [t0, ticks[0], ticks[-2]]  # ticks[-2]: the grace's end
+        assert inst.dead  # the grace is over: scaled to zero, as before
+    finally:
+        pool.placement.shutdown()
+
+
+def test_a_revision_at_rest_is_woken_by_a_request(tmp_path: Path) -> None:
+    """Sleeping through the grace does not make a revision deaf: a request steps it at the
+    next tick, and the autoscaler sees the samples it slept through as zeros."""
+    asyncio.run(_woken_by_a_request(tmp_path))
+
+
+async def _woken_by_a_request(tmp_path: Path) -> None:
+    pool = Pool(ServerConfig(home=tmp_path), TelemetryBuffer(1024))
+    spec = FunctionSpec(name="g", scale=ScaleSpec(idle=10.0))
+    target = Target("g", 1, "2" * 64, "/nonexistent", spec)
+    try:
+        pool.retire_all_but([target.key])
+        rp = pool.open_revision(target)
+        rp.backoff_until = math.inf
+        inst = _idle_instance("g-1-abc")
+        rp.instances[inst.id] = inst
+        t0 = time.monotonic()
+        rp.demand = 1
+        pool.activity(target, busy=True, now=t0)
+        pool.tick(t0)
+        rp.demand = 0
+        pool.activity(target, busy=False, now=t0 + 0.1)
+        pool.tick(t0 + 0.25)
+        assert rp.asleep and pool.due.when(target.key) == t0 + 10.0
+        pool.activity(target, busy=True, now=t0 + 5.0)  # a request, half-way through
+        assert pool.due.when(target.key) is not None and pool.due.when(target.key) <= t0 + 5.0
+        rp.demand = 1
+        pool.tick(t0 + 5.0)
+        assert not rp.asleep
+        # zero samples for the time it slept, about one per STEP, within the stable window
+        assert len(rp.window.samples) >= 5.0 / manager.STEP - 2
+    finally:
+        pool.placement.shutdown()
