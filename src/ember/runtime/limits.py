@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import fcntl
 import os
 import resource
@@ -20,10 +19,14 @@ _subreaper = 0  # the pid that became a child subreaper in this process or the o
 
 def load_libc() -> ctypes.CDLL | None:
     """The C library, loaded once (with errno) for every ctypes call of the runtime: limits,
-    the sandbox and the seccomp filter; None off Linux."""
+    the sandbox and the seccomp filter; None off Linux.
+
+    The interpreter links it already, so its own symbols are the C library's: no
+    `ctypes.util.find_library`, whose import (shutil, bz2, lzma: four more shared objects)
+    would sit in the root zygote's memory and be copied, as page tables, by every fork."""
     global _libc
     if _libc is None and sys.platform.startswith("linux"):
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc = ctypes.CDLL(None, use_errno=True)
     return _libc
 
 
