@@ -52,6 +52,7 @@ METRICS_MS = 50.0  # /metrics render (time to first byte), p50
 STALL_MS = 5.0
 COLD = ("specialize", "fresh")  # tiers of a call that found no zygote
 LATENCY, METRICS, MEMORY = "latency", "/metrics", "USS of the process tree"  # report sections
+HEAP = "the server's garbage collections and CPU"
 
 
 def limits(server: int, n: int) -> dict[str, Any]:
@@ -94,6 +95,49 @@ def deploy_and_call(ember: Ember, names: list[str]) -> list[dict[str, Any]]:
     finally:
         client.close()
     return out
+
+
+def server_cpu_s(ember: Ember) -> float:
+    times = psutil.Process(ember.pid).cpu_times()
+    return times.user + times.system
+
+
+def gc_reading(ember: Ember) -> dict[str, float]:
+    """The server's full (generation 2) collections so far, from /metrics (server/heap.py):
+    how many, how many held the loop over STALL_MS, the longest. Empty before that existed."""
+    text = ember.http.get("/metrics").text
+    want = {
+        'ember_gc_pause_seconds_count{generation="2"}': "full",
+        f'ember_gc_pause_seconds_bucket{{generation="2",le="{STALL_MS / 1000:g}"}}': "short",
+        'ember_gc_pause_max_seconds{generation="2"}': "longest_ms",
+        "ember_gc_frozen_objects": "frozen",
+        "ember_gc_full_collections_total": "unfrozen",
+    }
+    got: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in want:
+            got[want[name]] = float(value)
+    if "full" in got:
+        got["over_stall"] = got["full"] - got.pop("short", 0.0)
+        got["longest_ms"] = round(got.get("longest_ms", 0.0) * 1000, 2)
+    return got
+
+
+def gc_row(label: str, before: dict[str, float], after: dict[str, float]) -> Row:
+    """Full collections between two readings; `longest_ms` is the longest since the start."""
+    if not after:
+        return {"measurement": f"{label}: full collections (not reported by this server)"}
+    full = int(after["full"] - before.get("full", 0.0))
+    over = int(after["over_stall"] - before.get("over_stall", 0.0))
+    return {
+        "measurement": f"{label}: full collections on the server",
+        "n": full,
+        "over_stall": over,
+        "longest_ms_since_start": after["longest_ms"],
+        "frozen_objects": int(after.get("frozen", 0)),
+        "full_with_frozen": int(after.get("unfrozen", 0)),
+    }
 
 
 def deploy_rows(done: list[dict[str, Any]]) -> list[Row]:
@@ -203,9 +247,11 @@ def point(ember: Ember, label: str, scale: float, judged: bool, into: Sections) 
     k_probe = 10 if scale >= 1 else 2  # a probe sample costs SPACING seconds
     k_metrics = 5 if scale >= 1 else 3
     log(f"density {label}: {k_probe} probe starts, {k_metrics} /metrics, the process tree")
+    before = gc_reading(ember)
     probe = spaced_samples(ember.port, ["probe"] * k_probe)["probe"]
     into[LATENCY] += start_rows("probe", f"{label}: start after idleness", probe)
     into[METRICS] += metrics_rows(ember, label, k_metrics)
+    into[HEAP].append(gc_row(f"{label}, probe starts and /metrics", before, gc_reading(ember)))
     into[MEMORY] += tree_rows(ember, label, judged)
 
 
@@ -213,7 +259,7 @@ def run(scale: float = 1.0, n: int | None = None) -> dict[str, Any]:
     n = n or (1000 if scale >= 1 else 100)
     names = [f"d{i:04d}" for i in range(n)]
     halves = [names[: n // 2], names[n // 2 :]] if scale >= 1 else [names]
-    out: Sections = {LATENCY: [], METRICS: [], MEMORY: []}
+    out: Sections = {LATENCY: [], METRICS: [], MEMORY: [], HEAP: []}
     done: list[dict[str, Any]] = []
     with Ember() as ember:
         machine = limits(ember.pid, n)
@@ -222,7 +268,12 @@ def run(scale: float = 1.0, n: int | None = None) -> dict[str, Any]:
         point(ember, "0 functions", scale, False, out)
         for part in halves:
             log(f"density: deploying and calling {len(part)} functions")
+            before, cpu = gc_reading(ember), server_cpu_s(ember)
             done += deploy_and_call(ember, part)
+            cpu_ms = (server_cpu_s(ember) - cpu) * 1000.0
+            row = gc_row(f"deploying {len(part)} (to {len(done)})", before, gc_reading(ember))
+            row["server_cpu_ms_per_deploy"] = round(cpu_ms / len(part), 2)
+            out[HEAP].append(row)
             if len(done) < n:
                 point(ember, f"{len(done)} functions", scale, False, out)
         second, tiers = second_calls(ember, names)

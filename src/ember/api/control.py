@@ -55,6 +55,7 @@ class Control:
         box: SecretBox,
         outcomes: Outcomes,
         forget_function: Callable[[str], None],
+        published: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
         self.store = store  # the API reads records straight from it
@@ -63,7 +64,7 @@ class Control:
         self.address = Address(config.host, config.port)
         self.bundles = Bundles(config.code_dir, blobs, store, config.revision_retention)
         self.functions = Functions(store, self.bundles, self._target)
-        self.publisher = Publisher(self.functions, routes, pool)
+        self.publisher = Publisher(self.functions, routes, pool, published)
         self.namespaces = Namespaces(
             store, config.sandbox_uid_base, self.functions, self.publisher, writes
         )

@@ -3,7 +3,7 @@ serving set and quotas, in one step after each change."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from ember.api.functions import Functions
@@ -21,10 +21,17 @@ class ServingPool(Protocol):
 
 
 class Publisher:
-    def __init__(self, functions: Functions, table: RouteTable, pool: ServingPool) -> None:
+    def __init__(
+        self,
+        functions: Functions,
+        table: RouteTable,
+        pool: ServingPool,
+        published: Callable[[], None] = lambda: None,
+    ) -> None:
         self.functions = functions
         self.table = table
         self.pool = pool
+        self.published = published  # after each publish (the server settles its heap)
         self._quotas: dict[str, Quota] = {}  # of every namespace, as last published
         self._routes: dict[str, Route] = {}  # of every function, as last published
 
@@ -53,6 +60,7 @@ class Publisher:
         ]
         serving += [route.main for route in routes.values() if not route.split]
         self.pool.serve(serving, [t for route in routes.values() for t in route.targets()])
+        self.published()
 
     def route(self, key: str) -> Route:
         """The serving target, the aliases' targets (plus `latest`) and, when the weights add

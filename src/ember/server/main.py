@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import resource
 import signal
@@ -27,6 +26,7 @@ from ember.gateway.app import Gateway
 from ember.gateway.router import RouteTable
 from ember.pool.manager import Pool
 from ember.secretbox import SecretBox
+from ember.server.heap import Heap
 from ember.server.http import front_protocol
 from ember.store.sqlite import SQLiteStore
 from ember.telemetry.buffer import TelemetryBuffer
@@ -47,7 +47,10 @@ class Server:
         self.store = SQLiteStore(config.db_path)
         self.pool = Pool(config, self.telemetry)
         self.routes = RouteTable()
-        self.metrics = Metrics(self.pool.statistics, self.pool.node_statistics)
+        self.heap = Heap()
+        self.metrics = Metrics(
+            self.pool.statistics, self.pool.node_statistics, self.heap.statistics
+        )
         self.outcomes = Outcomes()
         self.control = Control(
             config,
@@ -59,6 +62,7 @@ class Server:
             SecretBox.load_or_create(config.master_key_path),
             self.outcomes,
             self.forget_function,
+            self.heap.published,
         )
         self.gateway = Gateway(
             self.routes,
@@ -108,6 +112,7 @@ class Server:
             )
 
     async def stop(self) -> None:
+        self.heap.stop()
         await self.control.stop()
         if self._flusher is not None:
             self._flusher.cancel()
@@ -158,9 +163,9 @@ async def run(config: ServerConfig, deploy: list[Path]) -> int:
         print(f"ember: {exc.message}", file=sys.stderr, flush=True)
         await server.stop()
         return exc.exit_code
-    # What is alive now lives as long as the server: keep full collections from walking it.
-    gc.collect()
-    gc.freeze()
+    # What is alive now lives as long as the server: keep full collections from walking it
+    # (and from now on what lives as long as a function: server/heap.py).
+    server.heap.start()
     uv = _Uvicorn(
         uvicorn.Config(
             server.app,

@@ -11,11 +11,20 @@ counts change.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from itertools import accumulate
 from typing import Protocol
 
 from ember.telemetry.series import BUCKETS, FAMILIES, FunctionSeries, Numbers, escape, number
 
-__all__ = ["BUCKETS", "Metrics", "NodeCounts", "RevisionCounts", "Scrape", "Statistics"]
+__all__ = [
+    "BUCKETS",
+    "HeapCounts",
+    "Metrics",
+    "NodeCounts",
+    "RevisionCounts",
+    "Scrape",
+    "Statistics",
+]
 
 
 class RevisionCounts(Protocol):
@@ -49,6 +58,26 @@ class NodeCounts(Protocol):
     def memory_used_mb(self) -> int: ...
     @property
     def memory_budget_mb(self) -> int: ...
+
+
+class HeapCounts(Protocol):
+    """The server's garbage collections by generation (server/heap.py's `HeapStats`)."""
+
+    @property
+    def collections(self) -> tuple[int, int, int]: ...
+    @property
+    def pause_seconds(self) -> tuple[float, float, float]: ...
+    @property
+    def pause_max_seconds(self) -> tuple[float, float, float]: ...
+    @property
+    def pause_buckets(self) -> tuple[tuple[int, ...], ...]: ...  # per PAUSE_LE, not cumulative
+    @property
+    def frozen(self) -> int: ...
+    @property
+    def full_collections(self) -> int: ...
+
+
+PAUSE_LE = ("0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "+Inf")
 
 
 _NODE_GAUGES = (
@@ -89,6 +118,48 @@ def _gauge_text(function: str, counts: Counts) -> tuple[str, str]:
     return states, f"ember_waiting_requests{{{both}}} {number(waiting)}\n"
 
 
+def _heap_text(heap: HeapCounts) -> list[str]:
+    """The collector's pauses: what a request may have waited while the loop collected."""
+    pauses = [
+        _header(
+            "ember_gc_pause_seconds",
+            "histogram",
+            "Garbage collections of the server by generation, and how long each held it",
+        )
+    ]
+    for gen in range(3):
+        label = f'generation="{gen}"'
+        counts = accumulate(heap.pause_buckets[gen])
+        pauses += [
+            f'ember_gc_pause_seconds_bucket{{{label},le="{le}"}} {number(n)}\n'
+            for le, n in zip(PAUSE_LE, counts, strict=True)
+        ]
+        pauses.append(f"ember_gc_pause_seconds_count{{{label}}} {number(heap.collections[gen])}\n")
+        pauses.append(f"ember_gc_pause_seconds_sum{{{label}}} {number(heap.pause_seconds[gen])}\n")
+    longest = [
+        _header(
+            "ember_gc_pause_max_seconds", "gauge", "The longest garbage collection, by generation"
+        )
+    ]
+    longest += [
+        f'ember_gc_pause_max_seconds{{generation="{gen}"}} {number(heap.pause_max_seconds[gen])}\n'
+        for gen in range(3)
+    ]
+    frozen = (
+        _header("ember_gc_frozen_objects", "gauge", "Objects frozen out of the collector's way")
+        + f"ember_gc_frozen_objects {number(heap.frozen)}\n"
+    )
+    full = (
+        _header(
+            "ember_gc_full_collections_total",
+            "counter",
+            "Collections of everything, frozen objects included (after they grew by a quarter)",
+        )
+        + f"ember_gc_full_collections_total {number(heap.full_collections)}\n"
+    )
+    return [*pauses, *longest, frozen, full]
+
+
 class Scrape:
     """One /metrics response: what changed was copied on the event loop (`Metrics.scrape`);
     `render()` formats it and may run on a worker thread."""
@@ -123,9 +194,15 @@ class Scrape:
 
 
 class Metrics:
-    def __init__(self, stats: Statistics, node: Callable[[], NodeCounts] | None = None) -> None:
+    def __init__(
+        self,
+        stats: Statistics,
+        node: Callable[[], NodeCounts] | None = None,
+        heap: Callable[[], HeapCounts] | None = None,
+    ) -> None:
         self._stats = stats
         self._node = node
+        self._heap = heap
         self._series: dict[str, FunctionSeries] = {}  # "namespace/name" -> its series
         self._gauges: dict[str, tuple[Counts, tuple[str, str]]] = {}  # text per counts
 
@@ -160,6 +237,8 @@ class Metrics:
             for name, help_text, field in _NODE_GAUGES:
                 value = number(getattr(counts, field))
                 tail.append(f"{_header(name, 'gauge', help_text)}{name} {value}\n")
+        if self._heap is not None:
+            tail += _heap_text(self._heap())
         return Scrape(chunks, todo, tail)
 
     def render(self) -> bytes:
