@@ -48,7 +48,7 @@ def test_settle_freezes_what_survives_and_leaves_garbage_out(clean_gc: None) -> 
     asyncio.run(main())
 
 
-def test_frozen_garbage_is_collected_once_the_frozen_objects_grew_by_a_quarter(
+def test_frozen_garbage_is_collected_once_the_frozen_objects_grew_by_growth(
     clean_gc: None,
 ) -> None:
     """Frozen objects are never collected: a revision pool frozen while it served and dropped
@@ -67,7 +67,7 @@ def test_frozen_garbage_is_collected_once_the_frozen_objects_grew_by_a_quarter(
             h.settle()
             assert gone() is not None  # small growth: it stays (bounded by what follows)
             live = [[_Node()] for _ in range(int(base * heap.GROWTH) // 2 + 1000)]
-            h.settle()  # the frozen objects grew by more than a quarter
+            h.settle()  # the frozen objects grew by more than GROWTH
             assert gone() is None
             assert h.statistics().full_collections == 1
             assert gc.get_freeze_count() <= (1 + heap.GROWTH) * (base + 3 * len(live))
