@@ -120,3 +120,31 @@ async def _woken_by_a_request(tmp_path: Path) -> None:
         assert len(rp.window.samples) >= 5.0 / manager.STEP - 2
     finally:
         pool.placement.shutdown()
+
+
+def test_instance_counts_match_the_statistics_without_building_them(tmp_path: Path) -> None:
+    """/metrics reads `instance_counts()` on the event loop (a RevisionStats per revision
+    took 9-22 ms a scrape at 1,000 revisions); they say what `statistics()` says."""
+    asyncio.run(_counts(tmp_path))
+
+
+async def _counts(tmp_path: Path) -> None:
+    pool = Pool(ServerConfig(home=tmp_path), TelemetryBuffer(1024))
+    try:
+        targets = [
+            Target(f"c{i}", 1, f"{i:064d}", "/nonexistent", FunctionSpec(name=f"c{i}"))
+            for i in range(3)
+        ]
+        pool.retire_all_but([t.key for t in targets])
+        pools = [pool.open_revision(t) for t in targets]
+        for n, rp in enumerate(pools):
+            for k in range(n + 1):
+                inst = _idle_instance(f"{rp.target.function}-1-{k}")
+                rp.instances[inst.id] = inst
+        pools[1].instances["c1-1-0"].reserved += 1  # promised to a request: busy
+        pools[2].starting = 2
+        expected = [(s.function, s.idle, s.busy, s.starting, s.waiting) for s in pool.statistics()]
+        assert [tuple(c) for c in pool.instance_counts()] == expected
+        assert expected[1][1:3] == (1, 1) and expected[2][3] == 2
+    finally:
+        pool.placement.shutdown()

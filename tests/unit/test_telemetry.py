@@ -3,6 +3,7 @@ removed function in the metrics and the outcomes."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import msgspec
@@ -363,3 +364,37 @@ def test_a_request_during_a_render_is_not_lost_to_the_cache() -> None:
     f = (("code", "200"), ("function", "f"), ("namespace", "ns"))
     assert _samples(scrape.render().decode())[("ember_invocations_total", f)] == 1
     assert _samples(metrics.render().decode())[("ember_invocations_total", f)] == 2
+
+
+def test_a_render_on_the_event_loop_lets_other_work_in_and_says_the_same() -> None:
+    """/metrics is formatted on the event loop in slices: requests are served between them
+    (on a worker thread the render held the GIL 5 ms at a time while the loop waited)."""
+
+    async def main() -> None:
+        metrics = Metrics(list)
+        twin = Metrics(list)
+        for i in range(300):
+            metrics.observe(f"ns/f{i}", 200, 0.01, "fork")
+            twin.observe(f"ns/f{i}", 200, 0.01, "fork")
+        turns = 0
+        rendering = True
+
+        async def other() -> None:
+            nonlocal turns
+            while rendering:
+                turns += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.get_running_loop().create_task(other())
+        await asyncio.sleep(0)
+        seen = turns
+        body = await (await metrics.scrape_async()).render_async()
+        rendering = False
+        await task
+        assert turns > seen  # the loop ran other work before the render was done
+        expected = _samples(twin.render().decode())
+        got = _samples(body.decode())
+        assert got.keys() == expected.keys()
+        assert metrics.scrape().changed == 0  # what it rendered is cached as before
+
+    asyncio.run(main())

@@ -292,10 +292,9 @@ class Api:
         return _ok({"status": "ok", "time": time.time()})
 
     async def metrics_endpoint(self, request: Request) -> Response:
-        # Copied on the loop (functions called since the last scrape, the pool's gauges);
-        # formatted on a worker thread, so requests keep being served meanwhile.
-        scrape = self.metrics.scrape()
-        body = await asyncio.to_thread(scrape.render)
+        # Copied on the loop (functions called since the last scrape, the pool's gauges) and
+        # formatted there in slices of a millisecond, so requests keep being served meanwhile.
+        body = await (await self.metrics.scrape_async()).render_async()
         return Response(body, media_type="text/plain; version=0.0.4")
 
 

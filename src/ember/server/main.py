@@ -49,7 +49,7 @@ class Server:
         self.routes = RouteTable()
         self.heap = Heap()
         self.metrics = Metrics(
-            self.pool.statistics, self.pool.node_statistics, self.heap.statistics
+            self.pool.instance_counts, self.pool.node_statistics, self.heap.statistics
         )
         self.outcomes = Outcomes()
         self.control = Control(
