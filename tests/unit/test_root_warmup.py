@@ -37,8 +37,9 @@ def test_root_zygote_imports_no_shared_objects_it_does_not_need() -> None:
         import ember.runtime.root
         from ember.runtime import limits
         libc = limits.load_libc()
+        unwanted = ("ctypes.util", "shutil", "bz2", "lzma")
         print(json.dumps({
-            "loaded": sorted(m for m in ("ctypes.util", "shutil", "bz2", "lzma") if m in sys.modules),
+            "loaded": sorted(m for m in unwanted if m in sys.modules),
             "prctl": libc is not None and hasattr(libc, "prctl"),
         }))
         """
@@ -82,3 +83,28 @@ def test_rehearsal_specializes_the_request_path_and_leaves_no_trace() -> None:
         "level": 30,
         "loggers": [],
     }
+
+
+def test_an_instance_starts_with_default_signal_handlers() -> None:
+    # What a zygote installed for itself (its SIGCHLD handler, its wake-up fd) and what user
+    # code set at import is not an instance's: `default_signals` resets them after the fork.
+    got = _run(
+        """
+        import json, os, signal
+        from ember.runtime import limits
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+        limits.default_signals()
+        names = ("SIGCHLD", "SIGTERM", "SIGHUP", "SIGUSR1")
+        print(json.dumps({
+            "default": [n for n in names if signal.getsignal(getattr(signal, n)) == signal.SIG_DFL],
+            "sigint": signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+            "wakeup": signal.set_wakeup_fd(-1),
+        }))
+        """
+    )
+    names = ["SIGCHLD", "SIGTERM", "SIGHUP", "SIGUSR1"]
+    assert got == {"default": names, "sigint": True, "wakeup": -1}
