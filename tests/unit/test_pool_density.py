@@ -148,3 +148,50 @@ async def _counts(tmp_path: Path) -> None:
         assert expected[1][1:3] == (1, 1) and expected[2][3] == 2
     finally:
         pool.placement.shutdown()
+
+
+def test_serving_some_functions_leaves_the_pool_as_serving_all(tmp_path: Path) -> None:
+    """A deploy's publish tells the pool about its function only (`serve_functions`; the full
+    `serve` walked every revision per deploy): both leave every revision retired, standby or
+    serving alike, through a deploy, a canary, an alias without traffic and a removal."""
+    asyncio.run(_serving_some(tmp_path))
+
+
+def _t(name: str, number: int) -> Target:
+    return Target(
+        name, number, f"{number}{name}".rjust(64, "0"), "/nonexistent", FunctionSpec(name=name)
+    )
+
+
+async def _serving_some(tmp_path: Path) -> None:
+    some = Pool(ServerConfig(home=tmp_path / "some"), TelemetryBuffer(1024))
+    every = Pool(ServerConfig(home=tmp_path / "every"), TelemetryBuffer(1024))
+    try:
+        routes = {f"default/f{i}": ([_t(f"f{i}", 1)], [_t(f"f{i}", 1)]) for i in range(5)}
+
+        def publish(changed: dict[str, tuple[list[Target], list[Target]]]) -> None:
+            routes.update(changed)
+            some.serve_functions(changed)
+            every.serve(
+                [t for serving, _ in routes.values() for t in serving],
+                [t for _, targets in routes.values() for t in targets],
+            )
+            for target in [t for _, targets in routes.values() for t in targets]:
+                some.open_revision(target)
+                every.open_revision(target)
+            flags = {k: (rp.retired, rp.standby) for k, rp in some.revisions.items()}
+            assert flags == {k: (rp.retired, rp.standby) for k, rp in every.revisions.items()}
+
+        publish(dict(routes))
+        publish({"default/f1": ([_t("f1", 2)], [_t("f1", 2)])})  # deployed again
+        assert some.revisions[_t("f1", 1).key].retired
+        both = [_t("f2", 1), _t("f2", 2)]
+        publish({"default/f2": (both, both)})  # a canary: both serve
+        publish({"default/f3": ([], [])})  # removed
+        assert some.revisions[_t("f3", 1).key].retired
+        publish({"default/f4": ([_t("f4", 1)], [_t("f4", 1), _t("f4", 2)])})  # alias, no weight
+        assert some.revisions[_t("f4", 2).key].standby
+        assert not some.revisions[_t("f4", 2).key].retired
+    finally:
+        some.placement.shutdown()
+        every.placement.shutdown()

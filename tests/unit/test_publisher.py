@@ -42,10 +42,23 @@ class Known:
 
 class Serving:
     def __init__(self) -> None:
-        self.serving: list[Target] = []
+        self.by_function: dict[str, list[Target]] = {}
+
+    @property
+    def serving(self) -> list[Target]:
+        return [t for targets in self.by_function.values() for t in targets]
 
     def serve(self, serving: Iterable[Target], standby: Iterable[Target]) -> None:
-        self.serving = list(serving)
+        self.by_function = {}
+        for t in serving:
+            self.by_function.setdefault(t.qualified, []).append(t)
+
+    def serve_functions(self, routed: dict[str, tuple[list[Target], list[Target]]]) -> None:
+        for function, (serving, _standby) in routed.items():
+            if serving:
+                self.by_function[function] = list(serving)
+            else:
+                self.by_function.pop(function, None)
 
     def set_quotas(self, quotas: dict[str, Quota]) -> None:
         pass

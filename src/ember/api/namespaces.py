@@ -99,7 +99,9 @@ class Namespaces:
         function's zygote and one instance within its memory, scale.min within its instances."""
         ns = self._records.get(namespace)
         quota = ns.quota if ns is not None else Quota()
-        total = len(self.functions.names_in(namespace) | {spec.name for spec in specs})
+        total = 0
+        if quota.functions:  # a pass over every function, only when it is counted
+            total = len(self.functions.names_in(namespace) | {spec.name for spec in specs})
         if quota.functions and total > quota.functions:
             raise QuotaExceeded(
                 f"namespace '{namespace}' would have {total} functions; its quota "

@@ -17,6 +17,8 @@ class ServingPool(Protocol):
 
     def serve(self, serving: Iterable[Target], standby: Iterable[Target]) -> None: ...
 
+    def serve_functions(self, routed: dict[str, tuple[list[Target], list[Target]]]) -> None: ...
+
     def set_quotas(self, quotas: dict[str, Quota]) -> None: ...
 
 
@@ -44,22 +46,25 @@ class Publisher:
         last, so a deploy's cost does not grow with the number of functions."""
         if quotas is not None:
             self._quotas = dict(quotas)
+        routed: dict[str, tuple[list[Target], list[Target]]] = {}
         if changed is None:
             self._routes = {key: self.route(key) for key in self.functions.qualified_names()}
         else:
             for key in changed:
                 if self.functions.serving(key) is None:
                     self._routes.pop(key, None)
+                    routed[key] = ([], [])
                 else:
-                    self._routes[key] = self.route(key)
+                    route = self._routes[key] = self.route(key)
+                    routed[key] = (_serving(route), route.targets())
         routes = self._routes
         self.table.publish(routes, frozenset(self._quotas))
         self.pool.set_quotas(self._quotas)
-        serving = [
-            route.aliases[alias] for route in routes.values() for _bound, alias in route.split
-        ]
-        serving += [route.main for route in routes.values() if not route.split]
-        self.pool.serve(serving, [t for route in routes.values() for t in route.targets()])
+        if changed is None:
+            serving = [t for route in routes.values() for t in _serving(route)]
+            self.pool.serve(serving, [t for route in routes.values() for t in route.targets()])
+        else:
+            self.pool.serve_functions(routed)
         self.published()
 
     def route(self, key: str) -> Route:
@@ -76,3 +81,10 @@ class Publisher:
         weights = [(a.name, a.weight) for a in fn.aliases if a.name in aliases]
         split = split_of(weights) if sum(w for _, w in weights) == BUCKETS else ()
         return Route(main=main, aliases=aliases, split=split)
+
+
+def _serving(route: Route) -> list[Target]:
+    """The targets that get traffic: the split's aliases, else the main one."""
+    if route.split:
+        return [route.aliases[alias] for _bound, alias in route.split]
+    return [route.main]

@@ -84,7 +84,7 @@ class Pool:
         self._of_namespace: dict[str, set[RevisionKey]] = {}
         self.revisions: dict[RevisionKey, RevisionPool] = {}
         self._live: set[RevisionKey] = set()
-        self._live_functions: set[tuple[str, str]] = set()  # (namespace, name) of _live
+        self._live_of: dict[str, set[RevisionKey]] = {}  # _live by "namespace/name"
         self._standby: set[RevisionKey] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self.placement = Placement(None)
@@ -176,14 +176,43 @@ class Pool:
         alias without traffic weight (they keep no scale.min, get no pre-warm and no
         reserved memory)."""
         self._live = set(live)
-        self._live_functions = {key[:2] for key in self._live}
         self._standby = set(standby)
+        self._live_of = {}
+        for key in self._live:
+            self._live_of.setdefault(f"{key[0]}/{key[1]}", set()).add(key)
         for key, rp in self.revisions.items():
-            retired, standby_now = key not in self._live, key in self._standby
-            if (retired, standby_now) != (rp.retired, rp.standby):
-                rp.retired, rp.standby = retired, standby_now
-                self.budget.account(rp.occupancy)  # what it keeps for scale.min changed
-                self.due.wake(key)
+            self._mark(key, rp)
+
+    def serve_functions(self, routed: dict[str, tuple[list[Target], list[Target]]]) -> None:
+        """As `serve`, for some functions ("namespace/name") only: each gets its `serving`
+        targets and `standby` ones ([] and []: none, it is gone); the other functions' stay
+        as they were. A deploy's publish costs the same at any number of functions."""
+        for function, (serving, standby) in routed.items():
+            serving_keys = {t.key for t in serving}
+            standby_keys = {t.key for t in standby} - serving_keys
+            live = serving_keys | standby_keys
+            before = self._live_of.pop(function, set())  # with what a deploy prepared
+            self._live -= before
+            self._standby -= before
+            self._live |= live
+            self._standby |= standby_keys
+            if live:
+                self._live_of[function] = live
+            for key in before | live:
+                rp = self.revisions.get(key)
+                if rp is not None:
+                    self._mark(key, rp)
+            for target in serving:
+                if target.spec.scale.min > 0:
+                    self.open_revision(target)
+
+    def _mark(self, key: RevisionKey, rp: RevisionPool) -> None:
+        """Retired or standby as the routes now say."""
+        retired, standby_now = key not in self._live, key in self._standby
+        if (retired, standby_now) != (rp.retired, rp.standby):
+            rp.retired, rp.standby = retired, standby_now
+            self.budget.account(rp.occupancy)  # what it keeps for scale.min changed
+            self.due.wake(key)
 
     def serve(self, serving: Iterable[Target], standby: Iterable[Target]) -> None:
         """The control plane published routes: `serving` targets get traffic, `standby` ones
@@ -200,7 +229,7 @@ class Pool:
     async def prepare(self, target: Target) -> ZygoteReady:
         """Start the revision's zygote (import + init); raises DeployRejected on failure."""
         self._live.add(target.key)  # about to be published: keep-alive must not reap it
-        self._live_functions.add(target.key[:2])
+        self._live_of.setdefault(target.qualified, set()).add(target.key)
         rp = self.open_revision(target)
         rp.retired = False
         rp.warmed_at = time.monotonic()  # keep-alive keeps what a deploy or rollback warmed
@@ -215,6 +244,11 @@ class Pool:
 
     def discard(self, target: Target) -> None:
         self._live.discard(target.key)
+        keys = self._live_of.get(target.qualified)
+        if keys is not None:
+            keys.discard(target.key)
+            if not keys:
+                del self._live_of[target.qualified]
         rp = self._remove(target.key)
         if rp is not None:
             rp.stop()
@@ -236,8 +270,11 @@ class Pool:
     def check_quota(self, target: Target) -> None:
         """Raise 429 when one more instance of `target` would exceed its namespace's quota
         (pool/quotas.py); only the namespace's revisions are counted."""
+        quota = self.quotas.get(target.namespace)
+        if quota is None or not (quota.instances or quota.memory_mb):
+            return  # no list of the namespace's revisions per start (1,000 in `default`)
         mine = [self.revisions[key] for key in self._of_namespace.get(target.namespace, ())]
-        check_quota(self.quotas.get(target.namespace), target, mine)
+        check_quota(quota, target, mine)
 
     # ---- the memory budget, for revision pools ----
     async def make_room(self, rp: RevisionPool, loop_deadline: float | None) -> None:
@@ -370,7 +407,7 @@ class Pool:
                 rp.stop()
                 self._remove(key)
                 self.placement.forget_zygote_dirs(key)
-                if key[:2] not in self._live_functions:  # the function is gone
+                if rp.target.qualified not in self._live_of:  # the function is gone
                     self.activity_of.forget(rp.target.qualified)
                 return None
             return now + STEP
