@@ -9,7 +9,7 @@ import gc
 import importlib
 import io
 import os
-import selectors
+import select
 import signal
 import socket
 import sys
@@ -88,11 +88,11 @@ class Zygote:
         self.handler = handler
         self.prepared = prepared
         self.children: set[int] = set()
+        self.pid = os.getpid()  # 1 in a sandbox's pid namespace; the instances' parent
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
 
     def fork(self, cmd: ForkInstance, fd: int) -> None:
-        me = os.getpid()
         try:
             pid = os.fork()
         except OSError as exc:  # EAGAIN, ENOMEM: this instance fails, the zygote lives on
@@ -101,7 +101,7 @@ class Zygote:
             return
         if pid == 0:
             try:
-                self._become_instance(cmd, fd, me)
+                self._become_instance(cmd, fd, self.pid)
             finally:
                 os._exit(1)  # never back into the zygote's loop
         os.close(fd)
@@ -142,15 +142,18 @@ class Zygote:
         return True
 
     def serve(self) -> None:
+        """Wait for commands and SIGCHLD. A bare poll(), not `selectors`: whatever the zygote
+        does after a fork writes pages its new instance then keeps as private copies."""
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        selector = selectors.DefaultSelector()
-        selector.register(self.channel.sock, selectors.EVENT_READ, "cmd")
-        selector.register(self.wake_r, selectors.EVENT_READ, "chld")
+        poller = select.poll()
+        commands = self.channel.sock.fileno()
+        poller.register(commands, select.POLLIN)
+        poller.register(self.wake_r, select.POLLIN)
         running = True
         while running:
-            for key, _ in selector.select():
-                if key.data == "chld":
+            for fd, _ in poller.poll():
+                if fd != commands:
                     os.read(self.wake_r, 4096)
                     self.reap()
                 elif not self.on_command():
