@@ -107,6 +107,9 @@ _INSTANCES = _header("ember_instances", "gauge", "Instances by function and stat
 _WAITING = _header("ember_waiting_requests", "gauge", "Requests waiting for a free instance")
 _HEADERS = [_header(name, kind, help_text) for name, kind, help_text in FAMILIES]
 SLICE = 0.001  # seconds a scrape runs on the event loop before it lets requests in
+# ... for this long: a request takes several turns of the loop (its head, the instance's answer),
+# and a scrape that yielded one turn at a time took a slice from each of them.
+PAUSE = 0.001
 JOIN_STEP = 100  # functions whose text is joined at once (the histograms: ~200 KB)
 Counts = tuple[int, int, int, int]  # idle, busy, starting, waiting
 
@@ -197,7 +200,7 @@ class Scrape:
         for item in self._todo:
             self._format(item)
             if clock() > until:
-                await asyncio.sleep(0)
+                await asyncio.sleep(PAUSE)
                 until = clock() + SLICE
         parts: list[bytes] = []
         chunks = [chunk for chunk in self._chunks if chunk is not None]
@@ -207,7 +210,7 @@ class Scrape:
                 piece = chunks[start : start + JOIN_STEP]
                 parts.append("".join([chunk[family] for chunk in piece]).encode())
                 if clock() > until:
-                    await asyncio.sleep(0)
+                    await asyncio.sleep(PAUSE)
                     until = clock() + SLICE
         parts.append(self._tail_bytes())
         # Megabytes: bytes.join copies them without the GIL (over 1 MB), on a worker thread.
@@ -275,7 +278,7 @@ class Metrics:
         for n, series in enumerate(list(self._series.values())):
             self._take(series, chunks, todo)
             if n % 32 == 31 and clock() > until:
-                await asyncio.sleep(0)
+                await asyncio.sleep(PAUSE)
                 until = clock() + SLICE
         return Scrape(chunks, todo, self._tail())
 
