@@ -19,6 +19,7 @@ import time
 import msgspec
 
 from ember.runtime import instance, sandbox, zygote
+from ember.runtime.api import Context, Request
 from ember.runtime.channel import Channel
 from ember.wire.frames import frame
 from ember.wire.messages import (
@@ -52,9 +53,10 @@ _STAND_IN = SpawnZygote(
 )
 
 
-def _stand_in(req: object, ctx: object) -> dict[str, bool]:
-    """What the rehearsal calls: Ember's own stand-in, never a user's handler."""
-    return {"ok": True}
+def _stand_in(req: Request, ctx: Context) -> dict[str, bool]:
+    """What the rehearsal calls: Ember's own stand-in, never a user's handler. It reads what
+    handlers usually read."""
+    return {"ok": req.headers.get("host") == "localhost" and not req.query}
 
 
 def rehearse() -> None:
