@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from itertools import accumulate
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from ember.telemetry.series import BUCKETS, FAMILIES, FunctionSeries, Numbers, escape, number
 
@@ -111,6 +111,8 @@ SLICE = 0.001  # seconds a scrape runs on the event loop before it lets requests
 # and a scrape that yielded one turn at a time took a slice from each of them.
 PAUSE = 0.001
 JOIN_STEP = 100  # functions whose text is joined at once (the histograms: ~200 KB)
+STEP = 32  # functions copied or counted between two looks at the clock
+T = TypeVar("T")
 Counts = tuple[int, int, int, int]  # idle, busy, starting, waiting
 
 
@@ -167,6 +169,32 @@ def _heap_text(heap: HeapCounts) -> list[str]:
     return [*pauses, *longest, frozen, full]
 
 
+Steps = Generator[None, None, T]  # work done in steps: it yields where it may pause
+
+
+def _finish(steps: Steps[T]) -> T:
+    """Run `steps` to the end at once."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
+async def _finish_async(steps: Steps[T]) -> T:
+    """Run `steps` on the event loop, pausing PAUSE every SLICE seconds for requests."""
+    clock = time.perf_counter
+    until = clock() + SLICE
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        if clock() > until:
+            await asyncio.sleep(PAUSE)
+            until = clock() + SLICE
+
+
 class Scrape:
     """One /metrics response: what changed was copied on the event loop (`Metrics.scrape`);
     `render()` formats it anywhere, `render_async()` on the event loop in slices."""
@@ -187,49 +215,31 @@ class Scrape:
         return len(self._todo)
 
     def render(self) -> bytes:
-        for item in self._todo:
-            self._format(item)
-        return b"".join([*map(self._family, range(len(_HEADERS))), self._tail_bytes()])
+        return b"".join(_finish(self._parts()))
 
     async def render_async(self) -> bytes:
-        """As `render()`, on the event loop, handing it back to requests every SLICE seconds.
-        (On a worker thread the render held the GIL for the interpreter's switch interval,
-        5 ms, each time the loop wanted it back: a request waited that long, more than once.)"""
-        clock = time.perf_counter
-        until = clock() + SLICE
-        for item in self._todo:
-            self._format(item)
-            if clock() > until:
-                await asyncio.sleep(PAUSE)
-                until = clock() + SLICE
+        """As `render()`, on the event loop, a slice at a time. (On a worker thread the render
+        held the GIL for the interpreter's switch interval each time the loop wanted it back:
+        a request waited that long, more than once.)"""
+        parts = await _finish_async(self._parts())
+        # Megabytes: bytes.join copies them without the GIL (over 1 MB), on a worker thread.
+        return await asyncio.to_thread(b"".join, parts)
+
+    def _parts(self) -> Steps[list[bytes]]:
+        for i, series, version, numbers in self._todo:
+            self._chunks[i] = text = series.render(numbers)
+            series.rendered = (version, text)
+            yield
         parts: list[bytes] = []
         chunks = [chunk for chunk in self._chunks if chunk is not None]
-        for family in range(len(_HEADERS) if chunks else 0):
+        for family in range(len(_HEADERS) if chunks else 0):  # none: no family at all
             parts.append(_HEADERS[family].encode())
             for start in range(0, len(chunks), JOIN_STEP):
                 piece = chunks[start : start + JOIN_STEP]
                 parts.append("".join([chunk[family] for chunk in piece]).encode())
-                if clock() > until:
-                    await asyncio.sleep(PAUSE)
-                    until = clock() + SLICE
-        parts.append(self._tail_bytes())
-        # Megabytes: bytes.join copies them without the GIL (over 1 MB), on a worker thread.
-        return await asyncio.to_thread(b"".join, parts)
-
-    def _format(self, item: tuple[int, FunctionSeries, int, Numbers]) -> None:
-        i, series, version, numbers = item
-        self._chunks[i] = text = series.render(numbers)
-        series.rendered = (version, text)
-
-    def _family(self, family: int) -> bytes:
-        chunks = self._chunks
-        if not chunks:  # a family without samples is left out, as before
-            return b""
-        lines = [chunk[family] for chunk in chunks if chunk is not None]
-        return (_HEADERS[family] + "".join(lines)).encode()
-
-    def _tail_bytes(self) -> bytes:
-        return "".join(self._tail).encode()
+                yield
+        parts.append("".join(self._tail).encode())
+        return parts
 
 
 class Metrics:
@@ -261,42 +271,30 @@ class Metrics:
     def scrape(self) -> Scrape:
         """On the event loop: the cached text of functions not called since they were last
         rendered, a copy of the others' numbers, and the gauges (the pool's statistics)."""
-        chunks: list[tuple[str, ...] | None] = []
-        todo: list[tuple[int, FunctionSeries, int, Numbers]] = []
-        for series in self._series.values():
-            self._take(series, chunks, todo)
-        return Scrape(chunks, todo, self._tail())
+        return _finish(self._scrape())
 
     async def scrape_async(self) -> Scrape:
-        """As `scrape()`, handing the event loop back to requests every SLICE seconds (each
-        function's numbers are copied whole; functions called meanwhile may be one request
-        apart, as they would be a moment later)."""
+        """As `scrape()`, a slice at a time (each function's numbers are copied whole;
+        functions called meanwhile may be one request apart, as they would be a moment
+        later)."""
+        return await _finish_async(self._scrape())
+
+    def render(self) -> bytes:
+        return self.scrape().render()
+
+    def _scrape(self) -> Steps[Scrape]:
         chunks: list[tuple[str, ...] | None] = []
         todo: list[tuple[int, FunctionSeries, int, Numbers]] = []
-        clock = time.perf_counter
-        until = clock() + SLICE
         for n, series in enumerate(list(self._series.values())):
-            self._take(series, chunks, todo)
-            if n % 32 == 31 and clock() > until:
-                await asyncio.sleep(PAUSE)
-                until = clock() + SLICE
-        return Scrape(chunks, todo, self._tail())
-
-    @staticmethod
-    def _take(
-        series: FunctionSeries,
-        chunks: list[tuple[str, ...] | None],
-        todo: list[tuple[int, FunctionSeries, int, Numbers]],
-    ) -> None:
-        version, text = series.rendered
-        if version == series.version:
-            chunks.append(text)
-        else:
-            todo.append((len(chunks), series, series.version, series.numbers()))
-            chunks.append(None)
-
-    def _tail(self) -> list[str]:
-        tail = self._instance_gauges()
+            version, text = series.rendered
+            if version == series.version:
+                chunks.append(text)
+            else:
+                todo.append((len(chunks), series, series.version, series.numbers()))
+                chunks.append(None)
+            if n % STEP == STEP - 1:
+                yield
+        tail = yield from self._instance_gauges()
         if self._node is not None:
             counts = self._node()
             for name, help_text, field in _NODE_GAUGES:
@@ -304,14 +302,11 @@ class Metrics:
                 tail.append(f"{_header(name, 'gauge', help_text)}{name} {value}\n")
         if self._heap is not None:
             tail += _heap_text(self._heap())
-        return tail
+        return Scrape(chunks, todo, tail)
 
-    def render(self) -> bytes:
-        return self.scrape().render()
-
-    def _instance_gauges(self) -> list[str]:
+    def _instance_gauges(self) -> Steps[list[str]]:
         totals: dict[str, Counts] = {}
-        for s in self._stats():
+        for n, s in enumerate(self._stats()):
             idle, busy, starting, waiting = totals.get(s.function, (0, 0, 0, 0))
             totals[s.function] = (
                 idle + s.idle,
@@ -319,14 +314,20 @@ class Metrics:
                 starting + s.starting,
                 waiting + s.waiting,
             )
+            if n % STEP == STEP - 1:
+                yield
         states, waiting_lines = [_INSTANCES], [_WAITING]
-        for function in sorted(totals, key=lambda f: f.partition("/")[::2]):
+        order = sorted(totals, key=lambda f: f.partition("/")[::2])
+        yield
+        for n, function in enumerate(order):
             counts = totals[function]
             cached = self._gauges.get(function)
             if cached is None or cached[0] != counts:
                 cached = self._gauges[function] = (counts, _gauge_text(function, counts))
             states.append(cached[1][0])
             waiting_lines.append(cached[1][1])
+            if n % STEP == STEP - 1:
+                yield
         for gone in self._gauges.keys() - totals.keys():
-            del self._gauges[gone]
+            self._gauges.pop(gone, None)
         return states + waiting_lines
