@@ -122,8 +122,8 @@ class Deploys:
         validate_namespace(namespace)
         async with self.writes:
             deployed = await self._deploy(data, default_name, namespace, canary)
-            for d in deployed:
-                if d.created:
+            for d in deployed:  # a function with no more revisions than it keeps: none go
+                if d.created and d.revision > self.bundles.retention:
                     await self.bundles.collect(qualified(namespace, d.name))
             return deployed
 
