@@ -69,3 +69,18 @@ def test_the_answer_never_changes_between_edges(windows: Windows) -> None:
             for t in (idle_for, (idle_for + until) / 2, until - 0.01):
                 assert zygote_action(windows, zygote, False, t) is answer, (zygote, t)
             idle_for = until + 0.01
+
+
+def test_activity_says_when_a_function_as_a_whole_turns_busy_or_idle() -> None:
+    """The pool steps every revision of a function only then (their zygotes' keep-alive
+    depends on the function's activity, not one revision's)."""
+    from ember.pool.activity import Activity
+
+    activity = Activity(fixed_keepalive=60.0)
+    assert activity.record("default/fn", True, 1.0)  # the first revision turns busy: it does
+    assert not activity.record("default/fn", True, 1.5)  # a second revision: busy already
+    assert not activity.record("default/fn", False, 2.0)  # one of two rests: still busy
+    assert activity.record("default/fn", False, 2.5)  # the last rests: idle
+    assert not activity.record("default/fn", False, 3.0)  # idle already
+    assert activity.record("default/fn", True, 4.0)
+    assert activity.histograms["default/fn"].total == 1  # the 1.5 s idle time, once

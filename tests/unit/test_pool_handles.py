@@ -14,6 +14,7 @@ import pytest
 from ember.config import ServerConfig
 from ember.errors import PlatformError
 from ember.pool import manager
+from ember.pool.call import Call
 from ember.pool.host import PoolSettings
 from ember.pool.instance import Instance
 from ember.pool.manager import Pool
@@ -21,7 +22,7 @@ from ember.pool.placement import MemoryVerdict, Placement
 from ember.pool.revision import RevisionPool
 from ember.pool.target import Target
 from ember.pool.zygote import FunctionZygote
-from ember.spec import FunctionSpec
+from ember.spec import FunctionSpec, ScaleSpec
 from ember.telemetry.buffer import TelemetryBuffer
 from ember.wire.frames import frame
 from ember.wire.messages import Forked, Invoke, Log, Result, ZygoteStarted
@@ -50,9 +51,21 @@ def test_a_pid_reported_without_credentials_is_refused_not_signalled() -> None:
 
 
 class _Host:
-    """The few calls `_timed_out` and `release` make of a host."""
+    """The few calls `submit`, `settle` and the sweep make of a host."""
 
     def activity(self, target: Target, busy: bool, now: float) -> None:
+        pass
+
+    def account(self, rp: RevisionPool) -> None:
+        pass
+
+    def check_quota(self, target: Target) -> None:
+        pass
+
+    async def make_room(self, rp: RevisionPool, loop_deadline: float | None) -> None:
+        pass
+
+    def wake(self, rp: RevisionPool) -> None:
         pass
 
     def freed(self) -> None:
@@ -77,26 +90,85 @@ class _Transport(asyncio.Transport):
         self.written.append(bytes(data))
 
 
-def test_a_timer_that_fires_after_the_result_arrived_kills_nothing() -> None:
-    """Regression: the timeout timer and the result in one loop turn killed the instance,
-    and with concurrency > 1 its other requests got false 502s."""
+class _Caller:
+    def __init__(self) -> None:
+        self.results: list[Result] = []
+        self.errors: list[BaseException] = []
+
+    def resolved(self, result: Result, tier: str, inst: Instance) -> None:
+        self.results.append(result)
+
+    def failed(self, error: BaseException) -> None:
+        self.errors.append(error)
+
+
+def _revision_with_an_instance(
+    concurrency: int, target: Target = TARGET
+) -> tuple[RevisionPool, Instance]:
+    rp = RevisionPool(target, _Host(), PoolSettings(queue_depth=10, init_timeout=5))  # type: ignore[arg-type]
+    inst = Instance("fn-1-abc", concurrency, lambda _i, _m: None, lambda _i: None)
+    inst.connection_made(_Transport())
+    inst.settle = rp.settle
+    rp.instances[inst.id] = inst
+    rp.release(inst)  # idle: the next call takes it
+    return rp, inst
+
+
+def _call(n: int, deadline: float, caller: _Caller) -> Call:
+    return Call(Invoke(f"r{n}", "GET", "/", b"", [], b"", 0.0), deadline, caller, False)
+
+
+def test_a_deadline_swept_after_the_result_arrived_kills_nothing() -> None:
+    """Regression: the timeout and the result in one loop turn killed the instance, and with
+    concurrency > 1 its other requests got false 502s."""
 
     async def main() -> None:
-        rp = RevisionPool(TARGET, _Host(), PoolSettings(queue_depth=10, init_timeout=5))  # type: ignore[arg-type]
-        inst = Instance("fn-1-abc", 4, lambda _i, _m: None, lambda _i: None)
-        inst.connection_made(_Transport())
-        calls = []
-        for n in range(2):
-            msg = Invoke(f"r{n}", "GET", "/", b"", [], b"", 0.0)
-            inst.reserved += 1
-            calls.append((msg, inst.call(msg)))
-        (first, fut), (_second, other) = calls
-        reply = Result(id=first.id, status=200, headers=[], body=b"ok")
+        rp, inst = _revision_with_an_instance(concurrency=4)
+        first, second = _Caller(), _Caller()
+        now = asyncio.get_running_loop().time()
+        rp.submit(_call(0, now - 1, first))  # its deadline has passed already
+        rp.submit(_call(1, now + 30, second))
+        reply = Result(id="r0", status=200, headers=[], body=b"ok")
         inst.data_received(frame(msgspec.msgpack.encode(reply)))
-        assert fut.done()  # the result is in; the awaiting task has not run yet
-        rp._timed_out(inst, first, caller_deadline=False)  # the timer fires in the same turn
+        assert [r.status for r in first.results] == [200]  # answered in that same callback
+        rp._sweep()  # the sweep comes in the same turn
         assert not inst.dead and inst.death is None
-        assert fut.result().status == 200 and not other.done()
+        assert not first.errors and not second.results and not second.errors
+        assert "r1" in inst.inflight
+
+    asyncio.run(main())
+
+
+def test_a_call_past_its_deadline_is_ended_and_its_instance_killed() -> None:
+    async def main() -> None:
+        rp, inst = _revision_with_an_instance(concurrency=1)
+        running, later = _Caller(), _Caller()
+        now = asyncio.get_running_loop().time()
+        rp.submit(_call(0, now - 1, running))
+        rp.submit(_call(1, now + 30, later))
+        rp._sweep()
+        assert inst.dead and "another request on it timed out" in str(inst.death)
+        assert len(running.errors) == 1 and "timed out after" in str(running.errors[0])
+        assert "r0" not in inst.inflight and [c.msg.id for c in rp.calls] == ["r1"]
+        assert not later.errors  # its deadline is 30 s away
+
+    asyncio.run(main())
+
+
+def test_a_call_that_waited_past_its_deadline_is_ended_without_running() -> None:
+    one = Target("fn", 1, "0" * 64, "/nonexistent", FunctionSpec(name="fn", scale=ScaleSpec(max=1)))
+
+    async def main() -> None:
+        rp, inst = _revision_with_an_instance(concurrency=1, target=one)
+        running, waiting = _Caller(), _Caller()
+        now = asyncio.get_running_loop().time()
+        rp.submit(_call(0, now + 30, running))
+        rp.submit(_call(1, now - 1, waiting))  # at scale.max: it waits for the instance
+        assert [c.msg.id for c in rp.waiters] == ["r1"]
+        rp._sweep()
+        assert not rp.waiters and len(waiting.errors) == 1
+        assert "while it was waiting for a free instance" in str(waiting.errors[0])
+        assert not inst.dead and list(inst.inflight) == ["r0"]  # the running one goes on
 
     asyncio.run(main())
 

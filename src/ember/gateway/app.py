@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import msgspec
@@ -17,13 +18,15 @@ from ember.errors import EmberError, PlatformError
 from ember.gateway import rules
 from ember.gateway.router import Route, RouteTable
 from ember.gateway.rules import PREFIX
+from ember.pool.call import Call
+from ember.pool.instance import Instance
 from ember.pool.manager import Pool
 from ember.pool.target import Target
 from ember.telemetry.buffer import TelemetryBuffer, billed_ms
 from ember.telemetry.metrics import Metrics
 from ember.telemetry.outcomes import Outcomes
 from ember.telemetry.records import ActivationRecord
-from ember.wire.messages import Headers, Invoke
+from ember.wire.messages import Headers, Invoke, Result
 
 log = logging.getLogger("ember.gateway")
 _json = msgspec.json.Encoder()
@@ -138,6 +141,7 @@ class Exchange:
         "peak",
         "query",
         "raw_path",
+        "reply",
         "response",
         "rest",
         "rid",
@@ -225,26 +229,25 @@ class Exchange:
         self.held += len(chunk)
         self.chunks.append(chunk)
 
-    async def run(self) -> Response:
-        """The whole body has arrived: invoke the function; never raises."""
+    def start(self, reply: Callable[[Response], None]) -> None:
+        """The whole body has arrived: invoke the function; `reply` gets the response, once,
+        from whatever callback ends the call (at once for a refusal). Never raises."""
+        self.reply = reply
         try:
-            return await self._invoke()
-        except EmberError as exc:
-            return self.fail(exc)
-        except Exception as exc:  # a bug of ours: answer, record, log; never a bare 500
-            log.exception("invocation %s of %s failed inside Ember", self.rid, self.key)
-            return self.fail(rules.internal(exc))
-        finally:
-            self.close()
+            self._submit()
+        except Exception as exc:
+            self.failed(exc)
 
-    async def _invoke(self) -> Response:
+    def _submit(self) -> None:
         gateway = self.gateway
         route = gateway.routes.get(self.key) or self.route  # a deploy may have landed meanwhile
         assert route is not None and self.target is not None
-        target, alias, headers = self.target, self.served_alias, self.headers
+        target, headers = self.target, self.headers
         if route is not self.route:
             sticky = rules.header(self.sent, b"x-request-id")
-            target, alias = rules.choose(route, self.alias, sticky or self.rid.encode(), self.name)
+            target, self.served_alias = rules.choose(
+                route, self.alias, sticky or self.rid.encode(), self.name
+            )
             self.target = target
             if rules.private(route, target) and not self.authorized:  # it became private meanwhile
                 headers = gateway._authorize(target, self.sent)
@@ -263,22 +266,44 @@ class Exchange:
             deadline=self.started + timeout,
             revision=target.number,
         )
-        loop_deadline = gateway.loop.time() + timeout
         self.caller = timeout < target.spec.timeout
-        result, self.tier, inst = await gateway.pool.open_revision(target).invoke(
-            msg, loop_deadline, caller_deadline=self.caller
-        )
-        self.instance, self.peak = inst.id, result.max_rss_kb
-        if result.error is not None and result.error.kind == "memory":
-            raise rules.memory_error(target, result)
-        response = Response(
-            result.status,
-            rules.function_headers(result.headers, target) + self._ember_headers(alias),
-            result.body,
-        )
-        error = result.error.error_type if result.error is not None else None
-        gateway._record(self, target, result.status, error)
-        return response
+        call = Call(msg, gateway.loop.time() + timeout, self, self.caller)
+        gateway.pool.open_revision(target).submit(call)
+
+    def resolved(self, result: Result, tier: str, inst: Instance) -> None:
+        """The function answered (whatever its status)."""
+        self.tier, self.instance, self.peak = tier, inst.id, result.max_rss_kb
+        target = self.target
+        assert target is not None
+        try:
+            if result.error is not None and result.error.kind == "memory":
+                raise rules.memory_error(target, result)
+            response = Response(
+                result.status,
+                rules.function_headers(result.headers, target)
+                + self._ember_headers(self.served_alias),
+                result.body,
+            )
+            error = result.error.error_type if result.error is not None else None
+            self.gateway._record(self, target, result.status, error)
+        except Exception as exc:
+            self.failed(exc)
+            return
+        self.close()
+        self.reply(response)
+
+    def failed(self, error: BaseException) -> None:
+        """No answer from the function: an `EmberError` says why; anything else is a bug of
+        ours, answered, recorded and logged, never a bare 500."""
+        if not isinstance(error, EmberError):
+            log.error(
+                "invocation %s of %s failed inside Ember",
+                self.rid,
+                self.key,
+                exc_info=(type(error), error, error.__traceback__),
+            )
+            error = rules.internal(error)
+        self.reply(self.fail(error))
 
     def fail(self, exc: EmberError) -> Response:
         """Answer with the error (recorded when the request reached a function)."""

@@ -110,7 +110,7 @@ def timeout(raw: bytes | None, target: Target) -> float:
     return min(asked, target.spec.timeout)
 
 
-def internal(exc: Exception) -> PlatformError:
+def internal(exc: BaseException) -> PlatformError:
     return PlatformError(
         f"Ember failed while handling this request ({type(exc).__name__}); see the server log",
         code="internal",

@@ -18,8 +18,9 @@ class Activity:
         self._busy: dict[str, int] = {}  # revisions of the function with requests now
         self._idle_since: dict[str, float] = {}  # end of the function's last activity
 
-    def record(self, function: str, busy: bool, now: float) -> None:
-        """A revision of `function` got its first request in flight, or its last one done."""
+    def record(self, function: str, busy: bool, now: float) -> bool:
+        """A revision of `function` got its first request in flight, or its last one done;
+        True when that turned the function as a whole busy, or idle."""
         count = self._busy.get(function, 0)
         if busy:
             if count == 0 and function in self._idle_since:
@@ -28,12 +29,13 @@ class Activity:
                     hist = self.histograms[function] = IdleHistogram()
                 hist.record(now - self._idle_since[function])
             self._busy[function] = count + 1
-            return
+            return count == 0
         if count <= 1:
             self._busy.pop(function, None)
             self._idle_since[function] = now
-        else:
-            self._busy[function] = count - 1
+            return count == 1
+        self._busy[function] = count - 1
+        return False
 
     def busy(self, function: str) -> bool:
         return function in self._busy

@@ -30,8 +30,9 @@ evicts only as their real use (plus the caps of what works) nears it.
 The budget only sees `Occupant`s: each says what it counts now and what it still needs for its
 `scale.min`, and offers `Eviction`s; the budget picks among the offers and never edits an
 occupant itself. Occupants tell the budget when what they count may have changed
-(`account`), so the totals are kept as they change and a start's check costs the same however
-many functions the node holds; only an eviction looks at every occupant.
+(`account`), and the budget counts those again when its totals are next read: a start's check
+costs the same however many functions the node holds, a warm request's steps between idle and
+busy cost a set insertion, and only an eviction looks at every occupant.
 """
 
 from __future__ import annotations
@@ -83,14 +84,26 @@ class MemoryBudget:
         self._counted: dict[Occupant, tuple[int, int]] = {}  # (counted, reserve) kB, as told
         self._used_kb = 0
         self._reserved_kb = 0
+        self._changed: set[Occupant] = set()  # told of, not counted again yet
+        self._waiting = 0  # starts in make_room waiting for memory to be freed
 
     # ---- the totals, kept as occupants change ----
     def account(self, occupant: Occupant) -> None:
-        """`occupant` may count something else now: update the totals (O(1) here)."""
-        self._set(occupant, (occupant.counted_kb(), occupant.reserve_kb()))
+        """`occupant` may count something else now. Counted again when the totals are next
+        read (a request's every step from idle to busy and back tells, and reads nothing), or
+        at once while a start waits for memory (it may have been freed)."""
+        self._changed.add(occupant)
+        if self._waiting:
+            self._count_changed()
+
+    def _count_changed(self) -> None:
+        changed, self._changed = self._changed, set()
+        for occupant in changed:
+            self._set(occupant, (occupant.counted_kb(), occupant.reserve_kb()))
 
     def leave(self, occupant: Occupant) -> None:
         """`occupant` is gone: it counts nothing any more."""
+        self._changed.discard(occupant)
         self._set(occupant, (0, 0))
         self._counted.pop(occupant, None)
 
@@ -105,14 +118,16 @@ class MemoryBudget:
             self.freed()
 
     def used_kb(self) -> int:
+        self._count_changed()
         return self._used_kb
 
     def used_mb(self) -> int:
         """What every instance, zygote and spare counts now (see the policy), in MB."""
-        return -(-self._used_kb // KB)
+        return -(-self.used_kb() // KB)
 
     def _others_reserve_kb(self, asking: Occupant) -> int:
         """What the other live revisions need to reach their scale.min: kept free for them."""
+        self._count_changed()
         return self._reserved_kb - self._counted.get(asking, (0, 0))[1]
 
     # ---- starts ----
@@ -129,7 +144,7 @@ class MemoryBudget:
             # Its zygote may not yet count: it will, at its cap, until it is measured.
             zygote = 0 if asking.zygote_alive else asking.memory_mb * KB
             reserved = 0 if asking.within_min else self._others_reserve_kb(asking)
-            short = self._used_kb + zygote + reserved - self.mb * KB
+            short = self.used_kb() + zygote + reserved - self.mb * KB
             if short <= 0:
                 return
             # A start of the autoscaler or `ember scale` only evicts for scale.min.
@@ -141,10 +156,15 @@ class MemoryBudget:
             if loop_deadline is None or remaining <= 0:
                 raise self._spent(asking, asking.memory_mb + zygote // KB, reserved // KB)
             self._freed.clear()
+            self._waiting += 1
             try:
-                await asyncio.wait_for(self._freed.wait(), remaining)
+                self._count_changed()  # what changed before it waited may have freed some
+                if not self._freed.is_set():
+                    await asyncio.wait_for(self._freed.wait(), remaining)
             except TimeoutError:
                 pass
+            finally:
+                self._waiting -= 1
 
     def _spent(self, asking: Occupant, need: int, reserved: int) -> CapacityError:
         kept = f", {reserved} MB kept for scale.min of others" if reserved else ""
@@ -177,7 +197,7 @@ class MemoryBudget:
     def fits(self, asking: Occupant, kb: int) -> bool:
         """Whether `kb` more for `asking` fit without evicting, room for scale.min kept."""
         self.account(asking)
-        return self._used_kb + self._others_reserve_kb(asking) + kb <= self.mb * KB
+        return self.used_kb() + self._others_reserve_kb(asking) + kb <= self.mb * KB
 
     def check_prewarm(self, asking: Occupant) -> None:
         """A pre-warm only uses memory that is free: it never evicts nor waits."""

@@ -3,9 +3,7 @@ naming the function, what happened and what to change."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
-from typing import TypeVar
 
 from ember.errors import (
     CapacityError,
@@ -15,8 +13,6 @@ from ember.errors import (
     FunctionTimeout,
 )
 from ember.pool.placement import MemoryVerdict
-
-T = TypeVar("T")
 
 
 def crash(function: str, memory_mb: int, verdict: MemoryVerdict, status: int | None) -> EmberError:
@@ -71,13 +67,10 @@ def killed_beside(function: str) -> FunctionCrashed:
     )
 
 
-def expire(fut: asyncio.Future[T], function: str, scale_max: int) -> None:
+def waited_too_long(function: str, scale_max: int) -> FunctionTimeout:
     """A waiter's deadline passed while it was still in the queue."""
-    if not fut.done():
-        fut.set_exception(
-            FunctionTimeout(
-                f"function '{function}': the request's deadline passed while it was waiting for "
-                f"a free instance (all {scale_max} busy at scale.max); it never ran. Raise "
-                "scale.max or timeout: in ember.yaml"
-            )
-        )
+    return FunctionTimeout(
+        f"function '{function}': the request's deadline passed while it was waiting for "
+        f"a free instance (all {scale_max} busy at scale.max); it never ran. Raise "
+        "scale.max or timeout: in ember.yaml"
+    )

@@ -8,15 +8,23 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 
 from ember.errors import EmberError
 from ember.wire.frames import FrameDecoder, frame
-from ember.wire.messages import InstanceMessage, Invoke, Log, Result, Shutdown
+from ember.wire.messages import InstanceMessage, Log, Result, Shutdown
+
+if TYPE_CHECKING:
+    from ember.pool.call import Call
 
 log = logging.getLogger("ember.pool")
+Settle = Callable[["Call", Result | None, BaseException | None], None]
+
+
+def _unowned(call: Call, result: Result | None, error: BaseException | None) -> None:
+    raise RuntimeError(f"instance got a call ({call.msg.id}) before a pool owned it")
 
 
 class Instance(asyncio.Protocol):
@@ -35,7 +43,7 @@ class Instance(asyncio.Protocol):
         self.placed: asyncio.Future[None] | None = None
         self.pid_known: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.pid = 0
-        self.inflight: dict[str, asyncio.Future[Result]] = {}
+        self.inflight: dict[str, Call] = {}  # sent, no result yet; by request id
         self.idle_since = time.monotonic()
         self.reserved = 0  # handed out by the pool, call() not made yet
         self.calls = 0  # requests sent to it
@@ -47,6 +55,7 @@ class Instance(asyncio.Protocol):
         self.exit_status: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._on_log = on_log
         self._on_lost = on_lost
+        self.settle: Settle = _unowned  # its revision's pool's, once it owns it: a call ended
         self._transport: asyncio.Transport | None = None
         self._frames = FrameDecoder()
         self._encoder = msgspec.msgpack.Encoder()
@@ -71,11 +80,12 @@ class Instance(asyncio.Protocol):
                 log.warning("instance %s sent an invalid frame (%s); killing it", self.id, exc)
                 self.kill()
                 return
-            if isinstance(msg, Result):
-                self.peak_kb = max(self.peak_kb, msg.max_rss_kb)
-                fut = self.inflight.pop(msg.id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
+            if type(msg) is Result:
+                if msg.max_rss_kb > self.peak_kb:
+                    self.peak_kb = msg.max_rss_kb
+                call = self.inflight.pop(msg.id, None)
+                if call is not None:  # else it ran past its deadline and was ended
+                    self.settle(call, msg, None)
             elif isinstance(msg, Log):
                 self._on_log(self, msg)
 
@@ -93,14 +103,13 @@ class Instance(asyncio.Protocol):
     def has_room(self) -> bool:
         return not self.dead and len(self.inflight) + self.reserved < self.concurrency
 
-    def call(self, msg: Invoke) -> asyncio.Future[Result]:
-        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self.inflight[msg.id] = fut
+    def call(self, call: Call) -> None:
+        """Send a call reserved for it; `settle` hears of its result (or its loss)."""
+        self.inflight[call.msg.id] = call
         self.reserved -= 1
         self.calls += 1
         assert self._transport is not None
-        self._transport.write(frame(self._encoder.encode(msg)))
-        return fut
+        self._transport.write(frame(self._encoder.encode(call.msg)))
 
     def measured(self, calls: int, kb: int) -> None:
         """Its memory use, measured when it had served `calls` requests."""
@@ -173,7 +182,7 @@ class Instance(asyncio.Protocol):
             self._transport.close()
 
     def fail_all(self, error: EmberError) -> None:
-        for fut in self.inflight.values():
-            if not fut.done():
-                fut.set_exception(error)
+        calls = list(self.inflight.values())
         self.inflight.clear()
+        for call in calls:
+            self.settle(call, None, error)

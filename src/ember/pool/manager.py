@@ -356,11 +356,10 @@ class Pool:
         The revision is stepped at the next tick; when the function as a whole turned busy or
         idle (its zygotes' keep-alive answer depends on it), all its revisions are."""
         fn = target.qualified
-        was_busy = self.activity_of.busy(fn)
-        self.activity_of.record(fn, busy, now)
-        keys = self._of_function.get(fn, ()) if self.activity_of.busy(fn) != was_busy else ()
-        for key in {target.key, *keys}:
-            self.due.wake(key)
+        self.due.wake(target.key)
+        if self.activity_of.record(fn, busy, now):
+            for key in self._of_function.get(fn, ()):
+                self.due.wake(key)
         rp = self.revisions.get(target.key)
         if not busy and rp is not None:
             self.usage.measure(rp.occupancy, now)

@@ -25,9 +25,10 @@ from typing import Any
 import msgspec
 
 from ember.autoscaler.scaler import Decision, Window, decide
-from ember.errors import DeployRejected, FunctionError, PlatformError
+from ember.errors import DeployRejected, EmberError, FunctionError, PlatformError
 from ember.pool import failures
 from ember.pool.budget import KB
+from ember.pool.call import SWEEP, Awaited, Call, State
 from ember.pool.host import SPARE, TIERS, WARM, PoolHost, PoolSettings, RevisionStats
 from ember.pool.instance import Instance
 from ember.pool.occupancy import Occupancy
@@ -48,7 +49,9 @@ class RevisionPool:
         self.settings = settings
         self.instances: dict[str, Instance] = {}
         self.idle: list[Instance] = []
-        self.waiters: deque[asyncio.Future[Instance | None]] = deque()
+        self.waiters: deque[Call] = deque()  # for a free instance, or room to start one
+        self.calls: set[Call] = set()  # submitted and not settled: their deadlines are swept
+        self._sweeping = False
         self.starting = 0
         self.slot = ZygoteSlot(
             target, host.start_zygote, host.system_log, settings.init_timeout, self._zygote_changed
@@ -70,35 +73,125 @@ class RevisionPool:
         self.window = Window(self.spec.scale.window)
         self.asleep = False  # quiet at its last step: the pool stopped stepping it until woken
 
-    # ---- the hot path ----
+    # ---- the hot path (call.py) ----
+    def submit(self, call: Call) -> None:
+        """Serve a call: an idle instance takes it at once; otherwise a start (a task, for the
+        start alone) or a place in the queue. Its caller hears of its end."""
+        self._load(1)
+        self.calls.add(call)
+        if not self._sweeping:
+            self._sweeping = True
+            asyncio.get_running_loop().call_later(SWEEP, self._sweep)
+        self._dispatch(call)
+
     async def invoke(
         self, msg: Invoke, loop_deadline: float, caller_deadline: bool = False
     ) -> tuple[Result, str, Instance]:
-        """`caller_deadline`: the deadline is the caller's (X-Ember-Timeout), shorter than the
-        function's timeout; when it passes, only this request ends."""
-        self._load(1)
-        try:
-            inst, tier = await self.acquire(loop_deadline)
-            while inst.dead:  # died between the hand-off and now: take another
-                inst.reserved -= 1
-                inst, tier = await self.acquire(loop_deadline)
+        """`submit()` for code that awaits the result. `caller_deadline`: the deadline is the
+        caller's (X-Ember-Timeout), shorter than the function's timeout; when it passes, only
+        this request ends."""
+        awaited = Awaited(asyncio.get_running_loop())
+        self.submit(Call(msg, loop_deadline, awaited, caller_deadline))
+        return await awaited.future
+
+    def _dispatch(self, call: Call) -> None:
+        inst = self._take_idle()
+        if inst is not None:
+            self._send(call, inst, WARM)
+        elif self.count < self.spec.scale.max:
             try:
-                fut = inst.call(msg)
-                timer = asyncio.get_running_loop().call_at(
-                    loop_deadline, self._timed_out, inst, msg, caller_deadline
-                )
-                try:
-                    result = await fut
-                finally:
-                    timer.cancel()
-            finally:
-                self.release(inst)
-        finally:
-            self._load(-1)
-        self.starts[tier] += 1
-        if tier == SPARE:
-            self.spare.succeeded()
-        return result, tier, inst
+                self.host.check_quota(self.target)  # the namespace's quotas (429 naming one)
+            except EmberError as exc:
+                self.settle(call, None, exc)
+                return
+            call.state = State.STARTING
+            self.starting += 1  # counts within scale.max at once, before the task runs
+            self._background(self._start_call(call))
+        elif len(self.waiters) >= self.settings.queue_depth:
+            full = failures.queue_full(self.target.function, self.spec.scale.max, len(self.waiters))
+            self.settle(call, None, full)
+        else:
+            call.state = State.WAITING
+            self.waiters.append(call)
+
+    def _send(self, call: Call, inst: Instance, tier: str) -> None:
+        if inst.dead:  # died between the hand-off and now: take another
+            inst.reserved -= 1
+            self._dispatch(call)
+            return
+        call.state, call.inst, call.tier = State.RUNNING, inst, tier
+        inst.call(call)
+
+    async def _start_call(self, call: Call) -> None:
+        """A start bounded by the request's deadline; init failures are the function's (502)."""
+        try:
+            async with asyncio.timeout_at(call.deadline):
+                inst, tier = await self._start(call.deadline, counted=True)
+        except TimeoutError:
+            timed_out = failures.start_timed_out(self.target.function, self.spec.timeout)
+            self.settle(call, None, timed_out)
+        except DeployRejected as exc:
+            error = FunctionError(exc.message, code="init_failed", detail=exc.detail)
+            for waiter in list(self.waiters):  # they would only import the same module again
+                self.waiters.remove(waiter)
+                self.settle(waiter, None, error)
+            self.settle(call, None, error)
+        except asyncio.CancelledError:  # the server is stopping
+            self.settle(call, None, PlatformError("the server stopped before the request ran"))
+            raise
+        except Exception as exc:  # EmberErrors (quota, memory) and our own bugs alike
+            self.settle(call, None, exc)
+        else:
+            self._send(call, inst, tier)
+
+    def settle(self, call: Call, result: Result | None, error: BaseException | None) -> None:
+        """The call's end (a result, or an error): its instance back to the pool, its caller
+        told. Once: a second settle (a result racing its deadline) is ignored."""
+        if call.state is State.DONE:
+            return
+        running = call.state is State.RUNNING
+        call.state = State.DONE
+        self.calls.discard(call)
+        if running:
+            assert call.inst is not None
+            self.release(call.inst)
+        self._load(-1)
+        try:
+            if error is None:
+                assert result is not None and call.inst is not None
+                self.starts[call.tier] += 1
+                if call.tier == SPARE:
+                    self.spare.succeeded()
+                call.caller.resolved(result, call.tier, call.inst)
+            else:
+                call.caller.failed(error)
+        except Exception:  # the caller's bug must not break the instance's protocol
+            log.exception("answering request %s of %s failed", call.msg.id, self.target.label)
+
+    def _sweep(self) -> None:
+        """End what is past its deadline: a waiting call (it never ran) or a running one (its
+        instance is killed, unless the deadline was the caller's and others share it)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for call in [c for c in self.calls if c.deadline <= now]:
+            if call.state is State.WAITING:
+                self.waiters.remove(call)
+                expired = failures.waited_too_long(self.target.function, self.spec.scale.max)
+                self.settle(call, None, expired)
+            elif call.state is State.RUNNING:
+                self._timed_out(call)
+        self._sweeping = bool(self.calls)
+        if self._sweeping:
+            loop.call_later(SWEEP, self._sweep)
+
+    def _timed_out(self, call: Call) -> None:
+        inst = call.inst
+        assert inst is not None
+        inst.inflight.pop(call.msg.id, None)
+        name = self.target.function
+        if not (call.own_deadline and inst.concurrency > 1):  # else others run on it: they
+            inst.kill(failures.killed_beside(name))  # keep their deadlines; its answer is dropped
+        self.settle(call, None, failures.ran_too_long(name, self.spec.timeout, call.own_deadline))
 
     def _load(self, delta: int) -> None:
         now = time.monotonic()
@@ -113,74 +206,32 @@ class RevisionPool:
             self.host.activity(self.target, busy=False, now=now)  # at rest: measured soon
             self._account()  # its idle instances count as last measured (plus their growth)
 
-    async def acquire(self, loop_deadline: float) -> tuple[Instance, str]:
-        while True:
-            inst = self._take_idle()
-            if inst is not None:
-                return inst, WARM
-            if self.count < self.spec.scale.max:
-                return await self._start_for_request(loop_deadline)
-            got = await self._wait(loop_deadline)
-            if got is not None:
-                return got, WARM
-            # woken because room was freed: check again, someone may have taken it meanwhile
-
-    async def _start_for_request(self, loop_deadline: float) -> tuple[Instance, str]:
-        """A start bounded by the request's deadline; init failures are the function's (502)."""
-        try:
-            async with asyncio.timeout_at(loop_deadline):  # same task: `starting` counts at once
-                return await self._start(loop_deadline)
-        except TimeoutError:
-            raise failures.start_timed_out(self.target.function, self.spec.timeout) from None
-        except DeployRejected as exc:
-            error = FunctionError(exc.message, code="init_failed", detail=exc.detail)
-            for waiter in self.waiters:  # they would only import the same module again
-                if not waiter.done():
-                    waiter.set_exception(error)
-            raise error from None
-
     @property
     def count(self) -> int:
         return len(self.instances) + self.starting
 
     def _take_idle(self) -> Instance | None:
-        while self.idle:
-            inst = self.idle[-1]
-            if not inst.has_room:
-                self.idle.pop()
+        idle = self.idle
+        while idle:
+            inst = idle[-1]
+            room = inst.concurrency - len(inst.inflight) - inst.reserved  # `has_room`, inline
+            if inst.dead or room <= 0:
+                idle.pop()
                 inst.listed = False
                 continue
             inst.reserved += 1
-            if not inst.has_room:
-                self.idle.pop()
+            if room == 1:
+                idle.pop()
                 inst.listed = False
             return inst
         return None
-
-    async def _wait(self, loop_deadline: float) -> Instance | None:
-        if len(self.waiters) >= self.settings.queue_depth:
-            raise failures.queue_full(self.target.function, self.spec.scale.max, len(self.waiters))
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Instance | None] = loop.create_future()
-        self.waiters.append(fut)
-        timer = loop.call_at(
-            loop_deadline, failures.expire, fut, self.target.function, self.spec.scale.max
-        )
-        try:
-            return await fut
-        finally:
-            timer.cancel()
-            if fut in self.waiters:
-                self.waiters.remove(fut)
 
     def release(self, inst: Instance) -> None:
         if not inst.has_room:
             return
         while self.waiters and inst.has_room:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                inst.reserved += 1
-                waiter.set_result(inst)
+            inst.reserved += 1
+            self._send(self.waiters.popleft(), inst, WARM)
         if inst.has_room and not inst.listed:
             self.idle.append(inst)
             inst.listed = True
@@ -197,9 +248,13 @@ class RevisionPool:
         """A zygote runs or is being started (it counts against memory from the start)."""
         return self.slot.alive
 
-    async def _start(self, loop_deadline: float | None) -> tuple[Instance, str]:
-        self.host.check_quota(self.target)  # the namespace's quotas (429 naming the one reached)
-        self.starting += 1  # holds its place within scale.max (and its memory) from here
+    async def _start(
+        self, loop_deadline: float | None, counted: bool = False
+    ) -> tuple[Instance, str]:
+        """`counted`: the caller checked the quotas and counted it in `starting` already."""
+        if not counted:
+            self.host.check_quota(self.target)  # the namespace's quotas (429 naming the one)
+            self.starting += 1  # holds its place within scale.max (and its memory) from here
         try:
             await self.host.make_room(self, loop_deadline)  # the node's memory budget
             inst, tier = await self._new_instance()
@@ -211,6 +266,7 @@ class RevisionPool:
             raise
         self.starting -= 1
         inst.reserved += 1
+        inst.settle = self.settle
         self.instances[inst.id] = inst
         self._account()
         self.release(inst)  # room beyond this request (concurrency > 1): waiters, idle list
@@ -239,11 +295,8 @@ class RevisionPool:
         return self.slot.ready()
 
     def _wake_waiter(self) -> None:
-        while self.waiters and self.count < self.spec.scale.max:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # room for one more: the waiter starts it
-                return
+        if self.waiters and self.count < self.spec.scale.max:
+            self._dispatch(self.waiters.popleft())  # room for one more: a start for it
 
     async def _fork(self, zygote: FunctionZygote) -> Instance:
         iid = f"{self.target.function}-{self.target.number}-{secrets.token_hex(3)}"
@@ -305,17 +358,6 @@ class RevisionPool:
             inst.fail_all(inst.death or cause)
         inst.close_pidfd()
         self.host.release_cgroup(inst.cgroup)
-
-    def _timed_out(self, inst: Instance, msg: Invoke, caller_deadline: bool) -> None:
-        fut = inst.inflight.get(msg.id)
-        if fut is None or fut.done():
-            return  # its result came in the same loop turn: nothing ran over its time
-        del inst.inflight[msg.id]
-        name = self.target.function
-        fut.set_exception(failures.ran_too_long(name, self.spec.timeout, caller_deadline))
-        if caller_deadline and inst.concurrency > 1:
-            return  # other requests run on it: they keep their own deadlines; its answer is dropped
-        inst.kill(failures.killed_beside(name))
 
     # ---- autoscaling, keep-alive, the spare ----
     def autoscale(self, now: float, step: float) -> Decision:

@@ -65,7 +65,16 @@ class Request:
     """One HTTP request as the function sees it. `path` is what follows /fn/NAME, percent-decoded;
     `raw_path` the same part exactly as sent, percent-encoding kept (`a%2Fb` stays one segment)."""
 
-    __slots__ = ("_query", "body", "headers", "method", "path", "query_string", "raw_path")
+    __slots__ = (
+        "_headers",
+        "_query",
+        "_sent",
+        "body",
+        "method",
+        "path",
+        "query_string",
+        "raw_path",
+    )
 
     def __init__(
         self,
@@ -80,11 +89,19 @@ class Request:
         self.path = path
         self.raw_path = path if raw_path is None else raw_path
         self.query_string = query_string
-        self.headers = MultiDict(
-            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers], fold=True
-        )
+        self._sent = headers
+        self._headers: MultiDict | None = None
         self.body = body
         self._query: MultiDict | None = None
+
+    @property
+    def headers(self) -> MultiDict:
+        """Names case-insensitive; decoded when first read (a handler that never reads them
+        costs nothing for them)."""
+        if self._headers is None:
+            pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self._sent]
+            self._headers = MultiDict(pairs, fold=True)
+        return self._headers
 
     @property
     def query(self) -> MultiDict:

@@ -58,6 +58,8 @@ class CaptureStream(io.TextIOBase):
         self.flush_request(current_request.get())
 
     def flush_request(self, rid: str) -> None:
+        if rid not in self._buffers:  # nothing written for it: the usual case, without the lock
+            return
         with self._lock:
             parts = self._buffers.pop(rid, None)
             self._sizes.pop(rid, None)

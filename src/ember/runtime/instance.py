@@ -100,11 +100,11 @@ class InstanceLoop:
         if result.error is not None and result.error.kind == "memory":
             os._exit(70)  # the heap may be corrupt; the server forks a fresh one
 
-    def outcome(self, msg: Invoke, call: Callable[[], Any]) -> Result:
+    def outcome(self, msg: Invoke, handler: Handler, req: Request, ctx: Context) -> Result:
         if self.hook_error is not None:
             return convert.error_result(msg.id, self.hook_error)
         try:
-            return convert.to_result(msg.id, call())
+            return convert.to_result(msg.id, handler(req, ctx))
         except MemoryError as exc:
             return convert.error_result(msg.id, exc, kind="memory")
         except Exception as exc:
@@ -115,7 +115,7 @@ class InstanceLoop:
         token = current_request.set(msg.id)
         try:
             req, ctx = self.context(msg)
-            result = self.outcome(msg, lambda: self.handler(req, ctx))
+            result = self.outcome(msg, self.handler, req, ctx)
             self.finish(msg, result, started)
         except BaseException:  # sys.exit() in a handler, even on a worker thread: a crash
             os._exit(1)

@@ -146,6 +146,27 @@ class Front(HttpToolsProtocol):
         )
 
     # ---- the parser's callbacks: /fn/ to the gateway, the rest to uvicorn's ASGI cycle ----
+    def on_message_begin(self) -> None:
+        """uvicorn's, without the ASGI scope: only a request that takes the ASGI path gets one
+        (`_asgi_scope`)."""
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+
+    def _asgi_scope(self) -> None:
+        """The scope uvicorn's `on_message_begin` makes; its `on_headers_complete` fills it."""
+        self.scope = {  # type: ignore[typeddict-item]
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,  # type: ignore[typeddict-item]
+            "root_path": self.root_path,
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+        }
+
     def on_headers_complete(self) -> None:
         self._in_head, self._head_since = False, None
         url = httptools.parse_url(self.url)
@@ -153,6 +174,7 @@ class Front(HttpToolsProtocol):
         if "%" in path:
             path = urllib.parse.unquote(path)
         if not path.startswith(PREFIX) or self.parser.should_upgrade():
+            self._asgi_scope()
             super().on_headers_complete()
             return
         parser = self.parser
@@ -213,12 +235,7 @@ class Front(HttpToolsProtocol):
             self._write(cycle, cycle.exchange.response)
         elif cycle.whole:
             cycle.running = True
-            task = self.loop.create_task(self._run(cycle))
-            task.add_done_callback(self.tasks.discard)
-            self.tasks.add(task)
-
-    async def _run(self, cycle: FunctionCycle) -> None:
-        self._write(cycle, await cycle.exchange.run())
+            cycle.exchange.start(functools.partial(self._write, cycle))
 
     def _write(self, cycle: FunctionCycle, response: Response) -> None:
         cycle.response_complete = True
@@ -267,7 +284,17 @@ class Front(HttpToolsProtocol):
                     "large values in the body",
                 )
                 return
-        super().data_received(data)
+        try:  # uvicorn's, without its keep-alive timer (the sweep closes idle connections)
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
 
     def _answer(self, status: bytes, code: str, message: str, retry: bool = False) -> None:
         self._head_since = None

@@ -34,6 +34,10 @@ class FrameDecoder:
         self._need = -1
 
     def feed(self, data: bytes) -> list[bytes]:
+        if self._need < 0 and not self._buf and len(data) >= 4:  # the usual read: whole frames
+            (need,) = _HEADER.unpack_from(data)
+            if len(data) == 4 + need and need <= MAX_FRAME:
+                return [data[4:]]
         self._buf += data
         frames: list[bytes] = []
         while True:
