@@ -227,15 +227,17 @@ class RevisionPool:
         return None
 
     def release(self, inst: Instance) -> None:
-        if not inst.has_room:
-            return
-        while self.waiters and inst.has_room:
+        waiters = self.waiters  # (`has_room` inline below: a hot path)
+        while waiters and not inst.dead and len(inst.inflight) + inst.reserved < inst.concurrency:
             inst.reserved += 1
-            self._send(self.waiters.popleft(), inst, WARM)
-        if inst.has_room and not inst.listed:
+            self._send(waiters.popleft(), inst, WARM)
+        if inst.dead:
+            return
+        taken = len(inst.inflight) + inst.reserved
+        if taken < inst.concurrency and not inst.listed:
             self.idle.append(inst)
             inst.listed = True
-        if not inst.busy:
+        if not taken:
             inst.idle_since = time.monotonic()
 
     # ---- starting instances ----
