@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import msgspec
 
@@ -22,7 +22,7 @@ from ember.pool.call import Call
 from ember.pool.instance import Instance
 from ember.pool.manager import Pool
 from ember.pool.target import Target
-from ember.telemetry.buffer import TelemetryBuffer
+from ember.telemetry.buffer import TelemetryBuffer, billed_ms
 from ember.telemetry.metrics import Metrics
 from ember.telemetry.outcomes import Outcomes
 from ember.telemetry.records import ActivationRecord
@@ -32,9 +32,10 @@ log = logging.getLogger("ember.gateway")
 _json = msgspec.json.Encoder()
 
 
-# (status, the response's own headers (no framing: the HTTP front adds it), body). A plain
-# tuple: a NamedTuple's constructor is a Python call on every request.
-Response = tuple[int, Headers, bytes]
+class Response(NamedTuple):
+    status: int
+    headers: Headers  # the response's own headers: no framing (the HTTP front adds it)
+    body: bytes
 
 
 class Gateway:
@@ -111,7 +112,7 @@ class Gateway:
                 tier=ex.tier,
                 instance=ex.instance,
                 peak_memory_kb=ex.peak,
-                billed_ms=max(1, math.ceil(ms)),  # `billed_ms()`, inline
+                billed_ms=billed_ms(ms),
                 error=error,
             )
         )
@@ -277,9 +278,12 @@ class Exchange:
         try:
             if result.error is not None and result.error.kind == "memory":
                 raise rules.memory_error(target, result)
-            headers = rules.function_headers(result.headers, target)
-            headers += self._ember_headers(self.served_alias)
-            response = (result.status, headers, result.body)
+            response = Response(
+                result.status,
+                rules.function_headers(result.headers, target)
+                + self._ember_headers(self.served_alias),
+                result.body,
+            )
             error = result.error.error_type if result.error is not None else None
             self.gateway._record(self, target, result.status, error)
         except Exception as exc:
@@ -306,7 +310,7 @@ class Exchange:
         headers = [(b"content-type", b"application/json")]
         headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
         body = _json.encode({"error": rules.error_body(exc, self.rid)})
-        self.response = (exc.status, headers + self._ember_headers(""), body)
+        self.response = Response(exc.status, headers + self._ember_headers(""), body)
         if self.target is not None:
             self.gateway._record(self, self.target, exc.status, exc.code)
         self.close()

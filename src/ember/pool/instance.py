@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
@@ -14,14 +13,13 @@ from typing import TYPE_CHECKING, cast
 import msgspec
 
 from ember.errors import EmberError
-from ember.wire.frames import MAX_FRAME, FrameDecoder, FrameTooLarge, frame
+from ember.wire.frames import FrameDecoder, frame
 from ember.wire.messages import InstanceMessage, Log, Result, Shutdown
 
 if TYPE_CHECKING:
     from ember.pool.call import Call
 
 log = logging.getLogger("ember.pool")
-_LENGTH = struct.Struct(">I")  # the frames' length prefix
 Settle = Callable[["Call", Result | None, BaseException | None], None]
 
 
@@ -111,10 +109,7 @@ class Instance(asyncio.Protocol):
         self.reserved -= 1
         self.calls += 1
         assert self._transport is not None
-        payload = self._encoder.encode(call.msg)
-        if len(payload) > MAX_FRAME:
-            raise FrameTooLarge(len(payload))
-        self._transport.write(_LENGTH.pack(len(payload)) + payload)  # `frame()`, inline
+        self._transport.write(frame(self._encoder.encode(call.msg)))
 
     def measured(self, calls: int, kb: int) -> None:
         """Its memory use, measured when it had served `calls` requests."""

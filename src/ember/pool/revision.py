@@ -227,17 +227,15 @@ class RevisionPool:
         return None
 
     def release(self, inst: Instance) -> None:
-        waiters = self.waiters  # (`has_room` inline below: a hot path)
-        while waiters and not inst.dead and len(inst.inflight) + inst.reserved < inst.concurrency:
-            inst.reserved += 1
-            self._send(waiters.popleft(), inst, WARM)
-        if inst.dead:
+        if not inst.has_room:
             return
-        taken = len(inst.inflight) + inst.reserved
-        if taken < inst.concurrency and not inst.listed:
+        while self.waiters and inst.has_room:
+            inst.reserved += 1
+            self._send(self.waiters.popleft(), inst, WARM)
+        if inst.has_room and not inst.listed:
             self.idle.append(inst)
             inst.listed = True
-        if not taken:
+        if not inst.busy:
             inst.idle_since = time.monotonic()
 
     # ---- starting instances ----
