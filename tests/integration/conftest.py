@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import textwrap
 import threading
 import time
@@ -242,6 +244,16 @@ def gate(req):
         with socket.create_connection(("127.0.0.1", int(req.query["gate"]))) as sock:
             sock.recv(1)
 """
+
+
+def one_file_bundle(code: bytes) -> bytes:
+    """A deploy bundle (.tar.gz) holding `handler.py` with `code`, for POST /api/v1/deploy."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("handler.py")
+        info.size = len(code)
+        tar.addfile(info, io.BytesIO(code))
+    return buf.getvalue()
 
 
 def named(name: str) -> list[psutil.Process]:

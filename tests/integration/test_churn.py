@@ -3,27 +3,16 @@ its memory return to where they were (issue 8: state outlived `ember rm`)."""
 
 from __future__ import annotations
 
-import io
 import re
-import tarfile
 from collections.abc import Callable
 
 import psutil
 
-from tests.integration.conftest import EmberServer, wait_for
+from tests.integration.conftest import EmberServer, one_file_bundle, wait_for
 
 CODE = b"def handle(req, ctx):\n    return {'n': 1}\n"
 CHURN = 500
 RSS_GROWTH_MB = 40  # the leak this guards against grew the server without bound
-
-
-def _bundle() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        info = tarfile.TarInfo("handler.py")
-        info.size = len(CODE)
-        tar.addfile(info, io.BytesIO(CODE))
-    return buf.getvalue()
 
 
 def _gauge(text: str, name: str) -> float:
@@ -63,7 +52,7 @@ def test_deploying_and_removing_500_functions_leaves_nothing_behind(
 ) -> None:
     server = server_factory()
     assert server.proc is not None
-    bundle = _bundle()
+    bundle = one_file_bundle(CODE)
     _churn(server, range(20), bundle)  # imports, caches and pools of the server warm up
     before = _settled(server)
     rss_before = psutil.Process(server.proc.pid).memory_info().rss

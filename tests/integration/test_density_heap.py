@@ -4,26 +4,15 @@ objects are never collected, so without the bound every removed function would s
 
 from __future__ import annotations
 
-import io
 import re
-import tarfile
 from collections.abc import Callable
 from itertools import pairwise
 
 from ember.server import heap
-from tests.integration.conftest import EmberServer, wait_for
+from tests.integration.conftest import EmberServer, one_file_bundle, wait_for
 
 CODE = b"def handle(req, ctx):\n    return {'n': 1}\n"
 CHURN = 500
-
-
-def _bundle() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        info = tarfile.TarInfo("handler.py")
-        info.size = len(CODE)
-        tar.addfile(info, io.BytesIO(CODE))
-    return buf.getvalue()
 
 
 def _value(server: EmberServer, name: str) -> float:
@@ -41,7 +30,7 @@ def test_what_a_deploy_builds_is_frozen_and_a_deploy_rm_loop_keeps_it_bounded(
     server_factory: Callable[..., EmberServer],
 ) -> None:
     server = server_factory()
-    bundle = _bundle()
+    bundle = one_file_bundle(CODE)
     at_start = _frozen(server)
     full_at_start = _value(server, "ember_gc_full_collections_total")
     deployed = server.api.post("/api/v1/deploy", params={"name": "keep"}, content=bundle)
