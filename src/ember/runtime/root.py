@@ -18,7 +18,7 @@ import time
 
 import msgspec
 
-from ember.runtime import instance, sandbox, zygote
+from ember.runtime import forking, instance, sandbox, zygote
 from ember.runtime.api import Context, Request
 from ember.runtime.channel import Channel
 from ember.wire.frames import frame
@@ -134,7 +134,7 @@ def _spawn(msg: SpawnBlank, fd: int) -> None:
     on the new zygote's own channel; the root, and every zygote below it, lives on."""
     root = os.getpid()
     try:
-        pid = os.fork()
+        pid = forking.fork(forking.single_threaded())  # the root runs no user code
     except OSError as exc:
         _refuse(fd, exc)
         return

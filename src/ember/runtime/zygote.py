@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ember.runtime import instance, limits, sandbox, stack
+from ember.runtime import forking, instance, limits, sandbox, stack
 from ember.runtime.channel import Channel, decoder_for
 from ember.wire.messages import (
     Forked,
@@ -82,11 +82,13 @@ class Zygote:
         spec: SpawnZygote,
         handler: Callable[..., Any],
         prepared: instance.Prepared,
+        plain: bool = False,
     ) -> None:
         self.channel = channel
         self.spec = spec
         self.handler = handler
         self.prepared = prepared
+        self.plain = plain  # fork without CPython's after-fork work (`forking`)
         self.children: set[int] = set()
         self.pid = os.getpid()  # 1 in a sandbox's pid namespace; the instances' parent
         self.wake_r, self.wake_w = os.pipe()
@@ -94,7 +96,7 @@ class Zygote:
 
     def fork(self, cmd: ForkInstance, fd: int) -> None:
         try:
-            pid = os.fork()
+            pid = forking.fork(self.plain)
         except OSError as exc:  # EAGAIN, ENOMEM: this instance fails, the zygote lives on
             os.close(fd)
             self.channel.send(ForkFailed(instance=cmd.instance, error=str(exc)))
@@ -184,16 +186,20 @@ def _alarm(signum: int, frame: object) -> None:
     )
 
 
-def _import(spec: SpawnZygote, channel: Channel[ZygoteCommand]) -> tuple[Callable[..., Any], str]:
-    """Import the user's module with its output captured and a deadline; report failure."""
+def _import(
+    spec: SpawnZygote, channel: Channel[ZygoteCommand]
+) -> tuple[Callable[..., Any], str, int]:
+    """Import the user's module with its output captured and a deadline; report failure.
+    Also: how many at-fork hooks the import registered (`forking.ForkHooks`)."""
     output = io.StringIO()
     saved = sys.stdout, sys.stderr
     sys.stdout = sys.stderr = output
     signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, spec.init_timeout)
     try:
-        _prepare(spec)
-        handler = _load(spec)
+        with forking.ForkHooks() as hooks:
+            _prepare(spec)
+            handler = _load(spec)
     except BaseException as exc:
         signal.setitimer(signal.ITIMER_REAL, 0)
         sys.stdout, sys.stderr = saved
@@ -209,7 +215,7 @@ def _import(spec: SpawnZygote, channel: Channel[ZygoteCommand]) -> tuple[Callabl
     signal.setitimer(signal.ITIMER_REAL, 0)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     sys.stdout, sys.stderr = saved
-    return handler, output.getvalue()
+    return handler, output.getvalue(), hooks.foreign
 
 
 def _warnings() -> list[str]:
@@ -285,7 +291,7 @@ def _become(spec: SpawnZygote, channel: Channel[ZygoteCommand], ready_r: int) ->
     channel.send(ZygoteStarted(pid=os.getpid()))
     started = time.perf_counter()
     anon_before = limits.anon_kb()
-    handler, output = _import(spec, channel)
+    handler, output, foreign_hooks = _import(spec, channel)
     # Young generations only: a full collection after importing numpy + pandas walks ~50,000
     # objects for ~13 ms and finds nothing. Freezing keeps instances from touching (and so
     # copying) the zygote's pages when they collect.
@@ -301,7 +307,8 @@ def _become(spec: SpawnZygote, channel: Channel[ZygoteCommand], ready_r: int) ->
             output=_clip(output),
         )
     )
+    plain = forking.single_threaded() and not foreign_hooks
     try:
-        Zygote(channel, spec, handler, prepared).serve()
+        Zygote(channel, spec, handler, prepared, plain).serve()
     finally:
         os._exit(0)
