@@ -7,6 +7,10 @@ move into its memory cgroup happens in the server, off the request's path.)
 All marks use CLOCK_MONOTONIC, which every process on the host shares, so they line up with the
 client's clock. Deployed twice: as is, and importing numpy + pandas (PROBE_IMPORTS).
 
+The probe marks the fork with `os.register_at_fork` hooks, and a function that registers one is
+forked with `os.fork()` (ember/runtime/forking.py): these are the phases of that path. A function
+without hooks skips CPython's after-fork work (bench/fork_start.py measures that path).
+
 "spaced" fork starts wait SPACING seconds before each request: a host where fork starts are
 sporadic, not back to back (the kernel's cgroup migration cost depends on it).
 """

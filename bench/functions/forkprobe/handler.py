@@ -1,5 +1,6 @@
 """A diagnostic function: timestamps (CLOCK_MONOTONIC, shared by all processes) of the steps of
 a start, taken inside the function zygote and the new instance. Used by bench.fork_breakdown.
+Its at-fork hooks make its zygote fork with os.fork() (ember/runtime/forking.py).
 """
 
 import time

@@ -98,16 +98,24 @@ class Capture:
         if self._send is not None:
             self._send(msg)
 
-    def install(self, send: Sender) -> Capture:
-        self._send = send
-        sys.stdout = self.stdout
-        sys.stderr = self.stderr
+    def route_logging(self) -> None:
+        """The root logger's records to this capture alone, at INFO or finer. Done once in the
+        zygote, after the module's import (which may have configured logging): what logging
+        writes here on the first use is then shared by every instance, not written by each.
+        Until an instance installs a sender, records are dropped (the zygote runs no code of
+        the function's)."""
         root = logging.getLogger()
         for handler in list(root.handlers):
             root.removeHandler(handler)
         root.addHandler(self.handler)
         if root.level == logging.NOTSET or root.level > logging.INFO:
             root.setLevel(logging.INFO)
+
+    def install(self, send: Sender) -> Capture:
+        """In the instance: its output goes to `send`."""
+        self._send = send
+        sys.stdout = self.stdout
+        sys.stderr = self.stderr
         return self
 
     def finish(self, rid: str) -> None:

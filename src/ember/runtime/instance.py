@@ -177,21 +177,24 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 class Prepared:
-    """What every instance of a revision needs, built once in its zygote before forking."""
+    """What every instance of a revision needs, built once in its zygote before forking: each
+    page an instance writes first is a copy (and a page fault on its start's path)."""
 
-    def __init__(self, spec: SpawnZygote) -> None:
+    def __init__(self, spec: SpawnZygote, handler: Handler) -> None:
         self.capture = Capture()
+        self.capture.route_logging()
         self.log = logging.getLogger(f"ember.function.{spec.function}")
+        self.is_async = inspect.iscoroutinefunction(handler)
 
 
 def run(fd: int, handler: Handler, spec: SpawnZygote, prepared: Prepared) -> None:
     """Entry point in the forked child; never returns."""
     code = 0
     try:
-        sock = socket.socket(fileno=fd)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)  # no probing of fd
         instance = InstanceLoop(sock, handler, spec, prepared)
         instance.run_hooks()
-        if inspect.iscoroutinefunction(handler):
+        if prepared.is_async:
             loop = _new_loop()
             loop.run_until_complete(instance.serve_async())
         else:

@@ -82,7 +82,8 @@ def rehearse() -> None:
         )
         encoder = msgspec.msgpack.Encoder()
         ours.sendall(frame(encoder.encode(invoke)) * REHEARSALS + frame(encoder.encode(Shutdown())))
-        loop = instance.InstanceLoop(theirs, _stand_in, _STAND_IN, instance.Prepared(_STAND_IN))
+        prepared = instance.Prepared(_STAND_IN, _stand_in)
+        loop = instance.InstanceLoop(theirs, _stand_in, _STAND_IN, prepared)
         loop.serve_blocking()
     except Exception as exc:  # an optimisation: the root serves without it
         sys.stdout, sys.stderr = saved

@@ -295,7 +295,7 @@ def _become(spec: SpawnZygote, channel: Channel[ZygoteCommand], ready_r: int) ->
     # Young generations only: a full collection after importing numpy + pandas walks ~50,000
     # objects for ~13 ms and finds nothing. Freezing keeps instances from touching (and so
     # copying) the zygote's pages when they collect.
-    prepared = instance.Prepared(spec)
+    prepared = instance.Prepared(spec, handler)
     gc.collect(1)
     gc.freeze()
     channel.send(
