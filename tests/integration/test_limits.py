@@ -76,7 +76,8 @@ def test_crash_is_502_and_next_request_gets_a_new_instance(
         assert words in resp.json()["error"]["message"]
     nxt = server.http.get("/fn/limits")
     assert nxt.status_code == 200
-    assert nxt.headers["x-ember-start"] == "fork"
+    # A new instance either way: forked for this request, or started by the autoscaler (which
+    # holds the recent demand of one) if its tick came between the crash and this request.
     assert nxt.json()["pid"] != first
 
 
