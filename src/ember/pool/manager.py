@@ -3,7 +3,7 @@
 `Pool` is the `PoolHost` of every `RevisionPool`; the parts it is made of own their state:
 `Activity` (each function's idle times), `Placement` (cgroups, on a worker thread),
 `Spares` (the pre-placed spare zygote), `MemoryBudget` (the node's memory), `Usage` (what
-idle processes really use, measured on the cgroup thread) and `Deadlines` (when each
+idle processes really use, measured on a thread of its own) and `Deadlines` (when each
 revision's keep-alive step is next due).
 
 The keep-alive tick steps only the revisions that are due: a busy one every `STEP` seconds
@@ -101,7 +101,7 @@ class Pool:
             config.budget_wait,
             lambda: [rp.occupancy for rp in self.revisions.values()],
         )
-        self.usage = Usage(self.placement.run)
+        self.usage = Usage()  # on a thread of its own, not behind or ahead of cgroup work
 
     @property
     def cgroups(self) -> Cgroups | None:

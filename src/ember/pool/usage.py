@@ -2,11 +2,13 @@
 
 The memory budget (`budget.py`) counts an idle process at its measured use. Measuring is a
 read of `/proc/PID/smaps_rollup` per process (~0.3 ms for a small Python process), so it runs
-on the pool's cgroup worker thread (`Placement.run`), never on the event loop, and only for
+on a worker thread of its own (`ember-usage`), never on the event loop, and only for
 revisions that asked: one that went idle, whose zygote became ready or whose spare was
 forked asks once, soon after, and then every `REFRESH` seconds while it holds something idle.
 At most `BATCH` revisions are measured per tick, one batch at a time, so neither the loop's
-work nor the thread's grows with the number of idle functions.
+work nor the thread's grows with the number of idle functions. Not on the cgroup thread: a
+batch (up to ~100 processes, tens of milliseconds) held up the cgroup work queued behind it,
+such as handing a spare zygote to a deploy (`Spares.take`) or placing a new instance.
 
 PSS (proportional set size: private pages plus a share of the pages shared with others) is
 what a process adds to the node: the sum over processes is the memory they hold together.
@@ -19,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from ember.pool.deadlines import Deadlines
@@ -57,12 +60,15 @@ Jobs = list[tuple[Measurable, list[tuple[object, int]]]]
 
 
 class Usage:
-    def __init__(self, run: Callable[..., Awaitable[list[int | None]]]) -> None:
-        self._run = run  # Placement.run: a call on the cgroup thread
+    def __init__(self) -> None:
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="ember-usage")
         self._due: Deadlines[Measurable] = Deadlines()
         self._last: dict[Measurable, float] = {}  # when each was last measured
         self._batch: asyncio.Task[None] | None = None
         self.measurements = 0  # processes measured since start (for tests and statistics)
+
+    async def _read(self, pids: list[int]) -> list[int | None]:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, pss_kb, pids)
 
     def measure(self, rp: Measurable, now: float) -> None:
         """`rp` changed (went idle, a new zygote or spare): measure it soon, but not more
@@ -90,7 +96,7 @@ class Usage:
     async def _measure(self, jobs: Jobs, now: float) -> None:
         pids = [pid for _, items in jobs for _, pid in items]
         try:
-            values = await self._run(pss_kb, pids)
+            values = await self._read(pids)
         except Exception as exc:  # e.g. the thread pool is shutting down
             log.warning("could not measure memory use: %s", exc)
             return
@@ -104,12 +110,13 @@ class Usage:
                 self._due.at(rp, now + REFRESH)
 
     async def shutdown(self) -> None:
-        """Let a batch under way end (its reads are on the cgroup thread); measure no more."""
+        """Stop a batch under way (its reads end on their thread); measure no more."""
         self._due = Deadlines()
         if self._batch is not None and not self._batch.done():
             self._batch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._batch
+        self._thread.shutdown(wait=True)
 
     def __len__(self) -> int:
         """Revisions waiting to be measured."""
