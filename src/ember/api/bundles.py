@@ -58,9 +58,10 @@ class Bundles:
     async def install(self, staging: Path, digest: str) -> bool:
         """Move unpacked code to its content address, read-only. False when that directory is
         there already (the same bundle serves another revision); `staging` stays then."""
-        return await asyncio.to_thread(self._install, staging, digest)
+        return await asyncio.to_thread(self.install_now, staging, digest)
 
-    def _install(self, staging: Path, digest: str) -> bool:
+    def install_now(self, staging: Path, digest: str) -> bool:
+        """`install`, blocking: on a worker thread, under the caller's write lock."""
         path = self.code_dir(digest)
         if path.exists():
             return False

@@ -62,10 +62,12 @@ class Plan:
 
 @dataclass(frozen=True, slots=True)
 class Staged:
-    """An unpacked bundle: a plan per function and the bundle's sha256."""
+    """An unpacked bundle: a plan per function, the bundle's sha256, and whether this deploy
+    created its code directory (False: that bundle's code was there already)."""
 
     plans: list[Plan]
     digest: str
+    installed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,33 +133,36 @@ class Deploys:
         self, data: bytes, default_name: str, namespace: str, canary: CanaryPlan | None
     ) -> list[Deployed]:
         staging = self.bundles.staging()
+        staged: Staged | None = None
         try:
-            # One worker-thread hop for the file work of the bundle (each hop is a wake-up of
-            # the loop), then the checks, then one more for its content address.
+            # One worker-thread hop for all the file work of the bundle (each hop is a wake-up
+            # of the loop, and on a busy host a wait for the GIL): unpack, hash, and move the
+            # code to its content address; then the checks, which take it away again on refusal.
             staged = await asyncio.to_thread(self._stage, data, staging, default_name)
             plans, digest = staged.plans, staged.digest
-            self._check_deployable(namespace, [plan.spec for plan in plans], canary)
-            await self.namespaces.ensure(namespace)
-            created_dir = await self.bundles.install(staging, digest)
             committed: list[str] = []
             try:
+                self._check_deployable(namespace, [plan.spec for plan in plans], canary)
+                await self.namespaces.ensure(namespace)
                 results = await self._commit(namespace, plans, digest, data, committed, canary)
             except BaseException:
-                if created_dir and not committed:
+                if staged.installed and not committed:
                     await self.bundles.remove([self.bundles.code_dir(digest)])
                 raise
-            if created_dir and not any(d.created for d in results):  # same code, other bundle
+            if staged.installed and not any(d.created for d in results):  # same code elsewhere
                 await self.bundles.remove([self.bundles.code_dir(digest)])
             return results
         finally:
-            await self.bundles.remove([staging])  # left when the code was there already
+            if staged is None or not staged.installed:  # installed: nothing is left there
+                await self.bundles.remove([staging])
 
     def _stage(self, data: bytes, staging: Path, default_name: str) -> Staged:
         """On a worker thread: unpack, read the manifest, hash every function's tree and the
-        bundle."""
+        bundle, and install the code at the bundle's content address (unless it is there)."""
         specs = self._unpack(data, staging, default_name)
         plans = [self._plan(staging, spec) for spec in specs]
-        return Staged(plans, hashlib.sha256(data).hexdigest())
+        digest = hashlib.sha256(data).hexdigest()
+        return Staged(plans, digest, self.bundles.install_now(staging, digest))
 
     def _unpack(self, data: bytes, staging: Path, default_name: str) -> list[FunctionSpec]:
         """Unpack and read the manifest, off the event loop (both can be slow on hostile input)."""
