@@ -60,11 +60,11 @@ class Functions:
 
     async def load(self, key: str) -> None:
         """Read a function's pointers and build a target for every revision they name."""
-        fn = await self.store.function(key)
+        fn, revisions = await self.store.function_and_revisions(key)
         if fn is None:
             self.forget(key)
             return
-        by_number = {r.number: r for r in await self.store.revisions(key)}
+        by_number = {r.number: r for r in revisions}
         wanted = {fn.revision, max(by_number)} | {a.revision for a in fn.aliases}
         if fn.previous in by_number:  # not routed, but `ember rollback` may route it
             wanted.add(fn.previous)

@@ -109,6 +109,10 @@ class Store(Protocol):
 
     async def revision(self, name: str, number: int) -> RevisionRecord | None: ...
 
+    async def function_and_revisions(
+        self, name: str
+    ) -> tuple[FunctionRecord | None, list[RevisionRecord]]: ...
+
     async def add_revision(
         self,
         key: str,

@@ -173,6 +173,19 @@ class SQLiteStore:
         )
         return [_revision(row) for row in rows]
 
+    async def function_and_revisions(
+        self, name: str
+    ) -> tuple[FunctionRecord | None, list[RevisionRecord]]:
+        """`function` and `revisions` in one read (one trip to the store's thread)."""
+
+        def read(db: sqlite3.Connection) -> tuple[Any, list[Any]]:
+            fn = db.execute(_FUNCTIONS + " WHERE name = ?", (name,)).fetchone()
+            revs = db.execute(_REVISIONS + " WHERE function = ? ORDER BY number", (name,))
+            return fn, revs.fetchall()
+
+        row, rows = await self._run(read)
+        return (_function(row) if row else None), [_revision(r) for r in rows]
+
     async def revision(self, name: str, number: int) -> RevisionRecord | None:
         row = await self._run(
             lambda db: db.execute(
