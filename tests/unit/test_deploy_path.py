@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
@@ -24,6 +25,8 @@ from ember.errors import UserError
 from ember.gateway.router import RouteTable
 from ember.pool import usage
 from ember.pool.manager import Pool
+from ember.pool.placement import Placement
+from ember.pool.spares import Spare, Spares
 from ember.pool.target import Target
 from ember.secretbox import SecretBox
 from ember.spec import FunctionSpec, Quota
@@ -233,5 +236,42 @@ def test_the_store_reads_a_function_and_its_revisions_at_once(tmp_path: Path) ->
             assert [r.number for r in revisions] == [1, 2] and fn is not None and fn.revision == 2
         finally:
             await store.close()
+
+    asyncio.run(main())
+
+
+class _AssignOnly:
+    """Cgroups that note which thread gives a spare its limits."""
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def assign(self, spare: str, zygote_leaf: str, zygote_mb: int, pids: int, cpu: float) -> None:
+        self.threads.append(threading.current_thread().name)
+
+
+def test_a_spare_is_handed_over_without_waiting_for_the_cgroup_threads_queue() -> None:
+    """Regression: a deploy's spare zygote got its limits on the cgroup thread, behind whatever
+    was queued there (a new instance's memory leaf, the next spare's directories, a sweep)."""
+
+    async def main() -> None:
+        cgroups = _AssignOnly()
+        placement = Placement(cgroups)  # type: ignore[arg-type]
+        spares = Spares(None, placement)  # type: ignore[arg-type]
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        spares._spares.append(Spare("spare-1", ["/x/zygote-1/cgroup.procs"], ours))
+        busy = threading.Event()
+        blocked = asyncio.ensure_future(placement.run(busy.wait, 10))
+        try:
+            got = await asyncio.wait_for(spares.take(FunctionSpec(name="f"), 132), 2.0)
+            assert got is not None and got.slug == "spare-1"
+            assert cgroups.threads and not cgroups.threads[0].startswith("ember-cgroup_")
+            assert not blocked.done()  # the cgroup thread was still busy meanwhile
+        finally:
+            busy.set()
+            await blocked
+            placement.shutdown()
+            ours.close()
+            theirs.close()
 
     asyncio.run(main())

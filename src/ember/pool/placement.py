@@ -3,7 +3,11 @@
 Creating, moving into, reading and removing cgroups are file-system calls that can block: a
 move can wait out an RCU grace period (7-19 ms measured here), an rmdir of a cgroup whose last
 process is still dying fails and must be retried, and a revision's tree has many directories.
-Everything here runs on the `ember-cgroup` thread; the event loop only schedules it.
+Everything here runs on the `ember-cgroup` thread; the event loop only schedules it. One
+exception: handing a spare zygote its revision's limits (`run_now`), a few writes into
+directories only that spare uses, on a deploy's or a start's path, goes to a thread of its
+own, so it never waits behind a batch of cgroup work (a new instance's leaf, a spare's
+directories, a sweep) queued on the cgroup thread.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class Placement:
     def __init__(self, cgroups: Cgroups | None) -> None:
         self.cgroups = cgroups
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="ember-cgroup")
+        self._now = ThreadPoolExecutor(1, thread_name_prefix="ember-cgroup-now")
         self._leaves: set[str] = set()  # instance leaves still to remove (cgroup.procs paths)
         self._trees: set[str] = set()  # zygote and spare cgroup trees still to remove
         self._zygote_dirs: dict[RevisionKey, list[str]] = {}  # cgroups of each zygote started
@@ -41,6 +46,11 @@ class Placement:
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """Any cgroup call, on the cgroup thread."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def run_now(self, fn: Callable[..., T], *args: object) -> T:
+        """A cgroup call someone waits for, on cgroups nothing queued on the cgroup thread
+        touches (a spare's own): on a thread of its own, not behind that queue."""
+        return await asyncio.get_running_loop().run_in_executor(self._now, fn, *args)
 
     def rlimit_for(self, memory_mb: int) -> int:
         """Address-space limit the instance sets itself, where there are no cgroups."""
@@ -137,4 +147,5 @@ class Placement:
         return len(self._leaves) + len(self._trees)
 
     def shutdown(self) -> None:
+        self._now.shutdown(wait=True)
         self._thread.shutdown(wait=True)

@@ -64,8 +64,8 @@ class Spares:
             if not _alive(spare.sock):  # e.g. the root zygote was restarted since
                 self._drop(spare)
                 continue
-            try:
-                await self.placement.run(
+            try:  # not behind the cgroup thread's queue: a deploy or a start waits for this
+                await self.placement.run_now(
                     cgroups.assign, spare.slug, spare.joins[-1], zygote_mb, spec.pids, spec.cpu
                 )
             except OSError as exc:
