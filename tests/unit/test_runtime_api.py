@@ -75,7 +75,9 @@ def test_capture_attributes_output_to_the_current_request() -> None:
     sent: list[Log] = []
     saved = sys.stdout, sys.stderr, list(logging.getLogger().handlers), logging.getLogger().level
     try:
-        capture = Capture().install(sent.append)
+        capture = Capture()
+        capture.route_logging()  # in the zygote, before forking
+        capture.install(sent.append)  # in the instance
         token = current_request.set("r1")
         print("hello")
         sys.stderr.write("oops\n")
