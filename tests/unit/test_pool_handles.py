@@ -312,3 +312,51 @@ def test_a_tick_steps_only_the_revisions_that_are_due_however_many_sleep(tmp_pat
         assert len(pool.due) == 1 and pool.due.when(targets[7].key) == 13.0 + manager.STEP
     finally:
         pool.placement.shutdown()
+
+
+class _ActivityHost(_Host):
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def activity(self, target: Target, busy: bool, now: float) -> None:
+        self.events.append("busy" if busy else "idle")
+
+
+class _NotingCaller(_Caller):
+    def __init__(self, host: _ActivityHost) -> None:
+        super().__init__()
+        self.host = host
+
+    def resolved(self, result: Result, tier: str, inst: Instance) -> None:
+        self.host.events.append("answered")
+        super().resolved(result, tier, inst)
+
+
+def test_the_caller_is_answered_before_the_revision_turns_idle() -> None:
+    """The idle transition (activity, the budget, a measurement) comes after the answer, off
+    the request's path; the instance is free again before it (a pipelined request takes it)."""
+
+    async def main() -> None:
+        host = _ActivityHost()
+        rp = RevisionPool(TARGET, host, PoolSettings(queue_depth=10, init_timeout=5))  # type: ignore[arg-type]
+        inst = Instance("fn-1-abc", 1, lambda _i, _m: None, lambda _i: None)
+        inst.connection_made(_Transport())
+        inst.settle = rp.settle
+        rp.instances[inst.id] = inst
+        rp.release(inst)
+        caller = _NotingCaller(host)
+        rp.submit(_call(0, asyncio.get_running_loop().time() + 30, caller))
+        free_when_answered: list[bool] = []
+        original = caller.resolved
+
+        def resolved(result: Result, tier: str, answered_by: Instance) -> None:
+            free_when_answered.append(inst in rp.idle)
+            original(result, tier, answered_by)
+
+        caller.resolved = resolved  # type: ignore[method-assign]
+        inst.data_received(frame(msgspec.msgpack.encode(Result("r0", 200, [], b"ok"))))
+        assert host.events == ["busy", "answered", "idle"]
+        assert free_when_answered == [True]
+        assert rp.demand == 0
+
+    asyncio.run(main())

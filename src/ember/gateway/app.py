@@ -284,13 +284,16 @@ class Exchange:
                 + self._ember_headers(self.served_alias),
                 result.body,
             )
-            error = result.error.error_type if result.error is not None else None
-            self.gateway._record(self, target, result.status, error)
         except Exception as exc:
             self.failed(exc)
             return
         self.close()
-        self.reply(response)
+        self.reply(response)  # the answer first: the records are not on the caller's path
+        error = result.error.error_type if result.error is not None else None
+        try:
+            self.gateway._record(self, target, result.status, error)
+        except Exception:
+            log.exception("recording invocation %s of %s failed", self.rid, self.key)
 
     def failed(self, error: BaseException) -> None:
         """No answer from the function: an `EmberError` says why; anything else is a bug of

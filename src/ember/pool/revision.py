@@ -152,10 +152,9 @@ class RevisionPool:
         running = call.state is State.RUNNING
         call.state = State.DONE
         self.calls.discard(call)
-        if running:
+        if running:  # first: a request the answer lets in (pipelined) may take it at once
             assert call.inst is not None
             self.release(call.inst)
-        self._load(-1)
         try:
             if error is None:
                 assert result is not None and call.inst is not None
@@ -167,6 +166,9 @@ class RevisionPool:
                 call.caller.failed(error)
         except Exception:  # the caller's bug must not break the instance's protocol
             log.exception("answering request %s of %s failed", call.msg.id, self.target.label)
+        # After the answer: when this was the last call in flight, the revision turning idle
+        # (activity, the budget's count, a memory measurement) is not on the caller's path.
+        self._load(-1)
 
     def _sweep(self) -> None:
         """End what is past its deadline: a waiting call (it never ran) or a running one (its
