@@ -7,9 +7,9 @@ threads' states, lets `threading` rebuild its bookkeeping, and calls every
 `os.register_at_fork` hook (logging and `concurrent.futures` re-create their locks, `random`
 reseeds); in the parent it calls the hooks again. A zygote has one thread and holds none of
 those locks when it forks, so all of it comes to one thing that matters, `random`'s new seed,
-and a lot that costs: it writes pages each fork then copies. Measured (bench/memory.py, the
-pages of a zygote and its instance): 0.45 MB less private memory per warm function (instance
-1.47 → 1.25 MB, zygote 1.21 → 0.99 MB).
+and a lot that costs: it writes pages each fork then copies. Measured on a noop function
+called once (its zygote and instance, psutil's USS): 0.45 MB less private memory per warm
+function (instance 1.49 → 1.25 MB, zygote 1.21 → 0.99 MB; docs/performance.md).
 
 So a fork here calls the C library's `fork()` through `ctypes.PyDLL` (the GIL stays held across
 the call, as in `os.fork()`) and reseeds `random` in the child, unless the process has another
