@@ -82,7 +82,7 @@ class Zygote:
         spec: SpawnZygote,
         handler: Callable[..., Any],
         prepared: instance.Prepared,
-        plain: bool = False,
+        plain: bool,
     ) -> None:
         self.channel = channel
         self.spec = spec
