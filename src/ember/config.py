@@ -47,6 +47,15 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     require_isolation: bool = False  # refuse to start without the sandbox and cgroups
     sandbox_uid_base: int = 900_000  # tenant N runs as uid/gid base + N
     log_level: str = "info"
+    # Where builds of functions' requirements download from (docs/dependencies.md); never
+    # taken from a function's own files.
+    index_url: str = ""  # "": uv's default, PyPI
+    extra_index_urls: list[str] = []
+    find_links: list[str] = []  # directories or pages of wheels (an offline wheelhouse)
+    no_index: bool = False  # find_links only
+    offline: bool = False  # no network: uv's cache and find_links only
+    build_timeout: float = 300.0  # seconds a resolution or an install may take
+    max_layer_mb: int = 4096  # installed size of one function's requirements
     # The only variables of the server's environment that reach functions (the CLI fills it).
     base_env: dict[str, str] = {}
 
@@ -75,6 +84,14 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
             ("max_connections", self.max_connections, self.max_connections >= 1, "must be >= 1"),
             ("head_timeout", self.head_timeout, self.head_timeout > 0, "must be > 0"),
             ("flush_interval", self.flush_interval, self.flush_interval > 0, "must be > 0"),
+            ("build_timeout", self.build_timeout, self.build_timeout > 0, "must be > 0"),
+            ("max_layer_mb", self.max_layer_mb, self.max_layer_mb >= 1, "must be >= 1"),
+            (
+                "no_index",
+                self.no_index,
+                not self.no_index or bool(self.find_links),
+                "needs find_links (a wheelhouse) to install anything",
+            ),
             (
                 "sandbox",
                 self.sandbox,
@@ -104,6 +121,10 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def code_dir(self) -> Path:
         return self.home / "code"
+
+    @property
+    def layers_dir(self) -> Path:
+        return self.home / "layers"
 
     @property
     def run_dir(self) -> Path:

@@ -57,6 +57,13 @@ class TooLarge(UserError):
     code = "too_large"
 
 
+class RequirementsError(UserError):
+    """A function's requirements cannot be taken, resolved or installed (nothing is deployed)."""
+
+    status = 422
+    code = "bad_requirements"
+
+
 class FunctionError(EmberError):
     """The function's own code failed: import errors, crashes, timeouts, memory."""
 

@@ -16,6 +16,7 @@ import pytest
 from ember import bundle
 from ember.api.bundles import Bundles
 from ember.blobs.local import LocalBlobs
+from ember.layers.builder import Layers, PackageIndex
 from ember.spec import FunctionSpec
 from ember.store.sqlite import SQLiteStore
 
@@ -31,7 +32,10 @@ def run(tmp_path: Path, body: Callable[[Bundles], Coroutine[Any, Any, None]]) ->
     async def main() -> None:
         store = SQLiteStore(tmp_path / "ember.db")
         await store.open()
-        bundles = Bundles(tmp_path / "code", LocalBlobs(tmp_path / "blobs"), store, retention=2)
+        layers = Layers(tmp_path / "layers", PackageIndex(), 60, 1 << 30)
+        bundles = Bundles(
+            tmp_path / "code", LocalBlobs(tmp_path / "blobs"), store, retention=2, layers=layers
+        )
         try:
             await body(bundles)
         finally:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ember import bundle
 from ember.blobs.base import Blobs
+from ember.layers.builder import Layers
 from ember.store.base import Store
 
 log = logging.getLogger("ember.api")
@@ -41,8 +42,11 @@ def read_only(root: Path) -> None:
 class Bundles:
     """Everything here that adds or removes a bundle runs under the caller's write lock."""
 
-    def __init__(self, code_root: Path, blobs: Blobs, store: Store, retention: int) -> None:
+    def __init__(
+        self, code_root: Path, blobs: Blobs, store: Store, retention: int, layers: Layers
+    ) -> None:
         self.root = code_root
+        self.layers = layers
         self.blobs = blobs
         self.store = store
         self.retention = retention  # revisions kept per function beyond those a pointer names
@@ -111,11 +115,14 @@ class Bundles:
             task.add_done_callback(self._deleting.discard)
 
     async def drop_unused(self, candidates: set[str]) -> None:
-        """Blobs and code directories of `candidates` that no stored revision uses."""
+        """Blobs and code directories of `candidates` that no stored revision uses, and every
+        layer none uses (and what an interrupted build left)."""
         unused = candidates - await self.store.bundles_in_use()
         for digest in unused:
             await asyncio.to_thread(self.blobs.delete, digest)
         await self.remove(self.code_dir(digest) for digest in unused)
+        used = await self.store.layers_in_use()
+        await self.remove(await asyncio.to_thread(self.layers.unused, used))
 
     async def collect(self, key: str) -> None:
         """Keep the newest `retention` revisions of function `key` and every one a pointer

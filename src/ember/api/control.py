@@ -34,6 +34,7 @@ from ember.blobs.base import Blobs
 from ember.config import ServerConfig
 from ember.errors import EmberError
 from ember.gateway.router import RouteTable
+from ember.layers.builder import Layers, PackageIndex
 from ember.pool.manager import Pool
 from ember.pool.target import Target
 from ember.secretbox import SecretBox
@@ -62,7 +63,21 @@ class Control:
         self.pool = pool  # and the pool's statistics
         writes = asyncio.Lock()
         self.address = Address(config.host, config.port)
-        self.bundles = Bundles(config.code_dir, blobs, store, config.revision_retention)
+        self.layers = Layers(
+            config.layers_dir,
+            PackageIndex(
+                index_url=config.index_url,
+                extra_index_urls=tuple(config.extra_index_urls),
+                find_links=tuple(config.find_links),
+                no_index=config.no_index,
+                offline=config.offline,
+            ),
+            config.build_timeout,
+            config.max_layer_mb * 1024 * 1024,
+        )
+        self.bundles = Bundles(
+            config.code_dir, blobs, store, config.revision_retention, self.layers
+        )
         self.functions = Functions(store, self.bundles, self._target)
         self.publisher = Publisher(self.functions, routes, pool, published)
         self.namespaces = Namespaces(
@@ -86,6 +101,7 @@ class Control:
             self.address,
             writes,
             forget_function,
+            self.layers,
         )
         self.stopping = asyncio.Event()  # set at the first signal: log streams end
 
@@ -97,6 +113,7 @@ class Control:
             self.bundles.code_dir(rec.bundle),
             self.namespaces.uid_of(namespace),
             self.secrets.open_for(namespace, rec.spec),
+            self.layers.site(rec.layer),
         )
 
     async def start(self) -> None:

@@ -9,7 +9,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -20,11 +20,14 @@ from ember.api.functions import Functions
 from ember.api.names import Address, qualified, validate_namespace
 from ember.api.namespaces import Namespaces
 from ember.api.publisher import Publisher
-from ember.api.schemas import CanaryPlan, Deployed
+from ember.api.schemas import CanaryPlan, Deployed, LayerInfo
 from ember.api.secrets import Secrets
 from ember.api.traffic import Traffic
 from ember.config import ServerConfig
-from ember.errors import TooLarge, UserError
+from ember.errors import RequirementsError, TooLarge, UserError
+from ember.layers import requirements
+from ember.layers.builder import Layer, Layers
+from ember.layers.requirements import Requirements
 from ember.pool.target import Target
 from ember.spec import FunctionSpec, canonical
 from ember.store.base import RevisionRecord, Store
@@ -58,6 +61,8 @@ class Plan:
     spec: FunctionSpec
     sha256: str
     tree: str
+    requirements: Requirements | None = None
+    layer: Layer | None = None  # its requirements, installed
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +100,10 @@ class Deploys:
         address: Address,
         writes: asyncio.Lock,
         forget_function: Callable[[str], None],
+        layers: Layers,
     ) -> None:
         self.config = config  # the bundle limits
+        self.layers = layers
         self.store = store
         self.bundles = bundles
         self.functions = functions
@@ -143,6 +150,7 @@ class Deploys:
             committed: list[str] = []
             try:
                 self._check_deployable(namespace, [plan.spec for plan in plans], canary)
+                plans = [await self._build(plan) for plan in plans]
                 await self.namespaces.ensure(namespace)
                 results = await self._commit(namespace, plans, digest, data, committed, canary)
             except BaseException:
@@ -217,7 +225,20 @@ class Deploys:
             )
         tree = bundle.tree_hash(source)
         code = bundle.tree_hash(source, CONFIG_FILES)
-        return Plan(spec, revision_hash(tree, spec), code)
+        return Plan(spec, revision_hash(tree, spec), code, requirements.read(source))
+
+    async def _build(self, plan: Plan) -> Plan:
+        """A function with requirements gets its layer (built unless there) and a revision
+        hash that includes it: the same code with other packages is another revision."""
+        if plan.requirements is None:
+            return plan
+        try:
+            layer = await self.layers.ensure(plan.requirements)
+        except RequirementsError as exc:
+            message = f"function '{plan.spec.name}': {exc.message}"
+            raise RequirementsError(message, code=exc.code) from None
+        sha = hashlib.sha256(f"{plan.sha256}\0{layer.digest}".encode()).hexdigest()
+        return replace(plan, layer=layer, sha256=sha)
 
     async def _commit(
         self,
@@ -276,6 +297,7 @@ class Deploys:
                     bundle=digest,
                     spec=plan.spec,
                     created_at=time.time(),
+                    layer=plan.layer.digest if plan.layer else "",
                 )
             )
             ready = await self.pool.prepare(target)  # import + init: DeployRejected
@@ -292,8 +314,16 @@ class Deploys:
         spec, now = probe.plan.spec, time.time()
         key = qualified(namespace, spec.name)
         serving = self.functions.record(key)
+        layer = probe.plan.layer
         rec, created = await self.store.add_revision(
-            key, spec, probe.plan.sha256, digest, now, tree=probe.plan.tree, serve=canary is None
+            key,
+            spec,
+            probe.plan.sha256,
+            digest,
+            now,
+            tree=probe.plan.tree,
+            serve=canary is None,
+            layer=layer.digest if layer else "",
         )
         if created:
             committed.append(spec.name)
@@ -308,6 +338,14 @@ class Deploys:
             namespace=namespace,
             import_ms=probe.import_ms,
             warnings=list(probe.warnings),
+            layer=None
+            if layer is None
+            else LayerInfo(
+                digest=layer.digest,
+                packages=list(layer.packages),
+                built=layer.built,
+                build_ms=round(layer.build_ms, 1),
+            ),
         )
 
     # ---- other commands ----

@@ -27,7 +27,13 @@ def generation(secrets: dict[str, bytes]) -> str:
     return "-" + digest.hexdigest()[:8]
 
 
-def make_target(rec: RevisionRecord, code_dir: Path, uid: int, secrets: dict[str, bytes]) -> Target:
+def make_target(
+    rec: RevisionRecord,
+    code_dir: Path,
+    uid: int,
+    secrets: dict[str, bytes],
+    layer_dir: str = "",
+) -> Target:
     namespace, _, name = rec.function.partition("/")
     return Target(
         function=name,
@@ -39,6 +45,7 @@ def make_target(rec: RevisionRecord, code_dir: Path, uid: int, secrets: dict[str
         uid=uid,
         secrets=secrets,
         generation=generation(secrets),
+        layer_dir=layer_dir,
     )
 
 

@@ -87,6 +87,15 @@ class RevisionList(msgspec.Struct, frozen=True):
     revisions: list[RevisionInfo]
 
 
+class LayerInfo(msgspec.Struct, frozen=True):
+    """The installed requirements a revision runs with."""
+
+    digest: str  # of the lock (exact versions and hashes) and the platform
+    packages: list[str]  # "name==version"
+    built: bool  # this deploy installed it; False: it was there (the same lock elsewhere)
+    build_ms: float  # resolving (or reusing the lock) and installing, this deploy
+
+
 class Deployed(msgspec.Struct, frozen=True):
     name: str
     revision: int
@@ -96,6 +105,7 @@ class Deployed(msgspec.Struct, frozen=True):
     import_ms: float | None = None
     warnings: list[str] = []
     namespace: str = "default"
+    layer: LayerInfo | None = None
 
 
 class DeployResponse(msgspec.Struct, frozen=True):

@@ -201,6 +201,29 @@ def up(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = server_default(
         "log_level"
     ),
+    index_url: Annotated[
+        str, typer.Option(help="Package index that functions' requirements come from (PyPI).")
+    ] = server_default("index_url"),
+    extra_index_url: Annotated[
+        list[str] | None, typer.Option(help="Another package index; repeatable.")
+    ] = None,
+    find_links: Annotated[
+        list[str] | None,
+        typer.Option(help="A directory or page of wheels to install from; repeatable."),
+    ] = None,
+    no_index: Annotated[
+        bool, typer.Option("--no-index", help="Install from --find-links only.")
+    ] = False,
+    offline: Annotated[
+        bool,
+        typer.Option("--offline", help="Builds use no network: the cache and --find-links only."),
+    ] = False,
+    build_timeout: Annotated[
+        float, typer.Option(help="Seconds a requirements resolution or install may take.")
+    ] = server_default("build_timeout"),
+    max_layer_mb: Annotated[
+        int, typer.Option(help="MB one function's installed requirements may take.")
+    ] = server_default("max_layer_mb"),
 ) -> None:
     """Run an Ember server in the foreground until Ctrl-C or SIGTERM."""
     from ember.server.main import serve
@@ -222,9 +245,21 @@ def up(
         log_level=log_level,
         sandbox="off" if no_sandbox else sandbox,
         require_isolation=require_isolation,
+        index_url=index_url,
+        extra_index_urls=list(extra_index_url or []),
+        find_links=[_absolute_link(link) for link in find_links or []],
+        no_index=no_index,
+        offline=offline,
+        build_timeout=build_timeout,
+        max_layer_mb=max_layer_mb,
         base_env={k: v for k, v in os.environ.items() if k in PASSED_ENV},
     ).validate()
     raise typer.Exit(serve(config, list(deploy or [])))
+
+
+def _absolute_link(link: str) -> str:
+    """A wheelhouse given as a relative path is the operator's, relative to where `up` ran."""
+    return link if "://" in link else str(Path(link).resolve())
 
 
 @command

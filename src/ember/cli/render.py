@@ -116,12 +116,20 @@ class FunctionList(msgspec.Struct, frozen=True):
     functions: list[FunctionInfo]
 
 
+class LayerInfo(msgspec.Struct, frozen=True):
+    digest: str
+    packages: list[str] = []
+    built: bool = False
+    build_ms: float = 0.0
+
+
 class Deployed(msgspec.Struct, frozen=True):
     name: str
     revision: int
     created: bool
     sha256: str = ""
     url: str = ""
+    layer: LayerInfo | None = None
 
 
 class DeployResult(msgspec.Struct, frozen=True):
@@ -243,9 +251,18 @@ def millis(value: float) -> str:
 def deployed(fn: Deployed) -> Text:
     if not fn.created:
         return Text(f"{fn.name} unchanged (revision {fn.revision})", style="dim")
-    return Text.assemble(
+    line = Text.assemble(
         "deployed ", (fn.name, "bold"), f" revision {fn.revision} → ", (fn.url, "cyan")
     )
+    if fn.layer is not None:
+        layer = fn.layer
+        how = "installed" if layer.built else "already installed"
+        line.append(
+            f"\n  requirements: {len(layer.packages)} package(s), {how}, layer "
+            f"{layer.digest[:12]} ({millis(layer.build_ms)})",
+            style="dim",
+        )
+    return line
 
 
 def functions_table(functions: Sequence[FunctionInfo], now: float) -> RenderableType:

@@ -122,4 +122,5 @@ def spec_message(target: Target, init_timeout: float, sandbox: SandboxPlan | Non
         network=spec.network,
         sandbox=sandbox,
         namespace=target.namespace,
+        layer_dir=target.layer_dir,
     )

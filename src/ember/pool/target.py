@@ -27,6 +27,7 @@ class Target(msgspec.Struct, frozen=True, dict=True):  # a __dict__ for the cach
     # Changes when a secret's value does: the revision then gets a new pool (and zygote) while
     # requests on the old one finish.
     generation: str = ""
+    layer_dir: str = ""  # its requirements, installed (ember.layers); "": none
 
     @functools.cached_property
     def key(self) -> RevisionKey:

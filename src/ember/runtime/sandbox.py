@@ -37,6 +37,7 @@ from ember.runtime import limits, lineage, seccomp
 from ember.wire.messages import SandboxPlan
 
 CODE_DIR = "/code"  # where the revision's code appears inside the sandbox
+LAYER_DIR = "/layer"  # where its installed requirements appear (ember.layers), read-only
 SECRETS_DIR = "/run/secrets"
 
 _CLONE_NEWUSER = 0x10000000
@@ -303,7 +304,7 @@ def _secrets(root: str, plan: SandboxPlan) -> None:
     _mount(None, target, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
 
 
-def build_root(plan: SandboxPlan, code_dir: str) -> None:
+def build_root(plan: SandboxPlan, code_dir: str, layer_dir: str = "") -> None:
     """Assemble the sandbox's file system under `plan.root` and pivot into it."""
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we mount reaches the host
     root = plan.root
@@ -317,6 +318,8 @@ def build_root(plan: SandboxPlan, code_dir: str) -> None:
         if _under(hidden, bound) and os.path.isdir(hidden):
             _mount("tmpfs", root + hidden, "tmpfs", _MS_RDONLY, "size=4k,mode=0000")
     _bind(code_dir, _mkdirs(root, CODE_DIR))
+    if layer_dir:
+        _bind(layer_dir, _mkdirs(root, LAYER_DIR))
     _dev(root)
     _secrets(root, plan)
     proc = _mkdirs(root, "/proc")
@@ -404,17 +407,19 @@ def _drop_capabilities() -> None:
     _check(_libc().capset(ctypes.byref(header), data), "dropping capabilities")
 
 
-def finish(plan: SandboxPlan, code_dir: str, network_none: bool, ready_r: int) -> None:
+def finish(
+    plan: SandboxPlan, code_dir: str, network_none: bool, ready_r: int, layer_dir: str = ""
+) -> None:
     """Steps 2 and 3, in the zygote `split` returned in."""
     _unshare_rest(network_none)
-    build_root(plan, code_dir)
+    build_root(plan, code_dir, layer_dir)
     lock_down(plan, ready_r)
 
 
-def enter(plan: SandboxPlan, code_dir: str, network_none: bool) -> None:
+def enter(plan: SandboxPlan, code_dir: str, network_none: bool, layer_dir: str = "") -> None:
     """All three steps; returns in the sandboxed zygote (pid 1 of its pid namespace)."""
     ready_r = split(plan.cgroups, plan if plan.userns else None)
-    finish(plan, code_dir, network_none, ready_r)
+    finish(plan, code_dir, network_none, ready_r, layer_dir)
 
 
 def privileged() -> bool:

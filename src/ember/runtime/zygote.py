@@ -11,6 +11,7 @@ import io
 import os
 import select
 import signal
+import site
 import socket
 import sys
 import threading
@@ -48,6 +49,10 @@ def _prepare(spec: SpawnZygote) -> None:
     workdir = os.path.join(code_dir, spec.source)
     os.chdir(workdir)
     sys.path.insert(0, workdir)
+    if spec.layer_dir:  # its requirements: after its own code, before anything else
+        layer = spec.layer_dir if spec.sandbox is None else sandbox.LAYER_DIR
+        sys.path.insert(1, layer)
+        site.addsitedir(layer)  # its .pth files (the directory is on sys.path already)
     stack.set_code_dir(code_dir)
     os.environ.update(spec.env)
     os.environ.update(
@@ -285,7 +290,9 @@ def _become(spec: SpawnZygote, channel: Channel[ZygoteCommand], ready_r: int) ->
     """Finish the sandbox, import the module, serve forks; never returns."""
     if spec.sandbox is not None:
         try:
-            sandbox.finish(spec.sandbox, spec.code_dir, spec.network == "none", ready_r)
+            sandbox.finish(
+                spec.sandbox, spec.code_dir, spec.network == "none", ready_r, spec.layer_dir
+            )
         except OSError as exc:
             _sandbox_failed(exc, channel)
     channel.send(ZygoteStarted(pid=os.getpid()))

@@ -68,6 +68,7 @@ class RevisionRecord(msgspec.Struct, frozen=True):
     spec: FunctionSpec
     created_at: float
     tree: str = ""  # sha256 of the code tree alone (config changes keep it); "" before v3
+    layer: str = ""  # digest of its requirements' layer (ember.layers); "": none
 
 
 class NamespaceRecord(msgspec.Struct, frozen=True):
@@ -122,6 +123,7 @@ class Store(Protocol):
         now: float,
         tree: str = "",
         serve: bool = True,
+        layer: str = "",
     ) -> tuple[RevisionRecord, bool]:
         """Add `sha256` as function `key`'s next revision and, with `serve`, make it the
         serving one (weights cleared, the old one kept as `previous`); False if it already
@@ -143,6 +145,10 @@ class Store(Protocol):
     async def delete_revisions(self, key: str, numbers: list[int]) -> None: ...
 
     async def bundles_in_use(self) -> set[str]: ...
+
+    async def layers_in_use(self) -> set[str]:
+        """Layer digests some stored revision runs with."""
+        ...
 
     async def delete_function(self, name: str) -> bool: ...
 

@@ -73,6 +73,10 @@ MIGRATIONS = [
     ALTER TABLE functions ADD COLUMN aliases TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE functions ADD COLUMN rollout TEXT;
     """,
+    # Requirements: the layer (lock digest) a revision's code runs with.
+    """
+    ALTER TABLE revisions ADD COLUMN layer TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 _spec_decoder = msgspec.json.Decoder(FunctionSpec)
@@ -81,7 +85,7 @@ _rollout_decoder = msgspec.json.Decoder(Rollout)
 _FUNCTIONS = (
     "SELECT name, revision, created_at, updated_at, previous, aliases, rollout FROM functions"
 )
-_REVISIONS = "SELECT function, number, sha256, bundle, spec, created_at, tree FROM revisions"
+_REVISIONS = "SELECT function, number, sha256, bundle, spec, created_at, tree, layer FROM revisions"
 
 _ACTIVATION_FIELDS = [f.name for f in msgspec.structs.fields(ActivationRecord)]
 _LOG_FIELDS = ["ts", "function", "revision", "request_id", "instance", "stream", "message"]
@@ -203,10 +207,12 @@ class SQLiteStore:
         now: float,
         tree: str = "",
         serve: bool = True,
+        layer: str = "",
     ) -> tuple[RevisionRecord, bool]:
         def add(db: sqlite3.Connection) -> tuple[RevisionRecord, bool]:
             current = db.execute(
-                "SELECT r.function, r.number, r.sha256, r.bundle, r.spec, r.created_at, r.tree "
+                "SELECT r.function, r.number, r.sha256, r.bundle, r.spec, r.created_at, r.tree, "
+                "r.layer "
                 "FROM functions f JOIN revisions r "
                 "ON r.function = f.name AND r.number = f.revision "
                 "WHERE f.name = ?",
@@ -225,11 +231,22 @@ class SQLiteStore:
                 spec=spec,
                 created_at=now,
                 tree=tree,
+                layer=layer,
             )
             db.execute(
-                "INSERT INTO revisions (function, number, sha256, bundle, spec, created_at, tree) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (rec.function, rec.number, sha256, bundle, msgspec.json.encode(spec), now, tree),
+                "INSERT INTO revisions "
+                "(function, number, sha256, bundle, spec, created_at, tree, layer) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rec.function,
+                    rec.number,
+                    sha256,
+                    bundle,
+                    msgspec.json.encode(spec),
+                    now,
+                    tree,
+                    layer,
+                ),
             )
             if current is None:
                 db.execute(
@@ -278,6 +295,14 @@ class SQLiteStore:
     async def bundles_in_use(self) -> set[str]:
         rows = await self._run(
             lambda db: db.execute("SELECT DISTINCT bundle FROM revisions").fetchall()
+        )
+        return {row[0] for row in rows}
+
+    async def layers_in_use(self) -> set[str]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT DISTINCT layer FROM revisions WHERE layer != ''"
+            ).fetchall()
         )
         return {row[0] for row in rows}
 
@@ -453,7 +478,7 @@ def _namespace(row: Any) -> NamespaceRecord:
 
 
 def _revision(row: Any) -> RevisionRecord:
-    function, number, sha256, bundle, spec, created_at, tree = row
+    function, number, sha256, bundle, spec, created_at, tree, layer = row
     return RevisionRecord(
         function=function,
         number=number,
@@ -462,6 +487,7 @@ def _revision(row: Any) -> RevisionRecord:
         spec=_spec_decoder.decode(spec),
         created_at=created_at,
         tree=tree,
+        layer=layer,
     )
 
 

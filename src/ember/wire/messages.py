@@ -52,6 +52,7 @@ class SpawnZygote(_Msg, tag="spawn", frozen=True):
     network: str = "host"  # none: a network namespace of its own with only loopback
     sandbox: SandboxPlan | None = None  # None: rlimits only (the host lacks the privileges)
     namespace: str = "default"
+    layer_dir: str = ""  # the installed requirements (a layer's `site`); "": none
 
 
 class SpawnBlank(_Msg, tag="blank", frozen=True):

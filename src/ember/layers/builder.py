@@ -1,0 +1,315 @@
+"""Layers: a function's requirements resolved into a lock and installed once, read-only, under
+EMBER_HOME/layers/<lock digest>, shared by every revision whose lock is the same.
+
+uv does the work (`uv pip compile` resolves, `uv pip install --target` installs from its
+cache, hard-linking files where it can: which is why a layer is never writable). Both run as
+subprocesses with the operator's index settings, a cache under EMBER_HOME, no configuration
+files read (`--no-config`, and a working directory of their own: never the function's), and
+wheels only: a package that would have to be built from source runs its build scripts, which
+Ember does not do outside a sandbox, so it is refused with the installer's message.
+
+A resolution is kept per input (the requirements, the index settings and the interpreter): a
+redeploy of the same requirements reuses its lock and, with it, its layer, without asking the
+index again. New upstream versions reach a function when its requirements change.
+
+A build is published atomically: it is installed into a staging directory, made read-only,
+described in `layer.json` and renamed to its digest; a failed, timed-out or interrupted build
+leaves only staging directories, swept at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.errors import RequirementsError
+from ember.layers.requirements import Requirements
+
+STAGING = ".tmp-"
+TRASH = ".trash-"
+SITE = "site"  # the installed packages inside a layer directory: what goes on sys.path
+META = "layer.json"
+MAX_MESSAGE = 4000  # characters of the installer's output in an error
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def uv_binary() -> str:
+    """The uv executable of Ember's own environment (the `uv` wheel)."""
+    from uv import find_uv_bin
+
+    return find_uv_bin()
+
+
+@dataclass(frozen=True, slots=True)
+class PackageIndex:
+    """Where builds download from: the operator's settings of `ember up`."""
+
+    index_url: str = ""
+    extra_index_urls: tuple[str, ...] = ()
+    find_links: tuple[str, ...] = ()
+    no_index: bool = False  # only find_links
+    offline: bool = False  # only uv's cache (and find_links)
+
+    def args(self) -> list[str]:
+        out: list[str] = []
+        if self.index_url:
+            out += ["--index-url", self.index_url]
+        for url in self.extra_index_urls:
+            out += ["--extra-index-url", url]
+        for link in self.find_links:
+            out += ["--find-links", link]
+        if self.no_index:
+            out.append("--no-index")
+        if self.offline:
+            out.append("--offline")
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    digest: str
+    path: Path  # the layer directory; its `site` goes on sys.path
+    packages: tuple[str, ...]  # "name==version" as locked
+    built: bool  # this deploy installed it (False: it was there)
+    build_ms: float
+
+    @property
+    def site(self) -> Path:
+        return self.path / SITE
+
+
+def _platform() -> str:
+    return f"{sys.implementation.cache_tag}-{sysconfig.get_platform()}"
+
+
+class Layers:
+    """Everything here runs under the control plane's write lock: one build at a time."""
+
+    def __init__(self, root: Path, index: PackageIndex, timeout: float, max_bytes: int) -> None:
+        self.root = root
+        self.index = index
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        self.cache = root / ".cache"  # uv's cache: wheels downloaded once
+        self.locks = root / ".locks"  # a resolution per input digest
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest
+
+    def site(self, digest: str) -> str:
+        """The directory a revision with this layer puts on its sys.path; "" for none."""
+        return str(self.path(digest) / SITE) if digest else ""
+
+    async def ensure(self, reqs: Requirements) -> Layer:
+        """The layer of these requirements: resolved (or its lock reused), and installed
+        unless it is there. A bad requirement or a failed build is a `RequirementsError` (422)."""
+        t0 = time.perf_counter()
+        lock = await self._lock(reqs)
+        digest = hashlib.sha256(f"{_platform()}\0{lock}".encode()).hexdigest()
+        packages = tuple(_pins(lock))
+        built = False
+        if not self.path(digest).is_dir():
+            await self._install(reqs, lock, digest, packages)
+            built = True
+        return Layer(digest, self.path(digest), packages, built, (time.perf_counter() - t0) * 1e3)
+
+    async def _lock(self, reqs: Requirements) -> str:
+        key = hashlib.sha256(
+            json.dumps([_platform(), self.index.args(), reqs.lines]).encode()
+        ).hexdigest()
+        saved = self.locks / f"{key}.txt"
+        if saved.is_file():
+            return saved.read_text()
+        with tempfile.TemporaryDirectory(prefix="ember-resolve-") as work:
+            (Path(work) / "requirements.in").write_text(reqs.text())
+            await self._uv(
+                reqs,
+                work,
+                "compile",
+                "requirements.in",
+                "--generate-hashes",
+                "--no-header",
+                "--no-annotate",
+                "--quiet",
+                "--output-file",
+                "lock.txt",
+            )
+            lock = (Path(work) / "lock.txt").read_text()
+        self.locks.mkdir(parents=True, exist_ok=True)
+        tmp = self.locks / f"{STAGING}{secrets.token_hex(8)}"
+        tmp.write_text(lock)
+        tmp.rename(saved)
+        return lock
+
+    async def _install(
+        self, reqs: Requirements, lock: str, digest: str, packages: tuple[str, ...]
+    ) -> None:
+        staging = self.root / f"{STAGING}{secrets.token_hex(8)}"
+        staging.mkdir(parents=True)
+        try:
+            t0 = time.perf_counter()
+            (staging / "lock.txt").write_text(lock)
+            await self._uv(
+                reqs,
+                str(staging),
+                "install",
+                "--target",
+                SITE,
+                "--no-deps",
+                "--require-hashes",
+                "--compile-bytecode",
+                "--quiet",
+                "-r",
+                "lock.txt",
+            )
+            size = await asyncio.to_thread(_seal, staging / SITE)
+            if size > self.max_bytes:
+                raise RequirementsError(
+                    f"the installed requirements take {size // (1024 * 1024)} MB, over the "
+                    f"limit of {self.max_bytes // (1024 * 1024)} MB per layer (ember up "
+                    "--max-layer-mb); require fewer or smaller packages",
+                    code="layer_too_large",
+                )
+            meta = {
+                "digest": digest,
+                "packages": list(packages),
+                "bytes": size,
+                "build_ms": round((time.perf_counter() - t0) * 1e3, 1),
+                "created_at": time.time(),
+                "platform": _platform(),
+            }
+            (staging / META).write_text(json.dumps(meta, indent=2) + "\n")
+            staging.chmod(0o755)
+            staging.rename(self.path(digest))
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+            raise
+
+    async def _uv(self, reqs: Requirements, cwd: str, command: str, *args: str) -> str:
+        """Run `uv pip COMMAND`; its message as a `RequirementsError` when it fails."""
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": cwd,
+            "UV_CACHE_DIR": str(self.cache),
+            "UV_NO_PROGRESS": "1",
+            "NO_COLOR": "1",
+        }
+        for name in ("SSL_CERT_FILE", "SSL_CERT_DIR", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY"):
+            if name in os.environ:
+                env[name] = os.environ[name]
+        proc = await asyncio.create_subprocess_exec(
+            uv_binary(),
+            "pip",
+            command,
+            "--no-config",
+            "--python",
+            sys.executable,
+            "--only-binary",
+            ":all:",
+            *self.index.args(),
+            *args,
+            cwd=cwd,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise RequirementsError(
+                f"building the requirements ({reqs.source}) took over {self.timeout:g} s, the "
+                "limit (ember up --build-timeout)",
+                code="build_timeout",
+            ) from None
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if proc.returncode != 0:
+            raise _failure(reqs, command, _ANSI.sub("", err.decode(errors="replace")).strip())
+        return out.decode(errors="replace")
+
+    def unused(self, used: set[str]) -> list[Path]:
+        """Layer directories no kept revision uses, and staging left by an interrupted build:
+        what a clean-up may remove."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for entry in self.root.iterdir():
+            name = entry.name
+            if name.startswith((STAGING, TRASH)) or (len(name) == 64 and name not in used):
+                out.append(entry)
+        return out
+
+
+def _pins(lock: str) -> list[str]:
+    return [
+        line.split(" ", 1)[0].rstrip("\\").strip()
+        for line in lock.splitlines()
+        if line and not line[0].isspace() and not line.startswith("#") and "==" in line
+    ]
+
+
+def _failure(reqs: Requirements, command: str, message: str) -> RequirementsError:
+    """The installer's message, with the requirement line it is about when one is named."""
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE] + " …"
+    lowered = message.lower()
+    culprit = next(
+        (
+            line
+            for line in reqs.lines
+            if re.search(rf"\b{re.escape(_name(line).lower())}\b", lowered) is not None
+        ),
+        None,
+    )
+    where = f" (line {reqs.lines.index(culprit) + 1}: {culprit})" if culprit else ""
+    what = "resolving" if command == "compile" else "installing"
+    hint = ""
+    if any(
+        sign in lowered
+        for sign in ("no wheels", "only-binary", "building from source", "source distribution")
+    ):
+        hint = (
+            "; Ember installs wheels only (building from source would run the package's "
+            "scripts outside a sandbox): pick a version with a wheel for this platform"
+        )
+    return RequirementsError(
+        f"{what} {reqs.source} failed{where}: {message}{hint}",
+        code="requirements_unresolvable" if command == "compile" else "build_failed",
+    )
+
+
+def _name(line: str) -> str:
+    return re.split(r"[\s\[<>=!~;@(]", line, maxsplit=1)[0]
+
+
+def _seal(site: Path) -> int:
+    """Take the write bits off every installed file (uv hard-links files from its cache: a
+    write through one layer would change every copy and the cache); return the tree's size
+    in bytes. Sandboxes also see the layer through a read-only mount, as another uid."""
+    total = 0
+    for dirpath, _, filenames in os.walk(site):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if not os.path.islink(path):
+                os.chmod(path, st.st_mode & 0o555)
+                total += st.st_size
+    return total

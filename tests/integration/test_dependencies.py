@@ -1,0 +1,252 @@
+"""Functions with requirements: resolved at deploy into a lock, installed once into a shared
+read-only layer, seen by the function on its sys.path; bad requirements refused with 422 and
+nothing changed. Packages come from a wheelhouse the tests make (offline), and once from the
+registry CI reaches."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ember import bundle
+from tests.integration.conftest import EmberServer, make_function
+from tests.wheels import make_sdist, make_wheel
+
+pytestmark = pytest.mark.integration
+
+REPORT = """
+import os, sys
+import emberdep_alpha
+
+def handle(req, ctx):
+    out = {"alpha": emberdep_alpha.__version__, "alpha_file": emberdep_alpha.__file__,
+           "path": sys.path[:2]}
+    try:
+        import emberdep_beta
+        out["beta"] = emberdep_beta.__version__
+    except ImportError:
+        out["beta"] = None
+    try:
+        with open(emberdep_alpha.__file__, "a") as f:
+            f.write("# changed")
+        out["write"] = "written"
+    except OSError as exc:
+        out["write"] = exc.errno
+    out["read_only_mount"] = bool(os.statvfs(os.path.dirname(emberdep_alpha.__file__)).f_flag
+                                  & os.ST_RDONLY)
+    return out
+"""
+
+
+@pytest.fixture(scope="module")
+def house(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    h = tmp_path_factory.mktemp("wheelhouse")
+    make_wheel(h, "emberdep-alpha", "1.0.0")
+    make_wheel(h, "emberdep-alpha", "2.0.0")
+    make_wheel(h, "emberdep-beta", "0.3.0", requires=("emberdep-alpha>=2",))
+    make_sdist(h, "emberdep-source", "1.0")
+    return h
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory, house: Path) -> Iterator[EmberServer]:
+    home = tmp_path_factory.mktemp("ember-deps")
+    s = EmberServer(home, ["--find-links", str(house), "--no-index"]).start()
+    yield s
+    s.stop()
+    s.http.close()
+    s.api.close()
+
+
+@pytest.fixture
+def fn(tmp_path: Path) -> Callable[..., Path]:
+    def make(name: str, requirements: str | None, code: str = REPORT, **files: str) -> Path:
+        extra = {k.replace("__", "."): v.encode() for k, v in files.items()}
+        if requirements is not None:
+            extra["requirements.txt"] = requirements.encode()
+        return make_function(tmp_path / "src", name, code, files=extra)
+
+    return make
+
+
+def deploy(srv: EmberServer, directory: Path, name: str) -> httpx.Response:
+    return srv.api.post(
+        "/api/v1/deploy",
+        params={"name": name},
+        content=bundle.pack(directory),
+        headers={"Content-Type": "application/gzip"},
+    )
+
+
+def layers(srv: EmberServer) -> list[str]:
+    root = srv.home / "layers"
+    return sorted(p.name for p in root.iterdir() if re.fullmatch(r"[0-9a-f]{64}", p.name))
+
+
+def leftovers(srv: EmberServer) -> list[str]:
+    return sorted(p.name for p in (srv.home / "layers").iterdir() if p.name.startswith(".tmp-"))
+
+
+def test_requirements_run_from_a_read_only_layer_after_the_code(
+    srv: EmberServer, fn: Callable[..., Path]
+) -> None:
+    r = deploy(srv, fn("dep-beta", "emberdep-beta\n"), "dep-beta")
+    assert r.status_code == 201, r.text
+    (info,) = r.json()["functions"]
+    assert info["layer"]["built"] is True
+    assert info["layer"]["packages"] == ["emberdep-alpha==2.0.0", "emberdep-beta==0.3.0"]
+    out = srv.http.get("/fn/dep-beta").json()
+    assert (out["alpha"], out["beta"]) == ("2.0.0", "0.3.0")  # beta's dependency came along
+    assert out["path"] == ["/code/.", "/layer"]
+    assert out["alpha_file"] == "/layer/emberdep_alpha/__init__.py"
+    assert out["write"] == errno.EACCES  # not the tenant's files, and not writable by anyone
+    assert out["read_only_mount"] is True
+    site = srv.home / "layers" / info["layer"]["digest"] / "site"
+    assert (site / "emberdep_alpha" / "__init__.py").read_text().startswith("__version__")
+    assert list((site / "emberdep_alpha" / "__pycache__").glob("*.pyc"))  # compiled at build
+    # hard links into uv's cache: a write through any copy would change every one
+    assert (site / "emberdep_alpha" / "__init__.py").stat().st_mode & 0o222 == 0
+
+
+def test_the_same_lock_is_installed_once_and_shared(
+    srv: EmberServer, fn: Callable[..., Path]
+) -> None:
+    first = deploy(srv, fn("share-1", "emberdep-alpha==1.0.0\n"), "share-1").json()["functions"]
+    digest = first[0]["layer"]["digest"]
+    site = srv.home / "layers" / digest / "site"
+    inode = site.stat().st_ino
+    for i in (2, 3):
+        r = deploy(srv, fn(f"share-{i}", "emberdep-alpha==1.0.0  # pinned\n"), f"share-{i}")
+        (info,) = r.json()["functions"]
+        assert info["layer"]["digest"] == digest
+        assert info["layer"]["built"] is False
+        assert srv.http.get(f"/fn/share-{i}").json()["alpha"] == "1.0.0"
+    assert site.stat().st_ino == inode  # the very same directory: nothing installed again
+    assert layers(srv).count(digest) == 1
+
+
+def test_two_functions_get_their_own_versions_of_one_package(
+    srv: EmberServer, fn: Callable[..., Path]
+) -> None:
+    assert deploy(srv, fn("v-one", "emberdep-alpha<2\n"), "v-one").status_code == 201
+    assert deploy(srv, fn("v-two", "emberdep-alpha>=2\n"), "v-two").status_code == 201
+    assert srv.http.get("/fn/v-one").json()["alpha"] == "1.0.0"
+    assert srv.http.get("/fn/v-two").json()["alpha"] == "2.0.0"
+
+
+def test_a_function_without_requirements_sees_no_layer(
+    srv: EmberServer, fn: Callable[..., Path]
+) -> None:
+    code = "import sys\ndef handle(req, ctx):\n    return {'path': sys.path[:2]}\n"
+    r = deploy(srv, fn("plain-fn", None, code=code), "plain-fn")
+    assert r.json()["functions"][0]["layer"] is None
+    assert "/layer" not in srv.http.get("/fn/plain-fn").json()["path"]
+
+
+@pytest.mark.parametrize(
+    ("requirements", "status", "code", "names"),
+    [
+        ("emberdep-alpha\nno-such-package-here\n", 422, "requirements_unresolvable", "line 2"),
+        ("emberdep-alpha>=3\n", 422, "requirements_unresolvable", "emberdep-alpha>=3"),
+        ("emberdep-source\n", 422, "requirements_unresolvable", "wheels only"),
+        (
+            "emberdep-alpha\n--index-url https://example.invalid/simple\n",
+            422,
+            "bad_requirements",
+            "line 2",
+        ),
+        ("emberdep-alpha @ https://example.invalid/a.whl\n", 422, "bad_requirements", "by URL"),
+        ("./vendor/emberdep_alpha-1.0.0-py3-none-any.whl\n", 422, "bad_requirements", "line 1"),
+        ("msgspec==0.18\n", 422, "runtime_conflict", "msgspec"),
+        ("emberdep-alpha\nemberdep-alpha<2\n", 422, "bad_requirements", "already required"),
+    ],
+)
+def test_bad_requirements_are_refused_and_the_previous_revision_keeps_serving(
+    srv: EmberServer,
+    fn: Callable[..., Path],
+    requirements: str,
+    status: int,
+    code: str,
+    names: str,
+) -> None:
+    name = "keeps-" + hashlib.sha256(requirements.encode()).hexdigest()[:8]
+    assert deploy(srv, fn(name, "emberdep-alpha==1.0.0\n"), name).status_code == 201
+    before = layers(srv)
+    r = deploy(srv, fn(name, requirements, code=REPORT + "\n# v2\n"), name)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code
+    assert "requirements.txt" in error["message"] and names in error["message"]
+    assert srv.http.get(f"/fn/{name}").json()["alpha"] == "1.0.0"
+    assert srv.api.get(f"/api/v1/functions/{name}").json()["revision"] == 1
+    assert layers(srv) == before and leftovers(srv) == []
+
+
+def test_pyproject_dependencies_are_requirements_too(
+    srv: EmberServer, fn: Callable[..., Path]
+) -> None:
+    pyproject = '[project]\nname = "x"\nversion = "0"\ndependencies = ["emberdep-alpha<2"]\n'
+    r = deploy(srv, fn("from-pyproject", None, pyproject__toml=pyproject), "from-pyproject")
+    assert r.json()["functions"][0]["layer"]["packages"] == ["emberdep-alpha==1.0.0"]
+    assert srv.http.get("/fn/from-pyproject").json()["alpha"] == "1.0.0"
+
+
+def test_the_cli_shows_the_layer(srv: EmberServer, fn: Callable[..., Path]) -> None:
+    out = srv.deploy(fn("cli-dep", "emberdep-alpha==2.0.0\n")).stdout.decode()
+    assert "requirements: 1 package(s)" in out
+
+
+def test_a_restart_serves_from_the_layers_it_has(
+    house: Path, fn: Callable[..., Path], server_factory: Callable[..., EmberServer], tmp_path: Path
+) -> None:
+    args = ("--find-links", str(house), "--no-index")
+    first = server_factory(*args, home=tmp_path / "home")
+    assert deploy(first, fn("survives", "emberdep-beta\n"), "survives").status_code == 201
+    (digest,) = layers(first)
+    built = (first.home / "layers" / digest / "layer.json").stat().st_mtime_ns
+    assert first.stop() == 0
+    os.rename(house, house.with_name("gone"))  # nothing to install from after the restart
+    try:
+        second = server_factory(*args, home=tmp_path / "home")
+        assert second.http.get("/fn/survives").json()["beta"] == "0.3.0"
+    finally:
+        os.rename(house.with_name("gone"), house)
+    assert layers(second) == [digest]
+    assert (second.home / "layers" / digest / "layer.json").stat().st_mtime_ns == built
+
+
+def test_layers_no_kept_revision_uses_are_removed(
+    house: Path, fn: Callable[..., Path], server_factory: Callable[..., EmberServer], tmp_path: Path
+) -> None:
+    srv = server_factory("--find-links", str(house), "--no-index", "--revision-retention", "1")
+    assert deploy(srv, fn("gc", "emberdep-alpha==1.0.0\n"), "gc").status_code == 201
+    (old,) = layers(srv)
+    assert deploy(srv, fn("gc", "emberdep-alpha==2.0.0\n"), "gc").status_code == 201
+    assert old in layers(srv)  # revision 1 is the previous one: a rollback needs its layer
+    code = "def handle(req, ctx):\n    return 'no requirements'\n"
+    assert deploy(srv, fn("gc", None, code=code), "gc").status_code == 201
+    assert old not in layers(srv)  # revision 1 went: so did its layer
+    assert len(layers(srv)) == 1  # revision 2's, the previous one now
+    srv.cli("rm", "gc")
+    assert srv.stop(signal.SIGTERM) == 0
+    again = server_factory("--find-links", str(house), "--no-index", home=srv.home)
+    assert layers(again) == []  # the start's sweep: no revision uses any
+
+
+def test_a_package_from_the_registry(
+    fn: Callable[..., Path], server_factory: Callable[..., EmberServer]
+) -> None:
+    """The one test that reaches the network: CI reaches the package registries."""
+    srv = server_factory()
+    code = "import six\ndef handle(req, ctx):\n    return {'six': six.__version__}\n"
+    r = deploy(srv, fn("from-pypi", "six==1.16.0\n", code=code), "from-pypi")
+    assert r.status_code == 201, r.text
+    assert srv.http.get("/fn/from-pypi").json() == {"six": "1.16.0"}
