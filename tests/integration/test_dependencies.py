@@ -250,3 +250,14 @@ def test_a_package_from_the_registry(
     r = deploy(srv, fn("from-pypi", "six==1.16.0\n", code=code), "from-pypi")
     assert r.status_code == 201, r.text
     assert srv.http.get("/fn/from-pypi").json() == {"six": "1.16.0"}
+
+
+def test_without_the_sandbox_the_layer_is_on_the_path_where_it_is(
+    house: Path, fn: Callable[..., Path], server_factory: Callable[..., EmberServer]
+) -> None:
+    srv = server_factory("--find-links", str(house), "--no-index", "--sandbox", "off")
+    r = deploy(srv, fn("unboxed", "emberdep-alpha==2.0.0\n"), "unboxed")
+    site = srv.home / "layers" / r.json()["functions"][0]["layer"]["digest"] / "site"
+    out = srv.http.get("/fn/unboxed").json()
+    assert out["path"][1] == str(site)
+    assert out["alpha_file"] == str(site / "emberdep_alpha" / "__init__.py")

@@ -1,0 +1,79 @@
+"""Reading a function's requirements: what is taken, and each refusal naming its line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ember.errors import RequirementsError
+from ember.layers.requirements import parse, read
+
+
+def test_names_versions_extras_and_markers_are_taken_normalized() -> None:
+    text = "# tools\nRequests[socks] >= 2.31  # http\n\nidna==3.7 ; python_version >= '3.8'\n"
+    assert parse(text, "requirements.txt").lines == (
+        "Requests[socks]>=2.31",
+        'idna==3.7; python_version >= "3.8"',
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ("-i https://example.invalid/simple", "options are not taken"),
+        ("--find-links /srv/wheels", "options are not taken"),
+        ("-r other.txt", "options are not taken"),
+        ("-e .", "options are not taken"),
+        ("pkg @ https://example.invalid/pkg.whl", "by URL or path"),
+        ("https://example.invalid/pkg-1.0-py3-none-any.whl", "by URL or path"),
+        ("../outside/pkg", "by URL or path"),
+        ("/srv/pkg-1.0.tar.gz", "by URL or path"),
+        ("pkg ==", "not a requirement"),
+        ("msgspec", "part of Ember's runtime"),
+        ("Ember", "part of Ember's runtime"),
+        ("pkg \\", "line continuations"),
+    ],
+)
+def test_refusals_name_the_line(line: str, says: str) -> None:
+    with pytest.raises(RequirementsError) as info:
+        parse(f"six\n{line}\n", "requirements.txt")
+    assert info.value.status == 422
+    assert info.value.message.startswith(f"requirements.txt line 2: {line.strip()!r}: ")
+    assert says in info.value.message
+
+
+def test_a_package_required_twice_is_refused() -> None:
+    with pytest.raises(RequirementsError, match="already required on line 1"):
+        parse("six\nSix>=1\n", "requirements.txt")
+
+
+def test_requirements_txt_wins_over_pyproject(tmp_path: Path) -> None:
+    (tmp_path / "requirements.txt").write_text("six\n")
+    (tmp_path / "pyproject.toml").write_text('[project]\ndependencies = ["idna"]\n')
+    found = read(tmp_path)
+    assert found is not None and found.lines == ("six",)
+
+
+def test_pyproject_dependencies(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text('[project]\ndependencies = ["idna<4"]\n')
+    found = read(tmp_path)
+    assert found is not None
+    assert (found.source, found.lines) == ("pyproject.toml [project] dependencies", ("idna<4",))
+
+
+def test_none_when_nothing_is_required(tmp_path: Path) -> None:
+    assert read(tmp_path) is None
+    (tmp_path / "pyproject.toml").write_text("[tool.ruff]\nline-length = 100\n")
+    assert read(tmp_path) is None
+    (tmp_path / "requirements.txt").write_text("# nothing yet\n")
+    assert read(tmp_path) is None
+
+
+def test_a_bad_pyproject_is_a_422(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("[project\n")
+    with pytest.raises(RequirementsError, match=r"pyproject.toml: "):
+        read(tmp_path)
+    (tmp_path / "pyproject.toml").write_text('[project]\ndependencies = "six"\n')
+    with pytest.raises(RequirementsError, match="must be a list of strings"):
+        read(tmp_path)
