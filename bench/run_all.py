@@ -26,6 +26,7 @@ from bench import (
     burst,
     cpu_per_request,
     density,
+    deps,
     fork_breakdown,
     fork_start,
     idle_start,
@@ -48,6 +49,7 @@ SUITE: dict[str, Callable[[float], dict[str, Any]]] = {
     "autoscale": autoscale.run,
     "keepalive_sim": keepalive_sim.run,
     "density": density.run,
+    "deps": deps.run,
 }
 
 

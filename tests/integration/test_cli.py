@@ -141,7 +141,7 @@ def test_examples_in_the_readme_deploy_and_answer(server: EmberServer, tmp_path:
     import struct
 
     examples = Path(__file__).resolve().parents[2] / "examples"
-    for name in ("hello", "echo", "thumbnail"):
+    for name in ("hello", "echo", "thumbnail", "fetch"):  # the last two: from PyPI
         server.deploy(examples / name)
     assert server.http.get("/fn/hello", params={"name": "ada"}).json() == {"hello": "ada"}
     assert server.http.post("/fn/echo/x", content=b"abc").json()["bytes"] == 3
@@ -151,4 +151,6 @@ def test_examples_in_the_readme_deploy_and_answer(server: EmberServer, tmp_path:
     assert thumb.startswith(b"\x89PNG")
     assert struct.unpack(">II", thumb[16:24]) == (128, 85)
     bad = server.http.post("/fn/thumbnail", content=b"not a png")
-    assert bad.status_code == 400 and "not a PNG" in bad.json()["error"]
+    assert bad.status_code == 400 and "not an image" in bad.json()["error"]
+    fetched = server.http.get("/fn/fetch", params={"url": f"{server.url}/healthz"}).json()
+    assert fetched["status"] == 200 and fetched["from"].startswith("/layer/httpx/")

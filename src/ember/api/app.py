@@ -284,6 +284,24 @@ class Api:
         self._who(request)  # what this server's functions get, as probed at its start
         return _ok(s.CheckList(checks=self.control.pool.protections))
 
+    async def layers(self, request: Request) -> Response:
+        """Installed requirements on this node (admin: their packages span namespaces)."""
+        self._admin(request)
+        used = await self.control.store.layer_revisions()
+        found = await asyncio.to_thread(self.control.layers.installed)
+        out = [
+            s.InstalledLayer(
+                digest=meta.digest,
+                packages=meta.packages,
+                bytes=meta.bytes,
+                build_ms=meta.build_ms,
+                created_at=meta.created_at,
+                revisions=used.get(meta.digest, 0),
+            )
+            for meta in found
+        ]
+        return _ok(s.LayerList(layers=out, count=len(out), bytes=sum(x.bytes for x in out)))
+
     async def openapi(self, request: Request) -> Response:
         self._who(request)
         return _ok(document())
@@ -305,6 +323,7 @@ def build(control: Control, metrics: Metrics) -> Starlette:
         Route("/metrics", api.metrics_endpoint),
         Route("/api/v1/openapi.json", api.openapi),
         Route("/api/v1/doctor", api.doctor),
+        Route("/api/v1/layers", api.layers),
         Route("/api/v1/deploy", api.deploy, methods=["POST"]),
         Route("/api/v1/functions", api.functions),
         Route("/api/v1/functions/{name}", api.function),

@@ -121,7 +121,7 @@ class Bundles:
         for digest in unused:
             await asyncio.to_thread(self.blobs.delete, digest)
         await self.remove(self.code_dir(digest) for digest in unused)
-        used = await self.store.layers_in_use()
+        used = set(await self.store.layer_revisions())
         await self.remove(await asyncio.to_thread(self.layers.unused, used))
 
     async def collect(self, key: str) -> None:

@@ -184,6 +184,15 @@ OPERATIONS: list[Op] = [
         _AUTH,
     ),
     Op(
+        "get",
+        "/api/v1/layers",
+        "listLayers",
+        "Installed requirements (layers) on this node, with their size; needs an admin key",
+        "system",
+        s.LayerList,
+        (403, *_AUTH),
+    ),
+    Op(
         "post",
         "/api/v1/deploy",
         "deploy",

@@ -96,6 +96,23 @@ class LayerInfo(msgspec.Struct, frozen=True):
     build_ms: float  # resolving (or reusing the lock) and installing, this deploy
 
 
+class InstalledLayer(msgspec.Struct, frozen=True):
+    """One layer on this node's disk."""
+
+    digest: str
+    packages: list[str]
+    bytes: int
+    build_ms: float
+    created_at: float
+    revisions: int  # stored revisions that run with it (0: removed at the next clean-up)
+
+
+class LayerList(msgspec.Struct, frozen=True):
+    layers: list[InstalledLayer]
+    count: int
+    bytes: int  # on disk, all layers together
+
+
 class Deployed(msgspec.Struct, frozen=True):
     name: str
     revision: int

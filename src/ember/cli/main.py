@@ -562,12 +562,32 @@ def doctor(
     checks = [(check.name, check.ok, check.detail) for check in detect(sandbox)]
     url = server_url()
     reachable, detail = client.probe(url)
+    layers: render.LayerList | None = None
+    if reachable:  # what the server's functions' requirements take on its disk (admin key)
+        try:
+            with _connect() as api:
+                layers = client.decode(api.fetch("GET", "/api/v1/layers"), render.LayerList)
+        except EmberError:
+            layers = None
     if as_json:
-        rows = [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks]
+        found = [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks]
         server = {"url": url, "reachable": reachable, "detail": detail}
-        render.write_json({"checks": rows, "server": server})
+        out: dict[str, object] = {"checks": found, "server": server}
+        if layers is not None:
+            out["layers"] = {"count": layers.count, "bytes": layers.bytes}
+        render.write_json(out)
         return
-    render.out().print(render.doctor_table([*checks, ("server", reachable, detail)]))
+    table = [*checks, ("server", reachable, detail)]
+    if layers is not None:
+        table.append(
+            (
+                "layers",
+                True,
+                f"{layers.count} layer(s) of installed requirements, "
+                f"{layers.bytes / (1024 * 1024):.1f} MB on the server's disk",
+            )
+        )
+    render.out().print(render.doctor_table(table))
 
 
 # Keys, secrets, namespaces and quotas.

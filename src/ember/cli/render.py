@@ -116,6 +116,11 @@ class FunctionList(msgspec.Struct, frozen=True):
     functions: list[FunctionInfo]
 
 
+class LayerList(msgspec.Struct, frozen=True):
+    count: int
+    bytes: int
+
+
 class LayerInfo(msgspec.Struct, frozen=True):
     digest: str
     packages: list[str] = []

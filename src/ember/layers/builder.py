@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from ember.errors import RequirementsError
 from ember.layers.requirements import Requirements
 
@@ -75,6 +77,17 @@ class PackageIndex:
         if self.offline:
             out.append("--offline")
         return out
+
+
+class LayerMeta(msgspec.Struct, frozen=True):
+    """`layer.json`: written last, before the layer is renamed into place."""
+
+    digest: str
+    packages: list[str]  # "name==version", as locked
+    bytes: int  # installed size
+    build_ms: float  # the install alone
+    created_at: float
+    platform: str  # interpreter cache tag and platform the lock is for
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,15 +195,15 @@ class Layers:
                     "--max-layer-mb); require fewer or smaller packages",
                     code="layer_too_large",
                 )
-            meta = {
-                "digest": digest,
-                "packages": list(packages),
-                "bytes": size,
-                "build_ms": round((time.perf_counter() - t0) * 1e3, 1),
-                "created_at": time.time(),
-                "platform": _platform(),
-            }
-            (staging / META).write_text(json.dumps(meta, indent=2) + "\n")
+            meta = LayerMeta(
+                digest=digest,
+                packages=list(packages),
+                bytes=size,
+                build_ms=round((time.perf_counter() - t0) * 1e3, 1),
+                created_at=time.time(),
+                platform=_platform(),
+            )
+            (staging / META).write_bytes(msgspec.json.format(msgspec.json.encode(meta)) + b"\n")
             staging.chmod(0o755)
             staging.rename(self.path(digest))
         except BaseException:
@@ -244,6 +257,14 @@ class Layers:
         if proc.returncode != 0:
             raise _failure(reqs, command, _ANSI.sub("", err.decode(errors="replace")).strip())
         return out.decode(errors="replace")
+
+    def installed(self) -> list[LayerMeta]:
+        """What `layer.json` says of every installed layer (blocking: a worker thread)."""
+        out = []
+        for entry in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if len(entry.name) == 64 and (entry / META).is_file():
+                out.append(msgspec.json.decode((entry / META).read_bytes(), type=LayerMeta))
+        return out
 
     def unused(self, used: set[str]) -> list[Path]:
         """Layer directories no kept revision uses, and staging left by an interrupted build:

@@ -146,8 +146,8 @@ class Store(Protocol):
 
     async def bundles_in_use(self) -> set[str]: ...
 
-    async def layers_in_use(self) -> set[str]:
-        """Layer digests some stored revision runs with."""
+    async def layer_revisions(self) -> dict[str, int]:
+        """Per layer digest that some stored revision runs with: how many do."""
         ...
 
     async def delete_function(self, name: str) -> bool: ...

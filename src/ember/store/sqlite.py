@@ -298,13 +298,13 @@ class SQLiteStore:
         )
         return {row[0] for row in rows}
 
-    async def layers_in_use(self) -> set[str]:
+    async def layer_revisions(self) -> dict[str, int]:
         rows = await self._run(
             lambda db: db.execute(
-                "SELECT DISTINCT layer FROM revisions WHERE layer != ''"
+                "SELECT layer, COUNT(*) FROM revisions WHERE layer != '' GROUP BY layer"
             ).fetchall()
         )
-        return {row[0] for row in rows}
+        return {layer: count for layer, count in rows}
 
     async def delete_function(self, name: str) -> bool:
         def delete(db: sqlite3.Connection) -> bool:
