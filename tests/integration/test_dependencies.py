@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import signal
@@ -261,3 +262,28 @@ def test_without_the_sandbox_the_layer_is_on_the_path_where_it_is(
     out = srv.http.get("/fn/unboxed").json()
     assert out["path"][1] == str(site)
     assert out["alpha_file"] == str(site / "emberdep_alpha" / "__init__.py")
+
+
+def test_the_api_and_doctor_show_the_layers_and_their_size(
+    house: Path, fn: Callable[..., Path], server_factory: Callable[..., EmberServer]
+) -> None:
+    srv = server_factory("--find-links", str(house), "--no-index")
+    for name in ("size-1", "size-2"):
+        assert deploy(srv, fn(name, "emberdep-alpha==1.0.0\n"), name).status_code == 201
+    assert deploy(srv, fn("size-3", "emberdep-beta\n"), "size-3").status_code == 201
+    listed = srv.api.get("/api/v1/layers").json()
+    on_disk = {
+        p.name: sum(f.stat().st_size for f in (p / "site").rglob("*") if f.is_file())
+        for p in (srv.home / "layers").iterdir()
+        if len(p.name) == 64
+    }
+    assert listed["count"] == 2 and listed["bytes"] == sum(on_disk.values())
+    by_packages = {tuple(x["packages"]): x for x in listed["layers"]}
+    assert by_packages[("emberdep-alpha==1.0.0",)]["revisions"] == 2
+    beta = by_packages[("emberdep-alpha==2.0.0", "emberdep-beta==0.3.0")]
+    assert beta["revisions"] == 1 and beta["bytes"] == on_disk[beta["digest"]]
+    reader = srv.api.post("/api/v1/keys", json={"name": "r", "scopes": ["read:default"]})
+    headers = {"Authorization": f"Bearer {reader.json()['key']}"}
+    assert srv.http.get("/api/v1/layers", headers=headers).status_code == 403  # spans tenants
+    doctor = json.loads(srv.cli("doctor", "--json").stdout)
+    assert doctor["layers"] == {"count": 2, "bytes": listed["bytes"]}
