@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import shutil
@@ -18,6 +19,11 @@ import psutil
 import yaml
 
 from bench.common import FUNCTIONS, PYTHON, ROOT, free_port, wait_for
+
+# uv's cache of downloaded wheels, shared by every Ember server of one benchmark process: a
+# function's requirements (numpy + pandas) are downloaded once per run, not once per server.
+PACKAGE_CACHE = Path(tempfile.gettempdir()) / f"ember-bench-packages-{os.getpid()}"
+atexit.register(shutil.rmtree, PACKAGE_CACHE, True)
 
 
 def route_name(function: str) -> str:
@@ -185,6 +191,8 @@ class Ember(_Process):
             str(self.port),
             "--log-level",
             "warning",
+            "--package-cache",
+            str(PACKAGE_CACHE),
             *self.extra,
         ]
 

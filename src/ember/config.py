@@ -54,6 +54,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     find_links: list[str] = []  # directories or pages of wheels (an offline wheelhouse)
     no_index: bool = False  # find_links only
     offline: bool = False  # no network: uv's cache and find_links only
+    package_cache: str = ""  # uv's cache of downloaded wheels; "": EMBER_HOME/layers/.cache
     build_timeout: float = 300.0  # seconds a resolution or an install may take
     max_layer_mb: int = 4096  # installed size of one function's requirements
     # The only variables of the server's environment that reach functions (the CLI fills it).

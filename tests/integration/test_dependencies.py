@@ -43,6 +43,9 @@ def handle(req, ctx):
         out["write"] = exc.errno
     out["read_only_mount"] = bool(os.statvfs(os.path.dirname(emberdep_alpha.__file__)).f_flag
                                   & os.ST_RDONLY)
+    import importlib.util
+    out["importable"] = {name: importlib.util.find_spec(name) is not None
+                         for name in ("starlette", "httpx", "yaml", "msgspec")}
     return out
 """
 
@@ -54,6 +57,9 @@ def house(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_wheel(h, "emberdep-alpha", "2.0.0")
     make_wheel(h, "emberdep-beta", "0.3.0", requires=("emberdep-alpha>=2",))
     make_sdist(h, "emberdep-source", "1.0")
+    # used by one test each, so that what they see installed is theirs alone
+    for name, version in [("stream", "1.0"), ("cli", "1.0"), ("logs", "1.0"), ("logs", "2.0")]:
+        make_wheel(h, f"emberdep-{name}", version)
     return h
 
 
@@ -73,6 +79,8 @@ def fn(tmp_path: Path) -> Callable[..., Path]:
         extra = {k.replace("__", "."): v.encode() for k, v in files.items()}
         if requirements is not None:
             extra["requirements.txt"] = requirements.encode()
+        else:  # the directory may be there from an earlier deploy of the test
+            (tmp_path / "src" / name / "requirements.txt").unlink(missing_ok=True)
         return make_function(tmp_path / "src", name, code, files=extra)
 
     return make
@@ -110,6 +118,8 @@ def test_requirements_run_from_a_read_only_layer_after_the_code(
     assert out["alpha_file"] == "/layer/emberdep_alpha/__init__.py"
     assert out["write"] == errno.EACCES  # not the tenant's files, and not writable by anyone
     assert out["read_only_mount"] is True
+    # the server's environment is not the function's: only the runtime's own set shows
+    assert out["importable"] == {"starlette": False, "httpx": False, "yaml": False, "msgspec": True}
     site = srv.home / "layers" / info["layer"]["digest"] / "site"
     assert (site / "emberdep_alpha" / "__init__.py").read_text().startswith("__version__")
     assert list((site / "emberdep_alpha" / "__pycache__").glob("*.pyc"))  # compiled at build
@@ -287,3 +297,77 @@ def test_the_api_and_doctor_show_the_layers_and_their_size(
     assert srv.http.get("/api/v1/layers", headers=headers).status_code == 403  # spans tenants
     doctor = json.loads(srv.cli("doctor", "--json").stdout)
     assert doctor["layers"] == {"count": 2, "bytes": listed["bytes"]}
+
+
+def test_a_streamed_deploy_reports_each_step_then_its_outcome(
+    srv: EmberServer, fn: Callable[..., Path]
+) -> None:
+    def stream(name: str, requirements: str) -> list[dict[str, object]]:
+        with srv.api.stream(
+            "POST",
+            "/api/v1/deploy",
+            params={"name": name},
+            content=bundle.pack(fn(name, requirements)),
+            headers={"Content-Type": "application/gzip", "Accept": "application/x-ndjson"},
+        ) as r:
+            assert r.headers["content-type"].startswith("application/x-ndjson")
+            return [json.loads(line) for line in r.iter_lines() if line]
+
+    events = stream("streamed", "emberdep-alpha>=2\nemberdep-stream\n")
+    assert [(e["event"], e.get("phase")) for e in events] == [
+        ("DeployProgress", "resolving"),
+        ("DeployProgress", "resolved"),
+        ("DeployProgress", "installing"),
+        ("DeployProgress", "installed"),
+        ("DeployProgress", "importing"),
+        ("DeployDone", None),
+    ]
+    assert events[-1]["status"] == 201
+    assert events[-1]["result"]["functions"][0]["name"] == "streamed"
+    failed = stream("streamed", "emberdep-alpha>=3\n")
+    assert [e["event"] for e in failed] == ["DeployProgress", "DeployFailed"]
+    assert failed[-1]["status"] == 422
+    assert failed[-1]["error"]["code"] == "requirements_unresolvable"
+
+
+def test_the_cli_shows_progress_on_stderr_and_stays_scriptable(
+    srv: EmberServer, fn: Callable[..., Path]
+) -> None:
+    first = srv.deploy(fn("cli-progress", "emberdep-alpha\nemberdep-cli\n"))
+    err = first.stderr.decode()
+    assert "cli-progress: 2 package(s), resolved in" in err
+    assert "emberdep-alpha==2.0.0, emberdep-cli==1.0" in err
+    assert "cli-progress: installed and compiled" in err
+    assert first.stdout.decode().startswith("deployed cli-progress revision 1")
+    again = srv.deploy(fn("cli-progress-2", "emberdep-alpha\nemberdep-cli\n"))
+    assert "lock reused" in again.stderr.decode()
+    assert "layer already installed" in again.stderr.decode()
+    quiet = srv.deploy(fn("cli-quiet", "emberdep-beta\n"), "--quiet")
+    assert quiet.stderr == b"" and quiet.stdout.decode().startswith("deployed cli-quiet")
+    as_json = srv.deploy(fn("cli-json", "emberdep-beta\n"), "--json")
+    assert as_json.stderr == b""
+    assert json.loads(as_json.stdout)["functions"][0]["layer"]["built"] is False
+    bad = srv.cli("deploy", str(fn("cli-bad", "nope-not-here\n")), check=False)
+    assert bad.returncode == 2
+    assert "error: function 'cli-bad': resolving requirements.txt failed" in bad.stderr.decode()
+
+
+def test_builds_lists_each_revisions_build_with_its_log(
+    srv: EmberServer, fn: Callable[..., Path]
+) -> None:
+    code = "import emberdep_logs\n\ndef handle(req, ctx):\n    return emberdep_logs.NAME\n"
+    for requirements in ("emberdep-logs==1.0\n", "emberdep-logs==2.0\n"):
+        r = deploy(srv, fn("built", requirements, code=code), "built")
+        assert r.status_code == 201, r.text
+    code = "def handle(req, ctx):\n    return 1\n"
+    assert deploy(srv, fn("built", None, code=code), "built").status_code == 201
+    builds = srv.api.get("/api/v1/functions/built/builds").json()["builds"]
+    assert [(b["revision"], b["packages"]) for b in builds] == [
+        (2, ["emberdep-logs==2.0"]),
+        (1, ["emberdep-logs==1.0"]),
+    ]  # revision 3 has no requirements, so no build
+    assert all(b["bytes"] > 0 and b["layer"] in layers(srv) for b in builds)
+    table = srv.cli("builds", "built").stdout.decode()
+    assert "emberdep-logs==2.0" in table and builds[0]["layer"][:12] in table
+    logs = srv.cli("builds", "built", "--log").stdout.decode()
+    assert "revision 2" in logs and "$ uv pip install" in logs

@@ -237,7 +237,8 @@ def test_an_installation_under_tmp_is_visible_inside_the_sandbox(
     server_factory: Callable[..., EmberServer], fn_dir: Callable[..., Path]
 ) -> None:
     """Regression: Ember's own environment under /tmp was hidden by the sandbox's private
-    /tmp, so functions importing from it failed with ModuleNotFoundError."""
+    /tmp, so its zygotes could not run. The environment is bound in (its site-packages shows
+    only the runtime's own entries: what else it holds is the server's, not the function's)."""
     import sys
     import tempfile
     import venv
@@ -253,11 +254,15 @@ def test_an_installation_under_tmp_is_visible_inside_the_sandbox(
         (site / "ember-test.pth").write_text("\n".join(ours) + "\n")
         (site / "under_tmp.py").write_text("WHERE = __file__\n")
         server = server_factory(prefix=[str(env / "bin" / "python")])
-        code = "import under_tmp\n\ndef handle(req, ctx):\n    return {'where': under_tmp.WHERE}\n"
+        code = (
+            "import importlib.util, os, sys\n\ndef handle(req, ctx):\n"
+            "    return {'prefix': sys.prefix, 'cfg': os.path.isfile(sys.prefix + '/pyvenv.cfg'),"
+            " 'under_tmp': importlib.util.find_spec('under_tmp') is not None}\n"
+        )
         server.deploy(fn_dir("tmpenv", code))
         resp = server.http.get("/fn/tmpenv")
         assert resp.status_code == 200, resp.text
-        assert resp.json() == {"where": str(site / "under_tmp.py")}
+        assert resp.json() == {"prefix": str(env), "cfg": True, "under_tmp": False}
         server.stop()
 
 

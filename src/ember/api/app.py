@@ -21,6 +21,7 @@ from ember.api.names import DEFAULT_NS, validate_namespace
 from ember.api.openapi import document
 from ember.auth import KeyTable, Principal
 from ember.errors import EmberError, Forbidden, UserError
+from ember.layers.builder import Progress
 from ember.pool.target import Target
 from ember.secretbox import MAX_SECRET_BYTES
 from ember.spec import Quota
@@ -46,6 +47,7 @@ class Api:
     def __init__(self, control: Control, metrics: Metrics) -> None:
         self.control = control
         self.metrics = metrics
+        self._deploying: set[asyncio.Task[None]] = set()  # streamed deploys under way
 
     @property
     def _keys(self) -> KeyTable:
@@ -116,6 +118,27 @@ class Api:
             )
         )
 
+    async def builds(self, request: Request) -> Response:
+        target = self._target(request, "read")
+        builds = await self.control.store.builds(target.qualified)
+        return _ok(
+            s.BuildList(
+                builds=[
+                    s.BuildInfo(
+                        revision=b.revision,
+                        layer=b.layer,
+                        packages=b.packages,
+                        bytes=b.bytes,
+                        build_ms=b.build_ms,
+                        built=b.built,
+                        log=b.log,
+                        created_at=b.created_at,
+                    )
+                    for b in builds
+                ]
+            )
+        )
+
     async def traffic(self, request: Request) -> Response:
         _, namespace = self._allow(request, "deploy")
         body = await params.body(request, s.TrafficRequest)
@@ -143,12 +166,53 @@ class Api:
                 "(`ember deploy DIR` does it for you)",
                 code="bad_bundle",
             )
+        canary = params.canary_plan(request)
+        if "application/x-ndjson" in request.headers.get("accept", ""):
+            return self._deploy_stream(bytes(data), name or "function", namespace, canary)
         deployed = await self.control.deploys.deploy(
-            bytes(data), name or "function", namespace, params.canary_plan(request)
+            bytes(data), name or "function", namespace, canary
         )
         return _ok(
             s.DeployResponse(functions=deployed), 201 if any(d.created for d in deployed) else 200
         )
+
+    def _deploy_stream(
+        self, data: bytes, name: str, namespace: str, canary: s.CanaryPlan | None
+    ) -> StreamingResponse:
+        """The deploy's steps as they happen, one JSON per line, and its outcome last. The
+        deploy runs to its end even if the client goes away (it is never cut half-way)."""
+        lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        def report(function: str, step: Progress) -> None:
+            event = s.DeployProgress(
+                function, step.phase, step.packages, step.reused, step.bytes, step.ms
+            )
+            lines.put_nowait(_json.encode(event) + b"\n")
+
+        async def deploy() -> None:
+            last: s.DeployDone | s.DeployFailed
+            try:
+                done = await self.control.deploys.deploy(data, name, namespace, canary, report)
+                status = 201 if any(d.created for d in done) else 200
+                last = s.DeployDone(status, s.DeployResponse(functions=done))
+            except EmberError as exc:
+                last = s.DeployFailed(exc.status, s.ErrorDetail(exc.code, exc.message, exc.detail))
+            except Exception as exc:
+                log.exception("unexpected error in a streamed deploy")
+                error = EmberError(f"internal error: {type(exc).__name__}: {exc}")
+                last = s.DeployFailed(error.status, s.ErrorDetail(error.code, error.message))
+            lines.put_nowait(_json.encode(last) + b"\n")
+            lines.put_nowait(None)
+
+        task = asyncio.get_running_loop().create_task(deploy())
+        self._deploying.add(task)
+        task.add_done_callback(self._deploying.discard)
+
+        async def stream() -> AsyncIterator[bytes]:
+            while (line := await lines.get()) is not None:
+                yield line
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
 
     async def scale(self, request: Request) -> Response:
         _, namespace = self._allow(request, "deploy")
@@ -329,6 +393,7 @@ def build(control: Control, metrics: Metrics) -> Starlette:
         Route("/api/v1/functions/{name}", api.function),
         Route("/api/v1/functions/{name}", api.delete, methods=["DELETE"]),
         Route("/api/v1/functions/{name}/revisions", api.revisions),
+        Route("/api/v1/functions/{name}/builds", api.builds),
         Route("/api/v1/functions/{name}/scale", api.scale, methods=["POST"]),
         Route("/api/v1/functions/{name}/traffic", api.traffic, methods=["PUT"]),
         Route("/api/v1/functions/{name}/rollback", api.rollback, methods=["POST"]),

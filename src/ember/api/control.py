@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from ember import auth
 from ember.api.bundles import Bundles
@@ -74,6 +75,7 @@ class Control:
             ),
             config.build_timeout,
             config.max_layer_mb * 1024 * 1024,
+            Path(config.package_cache) if config.package_cache else None,
         )
         self.bundles = Bundles(
             config.code_dir, blobs, store, config.revision_retention, self.layers

@@ -26,11 +26,11 @@ from ember.api.traffic import Traffic
 from ember.config import ServerConfig
 from ember.errors import RequirementsError, TooLarge, UserError
 from ember.layers import requirements
-from ember.layers.builder import Layer, Layers
+from ember.layers.builder import Layer, Layers, Progress
 from ember.layers.requirements import Requirements
 from ember.pool.target import Target
 from ember.spec import FunctionSpec, canonical
-from ember.store.base import RevisionRecord, Store
+from ember.store.base import BuildRecord, RevisionRecord, Store
 from ember.wire.messages import ZygoteReady
 
 log = logging.getLogger("ember.api")
@@ -85,6 +85,13 @@ class Probe:
     warnings: tuple[str, ...] = ()
 
 
+Report = Callable[[str, Progress], None]  # function name, step
+
+
+def _quiet(name: str, step: Progress) -> None:
+    pass
+
+
 class Deploys:
     def __init__(
         self,
@@ -119,8 +126,14 @@ class Deploys:
         self.delayed = Delayed()  # clean-ups after a grace period
 
     async def deploy(
-        self, data: bytes, default_name: str, namespace: str, canary: CanaryPlan | None = None
+        self,
+        data: bytes,
+        default_name: str,
+        namespace: str,
+        canary: CanaryPlan | None = None,
+        report: Report = _quiet,
     ) -> list[Deployed]:
+        """`report` hears of each step (of builds and imports) as it happens."""
         if len(data) > self.config.max_bundle_bytes:
             raise TooLarge(
                 f"bundle of {len(data)} bytes exceeds the "
@@ -130,14 +143,19 @@ class Deploys:
             )
         validate_namespace(namespace)
         async with self.writes:
-            deployed = await self._deploy(data, default_name, namespace, canary)
+            deployed = await self._deploy(data, default_name, namespace, canary, report)
             for d in deployed:  # a function with no more revisions than it keeps: none go
                 if d.created and d.revision > self.bundles.retention:
                     await self.bundles.collect(qualified(namespace, d.name))
             return deployed
 
     async def _deploy(
-        self, data: bytes, default_name: str, namespace: str, canary: CanaryPlan | None
+        self,
+        data: bytes,
+        default_name: str,
+        namespace: str,
+        canary: CanaryPlan | None,
+        report: Report,
     ) -> list[Deployed]:
         staging = self.bundles.staging()
         staged: Staged | None = None
@@ -150,9 +168,11 @@ class Deploys:
             committed: list[str] = []
             try:
                 self._check_deployable(namespace, [plan.spec for plan in plans], canary)
-                plans = [await self._build(plan) for plan in plans]
+                plans = [await self._build(plan, report) for plan in plans]
                 await self.namespaces.ensure(namespace)
-                results = await self._commit(namespace, plans, digest, data, committed, canary)
+                results = await self._commit(
+                    namespace, plans, digest, data, committed, canary, report
+                )
             except BaseException:
                 if staged.installed and not committed:
                     await self.bundles.remove([self.bundles.code_dir(digest)])
@@ -227,13 +247,15 @@ class Deploys:
         code = bundle.tree_hash(source, CONFIG_FILES)
         return Plan(spec, revision_hash(tree, spec), code, requirements.read(source))
 
-    async def _build(self, plan: Plan) -> Plan:
+    async def _build(self, plan: Plan, report: Report) -> Plan:
         """A function with requirements gets its layer (built unless there) and a revision
         hash that includes it: the same code with other packages is another revision."""
         if plan.requirements is None:
             return plan
         try:
-            layer = await self.layers.ensure(plan.requirements)
+            layer = await self.layers.ensure(
+                plan.requirements, lambda step: report(plan.spec.name, step)
+            )
         except RequirementsError as exc:
             message = f"function '{plan.spec.name}': {exc.message}"
             raise RequirementsError(message, code=exc.code) from None
@@ -248,6 +270,7 @@ class Deploys:
         data: bytes,
         committed: list[str],
         canary: CanaryPlan | None,
+        report: Report,
     ) -> list[Deployed]:
         """Probe every new revision, then store and publish them; `committed` names the ones
         the store took, so a failure half-way knows what is already live."""
@@ -258,7 +281,7 @@ class Deploys:
         new_blob = False
         try:
             try:
-                await self._probe(namespace, plans, digest, probes)
+                await self._probe(namespace, plans, digest, probes, report)
             finally:
                 new_blob = await storing
             results = [await self._store(namespace, p, digest, committed, canary) for p in probes]
@@ -278,7 +301,7 @@ class Deploys:
             raise
 
     async def _probe(
-        self, namespace: str, plans: list[Plan], digest: str, probes: list[Probe]
+        self, namespace: str, plans: list[Plan], digest: str, probes: list[Probe], report: Report
     ) -> None:
         """Start the zygote of every changed function (import + init: DeployRejected)."""
         for plan in plans:
@@ -300,6 +323,7 @@ class Deploys:
                     layer=plan.layer.digest if plan.layer else "",
                 )
             )
+            report(plan.spec.name, Progress("importing"))
             ready = await self.pool.prepare(target)  # import + init: DeployRejected
             probes.append(Probe(plan, target, ready.import_ms, tuple(ready.warnings)))
 
@@ -324,6 +348,19 @@ class Deploys:
             tree=probe.plan.tree,
             serve=canary is None,
             layer=layer.digest if layer else "",
+            build=None
+            if layer is None
+            else BuildRecord(
+                function=key,
+                revision=0,
+                layer=layer.digest,
+                packages=list(layer.packages),
+                bytes=layer.bytes,
+                build_ms=round(layer.build_ms, 1),
+                built=layer.built,
+                log=layer.log,
+                created_at=now,
+            ),
         )
         if created:
             committed.append(spec.name)

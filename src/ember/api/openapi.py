@@ -255,6 +255,17 @@ OPERATIONS: list[Op] = [
         (FUNCTION, NAMESPACE),
     ),
     Op(
+        "get",
+        "/api/v1/functions/{name}/builds",
+        "listBuilds",
+        "How each kept revision's requirements were installed: lock digest, packages, size, "
+        "time, log",
+        "functions",
+        s.BuildList,
+        _READ,
+        (FUNCTION, NAMESPACE),
+    ),
+    Op(
         "post",
         "/api/v1/functions/{name}/scale",
         "scaleFunction",

@@ -96,6 +96,23 @@ class LayerInfo(msgspec.Struct, frozen=True):
     build_ms: float  # resolving (or reusing the lock) and installing, this deploy
 
 
+class BuildInfo(msgspec.Struct, frozen=True):
+    """How one revision's requirements were installed."""
+
+    revision: int
+    layer: str  # the lock's digest
+    packages: list[str]
+    bytes: int
+    build_ms: float  # resolving (or reusing the lock) and installing, at that deploy
+    built: bool  # that deploy installed the layer; False: it was installed already
+    log: str  # what the resolver and installer said
+    created_at: float
+
+
+class BuildList(msgspec.Struct, frozen=True):
+    builds: list[BuildInfo]  # newest first; revisions without requirements have none
+
+
 class InstalledLayer(msgspec.Struct, frozen=True):
     """One layer on this node's disk."""
 
@@ -127,6 +144,33 @@ class Deployed(msgspec.Struct, frozen=True):
 
 class DeployResponse(msgspec.Struct, frozen=True):
     functions: list[Deployed]
+
+
+class DeployProgress(msgspec.Struct, frozen=True, omit_defaults=True, tag_field="event"):
+    """A step of a deploy as it happens (`Accept: application/x-ndjson`, one JSON per line):
+    resolving, resolved, installing, installed (a function's requirements), importing (its
+    code, in a new zygote)."""
+
+    function: str
+    phase: str
+    packages: list[str] = []  # resolved: the lock's "name==version"
+    reused: bool = False  # resolved: an earlier deploy's lock; installed: the layer was there
+    bytes: int = 0  # installed: the layer's size
+    ms: float = 0.0  # how long the step took
+
+
+class DeployDone(msgspec.Struct, frozen=True, tag_field="event"):
+    """The last line of a streamed deploy that succeeded: what a plain deploy answers."""
+
+    status: int  # 201: a revision was created; 200: nothing changed
+    result: DeployResponse
+
+
+class DeployFailed(msgspec.Struct, frozen=True, tag_field="event"):
+    """The last line of a streamed deploy that was refused: what a plain deploy answers."""
+
+    status: int  # the HTTP status a plain deploy would have had
+    error: ErrorDetail
 
 
 class ScaleRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

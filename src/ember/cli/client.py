@@ -40,8 +40,23 @@ class _ErrorEnvelope(msgspec.Struct, frozen=True):
     error: _ErrorBody
 
 
-def error_class(status: int) -> type[EmberError]:
+# 422s that are the caller's input (a function's requirements), not its code failing
+_INPUT_422 = frozenset(
+    {
+        "bad_requirements",
+        "requirements_unresolvable",
+        "build_failed",
+        "build_timeout",
+        "runtime_conflict",
+        "layer_too_large",
+    }
+)
+
+
+def error_class(status: int, code: str | None = None) -> type[EmberError]:
     """The error class (and so the exit code) for an HTTP status from the server."""
+    if status == 422 and code in _INPUT_422:
+        return UserError
     if status in (422, 502, 504):
         return FunctionError
     if status == 429:
@@ -66,7 +81,7 @@ def error_from_response(status: int, body: bytes) -> EmberError:
         text = body.decode("utf-8", "replace").strip()[:500]
         fields = (None, f"server answered HTTP {status}" + (f": {text}" if text else ""), None)
     code, message, detail = fields
-    return error_class(status)(message, code=code, status=status, detail=detail)
+    return error_class(status, code)(message, code=code, status=status, detail=detail)
 
 
 def invoke_exit_code(status: int, body: bytes) -> int:
@@ -288,9 +303,22 @@ class Client:
         return resp.content
 
     @contextmanager
-    def stream_lines(self, path: str, *, params: Mapping[str, str]) -> Iterator[Iterator[str]]:
-        """GET `path` and yield an iterator over the lines of the body as they arrive."""
-        with self._transport_errors(), self._http.stream("GET", path, params=params) as resp:
+    def stream_lines(
+        self,
+        path: str,
+        *,
+        params: Mapping[str, str],
+        method: str = "GET",
+        content: bytes | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> Iterator[Iterator[str]]:
+        """Send a request and yield an iterator over the lines of the body as they arrive."""
+        with (
+            self._transport_errors(),
+            self._http.stream(
+                method, path, params=params, content=content, headers=list(headers)
+            ) as resp,
+        ):
             if resp.is_error:
                 resp.read()
                 raise error_from_response(resp.status_code, resp.content)

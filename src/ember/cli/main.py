@@ -5,6 +5,7 @@ talk to) and `EMBER_HOME` (the state directory of `ember up`). httpx, the server
 are imported inside the commands so that `ember --help` stays fast.
 """
 
+import contextlib
 import functools
 import os
 import signal
@@ -20,7 +21,7 @@ from rich.console import RenderableType
 
 from ember.cli import render
 from ember.config import ServerConfig
-from ember.errors import EmberError
+from ember.errors import EmberError, PlatformError
 
 if TYPE_CHECKING:
     from ember.cli import client
@@ -218,6 +219,14 @@ def up(
         bool,
         typer.Option("--offline", help="Builds use no network: the cache and --find-links only."),
     ] = False,
+    package_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="Directory of downloaded packages, shareable between servers. "
+            "Default: EMBER_HOME/layers/.cache.",
+            show_default=False,
+        ),
+    ] = None,
     build_timeout: Annotated[
         float, typer.Option(help="Seconds a requirements resolution or install may take.")
     ] = server_default("build_timeout"),
@@ -250,6 +259,7 @@ def up(
         find_links=[_absolute_link(link) for link in find_links or []],
         no_index=no_index,
         offline=offline,
+        package_cache=str(package_cache.resolve()) if package_cache else "",
         build_timeout=build_timeout,
         max_layer_mb=max_layer_mb,
         base_env={k: v for k, v in os.environ.items() if k in PASSED_ENV},
@@ -289,8 +299,15 @@ def deploy(
         str | None,
         typer.Option(help="Rollout: the canary's p99 latency that rolls back, e.g. 500ms."),
     ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Only the outcome: no progress.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the outcome as JSON; no progress.")
+    ] = False,
 ) -> None:
-    """Pack a directory (honouring .emberignore) and deploy the functions in it."""
+    """Pack a directory (honouring .emberignore) and deploy the functions in it. Progress
+    (requirements resolved, installed, the import) goes to stderr as it happens."""
     from ember.bundle import pack, read_manifest
     from ember.cli import client
     from ember.manifest import load_manifest
@@ -307,16 +324,41 @@ def deploy(
             "max_p99_ms": str(client.parse_duration(max_p99) * 1000 if max_p99 else 0),
         }
     bundle = pack(directory)
-    with _connect(DEPLOY_TIMEOUT) as api:
-        raw = api.fetch(
-            "POST",
-            "/api/v1/deploy",
-            params=params,
-            content=bundle,
-            headers=[("Content-Type", "application/gzip")],
+    headers = [("Content-Type", "application/gzip"), ("Accept", "application/x-ndjson")]
+    last: render.DeployDone | render.DeployFailed | None = None
+    quiet = quiet or as_json
+    err = render.err()
+    with (
+        _connect(DEPLOY_TIMEOUT) as api,
+        api.stream_lines(
+            "/api/v1/deploy", params=params, method="POST", content=bundle, headers=headers
+        ) as lines,
+        err.status("uploading …")
+        if not quiet and err.is_terminal
+        else contextlib.nullcontext() as status,
+    ):
+        for line in lines:
+            if not line:
+                continue
+            event: render.DeployEvent = client.decode(line, render.DeployEvent)  # type: ignore[arg-type]
+            if not isinstance(event, render.DeployProgress):
+                last = event
+            elif not quiet:
+                if (done := render.step(event)) is not None:
+                    err.print(done, style="dim", markup=False)
+                if status is not None:
+                    status.update(render.doing(event))
+    if last is None:
+        raise PlatformError("the server ended the deploy without an outcome", code="transport")
+    if isinstance(last, render.DeployFailed):
+        raise client.error_class(last.status, last.error.code)(
+            last.error.message, code=last.error.code, status=last.status, detail=last.error.detail
         )
+    if as_json:
+        render.write_json(last.result)
+        return
     console = render.out()
-    for fn in client.decode(raw, render.DeployResult).functions:
+    for fn in last.result.functions:
         console.print(render.deployed(fn))
 
 
@@ -496,6 +538,24 @@ def revisions(name: Name, as_json: JsonFlag = False, namespace: Namespace = "def
     with _connect() as api:
         raw = api.fetch("GET", client.api_path(name, "revisions"), params={"namespace": namespace})
     _show(raw, as_json, render.RevisionList, lambda r: render.revisions_table(r.revisions))
+
+
+@command
+def builds(
+    name: Name,
+    log: Annotated[bool, typer.Option("--log", help="Each build's log, newest first.")] = False,
+    as_json: JsonFlag = False,
+    namespace: Namespace = "default",
+) -> None:
+    """How a function's kept revisions got their requirements: lock, packages, size, time."""
+    from ember.cli import client
+
+    with _connect() as api:
+        raw = api.fetch("GET", client.api_path(name, "builds"), params={"namespace": namespace})
+    if log and not as_json:
+        render.out().print(render.build_logs(client.decode(raw, render.BuildList).builds))
+        return
+    _show(raw, as_json, render.BuildList, lambda r: render.builds_table(r.builds, time.time()))
 
 
 @command

@@ -141,6 +141,49 @@ class DeployResult(msgspec.Struct, frozen=True):
     functions: list[Deployed]
 
 
+class BuildInfo(msgspec.Struct, frozen=True):
+    revision: int
+    layer: str
+    packages: list[str]
+    bytes: int
+    build_ms: float
+    built: bool
+    log: str
+    created_at: float
+
+
+class BuildList(msgspec.Struct, frozen=True):
+    builds: list[BuildInfo]
+
+
+class DeployProgress(msgspec.Struct, frozen=True, tag_field="event"):
+    function: str
+    phase: str
+    packages: list[str] = []
+    reused: bool = False
+    bytes: int = 0
+    ms: float = 0.0
+
+
+class DeployDone(msgspec.Struct, frozen=True, tag_field="event"):
+    status: int
+    result: DeployResult
+
+
+class _Error(msgspec.Struct, frozen=True):
+    code: str
+    message: str
+    detail: str | None = None
+
+
+class DeployFailed(msgspec.Struct, frozen=True, tag_field="event"):
+    status: int
+    error: _Error
+
+
+DeployEvent = DeployProgress | DeployDone | DeployFailed
+
+
 class LogEntry(msgspec.Struct, frozen=True):
     ts: float
     message: str
@@ -270,6 +313,33 @@ def deployed(fn: Deployed) -> Text:
     return line
 
 
+def step(event: DeployProgress) -> str | None:
+    """A finished step of a deploy, as one line; None for a step that is only starting."""
+    name = event.function
+    if event.phase == "resolved":
+        how = "lock reused" if event.reused else f"resolved in {millis(event.ms)}"
+        shown = ", ".join(event.packages[:6]) + (" …" if len(event.packages) > 6 else "")
+        return f"{name}: {len(event.packages)} package(s), {how}: {shown}"
+    if event.phase == "installed":
+        size = f"{event.bytes / (1024 * 1024):.1f} MB"
+        if event.reused:
+            return f"{name}: layer already installed ({size}), nothing to install"
+        return f"{name}: installed and compiled {size} in {millis(event.ms)}"
+    return None
+
+
+def doing(event: DeployProgress) -> str:
+    """What the deploy is doing now, for the status line."""
+    words = {
+        "resolving": "resolving requirements",
+        "resolved": "requirements resolved",
+        "installing": f"downloading and installing {len(event.packages)} package(s)",
+        "installed": "requirements installed",
+        "importing": "importing the handler in a new zygote",
+    }
+    return f"{event.function}: {words.get(event.phase, event.phase)} …"
+
+
 def functions_table(functions: Sequence[FunctionInfo], now: float) -> RenderableType:
     if not functions:
         return Text("no functions deployed; try 'ember deploy DIR'", style="dim")
@@ -380,6 +450,33 @@ def revisions_table(revs: Sequence[RevisionInfo]) -> Table:
             Text("; ".join(rev.changes)),
         )
     return table
+
+
+def builds_table(builds: Sequence[BuildInfo], now: float) -> RenderableType:
+    if not builds:
+        return Text("no builds: no kept revision has requirements", style="dim")
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("REVISION", "LAYER", "PACKAGES", "SIZE", "TIME", "INSTALLED", "WHEN"):
+        table.add_column(column)
+    for b in builds:
+        table.add_row(
+            str(b.revision),
+            b.layer[:12],
+            Text(", ".join(b.packages)),
+            f"{b.bytes / (1024 * 1024):.1f} MB",
+            millis(b.build_ms),
+            "yes" if b.built else "no (was there)",
+            ago(b.created_at, now),
+        )
+    return table
+
+
+def build_logs(builds: Sequence[BuildInfo]) -> Text:
+    out = Text()
+    for b in builds:
+        out.append(f"revision {b.revision}, layer {b.layer[:12]}\n", style="bold")
+        out.append(b.log.rstrip() + "\n\n")
+    return out if builds else Text("no builds", style="dim")
 
 
 def traffic_text(traffic: Traffic, now: float) -> Text:

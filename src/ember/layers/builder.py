@@ -31,6 +31,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,23 @@ def uv_binary() -> str:
     from uv import find_uv_bin
 
     return find_uv_bin()
+
+
+class Progress(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One step of a build, as `ember deploy` shows it while it runs."""
+
+    phase: str  # resolving | resolved | installing | installed
+    packages: list[str] = []  # resolved: "name==version"
+    reused: bool = False  # resolved: the lock of an earlier deploy; installed: the layer was there
+    bytes: int = 0  # installed: the layer's size
+    ms: float = 0.0  # time the step took
+
+
+Report = Callable[[Progress], None]
+
+
+def _ignore(_: Progress) -> None:
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +115,8 @@ class Layer:
     packages: tuple[str, ...]  # "name==version" as locked
     built: bool  # this deploy installed it (False: it was there)
     build_ms: float
+    log: str  # what the resolver and the installer said (kept with the revision)
+    bytes: int  # installed size
 
     @property
     def site(self) -> Path:
@@ -110,12 +130,19 @@ def _platform() -> str:
 class Layers:
     """Everything here runs under the control plane's write lock: one build at a time."""
 
-    def __init__(self, root: Path, index: PackageIndex, timeout: float, max_bytes: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        index: PackageIndex,
+        timeout: float,
+        max_bytes: int,
+        cache: Path | None = None,
+    ) -> None:
         self.root = root
         self.index = index
         self.timeout = timeout
         self.max_bytes = max_bytes
-        self.cache = root / ".cache"  # uv's cache: wheels downloaded once
+        self.cache = cache or root / ".cache"  # uv's cache: wheels downloaded once
         self.locks = root / ".locks"  # a resolution per input digest
 
     def path(self, digest: str) -> Path:
@@ -125,56 +152,79 @@ class Layers:
         """The directory a revision with this layer puts on its sys.path; "" for none."""
         return str(self.path(digest) / SITE) if digest else ""
 
-    async def ensure(self, reqs: Requirements) -> Layer:
+    async def ensure(self, reqs: Requirements, report: Report = _ignore) -> Layer:
         """The layer of these requirements: resolved (or its lock reused), and installed
-        unless it is there. A bad requirement or a failed build is a `RequirementsError` (422)."""
+        unless it is there. A bad requirement or a failed build is a `RequirementsError` (422).
+        `report` hears of each step as it starts and ends."""
         t0 = time.perf_counter()
-        lock = await self._lock(reqs)
+        log: list[str] = []
+        report(Progress("resolving"))
+        lock, reused = await self._lock(reqs, log)
         digest = hashlib.sha256(f"{_platform()}\0{lock}".encode()).hexdigest()
         packages = tuple(_pins(lock))
-        built = False
-        if not self.path(digest).is_dir():
-            await self._install(reqs, lock, digest, packages)
-            built = True
-        return Layer(digest, self.path(digest), packages, built, (time.perf_counter() - t0) * 1e3)
+        t1 = time.perf_counter()
+        report(Progress("resolved", list(packages), reused, ms=round((t1 - t0) * 1e3, 1)))
+        built = not self.path(digest).is_dir()
+        if built:
+            report(Progress("installing", list(packages)))
+            await self._install(reqs, lock, digest, packages, log)
+        else:
+            log.append(f"layer {digest} is installed already: nothing to install")
+        meta = await asyncio.to_thread(self.meta, digest)
+        report(
+            Progress(
+                "installed",
+                reused=not built,
+                bytes=meta.bytes,
+                ms=round((time.perf_counter() - t1) * 1e3, 1),
+            )
+        )
+        ms = (time.perf_counter() - t0) * 1e3
+        return Layer(digest, self.path(digest), packages, built, ms, "\n".join(log), meta.bytes)
 
-    async def _lock(self, reqs: Requirements) -> str:
+    def meta(self, digest: str) -> LayerMeta:
+        return msgspec.json.decode((self.path(digest) / META).read_bytes(), type=LayerMeta)
+
+    async def _lock(self, reqs: Requirements, log: list[str]) -> tuple[str, bool]:
+        """The lock of `reqs`, and whether it is one an earlier deploy made."""
         key = hashlib.sha256(
             json.dumps([_platform(), self.index.args(), reqs.lines]).encode()
         ).hexdigest()
         saved = self.locks / f"{key}.txt"
         if saved.is_file():
-            return saved.read_text()
+            log.append(f"the lock of these requirements is reused ({key[:12]}): not resolved again")
+            return saved.read_text(), True
         with tempfile.TemporaryDirectory(prefix="ember-resolve-") as work:
             (Path(work) / "requirements.in").write_text(reqs.text())
-            await self._uv(
-                reqs,
-                work,
-                "compile",
-                "requirements.in",
-                "--generate-hashes",
-                "--no-header",
-                "--no-annotate",
-                "--quiet",
-                "--output-file",
-                "lock.txt",
+            log.append(
+                await self._uv(
+                    reqs,
+                    work,
+                    "compile",
+                    "requirements.in",
+                    "--generate-hashes",
+                    "--no-header",
+                    "--no-annotate",
+                    "--output-file",
+                    "lock.txt",
+                )
             )
             lock = (Path(work) / "lock.txt").read_text()
         self.locks.mkdir(parents=True, exist_ok=True)
         tmp = self.locks / f"{STAGING}{secrets.token_hex(8)}"
         tmp.write_text(lock)
         tmp.rename(saved)
-        return lock
+        return lock, False
 
     async def _install(
-        self, reqs: Requirements, lock: str, digest: str, packages: tuple[str, ...]
+        self, reqs: Requirements, lock: str, digest: str, packages: tuple[str, ...], log: list[str]
     ) -> None:
         staging = self.root / f"{STAGING}{secrets.token_hex(8)}"
         staging.mkdir(parents=True)
         try:
             t0 = time.perf_counter()
             (staging / "lock.txt").write_text(lock)
-            await self._uv(
+            said = await self._uv(
                 reqs,
                 str(staging),
                 "install",
@@ -183,10 +233,10 @@ class Layers:
                 "--no-deps",
                 "--require-hashes",
                 "--compile-bytecode",
-                "--quiet",
                 "-r",
                 "lock.txt",
             )
+            log.append(said)
             size = await asyncio.to_thread(_seal, staging / SITE)
             if size > self.max_bytes:
                 raise RequirementsError(
@@ -211,7 +261,8 @@ class Layers:
             raise
 
     async def _uv(self, reqs: Requirements, cwd: str, command: str, *args: str) -> str:
-        """Run `uv pip COMMAND`; its message as a `RequirementsError` when it fails."""
+        """Run `uv pip COMMAND`: what it said (its summary lines), or its message as a
+        `RequirementsError` when it fails."""
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": cwd,
@@ -240,7 +291,7 @@ class Layers:
             stderr=asyncio.subprocess.PIPE,
         )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
+            _, err = await asyncio.wait_for(proc.communicate(), self.timeout)
         except TimeoutError:
             proc.kill()
             await proc.wait()
@@ -254,9 +305,10 @@ class Layers:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
+        said = _ANSI.sub("", err.decode(errors="replace")).strip()
         if proc.returncode != 0:
-            raise _failure(reqs, command, _ANSI.sub("", err.decode(errors="replace")).strip())
-        return out.decode(errors="replace")
+            raise _failure(reqs, command, said)
+        return f"$ uv pip {command}\n{said}"
 
     def installed(self) -> list[LayerMeta]:
         """What `layer.json` says of every installed layer (blocking: a worker thread)."""

@@ -20,13 +20,14 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from ember.errors import RequirementsError
+from ember.runtime.sandbox import RUNTIME_DISTRIBUTIONS
 
 REQUIREMENTS_FILE = "requirements.txt"
 PYPROJECT_FILE = "pyproject.toml"
 MAX_FILE_BYTES = 64 * 1024
 # Imported by every zygote before the function's module (ember.runtime, ember.wire): the
 # function always gets the runtime's copy, so a requirement on them could not be honoured.
-RUNTIME_PACKAGES = frozenset({"ember", "msgspec"})
+RUNTIME_PACKAGES = frozenset(RUNTIME_DISTRIBUTIONS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,10 @@ _MNT_DETACH = 0x2
 _PR_SET_DUMPABLE = 4
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 
+# Distributions every zygote imports before the function's code: of the interpreter's
+# site-packages, a sandbox sees only these (functions bring the rest in their requirements).
+RUNTIME_DISTRIBUTIONS = ("ember", "msgspec")
+
 _SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc")
 _SYSTEM_OPTIONAL = ("/sys/devices/system/cpu",)  # CPU counts for BLAS and os.cpu_count()
 _DEVICES = ("null", "zero", "full", "random", "urandom")
@@ -252,9 +256,54 @@ def _python_paths() -> tuple[str, ...]:
     return tuple(out)
 
 
+def _runtime_entry(name: str) -> bool:
+    """A site-packages entry of a runtime distribution: its package, its metadata, or the
+    files of an editable install."""
+    for dist in RUNTIME_DISTRIBUTIONS:
+        under = dist.replace("-", "_")
+        if name in (dist, under, f"{under}.py") or name.startswith(
+            (f"{dist}-", f"{under}-", f"__editable__.{under}-", f"__editable___{under}_")
+        ):
+            return True
+    return False
+
+
+@functools.cache
+def _site_packages() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Each site-packages (or dist-packages) directory of the interpreter, with the entries
+    of the runtime's distributions in it: the rest of it stays out of sandboxes."""
+    out = []
+    for path in sorted(
+        {os.path.realpath(p) for p in sys.path if p.endswith(("site-packages", "dist-packages"))}
+    ):
+        if os.path.isdir(path):
+            out.append((path, tuple(sorted(e for e in os.listdir(path) if _runtime_entry(e)))))
+    return tuple(out)
+
+
 def warm() -> None:
     """In the root zygote: what every sandbox needs and can be known before any function."""
     _python_paths()
+    _site_packages()
+
+
+def _runtime_only(root: str, bound: list[str]) -> None:
+    """Over each visible site-packages directory, an empty read-only tmpfs with only the
+    runtime's own entries bound into it: what the server's environment has installed
+    (starlette, httpx, numpy, …) is not importable, so no function depends on it by accident."""
+    for site, entries in _site_packages():
+        if not _under(site, bound):
+            continue
+        target = root + site
+        _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=64k,mode=0755")
+        for name in entries:
+            source = os.path.join(site, name)
+            if os.path.isdir(source):
+                os.mkdir(f"{target}/{name}")
+            else:
+                open(f"{target}/{name}", "w").close()
+            _bind(source, f"{target}/{name}")
+        _mount(None, target, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
 
 
 def _system(root: str) -> list[str]:
@@ -269,6 +318,7 @@ def _system(root: str) -> list[str]:
         if not _under(path, bound):
             _bind(path, _mkdirs(root, path))
             bound.append(path)
+    _runtime_only(root, bound)
     return bound
 
 

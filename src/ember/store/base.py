@@ -71,6 +71,20 @@ class RevisionRecord(msgspec.Struct, frozen=True):
     layer: str = ""  # digest of its requirements' layer (ember.layers); "": none
 
 
+class BuildRecord(msgspec.Struct, frozen=True):
+    """How a revision's requirements came to be installed (`ember builds`)."""
+
+    function: str
+    revision: int  # 0 until the store numbers the revision it belongs to
+    layer: str
+    packages: list[str]
+    bytes: int
+    build_ms: float  # resolving (or reusing the lock) and installing, at that deploy
+    built: bool  # that deploy installed the layer; False: it was there
+    log: str  # what the resolver and the installer said
+    created_at: float
+
+
 class NamespaceRecord(msgspec.Struct, frozen=True):
     id: int  # its sandbox uid/gid is the server's uid base + id
     name: str
@@ -124,6 +138,7 @@ class Store(Protocol):
         tree: str = "",
         serve: bool = True,
         layer: str = "",
+        build: BuildRecord | None = None,
     ) -> tuple[RevisionRecord, bool]:
         """Add `sha256` as function `key`'s next revision and, with `serve`, make it the
         serving one (weights cleared, the old one kept as `previous`); False if it already
@@ -145,6 +160,10 @@ class Store(Protocol):
     async def delete_revisions(self, key: str, numbers: list[int]) -> None: ...
 
     async def bundles_in_use(self) -> set[str]: ...
+
+    async def builds(self, key: str) -> list[BuildRecord]:
+        """The builds of function `key`'s stored revisions, newest first."""
+        ...
 
     async def layer_revisions(self) -> dict[str, int]:
         """Per layer digest that some stored revision runs with: how many do."""

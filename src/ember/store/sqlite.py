@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ import msgspec
 from ember.spec import FunctionSpec, Quota
 from ember.store.base import (
     Alias,
+    BuildRecord,
     FunctionRecord,
     KeyRecord,
     NamespaceRecord,
@@ -76,6 +78,11 @@ MIGRATIONS = [
     # Requirements: the layer (lock digest) a revision's code runs with.
     """
     ALTER TABLE revisions ADD COLUMN layer TEXT NOT NULL DEFAULT '';
+    CREATE TABLE builds (
+        function TEXT NOT NULL, revision INTEGER NOT NULL, layer TEXT NOT NULL,
+        packages TEXT NOT NULL, bytes INTEGER NOT NULL, build_ms REAL NOT NULL,
+        built INTEGER NOT NULL, log TEXT NOT NULL, created_at REAL NOT NULL,
+        PRIMARY KEY (function, revision));
     """,
 ]
 
@@ -208,6 +215,7 @@ class SQLiteStore:
         tree: str = "",
         serve: bool = True,
         layer: str = "",
+        build: BuildRecord | None = None,
     ) -> tuple[RevisionRecord, bool]:
         def add(db: sqlite3.Connection) -> tuple[RevisionRecord, bool]:
             current = db.execute(
@@ -248,6 +256,11 @@ class SQLiteStore:
                     layer,
                 ),
             )
+            if build is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO builds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _build_row(key, rec.number, build, now),
+                )
             if current is None:
                 db.execute(
                     "INSERT INTO functions (name, revision, created_at, updated_at) "
@@ -286,9 +299,15 @@ class SQLiteStore:
 
     async def delete_revisions(self, key: str, numbers: list[int]) -> None:
         await self._run(
-            lambda db: db.executemany(
-                "DELETE FROM revisions WHERE function = ? AND number = ?",
-                [(key, n) for n in numbers],
+            lambda db: (
+                db.executemany(
+                    "DELETE FROM revisions WHERE function = ? AND number = ?",
+                    [(key, n) for n in numbers],
+                ),
+                db.executemany(
+                    "DELETE FROM builds WHERE function = ? AND revision = ?",
+                    [(key, n) for n in numbers],
+                ),
             )
         )
 
@@ -297,6 +316,19 @@ class SQLiteStore:
             lambda db: db.execute("SELECT DISTINCT bundle FROM revisions").fetchall()
         )
         return {row[0] for row in rows}
+
+    async def builds(self, key: str) -> list[BuildRecord]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT function, revision, layer, packages, bytes, build_ms, built, log, "
+                "created_at FROM builds WHERE function = ? ORDER BY revision DESC",
+                (key,),
+            ).fetchall()
+        )
+        return [
+            BuildRecord(f, n, layer, json.loads(p), b, ms, bool(built), log, at)
+            for f, n, layer, p, b, ms, built, log, at in rows
+        ]
 
     async def layer_revisions(self) -> dict[str, int]:
         rows = await self._run(
@@ -310,6 +342,7 @@ class SQLiteStore:
         def delete(db: sqlite3.Connection) -> bool:
             gone = db.execute("DELETE FROM functions WHERE name = ?", (name,)).rowcount
             db.execute("DELETE FROM revisions WHERE function = ?", (name,))
+            db.execute("DELETE FROM builds WHERE function = ?", (name,))
             return gone > 0
 
         return await self._run(delete)
@@ -489,6 +522,11 @@ def _revision(row: Any) -> RevisionRecord:
         tree=tree,
         layer=layer,
     )
+
+
+def _build_row(key: str, number: int, build: BuildRecord, now: float) -> tuple[Any, ...]:
+    b, packages = build, json.dumps(build.packages)
+    return (key, number, b.layer, packages, b.bytes, b.build_ms, int(b.built), b.log, now)
 
 
 def _serve(db: sqlite3.Connection, key: str, serving: int, number: int, now: float) -> None:
