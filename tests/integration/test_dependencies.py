@@ -371,3 +371,55 @@ def test_builds_lists_each_revisions_build_with_its_log(
     assert "emberdep-logs==2.0" in table and builds[0]["layer"][:12] in table
     logs = srv.cli("builds", "built", "--log").stdout.decode()
     assert "revision 2" in logs and "$ uv pip install" in logs
+
+
+def test_a_build_under_way_holds_up_no_other_deploy(
+    house: Path, fn: Callable[..., Path], server_factory: Callable[..., EmberServer]
+) -> None:
+    """Builds run outside the control plane's write lock: while one waits on the package index
+    (held here until the test lets it answer), another function deploys and `scale` answers."""
+    import http.server
+    import threading
+
+    release = threading.Event()
+    asked = threading.Event()
+
+    class Index(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, directory=str(house), **kwargs)  # type: ignore[arg-type]
+
+        def do_GET(self) -> None:
+            asked.set()
+            release.wait(60)
+            super().do_GET()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    index = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=index.serve_forever, daemon=True).start()
+    try:
+        srv = server_factory(
+            "--find-links", f"http://127.0.0.1:{index.server_address[1]}/", "--no-index"
+        )
+        results: list[httpx.Response] = []
+        slow = threading.Thread(
+            target=lambda: results.append(
+                deploy(srv, fn("waits", "emberdep-alpha==1.0.0\n"), "waits")
+            )
+        )
+        slow.start()
+        assert asked.wait(30)  # the build is waiting on the index now
+        code = "def handle(req, ctx):\n    return 'meanwhile'\n"
+        assert deploy(srv, fn("meanwhile", None, code=code), "meanwhile").status_code == 201
+        assert srv.http.get("/fn/meanwhile").text == "meanwhile"
+        assert srv.cli("scale", "meanwhile", "-n", "1").returncode == 0
+        assert not results  # still building
+        release.set()
+        slow.join(60)
+        assert results[0].status_code == 201, results[0].text
+        assert srv.http.get("/fn/waits").json()["alpha"] == "1.0.0"
+    finally:
+        release.set()
+        index.shutdown()
+        index.server_close()

@@ -73,6 +73,16 @@ class Bundles:
         read_only(path)
         return True
 
+    def place(self, staging: Path, digest: str) -> bool:
+        """Move unpacked, read-only code to its content address, under the caller's write
+        lock (one rename: on the loop). False when it is there already (the same bundle
+        serves another revision); `staging` stays then."""
+        path = self.code_dir(digest)
+        if path.exists():
+            return False
+        staging.rename(path)
+        return True
+
     async def ensure_code(self, digest: str) -> Path:
         """The code directory of a stored bundle, unpacked again from its blob when missing
         (after a restart, or when an earlier clean-up took it). One stat on the loop when it

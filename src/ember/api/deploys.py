@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ember import bundle, manifest
-from ember.api.bundles import Bundles
+from ember.api.bundles import Bundles, read_only
 from ember.api.delayed import Delayed
 from ember.api.functions import Functions
 from ember.api.names import Address, qualified, validate_namespace
@@ -67,12 +67,10 @@ class Plan:
 
 @dataclass(frozen=True, slots=True)
 class Staged:
-    """An unpacked bundle: a plan per function, the bundle's sha256, and whether this deploy
-    created its code directory (False: that bundle's code was there already)."""
+    """An unpacked bundle: a plan per function and the bundle's sha256."""
 
     plans: list[Plan]
     digest: str
-    installed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,55 +140,65 @@ class Deploys:
                 code="bundle_too_large",
             )
         validate_namespace(namespace)
-        async with self.writes:
-            deployed = await self._deploy(data, default_name, namespace, canary, report)
-            for d in deployed:  # a function with no more revisions than it keeps: none go
-                if d.created and d.revision > self.bundles.retention:
-                    await self.bundles.collect(qualified(namespace, d.name))
-            return deployed
+        staging = self.bundles.staging()
+        placed = False
+        built: list[Plan] = []  # with their layers, pinned until the end
+        try:
+            # Outside the write lock, so that other deploys, `scale` and `rm` go on meanwhile:
+            # one worker-thread hop for all the file work of the bundle (each hop is a wake-up
+            # of the loop, and on a busy host a wait for the GIL), and the builds of the
+            # functions' requirements, which can take minutes (their layers are pinned: no
+            # clean-up takes them before the revisions that use them are stored).
+            staged = await asyncio.to_thread(self._stage, data, staging, default_name)
+            self._check_deployable(namespace, [plan.spec for plan in staged.plans], canary)
+            for plan in staged.plans:
+                built.append(await self._build(plan, report))
+            async with self.writes:
+                placed = self.bundles.place(staging, staged.digest)
+                deployed = await self._deploy(
+                    namespace, canary, report, replace(staged, plans=built), placed, data
+                )
+                for d in deployed:  # a function with no more revisions than it keeps: none go
+                    if d.created and d.revision > self.bundles.retention:
+                        await self.bundles.collect(qualified(namespace, d.name))
+                return deployed
+        finally:
+            self.layers.unpin(plan.layer.digest for plan in built if plan.layer is not None)
+            if not placed:  # placed: nothing is left there
+                await self.bundles.remove([staging])
 
     async def _deploy(
         self,
-        data: bytes,
-        default_name: str,
         namespace: str,
         canary: CanaryPlan | None,
         report: Report,
+        staged: Staged,
+        placed: bool,
+        data: bytes,
     ) -> list[Deployed]:
-        staging = self.bundles.staging()
-        staged: Staged | None = None
+        """Under the write lock, with the code at its content address (`placed`: by this
+        deploy, which takes it away again when no revision comes to use it)."""
+        plans, digest = staged.plans, staged.digest
+        committed: list[str] = []
         try:
-            # One worker-thread hop for all the file work of the bundle (each hop is a wake-up
-            # of the loop, and on a busy host a wait for the GIL): unpack, hash, and move the
-            # code to its content address; then the checks, which take it away again on refusal.
-            staged = await asyncio.to_thread(self._stage, data, staging, default_name)
-            plans, digest = staged.plans, staged.digest
-            committed: list[str] = []
-            try:
-                self._check_deployable(namespace, [plan.spec for plan in plans], canary)
-                plans = [await self._build(plan, report) for plan in plans]
-                await self.namespaces.ensure(namespace)
-                results = await self._commit(
-                    namespace, plans, digest, data, committed, canary, report
-                )
-            except BaseException:
-                if staged.installed and not committed:
-                    await self.bundles.remove([self.bundles.code_dir(digest)])
-                raise
-            if staged.installed and not any(d.created for d in results):  # same code elsewhere
+            self._check_deployable(namespace, [plan.spec for plan in plans], canary)
+            await self.namespaces.ensure(namespace)
+            results = await self._commit(namespace, plans, digest, data, committed, canary, report)
+        except BaseException:
+            if placed and not committed:
                 await self.bundles.remove([self.bundles.code_dir(digest)])
-            return results
-        finally:
-            if staged is None or not staged.installed:  # installed: nothing is left there
-                await self.bundles.remove([staging])
+            raise
+        if placed and not any(d.created for d in results):  # same code elsewhere
+            await self.bundles.remove([self.bundles.code_dir(digest)])
+        return results
 
     def _stage(self, data: bytes, staging: Path, default_name: str) -> Staged:
-        """On a worker thread: unpack, read the manifest, hash every function's tree and the
-        bundle, and install the code at the bundle's content address (unless it is there)."""
+        """On a worker thread: unpack, read the manifest and the requirements, hash every
+        function's tree and the bundle, and make the code read-only."""
         specs = self._unpack(data, staging, default_name)
         plans = [self._plan(staging, spec) for spec in specs]
-        digest = hashlib.sha256(data).hexdigest()
-        return Staged(plans, digest, self.bundles.install_now(staging, digest))
+        read_only(staging)
+        return Staged(plans, hashlib.sha256(data).hexdigest())
 
     def _unpack(self, data: bytes, staging: Path, default_name: str) -> list[FunctionSpec]:
         """Unpack and read the manifest, off the event loop (both can be slow on hostile input)."""
@@ -254,7 +262,7 @@ class Deploys:
             return plan
         try:
             layer = await self.layers.ensure(
-                plan.requirements, lambda step: report(plan.spec.name, step)
+                plan.requirements, lambda step: report(plan.spec.name, step), pin=True
             )
         except RequirementsError as exc:
             message = f"function '{plan.spec.name}': {exc.message}"

@@ -20,6 +20,7 @@ leaves only staging directories, swept at the next start.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
@@ -31,7 +32,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +145,12 @@ class Layers:
         self.max_bytes = max_bytes
         self.cache = cache or root / ".cache"  # uv's cache: wheels downloaded once
         self.locks = root / ".locks"  # a resolution per input digest
+        # Builds run outside the control plane's write lock: one at a time per input, and
+        # what they make is kept from clean-ups until the deploy that made it is done.
+        self._building: dict[str, asyncio.Lock] = {}
+        self._waiting: collections.Counter[str] = collections.Counter()
+        self._pinned: collections.Counter[str] = collections.Counter()
+        self._staging: set[str] = set()
 
     def path(self, digest: str) -> Path:
         return self.root / digest
@@ -152,14 +159,38 @@ class Layers:
         """The directory a revision with this layer puts on its sys.path; "" for none."""
         return str(self.path(digest) / SITE) if digest else ""
 
-    async def ensure(self, reqs: Requirements, report: Report = _ignore) -> Layer:
+    def unpin(self, digests: Iterable[str]) -> None:
+        for digest in digests:
+            self._pinned[digest] -= 1
+            if self._pinned[digest] <= 0:
+                del self._pinned[digest]
+
+    async def ensure(
+        self, reqs: Requirements, report: Report = _ignore, *, pin: bool = False
+    ) -> Layer:
         """The layer of these requirements: resolved (or its lock reused), and installed
         unless it is there. A bad requirement or a failed build is a `RequirementsError` (422).
-        `report` hears of each step as it starts and ends."""
+        `report` hears of each step as it starts and ends. With `pin`, the layer is kept from
+        clean-ups until `unpin`."""
+        key = _input_key(self.index, reqs)
+        lock = self._building.setdefault(key, asyncio.Lock())
+        self._waiting[key] += 1
+        try:
+            async with lock:
+                layer = await self._ensure(reqs, key, report)
+                if pin:
+                    self._pinned[layer.digest] += 1
+                return layer
+        finally:
+            self._waiting[key] -= 1
+            if not self._waiting[key]:
+                del self._waiting[key], self._building[key]
+
+    async def _ensure(self, reqs: Requirements, key: str, report: Report) -> Layer:
         t0 = time.perf_counter()
         log: list[str] = []
         report(Progress("resolving"))
-        lock, reused = await self._lock(reqs, log)
+        lock, reused = await self._lock(reqs, key, log)
         digest = hashlib.sha256(f"{_platform()}\0{lock}".encode()).hexdigest()
         packages = tuple(_pins(lock))
         t1 = time.perf_counter()
@@ -185,11 +216,8 @@ class Layers:
     def meta(self, digest: str) -> LayerMeta:
         return msgspec.json.decode((self.path(digest) / META).read_bytes(), type=LayerMeta)
 
-    async def _lock(self, reqs: Requirements, log: list[str]) -> tuple[str, bool]:
+    async def _lock(self, reqs: Requirements, key: str, log: list[str]) -> tuple[str, bool]:
         """The lock of `reqs`, and whether it is one an earlier deploy made."""
-        key = hashlib.sha256(
-            json.dumps([_platform(), self.index.args(), reqs.lines]).encode()
-        ).hexdigest()
         saved = self.locks / f"{key}.txt"
         if saved.is_file():
             log.append(f"the lock of these requirements is reused ({key[:12]}): not resolved again")
@@ -221,6 +249,7 @@ class Layers:
     ) -> None:
         staging = self.root / f"{STAGING}{secrets.token_hex(8)}"
         staging.mkdir(parents=True)
+        self._staging.add(staging.name)
         try:
             t0 = time.perf_counter()
             (staging / "lock.txt").write_text(lock)
@@ -255,10 +284,17 @@ class Layers:
             )
             (staging / META).write_bytes(msgspec.json.format(msgspec.json.encode(meta)) + b"\n")
             staging.chmod(0o755)
-            staging.rename(self.path(digest))
+            try:
+                staging.rename(self.path(digest))
+            except OSError:  # another input with the same lock was installed meanwhile
+                if not (self.path(digest) / META).is_file():
+                    raise
+                await asyncio.to_thread(shutil.rmtree, staging, True)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, staging, True)
             raise
+        finally:
+            self._staging.discard(staging.name)
 
     async def _uv(self, reqs: Requirements, cwd: str, command: str, *args: str) -> str:
         """Run `uv pip COMMAND`: what it said (its summary lines), or its message as a
@@ -326,9 +362,17 @@ class Layers:
         out = []
         for entry in self.root.iterdir():
             name = entry.name
+            if name in self._staging or name in self._pinned:  # a build or deploy under way
+                continue
             if name.startswith((STAGING, TRASH)) or (len(name) == 64 and name not in used):
                 out.append(entry)
         return out
+
+
+def _input_key(index: PackageIndex, reqs: Requirements) -> str:
+    """What a resolution depends on: the requirements, where packages come from, and the
+    interpreter and platform."""
+    return hashlib.sha256(json.dumps([_platform(), index.args(), reqs.lines]).encode()).hexdigest()
 
 
 def _pins(lock: str) -> list[str]:
