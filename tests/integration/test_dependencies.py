@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -423,3 +424,18 @@ def test_a_build_under_way_holds_up_no_other_deploy(
         release.set()
         index.shutdown()
         index.server_close()
+
+
+def test_a_missing_layer_is_installed_again_from_its_kept_lock(
+    house: Path, fn: Callable[..., Path], server_factory: Callable[..., EmberServer], tmp_path: Path
+) -> None:
+    args = ("--find-links", str(house), "--no-index")
+    first = server_factory(*args, home=tmp_path / "home")
+    assert deploy(first, fn("rebuilt", "emberdep-beta\n"), "rebuilt").status_code == 201
+    (digest,) = layers(first)
+    assert first.stop() == 0
+    shutil.rmtree(first.home / "layers" / digest)  # e.g. a disk replaced, a careless clean-up
+    second = server_factory(*args, home=tmp_path / "home")
+    out = second.http.get("/fn/rebuilt").json()
+    assert (out["alpha"], out["beta"]) == ("2.0.0", "0.3.0")
+    assert layers(second) == [digest]  # the same lock: the same layer

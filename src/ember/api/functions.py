@@ -80,6 +80,7 @@ class Functions:
             rec = by_number.get(number)
             if rec is not None:
                 await self.bundles.ensure_code(rec.bundle)
+                await self.bundles.layers.ensure_installed(rec.layer)
                 targets[number] = self.target_of(rec)
         self._records[key] = fn
         self._revisions[key] = targets

@@ -214,6 +214,7 @@ class Traffic:
             if rec is None:
                 continue
             await self.bundles.ensure_code(rec.bundle)
+            await self.bundles.layers.ensure_installed(rec.layer)
             current = self.functions.revisions(key).get(number)
             await self.pool.prepare(
                 current if current is not None else self.functions.target_of(rec)

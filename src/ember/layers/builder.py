@@ -24,6 +24,7 @@ import collections
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -40,6 +41,8 @@ import msgspec
 
 from ember.errors import RequirementsError
 from ember.layers.requirements import Requirements
+
+log = logging.getLogger("ember.layers")
 
 STAGING = ".tmp-"
 TRASH = ".trash-"
@@ -213,6 +216,28 @@ class Layers:
         ms = (time.perf_counter() - t0) * 1e3
         return Layer(digest, self.path(digest), packages, built, ms, "\n".join(log), meta.bytes)
 
+    async def ensure_installed(self, digest: str) -> None:
+        """A stored revision's layer, installed again from its kept lock when it is missing
+        (after a restart on a new disk, or when someone removed it): one stat when it is
+        there."""
+        if not digest or self.path(digest).is_dir():
+            return
+        saved = self.locks / f"{digest}.lock"
+        if not saved.is_file():
+            raise RequirementsError(
+                f"layer {digest[:12]} is missing and its lock is not kept here; deploy the "
+                "function again to rebuild it",
+                code="layer_missing",
+            )
+        lock = saved.read_text()
+        packages = tuple(_pins(lock))
+        reqs = Requirements(f"the kept lock of layer {digest[:12]}", packages)
+        building = self._building.setdefault(digest, asyncio.Lock())
+        async with building:
+            if not self.path(digest).is_dir():
+                log.warning("layer %s is missing: installing it again from its lock", digest)
+                await self._install(reqs, lock, digest, packages, [])
+
     def meta(self, digest: str) -> LayerMeta:
         return msgspec.json.decode((self.path(digest) / META).read_bytes(), type=LayerMeta)
 
@@ -238,10 +263,7 @@ class Layers:
                 )
             )
             lock = (Path(work) / "lock.txt").read_text()
-        self.locks.mkdir(parents=True, exist_ok=True)
-        tmp = self.locks / f"{STAGING}{secrets.token_hex(8)}"
-        tmp.write_text(lock)
-        tmp.rename(saved)
+        _write_atomically(saved, lock)
         return lock, False
 
     async def _install(
@@ -284,6 +306,7 @@ class Layers:
             )
             (staging / META).write_bytes(msgspec.json.format(msgspec.json.encode(meta)) + b"\n")
             staging.chmod(0o755)
+            _write_atomically(self.locks / f"{digest}.lock", lock)  # to install it again
             try:
                 staging.rename(self.path(digest))
             except OSError:  # another input with the same lock was installed meanwhile
@@ -367,6 +390,13 @@ class Layers:
             if name.startswith((STAGING, TRASH)) or (len(name) == 64 and name not in used):
                 out.append(entry)
         return out
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{STAGING}{secrets.token_hex(8)}")
+    tmp.write_text(text)
+    tmp.rename(path)
 
 
 def _input_key(index: PackageIndex, reqs: Requirements) -> str:
