@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.client import KeepAlive
-from bench.common import Row, log, report, summary
+from bench.common import FUNCTIONS, Row, log, report, summary
 from bench.servers import Ember
 from bench.specialize_start import kill_zygote
 
@@ -90,8 +90,10 @@ def run(scale: float = 1.0, extra: list[str] | None = None) -> dict[str, Any]:
     """`extra`: arguments for `ember up`, e.g. ["--no-sandbox"] to compare with the default."""
     results: dict[str, list[Any]] = {}
     with Ember(extra or []) as ember:
+        # the heavy variant brings numpy + pandas as the numpy_pandas function does
+        heavy = (FUNCTIONS / "numpy_pandas" / "requirements.txt").read_text()
         for name, env in (("forkprobe", {}), ("forkprobe-np", {"PROBE_IMPORTS": "numpy,pandas"})):
-            ember.deploy("forkprobe", name, **({"env": env} if env else {}))
+            ember.deploy("forkprobe", name, heavy if env else "", **({"env": env} if env else {}))
             for kind, marks in scenarios(ember, name, scale, bool(env)).items():
                 results[f"{'noop' if not env else 'numpy+pandas'} {kind}"] = marks
     rows: list[Row] = []

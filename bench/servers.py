@@ -204,18 +204,23 @@ class Ember(_Process):
         self.http.headers["Authorization"] = f"Bearer {key}"
         return self
 
-    def deploy(self, function: str, name: str | None = None, **config: Any) -> dict[str, Any]:
-        """Deploy bench/functions/FUNCTION as NAME with `config` as its ember.yaml entry."""
+    def deploy(
+        self, function: str, name: str | None = None, requirements: str = "", **config: Any
+    ) -> dict[str, Any]:
+        """Deploy bench/functions/FUNCTION as NAME with `config` as its ember.yaml entry (and
+        `requirements` as its requirements.txt, when given)."""
         name = name or route_name(function)
-        return self.post_bundle(name, self.bundle(function, name, **config))
+        return self.post_bundle(name, self.bundle(function, name, requirements, **config))
 
-    def bundle(self, function: str, name: str, **config: Any) -> bytes:
+    def bundle(self, function: str, name: str, requirements: str = "", **config: Any) -> bytes:
         """The bundle `deploy` posts: bench/functions/FUNCTION with `config` as NAME's entry."""
         from ember.bundle import pack
 
         src = self.tmp / "src" / name
         shutil.rmtree(src, ignore_errors=True)
         shutil.copytree(FUNCTIONS / function, src, ignore=shutil.ignore_patterns("__pycache__"))
+        if requirements:
+            (src / "requirements.txt").write_text(requirements)
         if config:
             (src / "ember.yaml").write_text(yaml.safe_dump({"functions": {name: config}}))
         return pack(src)
