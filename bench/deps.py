@@ -3,7 +3,7 @@ cold and warm, next to what a user would run instead, in the same run: `pip inst
 and `uv pip install --target` of the same two packages, each with an empty cache and a warm one.
 Then the disk ten functions with the same requirements take.
 
-* cold: a fresh server (its uv cache, under EMBER_HOME, is empty); `ember deploy DIR` until the
+* cold: a fresh server with an empty package cache of its own; `ember deploy DIR` until the
   function's first successful answer. The deploy resolves, downloads, installs and
   byte-compiles, and the zygote imports `requests` and `PIL`.
 * warm: another function with the same requirements on that server: the lock is reused and
@@ -135,15 +135,15 @@ def _du(*paths: Path) -> int:
     return total
 
 
-def _disk(server: Ember, first: dict[str, Any], functions: int) -> Row:
+def _disk(server: Ember, first: dict[str, Any], functions: int, cache: Path) -> Row:
     root = server.home / "layers"
     layers = [p for p in root.iterdir() if len(p.name) == 64]
     return {
         "functions": functions,
         "layers": len(layers),
         "layers_mb": round(_du(*layers) / 2**20, 1),
-        "uv_cache_mb": round(_du(root / ".cache") / 2**20, 1),
-        "layers_and_cache_mb": round(_du(root) / 2**20, 1),
+        "uv_cache_mb": round(_du(cache) / 2**20, 1),
+        "layers_and_cache_mb": round(_du(root, cache) / 2**20, 1),
         "packages": ", ".join(first["layer"]["packages"]),
     }
 
@@ -161,7 +161,8 @@ def run(quick: float = 0.0) -> dict[str, Any]:
         disk: dict[str, float] = {}
         for i in range(repeat):
             log(f"deps: fresh server {i + 1}/{repeat}")
-            with Ember() as server:  # a new home: uv's cache under it is empty
+            # a new home and a package cache of its own: nothing is downloaded yet
+            with Ember(["--package-cache", str(work / f"cache-{i}")]) as server:
                 src = work / f"src-{i}"
                 if i % 2 == 0:
                     ms, first = deploy_via_api(server, _function(src, "cold"), "cold")
@@ -174,7 +175,8 @@ def run(quick: float = 0.0) -> dict[str, Any]:
                 if i == 0:  # ten functions or more with the same requirements
                     for j in range(1 + 2 * len(warm_api), 10):
                         deploy_via_api(server, _function(src, f"d{j}"), f"d{j}")
-                    disk = _disk(server, first, max(10, 1 + 2 * len(warm_api)))
+                    functions = max(10, 1 + 2 * len(warm_api))
+                    disk = _disk(server, first, functions, work / f"cache-{i}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     uv_cold = summary(base["uv cold"])["p50"]
