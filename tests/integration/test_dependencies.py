@@ -61,6 +61,7 @@ def house(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # used by one test each, so that what they see installed is theirs alone
     for name, version in [("stream", "1.0"), ("cli", "1.0"), ("logs", "1.0"), ("logs", "2.0")]:
         make_wheel(h, f"emberdep-{name}", version)
+    make_wheel(h, "emberdep-big", "1.0", payload_bytes=3 * 1024 * 1024)
     return h
 
 
@@ -439,3 +440,34 @@ def test_a_missing_layer_is_installed_again_from_its_kept_lock(
     out = second.http.get("/fn/rebuilt").json()
     assert (out["alpha"], out["beta"]) == ("2.0.0", "0.3.0")
     assert layers(second) == [digest]  # the same lock: the same layer
+
+
+def test_builds_over_their_limits_fail_naming_the_limit(
+    house: Path, fn: Callable[..., Path], server_factory: Callable[..., EmberServer]
+) -> None:
+    srv = server_factory("--find-links", str(house), "--no-index", "--max-layer-mb", "2")
+    r = deploy(srv, fn("too-big", "emberdep-big\n"), "too-big")
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "layer_too_large"
+    assert (
+        "over the limit of 2 MB per layer (ember up --max-layer-mb)" in r.json()["error"]["message"]
+    )
+    assert layers(srv) == [] and leftovers(srv) == []  # nothing half-written
+
+
+def test_a_build_over_its_time_fails_naming_the_limit(
+    house: Path, fn: Callable[..., Path], server_factory: Callable[..., EmberServer]
+) -> None:
+    """The index never answers: the resolution is stopped at --build-timeout."""
+    import socket
+
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/simple"
+        srv = server_factory("--index-url", url, "--build-timeout", "1")
+        r = deploy(srv, fn("too-slow", "emberdep-alpha\n"), "too-slow")
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "build_timeout"
+    assert "took over 1 s, the limit (ember up --build-timeout)" in r.json()["error"]["message"]
+    assert srv.api.get("/api/v1/functions/too-slow").status_code == 404
