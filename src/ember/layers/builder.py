@@ -33,7 +33,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,7 +132,9 @@ def _platform() -> str:
 
 
 class Layers:
-    """Everything here runs under the control plane's write lock: one build at a time."""
+    """Builds run outside the control plane's write lock, one at a time per set of
+    requirements (and per layer when one is installed again); clean-ups, under the lock,
+    leave alone what a deploy under way built or uses (`pin`) and builds' staging."""
 
     def __init__(
         self,
@@ -176,14 +178,19 @@ class Layers:
         `report` hears of each step as it starts and ends. With `pin`, the layer is kept from
         clean-ups until `unpin`."""
         key = _input_key(self.index, reqs)
+        async with self._one_at_a_time(key):
+            layer = await self._ensure(reqs, key, report)
+            if pin:
+                self._pinned[layer.digest] += 1
+            return layer
+
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, key: str) -> AsyncIterator[None]:
         lock = self._building.setdefault(key, asyncio.Lock())
         self._waiting[key] += 1
         try:
             async with lock:
-                layer = await self._ensure(reqs, key, report)
-                if pin:
-                    self._pinned[layer.digest] += 1
-                return layer
+                yield
         finally:
             self._waiting[key] -= 1
             if not self._waiting[key]:
@@ -232,8 +239,7 @@ class Layers:
         lock = saved.read_text()
         packages = tuple(_pins(lock))
         reqs = Requirements(f"the kept lock of layer {digest[:12]}", packages)
-        building = self._building.setdefault(digest, asyncio.Lock())
-        async with building:
+        async with self._one_at_a_time(f"layer {digest}"):
             if not self.path(digest).is_dir():
                 log.warning("layer %s is missing: installing it again from its lock", digest)
                 await self._install(reqs, lock, digest, packages, [])
