@@ -72,3 +72,81 @@ def make_sdist(house: Path, name: str, version: str) -> Path:
     out = house / f"{dist}.tar.gz"
     out.write_bytes(buf.getvalue())
     return out
+
+
+BACKEND = """
+import base64, hashlib, os, socket, zipfile
+
+NAME, VERSION = {name!r}, {version!r}
+MODULE = NAME.replace("-", "_")
+DIST = f"{{MODULE}}-{{VERSION}}"
+METADATA = f"Metadata-Version: 2.1\\nName: {{NAME}}\\nVersion: {{VERSION}}\\n"
+WHEEL = "Wheel-Version: 1.0\\nGenerator: t\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n"
+
+
+def _observe():
+    seen = {{"uid": os.getuid(), "hostname": socket.gethostname()}}
+    seen["saw_ember_home"] = os.path.exists({ember_home!r})
+    {extra}
+    return seen
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+
+
+def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+    info = os.path.join(metadata_directory, f"{{DIST}}.dist-info")
+    os.makedirs(info)
+    with open(os.path.join(info, "METADATA"), "w") as f:
+        f.write(METADATA)
+    return f"{{DIST}}.dist-info"
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    files = {{
+        f"{{MODULE}}/__init__.py": f"__version__ = {{VERSION!r}}\\nSEEN = {{_observe()!r}}\\n",
+        f"{{DIST}}.dist-info/METADATA": METADATA,
+        f"{{DIST}}.dist-info/WHEEL": WHEEL,
+    }}
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{{path}},sha256={{digest.decode()}},{{len(text.encode())}}")
+    record.append(f"{{DIST}}.dist-info/RECORD,,")
+    files[f"{{DIST}}.dist-info/RECORD"] = "\\n".join(record) + "\\n"
+    name = f"{{DIST}}-py3-none-any.whl"
+    with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as zf:
+        for path, text in files.items():
+            zf.writestr(path, text)
+    return name
+"""
+
+
+def make_built_sdist(
+    house: Path, name: str, version: str, ember_home: str, extra: str = "pass"
+) -> Path:
+    """A source distribution whose in-tree build backend (no build requirements) records, in
+    the wheel it builds, what its build could see; `extra` is more of the backend's code, run
+    while it builds (to overrun a limit)."""
+    dist = f"{name.replace('-', '_')}-{version}"
+    backend = BACKEND.format(name=name, version=version, ember_home=ember_home, extra=extra)
+    files = {
+        f"{dist}/backend.py": backend,
+        f"{dist}/PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist}/pyproject.toml": (
+            '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n'
+            f'[project]\nname = "{name}"\nversion = "{version}"\n'
+        ),
+    }
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for path, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    house.mkdir(parents=True, exist_ok=True)
+    out = house / f"{dist}.tar.gz"
+    out.write_bytes(buf.getvalue())
+    return out

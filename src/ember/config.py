@@ -57,6 +57,11 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     package_cache: str = ""  # uv's cache of downloaded wheels; "": EMBER_HOME/layers/.cache
     build_timeout: float = 300.0  # seconds a resolution or an install may take
     max_layer_mb: int = 4096  # installed size of one function's requirements
+    # Requirements only source distributions satisfy are built in a sandbox of the deploying
+    # namespace (ember.api.source_builds), within these limits; False: refused.
+    source_builds: bool = True
+    build_memory_mb: int = 2048  # the sandboxed build's cgroup cap
+    build_disk_mb: int = 2048  # its private /tmp, where it builds
     # The only variables of the server's environment that reach functions (the CLI fills it).
     base_env: dict[str, str] = {}
 
@@ -87,6 +92,8 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
             ("flush_interval", self.flush_interval, self.flush_interval > 0, "must be > 0"),
             ("build_timeout", self.build_timeout, self.build_timeout > 0, "must be > 0"),
             ("max_layer_mb", self.max_layer_mb, self.max_layer_mb >= 1, "must be >= 1"),
+            ("build_memory_mb", self.build_memory_mb, self.build_memory_mb >= 64, "must be >= 64"),
+            ("build_disk_mb", self.build_disk_mb, self.build_disk_mb >= 16, "must be >= 16"),
             (
                 "no_index",
                 self.no_index,

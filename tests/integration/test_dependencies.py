@@ -20,7 +20,7 @@ import pytest
 
 from ember import bundle
 from tests.integration.conftest import EmberServer, make_function
-from tests.wheels import make_sdist, make_wheel
+from tests.wheels import make_built_sdist, make_sdist, make_wheel
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +68,7 @@ def house(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory, house: Path) -> Iterator[EmberServer]:
     home = tmp_path_factory.mktemp("ember-deps")
-    s = EmberServer(home, ["--find-links", str(house), "--no-index"]).start()
+    s = EmberServer(home, ["--find-links", str(house), "--no-index", "--no-source-builds"]).start()
     yield s
     s.stop()
     s.http.close()
@@ -169,7 +169,7 @@ def test_a_function_without_requirements_sees_no_layer(
     [
         ("emberdep-alpha\nno-such-package-here\n", 422, "requirements_unresolvable", "line 2"),
         ("emberdep-alpha>=3\n", 422, "requirements_unresolvable", "emberdep-alpha>=3"),
-        ("emberdep-source\n", 422, "requirements_unresolvable", "wheels only"),
+        ("emberdep-source\n", 422, "requirements_unresolvable", "--no-source-builds"),
         (
             "emberdep-alpha\n--index-url https://example.invalid/simple\n",
             422,
@@ -471,3 +471,104 @@ def test_a_build_over_its_time_fails_naming_the_limit(
     assert r.json()["error"]["code"] == "build_timeout"
     assert "took over 1 s, the limit (ember up --build-timeout)" in r.json()["error"]["message"]
     assert srv.api.get("/api/v1/functions/too-slow").status_code == 404
+
+
+BUILT = """
+import emberdep_built
+
+def handle(req, ctx):
+    return emberdep_built.SEEN
+"""
+
+
+def test_a_source_distribution_is_built_in_the_namespaces_sandbox(
+    fn: Callable[..., Path], server_factory: Callable[..., EmberServer], tmp_path: Path
+) -> None:
+    """Its build backend runs as the namespace's uid, in a sandbox that shows nothing of
+    EMBER_HOME; the layer it made is that namespace's alone."""
+    house, home = tmp_path / "sdists", tmp_path / "home"
+    make_built_sdist(house, "emberdep-built", "1.0", str(home))
+    srv = server_factory("--find-links", str(house), "--no-index", home=home)
+    r = deploy(srv, fn("built-here", "emberdep-built\n", code=BUILT), "built-here")
+    assert r.status_code == 201, r.text
+    assert r.json()["functions"][0]["layer"]["packages"] == ["emberdep-built==1.0"]
+    seen = srv.http.get("/fn/built-here").json()
+    uid = srv.api.get("/api/v1/namespaces").json()["namespaces"][0]["uid"]
+    assert seen == {"uid": uid, "hostname": seen["hostname"], "saw_ember_home": False}
+    assert seen["hostname"].startswith("ember-build-")
+    builds = srv.api.get("/api/v1/functions/built-here/builds").json()["builds"]
+    assert "built from source in a sandbox of namespace default" in builds[0]["log"]
+
+
+def test_a_layer_built_from_source_is_not_shared_with_another_namespace(
+    fn: Callable[..., Path], server_factory: Callable[..., EmberServer], tmp_path: Path
+) -> None:
+    house, home = tmp_path / "sdists", tmp_path / "home"
+    make_built_sdist(house, "emberdep-built", "1.0", str(home))
+    srv = server_factory("--find-links", str(house), "--no-index", home=home)
+    digests = []
+    for namespace in ("default", "team"):
+        r = srv.api.post(
+            "/api/v1/deploy",
+            params={"name": "same", "namespace": namespace},
+            content=bundle.pack(fn("same", "emberdep-built==1.0\n", code=BUILT)),
+            headers={"Content-Type": "application/gzip"},
+        )
+        assert r.status_code == 201, r.text
+        layer = r.json()["functions"][0]["layer"]
+        assert layer["built"] is True  # what one tenant's build made never runs for another
+        digests.append(layer["digest"])
+    assert digests[0] != digests[1] and sorted(layers(srv)) == sorted(digests)
+    again = deploy(srv, fn("same-2", "emberdep-built==1.0\n", code=BUILT), "same-2")
+    assert again.json()["functions"][0]["layer"] == {
+        **again.json()["functions"][0]["layer"],
+        "digest": digests[0],
+        "built": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("limit", "extra", "code", "names"),
+    [
+        (
+            ("--build-memory-mb", "128"),
+            "hog = b'x' * (400 * 1024 * 1024)",
+            "build_over_memory",
+            "used over 128 MB of memory, the limit (ember up --build-memory-mb)",
+        ),
+        (
+            ("--build-disk-mb", "16"),
+            "open('/tmp/fill', 'wb').write(bytes(64 * 1024 * 1024))",
+            "build_over_disk",
+            "needed over 16 MB of disk, the limit (ember up --build-disk-mb)",
+        ),
+        (
+            ("--build-timeout", "3"),
+            "import time; time.sleep(60)",
+            "build_timeout",
+            "took over 3 s, the limit (ember up --build-timeout)",
+        ),
+    ],
+)
+def test_a_build_from_source_over_a_limit_fails_naming_it(
+    fn: Callable[..., Path],
+    server_factory: Callable[..., EmberServer],
+    tmp_path: Path,
+    limit: tuple[str, str],
+    extra: str,
+    code: str,
+    names: str,
+) -> None:
+    house = tmp_path / "sdists"
+    make_built_sdist(house, "emberdep-greedy", "1.0", "/nowhere", extra=extra)
+    srv = server_factory("--find-links", str(house), "--no-index", *limit)
+    r = deploy(
+        srv,
+        fn("greedy", "emberdep-greedy\n", code="def handle(req, ctx):\n    return 1\n"),
+        "greedy",
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == code, r.text
+    assert names in r.json()["error"]["message"]
+    assert layers(srv) == [] and leftovers(srv) == []
+    assert srv.api.get("/api/v1/functions/greedy").status_code == 404

@@ -30,6 +30,7 @@ from ember.api.names import Address
 from ember.api.namespaces import Namespaces
 from ember.api.publisher import Publisher
 from ember.api.secrets import Secrets
+from ember.api.source_builds import SourceBuilds
 from ember.api.traffic import Traffic
 from ember.blobs.base import Blobs
 from ember.config import ServerConfig
@@ -86,6 +87,8 @@ class Control:
             store, config.sandbox_uid_base, self.functions, self.publisher, writes
         )
         self.secrets = Secrets(store, box, self.functions, self.namespaces, self.publisher, writes)
+        if config.source_builds:  # in a throw-away sandbox of the deploying namespace
+            self.layers.in_sandbox = SourceBuilds(config, pool, self.namespaces.uid_of).build
         self.keys = Keys(store, keys, config.credentials_path)
         self.traffic = Traffic(
             store, self.functions, self.bundles, self.publisher, pool, outcomes, writes

@@ -152,7 +152,7 @@ class Deploys:
             staged = await asyncio.to_thread(self._stage, data, staging, default_name)
             self._check_deployable(namespace, [plan.spec for plan in staged.plans], canary)
             for plan in staged.plans:
-                built.append(await self._build(plan, report))
+                built.append(await self._build(plan, namespace, report))
             async with self.writes:
                 placed = self.bundles.place(staging, staged.digest)
                 deployed = await self._deploy(
@@ -255,14 +255,17 @@ class Deploys:
         code = bundle.tree_hash(source, CONFIG_FILES)
         return Plan(spec, revision_hash(tree, spec), code, requirements.read(source))
 
-    async def _build(self, plan: Plan, report: Report) -> Plan:
+    async def _build(self, plan: Plan, namespace: str, report: Report) -> Plan:
         """A function with requirements gets its layer (built unless there) and a revision
         hash that includes it: the same code with other packages is another revision."""
         if plan.requirements is None:
             return plan
         try:
             layer = await self.layers.ensure(
-                plan.requirements, lambda step: report(plan.spec.name, step), pin=True
+                plan.requirements,
+                lambda step: report(plan.spec.name, step),
+                pin=True,
+                namespace=namespace,
             )
         except RequirementsError as exc:
             message = f"function '{plan.spec.name}': {exc.message}"

@@ -233,6 +233,19 @@ def up(
     max_layer_mb: Annotated[
         int, typer.Option(help="MB one function's installed requirements may take.")
     ] = server_default("max_layer_mb"),
+    no_source_builds: Annotated[
+        bool,
+        typer.Option(
+            "--no-source-builds",
+            help="Refuse requirements only source distributions satisfy (no sandboxed builds).",
+        ),
+    ] = False,
+    build_memory_mb: Annotated[
+        int, typer.Option(help="MB of memory a sandboxed build from source may use.")
+    ] = server_default("build_memory_mb"),
+    build_disk_mb: Annotated[
+        int, typer.Option(help="MB of disk (its private /tmp) a sandboxed build may use.")
+    ] = server_default("build_disk_mb"),
 ) -> None:
     """Run an Ember server in the foreground until Ctrl-C or SIGTERM."""
     from ember.server.main import serve
@@ -262,6 +275,9 @@ def up(
         package_cache=str(package_cache.resolve()) if package_cache else "",
         build_timeout=build_timeout,
         max_layer_mb=max_layer_mb,
+        source_builds=not no_source_builds,
+        build_memory_mb=build_memory_mb,
+        build_disk_mb=build_disk_mb,
         base_env={k: v for k, v in os.environ.items() if k in PASSED_ENV},
     ).validate()
     raise typer.Exit(serve(config, list(deploy or [])))

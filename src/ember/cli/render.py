@@ -334,6 +334,7 @@ def doing(event: DeployProgress) -> str:
         "resolving": "resolving requirements",
         "resolved": "requirements resolved",
         "installing": f"downloading and installing {len(event.packages)} package(s)",
+        "building": "building from source in a sandbox of the namespace",
         "installed": "requirements installed",
         "importing": "importing the handler in a new zygote",
     }

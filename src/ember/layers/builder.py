@@ -33,13 +33,13 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
-from ember.errors import RequirementsError
+from ember.errors import RequirementsError, TooLarge, UserError
 from ember.layers.requirements import Requirements
 
 log = logging.getLogger("ember.layers")
@@ -74,6 +74,19 @@ Report = Callable[[Progress], None]
 
 def _ignore(_: Progress) -> None:
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class SourceBuild:
+    """What a build in a namespace's sandbox gave: a tar.gz of `site/`, `lock.txt` and
+    `build.log`, or the step that failed ("compile" or "install") and uv's message."""
+
+    archive: bytes = b""
+    failed: str = ""
+    message: str = ""
+
+
+BuildInSandbox = Callable[[str, str, list[str]], Awaitable[SourceBuild]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +169,9 @@ class Layers:
         self._waiting: collections.Counter[str] = collections.Counter()
         self._pinned: collections.Counter[str] = collections.Counter()
         self._staging: set[str] = set()
+        # Requirements that need build scripts run are built by this, in a sandbox of the
+        # deploying namespace (ember.api.source_builds); None: refused.
+        self.in_sandbox: BuildInSandbox | None = None
 
     def path(self, digest: str) -> Path:
         return self.root / digest
@@ -171,15 +187,26 @@ class Layers:
                 del self._pinned[digest]
 
     async def ensure(
-        self, reqs: Requirements, report: Report = _ignore, *, pin: bool = False
+        self,
+        reqs: Requirements,
+        report: Report = _ignore,
+        *,
+        pin: bool = False,
+        namespace: str = "",
     ) -> Layer:
         """The layer of these requirements: resolved (or its lock reused), and installed
         unless it is there. A bad requirement or a failed build is a `RequirementsError` (422).
         `report` hears of each step as it starts and ends. With `pin`, the layer is kept from
-        clean-ups until `unpin`."""
+        clean-ups until `unpin`. Requirements that only source distributions satisfy are built
+        in a sandbox of `namespace`, into a layer of that namespace alone."""
         key = _input_key(self.index, reqs)
         async with self._one_at_a_time(key):
-            layer = await self._ensure(reqs, key, report)
+            try:
+                layer = await self._ensure(reqs, key, report)
+            except RequirementsError as exc:
+                if not (namespace and self.in_sandbox and _needs_building(exc)):
+                    raise
+                layer = await self._from_source(reqs, key, namespace, report)
             if pin:
                 self._pinned[layer.digest] += 1
             return layer
@@ -222,6 +249,52 @@ class Layers:
         )
         ms = (time.perf_counter() - t0) * 1e3
         return Layer(digest, self.path(digest), packages, built, ms, "\n".join(log), meta.bytes)
+
+    async def _from_source(
+        self, reqs: Requirements, key: str, namespace: str, report: Report
+    ) -> Layer:
+        """A layer whose packages' build scripts ran in a sandbox of `namespace`. It is that
+        namespace's alone (its digest says so): what one tenant's build produced never runs
+        for another, whatever its lock says."""
+        assert self.in_sandbox is not None
+        t0 = time.perf_counter()
+        saved = self.locks / f"{_namespaced(key, namespace)}.txt"
+        if saved.is_file():
+            lock = saved.read_text()
+            digest = _source_digest(lock, namespace)
+            if self.path(digest).is_dir():
+                packages = tuple(_pins(lock))
+                report(Progress("resolved", list(packages), True))
+                meta = await asyncio.to_thread(self.meta, digest)
+                report(Progress("installed", reused=True, bytes=meta.bytes))
+                text = f"layer {digest} (built from source in {namespace}) is installed already"
+                ms = (time.perf_counter() - t0) * 1e3
+                return Layer(digest, self.path(digest), packages, False, ms, text, meta.bytes)
+        report(Progress("building"))
+        build = await self.in_sandbox(namespace, reqs.text(), self.index.args())
+        if build.failed:
+            raise _failure(reqs, build.failed, build.message)
+        staging = self.root / f"{STAGING}{secrets.token_hex(8)}"
+        self._staging.add(staging.name)
+        try:
+            await asyncio.to_thread(_unpack_build, build.archive, staging, self.max_bytes)
+            lock = (staging / "lock.txt").read_text()
+            digest = _source_digest(lock, namespace)
+            packages = tuple(_pins(lock))
+            report(Progress("resolved", list(packages), ms=round((time.perf_counter() - t0) * 1e3)))
+            text = (staging / "build.log").read_text()
+            await self._publish(staging, digest, packages, lock, t0, keep_lock=False)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+            raise
+        finally:
+            self._staging.discard(staging.name)
+        _write_atomically(saved, lock)
+        meta = await asyncio.to_thread(self.meta, digest)
+        report(Progress("installed", bytes=meta.bytes))
+        log_text = f"built from source in a sandbox of namespace {namespace}\n{text}"
+        ms = (time.perf_counter() - t0) * 1e3
+        return Layer(digest, self.path(digest), packages, True, ms, log_text, meta.bytes)
 
     async def ensure_installed(self, digest: str) -> None:
         """A stored revision's layer, installed again from its kept lock when it is missing
@@ -294,36 +367,51 @@ class Layers:
                 "lock.txt",
             )
             log.append(said)
-            size = await asyncio.to_thread(_seal, staging / SITE)
-            if size > self.max_bytes:
-                raise RequirementsError(
-                    f"the installed requirements take {size // (1024 * 1024)} MB, over the "
-                    f"limit of {self.max_bytes // (1024 * 1024)} MB per layer (ember up "
-                    "--max-layer-mb); require fewer or smaller packages",
-                    code="layer_too_large",
-                )
-            meta = LayerMeta(
-                digest=digest,
-                packages=list(packages),
-                bytes=size,
-                build_ms=round((time.perf_counter() - t0) * 1e3, 1),
-                created_at=time.time(),
-                platform=_platform(),
-            )
-            (staging / META).write_bytes(msgspec.json.format(msgspec.json.encode(meta)) + b"\n")
-            staging.chmod(0o755)
-            _write_atomically(self.locks / f"{digest}.lock", lock)  # to install it again
-            try:
-                staging.rename(self.path(digest))
-            except OSError:  # another input with the same lock was installed meanwhile
-                if not (self.path(digest) / META).is_file():
-                    raise
-                await asyncio.to_thread(shutil.rmtree, staging, True)
+            await self._publish(staging, digest, packages, lock, t0, keep_lock=True)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, staging, True)
             raise
         finally:
             self._staging.discard(staging.name)
+
+    async def _publish(
+        self,
+        staging: Path,
+        digest: str,
+        packages: tuple[str, ...],
+        lock: str,
+        t0: float,
+        keep_lock: bool,
+    ) -> None:
+        """Seal an installed tree (`staging/site`), check its size, describe it and rename it
+        into place. `keep_lock`: the lock is kept to install it again (not for a layer built
+        from source: that takes the namespace's sandbox)."""
+        size = await asyncio.to_thread(_seal, staging / SITE)
+        if size > self.max_bytes:
+            raise RequirementsError(
+                f"the installed requirements take {size // (1024 * 1024)} MB, over the "
+                f"limit of {self.max_bytes // (1024 * 1024)} MB per layer (ember up "
+                "--max-layer-mb); require fewer or smaller packages",
+                code="layer_too_large",
+            )
+        meta = LayerMeta(
+            digest=digest,
+            packages=list(packages),
+            bytes=size,
+            build_ms=round((time.perf_counter() - t0) * 1e3, 1),
+            created_at=time.time(),
+            platform=_platform(),
+        )
+        (staging / META).write_bytes(msgspec.json.format(msgspec.json.encode(meta)) + b"\n")
+        staging.chmod(0o755)
+        if keep_lock:
+            _write_atomically(self.locks / f"{digest}.lock", lock)  # to install it again
+        try:
+            staging.rename(self.path(digest))
+        except OSError:  # another input with the same lock was installed meanwhile
+            if not (self.path(digest) / META).is_file():
+                raise
+            await asyncio.to_thread(shutil.rmtree, staging, True)
 
     async def _uv(self, reqs: Requirements, cwd: str, command: str, *args: str) -> str:
         """Run `uv pip COMMAND`: what it said (its summary lines), or its message as a
@@ -398,6 +486,41 @@ class Layers:
         return out
 
 
+def _needs_building(exc: RequirementsError) -> bool:
+    """uv refused because a package has no wheel: only building it from source would do."""
+    said = exc.message.lower()
+    return "building from source is disabled" in said or "no wheels" in said
+
+
+def _namespaced(key: str, namespace: str) -> str:
+    return hashlib.sha256(f"{key}\0source-built-in\0{namespace}".encode()).hexdigest()
+
+
+def _source_digest(lock: str, namespace: str) -> str:
+    return hashlib.sha256(
+        f"{_platform()}\0{lock}\0source-built-in\0{namespace}".encode()
+    ).hexdigest()
+
+
+def _unpack_build(archive: bytes, staging: Path, max_bytes: int) -> None:
+    """The sandbox's answer, unpacked as carefully as a bundle: files and directories only,
+    within the layer's size limit."""
+    from ember import bundle
+
+    try:
+        bundle.unpack(archive, staging, max_unpacked_bytes=max_bytes * 2, max_files=500_000)
+    except (UserError, TooLarge) as exc:
+        raise RequirementsError(
+            f"the sandboxed build answered with an archive Ember cannot take: {exc.message}",
+            code="build_failed",
+        ) from None
+    for name in ("lock.txt", "build.log", SITE):
+        if not (staging / name).exists():
+            raise RequirementsError(
+                f"the sandboxed build's archive has no {name}", code="build_failed"
+            )
+
+
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{STAGING}{secrets.token_hex(8)}")
@@ -440,8 +563,8 @@ def _failure(reqs: Requirements, command: str, message: str) -> RequirementsErro
         for sign in ("no wheels", "only-binary", "building from source", "source distribution")
     ):
         hint = (
-            "; Ember installs wheels only (building from source would run the package's "
-            "scripts outside a sandbox): pick a version with a wheel for this platform"
+            "; this server installs wheels only (ember up --no-source-builds): pick a version "
+            "with a wheel for this platform"
         )
     return RequirementsError(
         f"{what} {reqs.source} failed{where}: {message}{hint}",

@@ -49,7 +49,7 @@ from ember.pool.zygotes import ZygoteStarter
 from ember.spec import Quota
 from ember.telemetry.buffer import TelemetryBuffer
 from ember.telemetry.records import LogRecord
-from ember.wire.messages import Log, ZygoteReady
+from ember.wire.messages import Invoke, Log, Result, ZygoteReady
 
 log = logging.getLogger("ember.pool")
 TICK = 0.25  # seconds between two runs of the keep-alive loop
@@ -241,6 +241,12 @@ class Pool:
             raise
         assert rp.zygote is not None
         return rp.zygote.ready.result()
+
+    async def run_once(self, target: Target, msg: Invoke) -> tuple[Result, str, Instance]:
+        """One call to a revision `prepare` started (Ember's own work in a namespace's
+        sandbox: a build), within its timeout; the caller discards the revision after."""
+        rp = self.open_revision(target)
+        return await rp.invoke(msg, asyncio.get_running_loop().time() + target.spec.timeout)
 
     def discard(self, target: Target) -> None:
         self._live.discard(target.key)

@@ -28,6 +28,9 @@ class Target(msgspec.Struct, frozen=True, dict=True):  # a __dict__ for the cach
     # requests on the old one finish.
     generation: str = ""
     layer_dir: str = ""  # its requirements, installed (ember.layers); "": none
+    # Host directories its sandbox shows read-only at the same path: only Ember's own builds
+    # (the operator's wheelhouse); never set from a function's spec.
+    binds: tuple[str, ...] = ()
 
     @functools.cached_property
     def key(self) -> RevisionKey:

@@ -108,4 +108,5 @@ class ZygoteStarter:
             hide=[str(self.config.home)],
             secrets=dict(target.secrets),
             userns=self.probe.mode == "userns",
+            binds=list(target.binds),
         )

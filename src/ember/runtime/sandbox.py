@@ -368,6 +368,9 @@ def build_root(plan: SandboxPlan, code_dir: str, layer_dir: str = "") -> None:
         if _under(hidden, bound) and os.path.isdir(hidden):
             _mount("tmpfs", root + hidden, "tmpfs", _MS_RDONLY, "size=4k,mode=0000")
     _bind(code_dir, _mkdirs(root, CODE_DIR))
+    for path in plan.binds:  # after /tmp: a directory under it is shown, not hidden
+        if os.path.isdir(path):
+            _bind(path, _mkdirs(root, path))
     if layer_dir:
         _bind(layer_dir, _mkdirs(root, LAYER_DIR))
     _dev(root)

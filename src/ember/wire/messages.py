@@ -35,6 +35,7 @@ class SandboxPlan(msgspec.Struct, frozen=True):
     hide: list[str] = []  # directories never visible inside, even under a bound directory
     secrets: dict[str, bytes] = {}  # files of /run/secrets
     userns: bool = False  # no privileges: a user namespace maps uid/gid to the server's own
+    binds: list[str] = []  # host directories shown read-only where they are (Ember's builds)
 
 
 class SpawnZygote(_Msg, tag="spawn", frozen=True):
