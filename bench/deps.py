@@ -148,7 +148,9 @@ def _disk(server: Ember, first: dict[str, Any], functions: int, cache: Path) -> 
     }
 
 
-def run(quick: float = 0.0) -> dict[str, Any]:
+def run(scale: float = 1.0) -> dict[str, Any]:
+    """`scale` below 1 (bench.run_all --quick): one server and fewer deploys."""
+    quick = scale < 1.0
     repeat = 1 if quick else 3
     work = Path(tempfile.mkdtemp(prefix="ember-bench-deps-"))
     try:
@@ -220,4 +222,4 @@ def run(quick: float = 0.0) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run(quick=float("--quick" in sys.argv))
+    run(0.25 if "--quick" in sys.argv else 1.0)
