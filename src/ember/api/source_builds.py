@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import Protocol
 
 from ember.config import ServerConfig
-from ember.errors import FunctionTimeout, RequirementsError
+from ember.errors import (
+    FunctionError,
+    FunctionMemoryExceeded,
+    FunctionTimeout,
+    RequirementsError,
+)
 from ember.layers.builder import SourceBuild, uv_binary
 from ember.pool.instance import Instance
 from ember.pool.target import Target
@@ -91,6 +96,12 @@ class SourceBuilds:
                 "the limit (ember up --build-timeout)",
                 code="build_timeout",
             ) from None
+        except FunctionMemoryExceeded:
+            raise _over_memory(config.build_memory_mb) from None
+        except FunctionError as exc:  # the builder itself crashed
+            raise RequirementsError(
+                f"building the requirements from source failed: {exc.message}", code="build_failed"
+            ) from None
         finally:
             self.pool.discard(target)
             self.pool.forget_function(target.qualified)  # its keep-alive state, its logs
@@ -98,11 +109,7 @@ class SourceBuilds:
         if (result.error is not None and result.error.kind == "memory") or said.get(
             "error"
         ) == "memory":
-            raise RequirementsError(
-                f"building the requirements from source used over {config.build_memory_mb} MB "
-                "of memory, the limit (ember up --build-memory-mb)",
-                code="build_over_memory",
-            )
+            raise _over_memory(config.build_memory_mb)
         if result.status == 422:
             if said["error"] == "disk":
                 raise RequirementsError(
@@ -117,3 +124,11 @@ class SourceBuilds:
                 f"building the requirements from source failed: {detail!r}", code="build_failed"
             )
         return SourceBuild(archive=result.body)
+
+
+def _over_memory(limit_mb: int) -> RequirementsError:
+    return RequirementsError(
+        f"building the requirements from source used over {limit_mb} MB of memory, the limit "
+        "(ember up --build-memory-mb)",
+        code="build_over_memory",
+    )

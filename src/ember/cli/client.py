@@ -47,6 +47,8 @@ _INPUT_422 = frozenset(
         "requirements_unresolvable",
         "build_failed",
         "build_timeout",
+        "build_over_memory",
+        "build_over_disk",
         "runtime_conflict",
         "layer_too_large",
     }
