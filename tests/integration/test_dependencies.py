@@ -498,6 +498,9 @@ def test_a_source_distribution_is_built_in_the_namespaces_sandbox(
     assert seen["hostname"].startswith("ember-build-")
     builds = srv.api.get("/api/v1/functions/built-here/builds").json()["builds"]
     assert "built from source in a sandbox of namespace default" in builds[0]["log"]
+    shown = srv.deploy(fn("built-cli", "emberdep-built==1.0\n", code=BUILT)).stderr.decode()
+    assert "built-cli: built from source in the namespace's sandbox in " in shown
+    assert "emberdep-built==1.0" in shown
 
 
 def test_a_layer_built_from_source_is_not_shared_with_another_namespace(

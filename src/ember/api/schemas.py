@@ -148,8 +148,9 @@ class DeployResponse(msgspec.Struct, frozen=True):
 
 class DeployProgress(msgspec.Struct, frozen=True, omit_defaults=True, tag_field="event"):
     """A step of a deploy as it happens (`Accept: application/x-ndjson`, one JSON per line):
-    resolving, resolved, installing, installed (a function's requirements), importing (its
-    code, in a new zygote)."""
+    resolving, resolved, installing, installed (a function's requirements; building and built
+    when they are built from source in the namespace's sandbox), importing (its code, in a new
+    zygote)."""
 
     function: str
     phase: str

@@ -320,6 +320,13 @@ def step(event: DeployProgress) -> str | None:
         how = "lock reused" if event.reused else f"resolved in {millis(event.ms)}"
         shown = ", ".join(event.packages[:6]) + (" …" if len(event.packages) > 6 else "")
         return f"{name}: {len(event.packages)} package(s), {how}: {shown}"
+    if event.phase == "built":
+        size = f"{event.bytes / (1024 * 1024):.1f} MB"
+        shown = ", ".join(event.packages[:6]) + (" …" if len(event.packages) > 6 else "")
+        return (
+            f"{name}: built from source in the namespace's sandbox in {millis(event.ms)}, "
+            f"{size}: {shown}"
+        )
     if event.phase == "installed":
         size = f"{event.bytes / (1024 * 1024):.1f} MB"
         if event.reused:

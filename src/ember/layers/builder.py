@@ -62,7 +62,7 @@ def uv_binary() -> str:
 class Progress(msgspec.Struct, frozen=True, omit_defaults=True):
     """One step of a build, as `ember deploy` shows it while it runs."""
 
-    phase: str  # resolving | resolved | installing | installed
+    phase: str  # resolving | resolved | installing | installed; from source: building | built
     packages: list[str] = []  # resolved: "name==version"
     reused: bool = False  # resolved: the lock of an earlier deploy; installed: the layer was there
     bytes: int = 0  # installed: the layer's size
@@ -271,6 +271,7 @@ class Layers:
                 ms = (time.perf_counter() - t0) * 1e3
                 return Layer(digest, self.path(digest), packages, False, ms, text, meta.bytes)
         report(Progress("building"))
+        t1 = time.perf_counter()
         build = await self.in_sandbox(namespace, reqs.text(), self.index.args())
         if build.failed:
             raise _failure(reqs, build.failed, build.message)
@@ -281,7 +282,6 @@ class Layers:
             lock = (staging / "lock.txt").read_text()
             digest = _source_digest(lock, namespace)
             packages = tuple(_pins(lock))
-            report(Progress("resolved", list(packages), ms=round((time.perf_counter() - t0) * 1e3)))
             text = (staging / "build.log").read_text()
             await self._publish(staging, digest, packages, lock, t0, keep_lock=False)
         except BaseException:
@@ -291,7 +291,8 @@ class Layers:
             self._staging.discard(staging.name)
         _write_atomically(saved, lock)
         meta = await asyncio.to_thread(self.meta, digest)
-        report(Progress("installed", bytes=meta.bytes))
+        ms = round((time.perf_counter() - t1) * 1e3, 1)
+        report(Progress("built", list(packages), bytes=meta.bytes, ms=ms))
         log_text = f"built from source in a sandbox of namespace {namespace}\n{text}"
         ms = (time.perf_counter() - t0) * 1e3
         return Layer(digest, self.path(digest), packages, True, ms, log_text, meta.bytes)
