@@ -35,7 +35,7 @@ from typing import Any
 import ember.runtime.root  # noqa: F401  (the root zygote's imports: the heap that is forked)
 from bench.common import Row, log, report, summary
 from ember.pool.cgroup import Cgroups
-from ember.runtime import limits, sandbox, seccomp
+from ember.runtime import host_paths, limits, sandbox, seccomp
 from ember.wire.messages import SandboxPlan
 
 N = 30
@@ -240,7 +240,7 @@ def run(n: int = N, spacing: float = SPACING, use_cgroups: bool = True) -> dict[
                 "p50_ms": f"{outside[key]:.3f} → {inside[key]:.3f}",
             }
         )
-    bound = sandbox._python_paths()
+    bound = host_paths.python_paths()
     return report(
         "sandbox_breakdown",
         rows,

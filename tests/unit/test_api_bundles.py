@@ -16,7 +16,8 @@ import pytest
 from ember import bundle
 from ember.api.bundles import Bundles
 from ember.blobs.local import LocalBlobs
-from ember.layers.builder import Layers, PackageIndex
+from ember.layers.builder import Layers
+from ember.layers.uv import PackageIndex
 from ember.spec import FunctionSpec
 from ember.store.sqlite import SQLiteStore
 

@@ -77,3 +77,26 @@ def test_a_bad_pyproject_is_a_422(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text('[project]\ndependencies = "six"\n')
     with pytest.raises(RequirementsError, match="must be a list of strings"):
         read(tmp_path)
+
+
+def test_the_operators_index_settings_become_uvs_arguments() -> None:
+    from ember.layers.uv import PackageIndex
+
+    assert PackageIndex().args() == []
+    index = PackageIndex(
+        index_url="https://pypi.example/simple",
+        extra_index_urls=("https://extra.example/simple",),
+        find_links=("/srv/wheels",),
+        no_index=True,
+        offline=True,
+    )
+    assert index.args() == [
+        "--index-url",
+        "https://pypi.example/simple",
+        "--extra-index-url",
+        "https://extra.example/simple",
+        "--find-links",
+        "/srv/wheels",
+        "--no-index",
+        "--offline",
+    ]

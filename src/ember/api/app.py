@@ -121,23 +121,12 @@ class Api:
     async def builds(self, request: Request) -> Response:
         target = self._target(request, "read")
         builds = await self.control.store.builds(target.qualified)
-        return _ok(
-            s.BuildList(
-                builds=[
-                    s.BuildInfo(
-                        revision=b.revision,
-                        layer=b.layer,
-                        packages=b.packages,
-                        bytes=b.bytes,
-                        build_ms=b.build_ms,
-                        built=b.built,
-                        log=b.log,
-                        created_at=b.created_at,
-                    )
-                    for b in builds
-                ]
-            )
-        )
+        fields = {f.name for f in msgspec.structs.fields(s.BuildInfo)}  # the record less its key
+        infos = [
+            s.BuildInfo(**{k: v for k, v in msgspec.structs.asdict(b).items() if k in fields})
+            for b in builds
+        ]
+        return _ok(s.BuildList(builds=infos))
 
     async def traffic(self, request: Request) -> Response:
         _, namespace = self._allow(request, "deploy")

@@ -36,7 +36,8 @@ from ember.blobs.base import Blobs
 from ember.config import ServerConfig
 from ember.errors import EmberError
 from ember.gateway.router import RouteTable
-from ember.layers.builder import Layers, PackageIndex
+from ember.layers.builder import Layers
+from ember.layers.uv import PackageIndex
 from ember.pool.manager import Pool
 from ember.pool.target import Target
 from ember.secretbox import SecretBox

@@ -28,7 +28,8 @@ from ember.errors import (
     FunctionTimeout,
     RequirementsError,
 )
-from ember.layers.builder import SourceBuild, uv_binary
+from ember.layers.builder import SourceBuild
+from ember.layers.uv import uv_binary
 from ember.pool.instance import Instance
 from ember.pool.target import Target
 from ember.spec import FunctionSpec, ScaleSpec
@@ -56,9 +57,41 @@ class SourceBuilds:
     async def build(self, namespace: str, requirements: str, index: list[str]) -> SourceBuild:
         """The lock, installed tree (tar.gz) and log of `requirements`, built in a sandbox of
         `namespace`; a `RequirementsError` naming the limit or quoting uv when it fails."""
-        config = self.config
         job = {"requirements": requirements, "index": index, "uv": uv_binary()}
         job["python"] = sys.executable
+        target = self._target(namespace, requirements)
+        msg = Invoke(
+            id=target.sha256[:32],
+            method="POST",
+            path="/",
+            query=b"",
+            headers=[],
+            body=json.dumps(job).encode(),
+            deadline=time.time() + self.config.build_timeout,
+        )
+        try:
+            await self.pool.prepare(target)
+            result, _, _ = await self.pool.run_once(target, msg)
+        except FunctionTimeout:
+            raise RequirementsError(
+                f"building the requirements from source took over "
+                f"{self.config.build_timeout:g} s, the limit (ember up --build-timeout)",
+                code="build_timeout",
+            ) from None
+        except FunctionMemoryExceeded:
+            raise _over_memory(self.config.build_memory_mb) from None
+        except FunctionError as exc:  # the builder itself crashed
+            raise RequirementsError(
+                f"building the requirements from source failed: {exc.message}", code="build_failed"
+            ) from None
+        finally:
+            self.pool.discard(target)
+            self.pool.forget_function(target.qualified)  # its keep-alive state, its logs
+        return self._outcome(result)
+
+    def _target(self, namespace: str, requirements: str) -> Target:
+        """A one-off revision of the builder function in `namespace`, with the build's limits."""
+        config = self.config
         spec = FunctionSpec(
             name="ember-build",
             memory=config.build_memory_mb,
@@ -68,7 +101,7 @@ class SourceBuilds:
             scale=ScaleSpec(max=1),
         )
         key = hashlib.sha256(f"{namespace}\0{requirements}\0{secrets.token_hex(8)}".encode())
-        target = Target(
+        return Target(
             function=f"ember-build-{key.hexdigest()[:8]}",
             number=1,
             sha256=key.hexdigest(),
@@ -78,45 +111,21 @@ class SourceBuilds:
             uid=self.uid_of(namespace),
             binds=tuple(link for link in config.find_links if "://" not in link),
         )
-        msg = Invoke(
-            id=key.hexdigest()[:32],
-            method="POST",
-            path="/",
-            query=b"",
-            headers=[],
-            body=json.dumps(job).encode(),
-            deadline=time.time() + config.build_timeout,
-        )
-        try:
-            await self.pool.prepare(target)
-            result, _, _ = await self.pool.run_once(target, msg)
-        except FunctionTimeout:
-            raise RequirementsError(
-                f"building the requirements from source took over {config.build_timeout:g} s, "
-                "the limit (ember up --build-timeout)",
-                code="build_timeout",
-            ) from None
-        except FunctionMemoryExceeded:
-            raise _over_memory(config.build_memory_mb) from None
-        except FunctionError as exc:  # the builder itself crashed
-            raise RequirementsError(
-                f"building the requirements from source failed: {exc.message}", code="build_failed"
-            ) from None
-        finally:
-            self.pool.discard(target)
-            self.pool.forget_function(target.qualified)  # its keep-alive state, its logs
+
+    def _outcome(self, result: Result) -> SourceBuild:
+        """The builder's answer: its archive, uv's failure, or the limit it ran into."""
         said = json.loads(result.body) if result.status == 422 else {}
-        if (result.error is not None and result.error.kind == "memory") or said.get(
-            "error"
-        ) == "memory":
-            raise _over_memory(config.build_memory_mb)
-        if result.status == 422:
-            if said["error"] == "disk":
-                raise RequirementsError(
-                    f"building the requirements from source needed over {config.build_disk_mb} "
-                    f"MB of disk, the limit (ember up --build-disk-mb): {said['message']}",
-                    code="build_over_disk",
-                )
+        if said.get("error") == "memory" or (
+            result.error is not None and result.error.kind == "memory"
+        ):
+            raise _over_memory(self.config.build_memory_mb)
+        if said.get("error") == "disk":
+            raise RequirementsError(
+                f"building the requirements from source needed over {self.config.build_disk_mb} "
+                f"MB of disk, the limit (ember up --build-disk-mb): {said['message']}",
+                code="build_over_disk",
+            )
+        if said:
             return SourceBuild(failed=said["error"], message=said["message"])
         if result.status != 200 or result.error is not None:
             detail = result.error.message if result.error is not None else result.body[:2000]

@@ -339,10 +339,23 @@ def deploy(
             "max_error_rate": str(client.parse_percent(max_error_rate, "--max-error-rate")),
             "max_p99_ms": str(client.parse_duration(max_p99) * 1000 if max_p99 else 0),
         }
-    bundle = pack(directory)
+    result = _deploy_streamed(params, pack(directory), show=not (quiet or as_json))
+    if as_json:
+        render.write_json(result)
+        return
+    console = render.out()
+    for fn in result.functions:
+        console.print(render.deployed(fn))
+
+
+def _deploy_streamed(params: dict[str, str], bundle: bytes, show: bool) -> render.DeployResult:
+    """Post the bundle asking for the deploy's steps as they happen; with `show`, each finished
+    step is a line on stderr (and, in a terminal, a status line says what runs now). The
+    outcome, or its error."""
+    from ember.cli import client
+
     headers = [("Content-Type", "application/gzip"), ("Accept", "application/x-ndjson")]
     last: render.DeployDone | render.DeployFailed | None = None
-    quiet = quiet or as_json
     err = render.err()
     with (
         _connect(DEPLOY_TIMEOUT) as api,
@@ -350,7 +363,7 @@ def deploy(
             "/api/v1/deploy", params=params, method="POST", content=bundle, headers=headers
         ) as lines,
         err.status("uploading …")
-        if not quiet and err.is_terminal
+        if show and err.is_terminal
         else contextlib.nullcontext() as status,
     ):
         for line in lines:
@@ -359,7 +372,7 @@ def deploy(
             event: render.DeployEvent = client.decode(line, render.DeployEvent)  # type: ignore[arg-type]
             if not isinstance(event, render.DeployProgress):
                 last = event
-            elif not quiet:
+            elif show:
                 if (done := render.step(event)) is not None:
                     err.print(done, style="dim", markup=False)
                 if status is not None:
@@ -370,12 +383,7 @@ def deploy(
         raise client.error_class(last.status, last.error.code)(
             last.error.message, code=last.error.code, status=last.status, detail=last.error.detail
         )
-    if as_json:
-        render.write_json(last.result)
-        return
-    console = render.out()
-    for fn in last.result.functions:
-        console.print(render.deployed(fn))
+    return last.result
 
 
 @command

@@ -1,12 +1,11 @@
 """Layers: a function's requirements resolved into a lock and installed once, read-only, under
 EMBER_HOME/layers/<lock digest>, shared by every revision whose lock is the same.
 
-uv does the work (`uv pip compile` resolves, `uv pip install --target` installs from its
-cache, hard-linking files where it can: which is why a layer is never writable). Both run as
-subprocesses with the operator's index settings, a cache under EMBER_HOME, no configuration
-files read (`--no-config`, and a working directory of their own: never the function's), and
-wheels only: a package that would have to be built from source runs its build scripts, which
-Ember does not do outside a sandbox, so it is refused with the installer's message.
+uv does the work (`ember.layers.uv`: `uv pip compile` resolves, `uv pip install --target`
+installs from its cache, hard-linking files where it can: which is why a layer is never
+writable), from wheels. Requirements that only source distributions satisfy have their build
+scripts run in a throw-away sandbox of the deploying namespace (`in_sandbox`, given by
+ember.api.source_builds) and become a layer of that namespace alone.
 
 A resolution is kept per input (the requirements, the index settings and the interpreter): a
 redeploy of the same requirements reuses its lock and, with it, its layer, without asking the
@@ -25,8 +24,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import re
 import secrets
 import shutil
 import sys
@@ -39,24 +36,15 @@ from pathlib import Path
 
 import msgspec
 
-from ember.errors import RequirementsError, TooLarge, UserError
+from ember.errors import RequirementsError
+from ember.layers import disk, uv
+from ember.layers.disk import SITE, STAGING
 from ember.layers.requirements import Requirements
 
 log = logging.getLogger("ember.layers")
 
-STAGING = ".tmp-"
 TRASH = ".trash-"
-SITE = "site"  # the installed packages inside a layer directory: what goes on sys.path
 META = "layer.json"
-MAX_MESSAGE = 4000  # characters of the installer's output in an error
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def uv_binary() -> str:
-    """The uv executable of Ember's own environment (the `uv` wheel)."""
-    from uv import find_uv_bin
-
-    return find_uv_bin()
 
 
 class Progress(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -87,31 +75,6 @@ class SourceBuild:
 
 
 BuildInSandbox = Callable[[str, str, list[str]], Awaitable[SourceBuild]]
-
-
-@dataclass(frozen=True, slots=True)
-class PackageIndex:
-    """Where builds download from: the operator's settings of `ember up`."""
-
-    index_url: str = ""
-    extra_index_urls: tuple[str, ...] = ()
-    find_links: tuple[str, ...] = ()
-    no_index: bool = False  # only find_links
-    offline: bool = False  # only uv's cache (and find_links)
-
-    def args(self) -> list[str]:
-        out: list[str] = []
-        if self.index_url:
-            out += ["--index-url", self.index_url]
-        for url in self.extra_index_urls:
-            out += ["--extra-index-url", url]
-        for link in self.find_links:
-            out += ["--find-links", link]
-        if self.no_index:
-            out.append("--no-index")
-        if self.offline:
-            out.append("--offline")
-        return out
 
 
 class LayerMeta(msgspec.Struct, frozen=True):
@@ -152,16 +115,16 @@ class Layers:
     def __init__(
         self,
         root: Path,
-        index: PackageIndex,
+        index: uv.PackageIndex,
         timeout: float,
         max_bytes: int,
         cache: Path | None = None,
     ) -> None:
         self.root = root
         self.index = index
-        self.timeout = timeout
         self.max_bytes = max_bytes
-        self.cache = cache or root / ".cache"  # uv's cache: wheels downloaded once
+        # uv, with its cache of the wheels downloaded once
+        self.uv = uv.Uv(index, cache or root / ".cache", timeout)
         self.locks = root / ".locks"  # a resolution per input digest
         # Builds run outside the control plane's write lock: one at a time per input, and
         # what they make is kept from clean-ups until the deploy that made it is done.
@@ -204,7 +167,7 @@ class Layers:
             try:
                 layer = await self._ensure(reqs, key, report)
             except RequirementsError as exc:
-                if not (namespace and self.in_sandbox and _needs_building(exc)):
+                if not (namespace and self.in_sandbox and uv.needs_building(exc)):
                     raise
                 layer = await self._from_source(reqs, key, namespace, report)
             if pin:
@@ -229,7 +192,7 @@ class Layers:
         report(Progress("resolving"))
         lock, reused = await self._lock(reqs, key, log)
         digest = hashlib.sha256(f"{_platform()}\0{lock}".encode()).hexdigest()
-        packages = tuple(_pins(lock))
+        packages = tuple(uv.pins(lock))
         t1 = time.perf_counter()
         report(Progress("resolved", list(packages), reused, ms=round((t1 - t0) * 1e3, 1)))
         built = not self.path(digest).is_dir()
@@ -263,7 +226,7 @@ class Layers:
             lock = saved.read_text()
             digest = _source_digest(lock, namespace)
             if self.path(digest).is_dir():
-                packages = tuple(_pins(lock))
+                packages = tuple(uv.pins(lock))
                 report(Progress("resolved", list(packages), True))
                 meta = await asyncio.to_thread(self.meta, digest)
                 report(Progress("installed", reused=True, bytes=meta.bytes))
@@ -274,22 +237,15 @@ class Layers:
         t1 = time.perf_counter()
         build = await self.in_sandbox(namespace, reqs.text(), self.index.args())
         if build.failed:
-            raise _failure(reqs, build.failed, build.message)
-        staging = self.root / f"{STAGING}{secrets.token_hex(8)}"
-        self._staging.add(staging.name)
-        try:
-            await asyncio.to_thread(_unpack_build, build.archive, staging, self.max_bytes)
+            raise uv.failure(reqs, build.failed, build.message)
+        async with self._staging_dir() as staging:
+            await asyncio.to_thread(disk.unpack_build, build.archive, staging, self.max_bytes)
             lock = (staging / "lock.txt").read_text()
             digest = _source_digest(lock, namespace)
-            packages = tuple(_pins(lock))
+            packages = tuple(uv.pins(lock))
             text = (staging / "build.log").read_text()
             await self._publish(staging, digest, packages, lock, t0, keep_lock=False)
-        except BaseException:
-            await asyncio.to_thread(shutil.rmtree, staging, True)
-            raise
-        finally:
-            self._staging.discard(staging.name)
-        _write_atomically(saved, lock)
+        disk.write_atomically(saved, lock)
         meta = await asyncio.to_thread(self.meta, digest)
         ms = round((time.perf_counter() - t1) * 1e3, 1)
         report(Progress("built", list(packages), bytes=meta.bytes, ms=ms))
@@ -311,7 +267,7 @@ class Layers:
                 code="layer_missing",
             )
         lock = saved.read_text()
-        packages = tuple(_pins(lock))
+        packages = tuple(uv.pins(lock))
         reqs = Requirements(f"the kept lock of layer {digest[:12]}", packages)
         async with self._one_at_a_time(f"layer {digest}"):
             if not self.path(digest).is_dir():
@@ -330,7 +286,7 @@ class Layers:
         with tempfile.TemporaryDirectory(prefix="ember-resolve-") as work:
             (Path(work) / "requirements.in").write_text(reqs.text())
             log.append(
-                await self._uv(
+                await self.uv.run(
                     reqs,
                     work,
                     "compile",
@@ -343,19 +299,17 @@ class Layers:
                 )
             )
             lock = (Path(work) / "lock.txt").read_text()
-        _write_atomically(saved, lock)
+        disk.write_atomically(saved, lock)
         return lock, False
 
     async def _install(
         self, reqs: Requirements, lock: str, digest: str, packages: tuple[str, ...], log: list[str]
     ) -> None:
-        staging = self.root / f"{STAGING}{secrets.token_hex(8)}"
-        staging.mkdir(parents=True)
-        self._staging.add(staging.name)
-        try:
+        async with self._staging_dir() as staging:
             t0 = time.perf_counter()
+            staging.mkdir(parents=True)
             (staging / "lock.txt").write_text(lock)
-            said = await self._uv(
+            said = await self.uv.run(
                 reqs,
                 str(staging),
                 "install",
@@ -369,11 +323,19 @@ class Layers:
             )
             log.append(said)
             await self._publish(staging, digest, packages, lock, t0, keep_lock=True)
-        except BaseException:
-            await asyncio.to_thread(shutil.rmtree, staging, True)
-            raise
+
+    @contextlib.asynccontextmanager
+    async def _staging_dir(self) -> AsyncIterator[Path]:
+        """A fresh path under the layers for one build: kept from clean-ups while the build
+        runs, and removed after it unless it was renamed into place."""
+        staging = self.root / f"{STAGING}{secrets.token_hex(8)}"
+        self._staging.add(staging.name)
+        try:
+            yield staging
         finally:
             self._staging.discard(staging.name)
+            if staging.exists():
+                await asyncio.to_thread(shutil.rmtree, staging, True)
 
     async def _publish(
         self,
@@ -387,7 +349,7 @@ class Layers:
         """Seal an installed tree (`staging/site`), check its size, describe it and rename it
         into place. `keep_lock`: the lock is kept to install it again (not for a layer built
         from source: that takes the namespace's sandbox)."""
-        size = await asyncio.to_thread(_seal, staging / SITE)
+        size = await asyncio.to_thread(disk.seal, staging / SITE)
         if size > self.max_bytes:
             raise RequirementsError(
                 f"the installed requirements take {size // (1024 * 1024)} MB, over the "
@@ -406,63 +368,12 @@ class Layers:
         (staging / META).write_bytes(msgspec.json.format(msgspec.json.encode(meta)) + b"\n")
         staging.chmod(0o755)
         if keep_lock:
-            _write_atomically(self.locks / f"{digest}.lock", lock)  # to install it again
+            disk.write_atomically(self.locks / f"{digest}.lock", lock)  # to install it again
         try:
             staging.rename(self.path(digest))
         except OSError:  # another input with the same lock was installed meanwhile
             if not (self.path(digest) / META).is_file():
                 raise
-            await asyncio.to_thread(shutil.rmtree, staging, True)
-
-    async def _uv(self, reqs: Requirements, cwd: str, command: str, *args: str) -> str:
-        """Run `uv pip COMMAND`: what it said (its summary lines), or its message as a
-        `RequirementsError` when it fails."""
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": cwd,
-            "UV_CACHE_DIR": str(self.cache),
-            "UV_NO_PROGRESS": "1",
-            "NO_COLOR": "1",
-        }
-        for name in ("SSL_CERT_FILE", "SSL_CERT_DIR", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY"):
-            if name in os.environ:
-                env[name] = os.environ[name]
-        proc = await asyncio.create_subprocess_exec(
-            uv_binary(),
-            "pip",
-            command,
-            "--no-config",
-            "--python",
-            sys.executable,
-            "--only-binary",
-            ":all:",
-            *self.index.args(),
-            *args,
-            cwd=cwd,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            _, err = await asyncio.wait_for(proc.communicate(), self.timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise RequirementsError(
-                f"building the requirements ({reqs.source}) took over {self.timeout:g} s, the "
-                "limit (ember up --build-timeout)",
-                code="build_timeout",
-            ) from None
-        finally:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        said = _ANSI.sub("", err.decode(errors="replace")).strip()
-        if proc.returncode != 0:
-            raise _failure(reqs, command, said)
-        return f"$ uv pip {command}\n{said}"
 
     def installed(self) -> list[LayerMeta]:
         """What `layer.json` says of every installed layer (blocking: a worker thread)."""
@@ -487,12 +398,6 @@ class Layers:
         return out
 
 
-def _needs_building(exc: RequirementsError) -> bool:
-    """uv refused because a package has no wheel: only building it from source would do."""
-    said = exc.message.lower()
-    return "building from source is disabled" in said or "no wheels" in said
-
-
 def _namespaced(key: str, namespace: str) -> str:
     return hashlib.sha256(f"{key}\0source-built-in\0{namespace}".encode()).hexdigest()
 
@@ -503,90 +408,7 @@ def _source_digest(lock: str, namespace: str) -> str:
     ).hexdigest()
 
 
-def _unpack_build(archive: bytes, staging: Path, max_bytes: int) -> None:
-    """The sandbox's answer, unpacked as carefully as a bundle: files and directories only,
-    within the layer's size limit."""
-    from ember import bundle
-
-    try:
-        bundle.unpack(archive, staging, max_unpacked_bytes=max_bytes * 2, max_files=500_000)
-    except (UserError, TooLarge) as exc:
-        raise RequirementsError(
-            f"the sandboxed build answered with an archive Ember cannot take: {exc.message}",
-            code="build_failed",
-        ) from None
-    for name in ("lock.txt", "build.log", SITE):
-        if not (staging / name).exists():
-            raise RequirementsError(
-                f"the sandboxed build's archive has no {name}", code="build_failed"
-            )
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{STAGING}{secrets.token_hex(8)}")
-    tmp.write_text(text)
-    tmp.rename(path)
-
-
-def _input_key(index: PackageIndex, reqs: Requirements) -> str:
+def _input_key(index: uv.PackageIndex, reqs: Requirements) -> str:
     """What a resolution depends on: the requirements, where packages come from, and the
     interpreter and platform."""
     return hashlib.sha256(json.dumps([_platform(), index.args(), reqs.lines]).encode()).hexdigest()
-
-
-def _pins(lock: str) -> list[str]:
-    return [
-        line.split(" ", 1)[0].rstrip("\\").strip()
-        for line in lock.splitlines()
-        if line and not line[0].isspace() and not line.startswith("#") and "==" in line
-    ]
-
-
-def _failure(reqs: Requirements, command: str, message: str) -> RequirementsError:
-    """The installer's message, with the requirement line it is about when one is named."""
-    if len(message) > MAX_MESSAGE:
-        message = message[:MAX_MESSAGE] + " …"
-    lowered = message.lower()
-    culprit = next(
-        (
-            line
-            for line in reqs.lines
-            if re.search(rf"\b{re.escape(_name(line).lower())}\b", lowered) is not None
-        ),
-        None,
-    )
-    where = f" (line {reqs.lines.index(culprit) + 1}: {culprit})" if culprit else ""
-    what = "resolving" if command == "compile" else "installing"
-    hint = ""
-    if any(
-        sign in lowered
-        for sign in ("no wheels", "only-binary", "building from source", "source distribution")
-    ):
-        hint = (
-            "; this server installs wheels only (ember up --no-source-builds): pick a version "
-            "with a wheel for this platform"
-        )
-    return RequirementsError(
-        f"{what} {reqs.source} failed{where}: {message}{hint}",
-        code="requirements_unresolvable" if command == "compile" else "build_failed",
-    )
-
-
-def _name(line: str) -> str:
-    return re.split(r"[\s\[<>=!~;@(]", line, maxsplit=1)[0]
-
-
-def _seal(site: Path) -> int:
-    """Take the write bits off every installed file (uv hard-links files from its cache: a
-    write through one layer would change every copy and the cache); return the tree's size
-    in bytes. Sandboxes also see the layer through a read-only mount, as another uid."""
-    total = 0
-    for dirpath, _, filenames in os.walk(site):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if not os.path.islink(path):
-                os.chmod(path, st.st_mode & 0o555)
-                total += st.st_size
-    return total

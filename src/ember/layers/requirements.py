@@ -20,7 +20,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from ember.errors import RequirementsError
-from ember.runtime.sandbox import RUNTIME_DISTRIBUTIONS
+from ember.runtime.host_paths import RUNTIME_DISTRIBUTIONS
 
 REQUIREMENTS_FILE = "requirements.txt"
 PYPROJECT_FILE = "pyproject.toml"

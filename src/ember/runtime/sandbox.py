@@ -26,14 +26,13 @@ Everything the zygote forks afterwards (its instances) inherits all of it.
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import resource
 import signal
 import socket
 import sys
 
-from ember.runtime import limits, lineage, seccomp
+from ember.runtime import host_paths, limits, lineage, seccomp
 from ember.wire.messages import SandboxPlan
 
 CODE_DIR = "/code"  # where the revision's code appears inside the sandbox
@@ -70,10 +69,6 @@ _MS_PRIVATE = 0x40000
 _MNT_DETACH = 0x2
 _PR_SET_DUMPABLE = 4
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
-
-# Distributions every zygote imports before the function's code: of the interpreter's
-# site-packages, a sandbox sees only these (functions bring the rest in their requirements).
-RUNTIME_DISTRIBUTIONS = ("ember", "msgspec")
 
 _SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc")
 _SYSTEM_OPTIONAL = ("/sys/devices/system/cpu",)  # CPU counts for BLAS and os.cpu_count()
@@ -225,74 +220,18 @@ def _mkdirs(root: str, path: str) -> str:
     return target
 
 
-def _under(path: str, parents: list[str]) -> bool:
-    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in parents)
-
-
-@functools.cache
-def _python_paths() -> tuple[str, ...]:
-    """The interpreter, its standard library, the site-packages directories and Ember itself;
-    not other `sys.path` entries (a current directory or `PYTHONPATH` would expose the
-    operator's files to every function). The same for every zygote: `warm` computes it once
-    in the root zygote, before it freezes its heap."""
-    import ember
-
-    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
-    candidates = [
-        *prefixes,
-        os.path.dirname(os.path.realpath(sys.executable)),
-        os.path.dirname(os.path.dirname(os.path.realpath(ember.__file__))),
-        *(
-            p
-            for p in sys.path
-            if p.endswith(("site-packages", "dist-packages"))
-            or _under(os.path.realpath(p or "."), sorted(prefixes))
-        ),
-    ]
-    out: list[str] = []
-    for path in sorted({os.path.realpath(p) for p in candidates if p and os.path.isabs(p)}):
-        if os.path.isdir(path) and not _under(path, out):
-            out.append(path)
-    return tuple(out)
-
-
-def _runtime_entry(name: str) -> bool:
-    """A site-packages entry of a runtime distribution: its package, its metadata, or the
-    files of an editable install."""
-    for dist in RUNTIME_DISTRIBUTIONS:
-        under = dist.replace("-", "_")
-        if name in (dist, under, f"{under}.py") or name.startswith(
-            (f"{dist}-", f"{under}-", f"__editable__.{under}-", f"__editable___{under}_")
-        ):
-            return True
-    return False
-
-
-@functools.cache
-def _site_packages() -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """Each site-packages (or dist-packages) directory of the interpreter, with the entries
-    of the runtime's distributions in it: the rest of it stays out of sandboxes."""
-    out = []
-    for path in sorted(
-        {os.path.realpath(p) for p in sys.path if p.endswith(("site-packages", "dist-packages"))}
-    ):
-        if os.path.isdir(path):
-            out.append((path, tuple(sorted(e for e in os.listdir(path) if _runtime_entry(e)))))
-    return tuple(out)
-
-
 def warm() -> None:
     """In the root zygote: what every sandbox needs and can be known before any function."""
-    _python_paths()
-    _site_packages()
+    host_paths.python_paths()
+    host_paths.site_packages()
 
 
 def _runtime_only(root: str, bound: list[str]) -> None:
     """Over each visible site-packages directory, an empty read-only tmpfs with only the
     runtime's own entries bound into it: what the server's environment has installed
     (starlette, httpx, numpy, …) is not importable, so no function depends on it by accident."""
-    for site, entries in _site_packages():
-        if not _under(site, bound):
+    for site, entries in host_paths.site_packages():
+        if not host_paths.under(site, bound):
             continue
         target = root + site
         _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=64k,mode=0755")
@@ -314,8 +253,8 @@ def _system(root: str) -> list[str]:
         elif os.path.isdir(path):
             _bind(path, _mkdirs(root, path))
             bound.append(path)
-    for path in [*_python_paths(), *(p for p in _SYSTEM_OPTIONAL if os.path.isdir(p))]:
-        if not _under(path, bound):
+    for path in [*host_paths.python_paths(), *(p for p in _SYSTEM_OPTIONAL if os.path.isdir(p))]:
+        if not host_paths.under(path, bound):
             _bind(path, _mkdirs(root, path))
             bound.append(path)
     _runtime_only(root, bound)
@@ -365,7 +304,7 @@ def build_root(plan: SandboxPlan, code_dir: str, layer_dir: str = "") -> None:
     _mount("tmpfs", tmp, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={plan.tmp_mb}m,mode=1777")
     bound = _system(root)
     for hidden in map(os.path.realpath, plan.hide):  # EMBER_HOME under a bound directory
-        if _under(hidden, bound) and os.path.isdir(hidden):
+        if host_paths.under(hidden, bound) and os.path.isdir(hidden):
             _mount("tmpfs", root + hidden, "tmpfs", _MS_RDONLY, "size=4k,mode=0000")
     _bind(code_dir, _mkdirs(root, CODE_DIR))
     for path in plan.binds:  # after /tmp: a directory under it is shown, not hidden
