@@ -62,6 +62,11 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     source_builds: bool = True
     build_memory_mb: int = 2048  # the sandboxed build's cgroup cap
     build_disk_mb: int = 2048  # its private /tmp, where it builds
+    # Layer zygotes (ember.pool.layer_zygotes) kept at most, least recently used evicted
+    # first; 0: none (every zygote imports its requirements itself).
+    layer_zygotes: int = 32
+    # Seconds a layer zygote no function zygote uses is kept (its function still deployed).
+    layer_zygote_keepalive: float = 3600.0
     # The only variables of the server's environment that reach functions (the CLI fills it).
     base_env: dict[str, str] = {}
 
@@ -94,6 +99,13 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
             ("max_layer_mb", self.max_layer_mb, self.max_layer_mb >= 1, "must be >= 1"),
             ("build_memory_mb", self.build_memory_mb, self.build_memory_mb >= 64, "must be >= 64"),
             ("build_disk_mb", self.build_disk_mb, self.build_disk_mb >= 16, "must be >= 16"),
+            ("layer_zygotes", self.layer_zygotes, self.layer_zygotes >= 0, "must be >= 0"),
+            (
+                "layer_zygote_keepalive",
+                self.layer_zygote_keepalive,
+                self.layer_zygote_keepalive >= 0,
+                "must be >= 0",
+            ),
             (
                 "no_index",
                 self.no_index,

@@ -47,6 +47,7 @@ _EXAMPLES = {
     "pids": "256",
     "tmp": "64",
     "secrets": "[db-password]",
+    "preload": "[numpy, pandas]",
     "min": "0",
     "max": "10",
     "idle": "60s",
@@ -350,6 +351,29 @@ def _secrets(value: object, path: str) -> list[SecretRef]:
     return refs
 
 
+_MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+MAX_PRELOAD = 64
+
+
+def _preload(value: object, path: str) -> list[str]:
+    if not isinstance(value, list) or len(value) > MAX_PRELOAD:
+        raise _fail(
+            path,
+            f"expected a list of at most {MAX_PRELOAD} module names, got {_kind(value)}; "
+            "write e.g. preload: [numpy, pandas]",
+        )
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not _MODULE_RE.fullmatch(item):
+            raise _fail(
+                f"{path}[{i}]",
+                f"{_show(item)} is not a module name; write it as in an import statement, "
+                "e.g. pandas or scipy.signal",
+            )
+    if len(set(value)) != len(value):
+        raise _fail(path, "lists a module twice; list each once")
+    return list(value)
+
+
 def _env_key(key: object, path: str) -> str:
     if not isinstance(key, str) or not _ENV_KEY_RE.fullmatch(key):
         raise _fail(
@@ -439,4 +463,5 @@ _FUNCTION_PARSERS: dict[str, _Parser] = {
     "pids": lambda value, path: _whole(value, path, 8, 65536),
     "tmp": lambda value, path: _whole(value, path, 1, 16384, "MB"),
     "secrets": _secrets,
+    "preload": _preload,
 }

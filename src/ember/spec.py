@@ -37,6 +37,9 @@ class FunctionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pids: int = 256  # processes and threads of the revision (zygote and instances)
     tmp: int = 64  # MB of the private /tmp (counted in the memory of whoever writes)
     secrets: list[SecretRef] = []
+    # Modules its layer zygote imports once, beside the layer's packages its handler's module
+    # imports (ember.pool.layer_zygotes); [] = only those.
+    preload: list[str] = []
 
     @property
     def module(self) -> str:

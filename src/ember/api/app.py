@@ -353,7 +353,21 @@ class Api:
             )
             for meta in found
         ]
-        return _ok(s.LayerList(layers=out, count=len(out), bytes=sum(x.bytes for x in out)))
+        zygotes = [
+            s.LayerZygoteInfo(
+                namespace=lz.namespace,
+                function=lz.function.partition("/")[2],
+                layer=lz.layer,
+                preload=lz.preload,
+                import_ms=lz.ready.result().import_ms if lz.usable else None,
+                forks=lz.forks,
+                running=lz.children,
+                memory_kb=lz.measured_kb,
+            )
+            for lz in self.control.pool.layers.by_key.values()
+        ]
+        total = sum(x.bytes for x in out)
+        return _ok(s.LayerList(layers=out, count=len(out), bytes=total, zygotes=zygotes))
 
     async def openapi(self, request: Request) -> Response:
         self._who(request)

@@ -124,10 +124,24 @@ class InstalledLayer(msgspec.Struct, frozen=True):
     revisions: int  # stored revisions that run with it (0: removed at the next clean-up)
 
 
+class LayerZygoteInfo(msgspec.Struct, frozen=True):
+    """A layer zygote running on this node (ember.pool.layer_zygotes)."""
+
+    namespace: str
+    function: str
+    layer: str  # the layer's digest
+    preload: list[str]  # what it imported once
+    import_ms: float | None  # None: still importing
+    forks: int  # function zygotes forked from it
+    running: int  # of those, alive now
+    memory_kb: int  # measured (PSS); 0: not yet
+
+
 class LayerList(msgspec.Struct, frozen=True):
     layers: list[InstalledLayer]
     count: int
     bytes: int  # on disk, all layers together
+    zygotes: list[LayerZygoteInfo] = []
 
 
 class Deployed(msgspec.Struct, frozen=True):

@@ -246,6 +246,20 @@ def up(
     build_disk_mb: Annotated[
         int, typer.Option(help="MB of disk (its private /tmp) a sandboxed build may use.")
     ] = server_default("build_disk_mb"),
+    layer_zygotes: Annotated[
+        int,
+        typer.Option(
+            help="Layer zygotes kept at most (a function's requirements imported once, new "
+            "revisions fork from it); 0: none."
+        ),
+    ] = server_default("layer_zygotes"),
+    layer_zygote_keepalive: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a layer zygote no function zygote uses is kept while its function "
+            "is deployed."
+        ),
+    ] = server_default("layer_zygote_keepalive"),
 ) -> None:
     """Run an Ember server in the foreground until Ctrl-C or SIGTERM."""
     from ember.server.main import serve
@@ -278,6 +292,8 @@ def up(
         source_builds=not no_source_builds,
         build_memory_mb=build_memory_mb,
         build_disk_mb=build_disk_mb,
+        layer_zygotes=layer_zygotes,
+        layer_zygote_keepalive=layer_zygote_keepalive,
         base_env={k: v for k, v in os.environ.items() if k in PASSED_ENV},
     ).validate()
     raise typer.Exit(serve(config, list(deploy or [])))

@@ -31,12 +31,13 @@ from ember.autoscaler.keepalive import Action, next_edges, zygote_action
 from ember.config import ServerConfig
 from ember.errors import IsolationUnavailable
 from ember.pool.activity import Activity
-from ember.pool.budget import MemoryBudget
+from ember.pool.budget import KB, MemoryBudget
 from ember.pool.capabilities import Check, SandboxProbe, missing, probe_sandbox, protections
 from ember.pool.cgroup import Cgroups
 from ember.pool.deadlines import Deadlines
 from ember.pool.host import NodeStats, PoolSettings, RevisionStats
 from ember.pool.instance import Instance
+from ember.pool.layer_zygotes import LayerZygotes
 from ember.pool.placement import MemoryVerdict, Placement
 from ember.pool.quotas import check_quota
 from ember.pool.revision import RevisionPool
@@ -89,7 +90,12 @@ class Pool:
         self._loop_task: asyncio.Task[None] | None = None
         self.placement = Placement(None)
         self.spares = Spares(self.root, self.placement)
-        self.zygotes = ZygoteStarter(config, self.root, self.placement, self.spares)
+        self.layers = LayerZygotes(
+            config.layer_zygotes, config.layer_zygote_keepalive, self._layers_changed
+        )
+        self.zygotes = ZygoteStarter(
+            config, self.root, self.placement, self.spares, self.layers, self._room_for_layer
+        )
         self.activity_of = Activity(config.zygote_keepalive)
         self.sandboxed = False
         self.probe = SandboxProbe("off")
@@ -99,7 +105,7 @@ class Pool:
         self.budget = MemoryBudget(
             config.memory_budget_mb or _default_budget_mb(),
             config.budget_wait,
-            lambda: [rp.occupancy for rp in self.revisions.values()],
+            lambda: [*(rp.occupancy for rp in self.revisions.values()), self.layers],
         )
         self.usage = Usage()  # on a thread of its own, not behind or ahead of cgroup work
 
@@ -280,7 +286,26 @@ class Pool:
         if quota is None or not (quota.instances or quota.memory_mb):
             return  # no list of the namespace's revisions per start (1,000 in `default`)
         mine = [self.revisions[key] for key in self._of_namespace.get(target.namespace, ())]
-        check_quota(quota, target, mine)
+        check_quota(quota, target, mine, self.layers.declared_mb(target.namespace))
+
+    # ---- layer zygotes (layer_zygotes.py) ----
+    def _room_for_layer(self, target: Target) -> bool:
+        """A layer zygote only uses free memory and quota: it never evicts, waits or refuses."""
+        self.layers.memory_mb = target.spec.memory
+        if not self.budget.fits(self.layers, target.spec.memory * KB):
+            return False
+        quota = self.quotas.get(target.namespace)
+        if quota is None or not quota.memory_mb:
+            return True
+        mine = [self.revisions[key] for key in self._of_namespace.get(target.namespace, ())]
+        used = sum(rp.occupancy.declared_mb() for rp in mine)
+        used += self.layers.declared_mb(target.namespace)
+        return used + 3 * target.spec.memory <= quota.memory_mb  # it, the zygote, an instance
+
+    def _layers_changed(self) -> None:
+        self.budget.account(self.layers)
+        if self.layers.by_key:
+            self.usage.measure(self.layers, time.monotonic())
 
     # ---- the memory budget, for revision pools ----
     async def make_room(self, rp: RevisionPool, loop_deadline: float | None) -> None:
@@ -400,6 +425,7 @@ class Pool:
                 self._failing.discard(key)
             if after is not None and key in self.revisions:
                 self.due.at(key, after)
+        self.layers.tick(now, self._live_of.__contains__)
         self.usage.tick(now)
         self.placement.sweep()
 
@@ -489,6 +515,7 @@ class Pool:
                 pass
         for rp in self.revisions.values():
             rp.stop()
+        self.layers.stop_all()
         await self.usage.shutdown()
         await self.root.stop()
         self.placement.shutdown()

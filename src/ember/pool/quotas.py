@@ -16,14 +16,16 @@ from ember.pool.target import Target
 from ember.spec import Quota
 
 
-def check_quota(quota: Quota | None, target: Target, mine: Sequence[RevisionPool]) -> None:
+def check_quota(
+    quota: Quota | None, target: Target, mine: Sequence[RevisionPool], layers_mb: int = 0
+) -> None:
     """Raise 429 when one more instance of `target` would exceed `quota`; `mine`: the revision
-    pools of its namespace."""
+    pools of its namespace; `layers_mb`: what its layer zygotes count."""
     if quota is None or not (quota.instances or quota.memory_mb):
         return
     ns = target.namespace
     count = sum(rp.count for rp in mine)
-    memory = sum(rp.occupancy.declared_mb() for rp in mine)  # a zygote: one more instance
+    memory = sum(rp.occupancy.declared_mb() for rp in mine) + layers_mb  # zygotes count too
     if quota.instances and count + 1 > quota.instances:
         raise QuotaReached(
             f"namespace '{ns}' runs {count} instances, its quota max_instances="
@@ -36,7 +38,8 @@ def check_quota(quota: Quota | None, target: Target, mine: Sequence[RevisionPool
     needs = target.spec.memory * (1 if warm else 2)
     if quota.memory_mb and memory + needs > quota.memory_mb:
         raise QuotaReached(
-            f"namespace '{ns}' instances and zygotes use {memory} MB, one more instance "
+            f"namespace '{ns}' instances and zygotes (layer zygotes too) use {memory} MB, "
+            "one more instance "
             f"of '{target.function}' needs {needs} MB over its quota "
             f"max_memory={quota.memory_mb} MB; retry later or raise it",
             headers={"Retry-After": "1"},

@@ -8,14 +8,15 @@ import socket
 import subprocess
 import sys
 
+from ember.errors import PlatformError
 from ember.pool.channel import AsyncChannel
 from ember.pool.target import Target
-from ember.wire.messages import SandboxPlan, Shutdown, SpawnBlank, SpawnZygote
+from ember.wire.messages import MountCode, SandboxPlan, Shutdown, SpawnBlank, SpawnZygote
 
 log = logging.getLogger("ember.pool")
 
 
-def _env(target: Target) -> dict[str, str]:
+def function_env(target: Target) -> dict[str, str]:
     """The function's variables, plus the secrets it asked to see as variables."""
     env = dict(target.spec.env)
     for ref in target.spec.secrets:
@@ -88,6 +89,26 @@ class RootZygote:
             raise
         return parent
 
+    async def mount_code(self, pid: int, source: str, name: str) -> None:
+        """Show the code directory `source` read-only at `/code/NAME` in the sandbox of the
+        layer zygote `pid` (ember.runtime.code_mount, done by a child of the root zygote)."""
+        if self.channel is None or self.channel.closed:
+            raise PlatformError("the root zygote is gone; retry")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.channel.send(MountCode(pid=pid, source=source, name=name), theirs)
+            ours.setblocking(False)
+            async with asyncio.timeout(10):
+                report = await asyncio.get_running_loop().sock_recv(ours, 4096)
+        except (OSError, TimeoutError) as exc:
+            raise PlatformError(f"could not show the code to a layer zygote: {exc}") from exc
+        finally:
+            ours.close()
+        if report != b"ok":
+            raise PlatformError(
+                f"could not show the code to a layer zygote: {report.decode(errors='replace')}"
+            )
+
     async def stop(self) -> None:
         self._stopping = True
         if self.channel is not None and not self.channel.closed:
@@ -113,7 +134,7 @@ def spec_message(target: Target, init_timeout: float, sandbox: SandboxPlan | Non
         source=spec.source,
         module=spec.module,
         attribute=spec.attribute,
-        env=_env(target),
+        env=function_env(target),
         function=target.function,
         number=target.number,
         memory_mb=spec.memory,

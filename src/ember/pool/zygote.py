@@ -39,6 +39,9 @@ class FunctionZygote:
         self.last_used = time.monotonic()
         self.measured_kb = 0  # its memory use, once measured (0: not yet)
         self.on_close: Callable[[], None] | None = None  # its pool's, told when it is gone
+        self.on_exit: Callable[[], None] | None = None  # its layer zygote's (layer_zygotes.py)
+        # Its pid on the host, once it reported it (before its import).
+        self.started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._by_id: dict[str, Instance] = {}
         self._by_pid: dict[int, Instance] = {}
         self.channel: AsyncChannel[ZygoteMessage] = AsyncChannel(
@@ -77,6 +80,8 @@ class FunctionZygote:
                 self.channel.close()
                 return
             self.pid = sender
+            if not self.started.done():
+                self.started.set_result(sender)
         elif isinstance(msg, ZygoteReady):
             if not self.ready.done():
                 self.ready.set_result(msg)
@@ -93,6 +98,11 @@ class FunctionZygote:
 
     def _on_close(self) -> None:
         self.dead = True
+        if not self.started.done():
+            self.started.cancel()
+        if self.on_exit is not None:
+            self.on_exit()
+            self.on_exit = None
         if self.on_close is not None:
             self.on_close()
         if not self.ready.done():

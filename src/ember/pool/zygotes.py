@@ -1,21 +1,30 @@
 """Starting a function zygote on this node: a fork of the root zygote (or the spare zygote,
-already in cgroups of its own), the zygote's cgroups, its sandbox plan, and the function's
-spec sent on the zygote's own channel.
+already in cgroups of its own), or, for a function with requirements, of its layer zygote
+(layer_zygotes.py); the zygote's cgroups, its sandbox plan, and the function's spec sent on
+the zygote's own channel.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
 import socket
+from collections.abc import Callable
 
 from ember.config import ServerConfig
+from ember.errors import EmberError, PlatformError
 from ember.pool.capabilities import SandboxProbe
+from ember.pool.layer_zygotes import LayerKey, LayerZygote, LayerZygotes, layer_key, preload_names
 from ember.pool.placement import Placement
-from ember.pool.root import RootZygote, spec_message
+from ember.pool.root import RootZygote, function_env, spec_message
 from ember.pool.spares import Spares
 from ember.pool.target import Target
 from ember.pool.zygote import FunctionZygote
-from ember.wire.messages import SandboxPlan
+from ember.runtime.sandbox import CODE_DIR as sandbox_code_dir
+from ember.wire.messages import SandboxPlan, SpawnLayerZygote
+
+log = logging.getLogger("ember.pool")
 
 # A new instance is charged to its zygote's cgroup until the server moves it into its own:
 # the zygote's limit is `memory` plus this much per instance of `scale.max`, at most the cap.
@@ -23,15 +32,29 @@ PRE_MOVE_MB = 4
 PRE_MOVE_CAP_MB = 256
 
 
+def _zygote_mb(target: Target) -> int:
+    spec = target.spec
+    return spec.memory + min(spec.scale.max * PRE_MOVE_MB, PRE_MOVE_CAP_MB)
+
+
 class ZygoteStarter:
     def __init__(
-        self, config: ServerConfig, root: RootZygote, placement: Placement, spares: Spares
+        self,
+        config: ServerConfig,
+        root: RootZygote,
+        placement: Placement,
+        spares: Spares,
+        layers: LayerZygotes,
+        room_for_layer: Callable[[Target], bool],
     ) -> None:
         self.config = config
         self.root = root
         self.placement = placement
         self.spares = spares
+        self.layers = layers
+        self.room_for_layer = room_for_layer  # within the memory budget and the quota
         self.probe = SandboxProbe("off")  # what the host allows, set when the pool starts
+        self._joining: set[asyncio.Task[None]] = set()
 
     @property
     def sandboxed(self) -> bool:
@@ -48,7 +71,24 @@ class ZygoteStarter:
             return await self._start(target), fresh
 
     async def _start(self, target: Target) -> FunctionZygote:
-        """Fork a zygote-to-be and send it `target`'s spec on its own channel.
+        """Fork a zygote-to-be and send it `target`'s spec on its own channel; or, for a
+        function with requirements, fork it from the function's layer zygote."""
+        plan = self._plan(target)
+        self.placement.forget_zygote_dirs(target.key)  # their processes died with the zygote
+        if self._layered(target):
+            zygote = await self._from_layer(target, plan)
+            if zygote is not None:
+                return zygote
+        sock, directory = await self._blank(target, plan)
+        if directory:
+            self.placement.zygote_dir(target.key, directory)
+        zygote = FunctionZygote(sock, target)
+        zygote.cgroup_dir = directory
+        zygote.channel.send(spec_message(target, self.config.init_timeout, plan))
+        return zygote
+
+    async def _blank(self, target: Target, plan: SandboxPlan | None) -> tuple[socket.socket, str]:
+        """A zygote-to-be for `target` and the name of its cgroups ("": none).
 
         Each zygote gets cgroups of its own (a directory per zygote start, so no name is ever
         reused); its instances' memory leaves go below them. In the root sandbox a spare,
@@ -56,10 +96,8 @@ class ZygoteStarter:
         revision's limits (no migration, which can wait out an RCU grace period), and a new
         spare is made in the background.
         """
-        plan = self._plan(target)
         cgroups = self.placement.cgroups
         directory = ""
-        self.placement.forget_zygote_dirs(target.key)  # their processes died with the zygote
         if cgroups is None:
             sock = self._spawn([], split=False)
         elif plan is None or self.probe.mode != "root":
@@ -69,23 +107,130 @@ class ZygoteStarter:
             sock = self._spawn([], split=False)
         else:
             spec = target.spec
-            zygote_mb = spec.memory + min(spec.scale.max * PRE_MOVE_MB, PRE_MOVE_CAP_MB)
-            spare = await self.spares.take(spec, zygote_mb)
+            spare = await self.spares.take(spec, _zygote_mb(target))
             if spare is not None:
                 sock, directory = spare.sock, spare.slug
             else:
                 directory = f"{target.slug}.{secrets.token_hex(3)}"
                 joins = await self.placement.run(
-                    cgroups.revision, directory, zygote_mb, spec.pids, spec.cpu
+                    cgroups.revision, directory, _zygote_mb(target), spec.pids, spec.cpu
                 )
                 sock = self._spawn(joins, split=True)
             self.spares.replenish()
+        return sock, directory
+
+    # ---- from a layer zygote (layer_zygotes.py) ----
+    def _layered(self, target: Target) -> bool:
+        return (
+            bool(target.layer_dir) and self.layers.most > 0 and self.probe.mode in ("root", "off")
+        )
+
+    async def _from_layer(self, target: Target, plan: SandboxPlan | None) -> FunctionZygote | None:
+        """A function zygote forked from the function's layer zygote (made first if there is
+        none and there is room for one); None: start it the usual way."""
+        key = layer_key(target, function_env(target), plan)
+        lz = self.layers.get(key)
+        if lz is None:
+            if not self.layers.make_room() or not self.room_for_layer(target):
+                return None
+            lz = await self._start_layer(target, plan, key)
+        try:
+            async with asyncio.timeout(self.config.init_timeout + 5.0):
+                ready = await asyncio.shield(lz.ready)
+            if ready.import_anon_kb // 1024 > target.spec.memory:  # as a zygote's import
+                raise PlatformError(f"its packages use more than memory: {target.spec.memory}")
+            code, made = await asyncio.gather(
+                self._show(lz, target, plan), self._cgroups_for(target), return_exceptions=True
+            )
+            if isinstance(made, BaseException):
+                raise made
+            directory, joins = made
+            if isinstance(code, BaseException):
+                if directory:
+                    self.placement.drop_tree(directory)
+                raise code
+            sock = lz.fork(code)
+        except (EmberError, TimeoutError) as exc:
+            log.warning("layer zygote of %s not used: %s", lz.label, exc)
+            self.layers.evict(lz)
+            return None
         if directory:
             self.placement.zygote_dir(target.key, directory)
         zygote = FunctionZygote(sock, target)
         zygote.cgroup_dir = directory
+        zygote.on_exit = lz.child_gone
         zygote.channel.send(spec_message(target, self.config.init_timeout, plan))
+        if joins:  # off its path: its import is charged to the layer zygote's cgroup meanwhile
+            task = asyncio.get_running_loop().create_task(self._join(zygote, joins))
+            self._joining.add(task)
+            task.add_done_callback(self._joining.discard)
         return zygote
+
+    async def _start_layer(
+        self, target: Target, plan: SandboxPlan | None, key: LayerKey
+    ) -> LayerZygote:
+        names = await asyncio.to_thread(preload_names, target)
+        sock, directory = await self._blank(target, plan)
+        lz = LayerZygote(sock, key, target)
+        lz.cgroup_dir = directory
+        lz.preload = names
+        self.layers.add(lz, self._layer_gone)
+        lz.channel.send(
+            SpawnLayerZygote(
+                label=lz.label,
+                layer_dir=target.layer_dir,
+                preload=names,
+                env=function_env(target),
+                init_timeout=self.config.init_timeout,
+                network=target.spec.network,
+                sandbox=plan,
+            )
+        )
+        log.info("layer zygote of %s started, preloading %s", lz.label, ", ".join(names) or "-")
+        return lz
+
+    def _layer_gone(self, lz: LayerZygote) -> None:
+        if lz.cgroup_dir and self.placement.cgroups is not None:
+            self.placement.drop_tree(lz.cgroup_dir)
+
+    async def _show(self, lz: LayerZygote, target: Target, plan: SandboxPlan | None) -> str:
+        """The revision's code in the layer zygote's sandbox, mounted there once."""
+        if plan is None:  # no sandbox: where it is
+            return target.code_dir
+        name = target.sha256[:32]
+        if name not in lz.shown:
+            await self.root.mount_code(lz.pid, target.code_dir, name)
+            lz.shown.add(name)
+        return f"{sandbox_code_dir}/{name}"
+
+    async def _cgroups_for(self, target: Target) -> tuple[str, list[str]]:
+        """Cgroups for a zygote forked from a layer zygote: their name and what it joins."""
+        cgroups = self.placement.cgroups
+        if cgroups is None:
+            return "", []
+        directory = f"{target.slug}.{secrets.token_hex(3)}"
+        if self.probe.mode != "root":
+            await self.placement.run(cgroups.parent_for_instances, directory)
+            return directory, []
+        spec = target.spec
+        joins = await self.placement.run(
+            cgroups.revision, directory, _zygote_mb(target), spec.pids, spec.cpu
+        )
+        return directory, joins
+
+    async def _join(self, zygote: FunctionZygote, joins: list[str]) -> None:
+        cgroups = self.placement.cgroups
+        try:
+            pid = await zygote.started
+        except asyncio.CancelledError:
+            return
+        assert cgroups is not None
+        for procs in joins:
+            try:
+                await self.placement.run(cgroups.move, procs, pid)
+            except OSError as exc:  # it exited meanwhile
+                log.debug("zygote of %s not moved: %s", zygote.target.label, exc)
+                return
 
     def _spawn(self, cgroups: list[str], split: bool) -> socket.socket:
         try:

@@ -18,12 +18,13 @@ import time
 
 import msgspec
 
-from ember.runtime import forking, instance, sandbox, zygote
+from ember.runtime import code_mount, forking, instance, sandbox, zygote
 from ember.runtime.api import Context, Request
 from ember.runtime.channel import Channel
 from ember.wire.frames import frame
 from ember.wire.messages import (
     Invoke,
+    MountCode,
     RootMessage,
     Shutdown,
     SpawnBlank,
@@ -128,6 +129,8 @@ def serve(fd: int, nofile: int = 0) -> None:
         msg, fds = got
         if isinstance(msg, SpawnBlank) and fds:
             _spawn(msg, fds[0])
+        elif isinstance(msg, MountCode) and fds:
+            _mount_code(msg, fds[0])
 
 
 def _spawn(msg: SpawnBlank, fd: int) -> None:
@@ -144,6 +147,29 @@ def _spawn(msg: SpawnBlank, fd: int) -> None:
             zygote.run(msg, fd, root)
         finally:
             os._exit(1)  # never back into the root's loop
+    os.close(fd)
+
+
+def _mount_code(msg: MountCode, fd: int) -> None:
+    """A revision's code into a layer zygote's sandbox, by a throw-away child (it leaves the
+    root's mount namespace for good); it answers on `fd`. The root never waits for it."""
+    try:
+        pid = forking.fork(forking.single_threaded())
+    except OSError as exc:
+        os.write(fd, f"fork failed: {exc}".encode())
+        os.close(fd)
+        return
+    if pid == 0:
+        report = b"ok"
+        try:
+            code_mount.mount_code(msg.pid, msg.source, msg.name)
+        except OSError as exc:
+            report = str(exc).encode(errors="replace")[:4000]
+        finally:
+            try:
+                os.write(fd, report)
+            finally:
+                os._exit(0)
     os.close(fd)
 
 

@@ -306,7 +306,12 @@ def build_root(plan: SandboxPlan, code_dir: str, layer_dir: str = "") -> None:
     for hidden in map(os.path.realpath, plan.hide):  # EMBER_HOME under a bound directory
         if host_paths.under(hidden, bound) and os.path.isdir(hidden):
             _mount("tmpfs", root + hidden, "tmpfs", _MS_RDONLY, "size=4k,mode=0000")
-    _bind(code_dir, _mkdirs(root, CODE_DIR))
+    if code_dir:
+        _bind(code_dir, _mkdirs(root, CODE_DIR))
+    else:  # a layer zygote's: each revision's code is mounted below it later (code_mount.py)
+        _mount(
+            "tmpfs", _mkdirs(root, CODE_DIR), "tmpfs", _MS_NOSUID | _MS_NODEV, "size=64k,mode=0755"
+        )
     for path in plan.binds:  # after /tmp: a directory under it is shown, not hidden
         if os.path.isdir(path):
             _bind(path, _mkdirs(root, path))

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ember.runtime import forking, instance, limits, sandbox, stack
+from ember.runtime import forking, instance, layer_zygote, limits, sandbox, stack
 from ember.runtime.channel import Channel, decoder_for
 from ember.wire.messages import (
     Forked,
@@ -30,6 +30,7 @@ from ember.wire.messages import (
     SpareCommand,
     SpareReady,
     SpawnBlank,
+    SpawnLayerZygote,
     SpawnZygote,
     ZygoteCommand,
     ZygoteFailed,
@@ -42,17 +43,24 @@ decoder_for(ZygoteCommand)  # built in the root zygote, before any fork
 decoder_for(SpareCommand)
 
 
-def _prepare(spec: SpawnZygote) -> None:
-    if spec.network == "none" and spec.sandbox is None:  # the sandbox has done it already
+def add_layer(layer: str, at: int) -> None:
+    """A layer's packages at `at` on sys.path: after the function's own code (1), before
+    anything else."""
+    sys.path.insert(at, layer)
+    site.addsitedir(layer)  # its .pth files (the directory is on sys.path already)
+
+
+def _prepare(spec: SpawnZygote, inside: str) -> None:
+    """`inside`: where the code is when forked from a layer zygote, whose sandbox, network and
+    layer this zygote has already."""
+    if spec.network == "none" and spec.sandbox is None and not inside:  # else done already
         limits.isolate_network()  # before any user code: nothing it opens can reach out
-    code_dir = spec.code_dir if spec.sandbox is None else sandbox.CODE_DIR
+    code_dir = inside or (spec.code_dir if spec.sandbox is None else sandbox.CODE_DIR)
     workdir = os.path.join(code_dir, spec.source)
     os.chdir(workdir)
     sys.path.insert(0, workdir)
-    if spec.layer_dir:  # its requirements: after its own code, before anything else
-        layer = spec.layer_dir if spec.sandbox is None else sandbox.LAYER_DIR
-        sys.path.insert(1, layer)
-        site.addsitedir(layer)  # its .pth files (the directory is on sys.path already)
+    if spec.layer_dir and not inside:
+        add_layer(spec.layer_dir if spec.sandbox is None else sandbox.LAYER_DIR, 1)
     stack.set_code_dir(code_dir)
     os.environ.update(spec.env)
     os.environ.update(
@@ -182,7 +190,7 @@ class InitTimeout(Exception):
     pass
 
 
-def _alarm(signum: int, frame: object) -> None:
+def alarm(signum: int, frame: object) -> None:
     signal.signal(signal.SIGALRM, signal.SIG_DFL)  # swallowing the exception will not help:
     signal.setitimer(signal.ITIMER_REAL, 5.0)  # the next alarm ends the process
     raise InitTimeout(
@@ -191,39 +199,44 @@ def _alarm(signum: int, frame: object) -> None:
     )
 
 
+def fail(channel: Channel[Any], exc: BaseException, output: str = "") -> None:
+    """Report a failed import (the module's traceback, its output) and exit."""
+    channel.send(
+        ZygoteFailed(
+            error_type=type(exc).__name__,
+            message=_clip(str(exc), 4096),
+            traceback=_clip(_user_traceback(exc)),
+            output=_clip(output),
+        )
+    )
+    os._exit(1)
+
+
 def _import(
-    spec: SpawnZygote, channel: Channel[ZygoteCommand]
+    spec: SpawnZygote, channel: Channel[ZygoteCommand], inside: str
 ) -> tuple[Callable[..., Any], str, int]:
     """Import the user's module with its output captured and a deadline; report failure.
     Also: how many at-fork hooks the import registered (`forking.ForkHooks`)."""
     output = io.StringIO()
     saved = sys.stdout, sys.stderr
     sys.stdout = sys.stderr = output
-    signal.signal(signal.SIGALRM, _alarm)
+    signal.signal(signal.SIGALRM, alarm)
     signal.setitimer(signal.ITIMER_REAL, spec.init_timeout)
     try:
         with forking.ForkHooks() as hooks:
-            _prepare(spec)
+            _prepare(spec, inside)
             handler = _load(spec)
     except BaseException as exc:
         signal.setitimer(signal.ITIMER_REAL, 0)
         sys.stdout, sys.stderr = saved
-        channel.send(
-            ZygoteFailed(
-                error_type=type(exc).__name__,
-                message=_clip(str(exc), 4096),
-                traceback=_clip(_user_traceback(exc)),
-                output=_clip(output.getvalue()),
-            )
-        )
-        os._exit(1)
+        fail(channel, exc, output.getvalue())
     signal.setitimer(signal.ITIMER_REAL, 0)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     sys.stdout, sys.stderr = saved
     return handler, output.getvalue(), hooks.foreign
 
 
-def _warnings() -> list[str]:
+def thread_warnings() -> list[str]:
     if threading.active_count() > 1:
         return [
             f"the module started {threading.active_count() - 1} thread(s) at import; threads do "
@@ -232,7 +245,7 @@ def _warnings() -> list[str]:
     return []
 
 
-def _sandbox_failed(exc: OSError, channel: Channel[ZygoteCommand]) -> None:
+def sandbox_failed(exc: OSError, channel: Channel[Any]) -> None:
     channel.send(
         ZygoteFailed(
             error_type=type(exc).__name__,
@@ -244,7 +257,7 @@ def _sandbox_failed(exc: OSError, channel: Channel[ZygoteCommand]) -> None:
     os._exit(1)
 
 
-def _prologue(fd: int, parent: int) -> socket.socket:
+def prologue(fd: int, parent: int) -> socket.socket:
     limits.close_fds_except(fd)
     limits.die_with_parent(parent)
     limits.default_signals()
@@ -259,7 +272,7 @@ def run(cmd: SpawnBlank, fd: int, parent: int) -> None:
     process in a cgroup can wait out an RCU grace period (5-20 ms), which a specialize start
     then skips. Then it waits for the function it will become.
     """
-    sock = _prologue(fd, parent)
+    sock = prologue(fd, parent)
     channel: Channel[ZygoteCommand] = Channel(sock, ZygoteCommand)
     ready_r = -1
     if cmd.split:
@@ -269,12 +282,12 @@ def run(cmd: SpawnBlank, fd: int, parent: int) -> None:
                 sandbox.placed(ready_r)
                 ready_r = -1
         except OSError as exc:
-            _sandbox_failed(exc, channel)
+            sandbox_failed(exc, channel)
         if cmd.spare:
             channel.send(SpareReady())
     waiting: Channel[SpareCommand] = Channel(sock, SpareCommand)
     got = waiting.recv()
-    if got is None or not isinstance(got[0], SpawnZygote):
+    if got is None or isinstance(got[0], Shutdown):
         os._exit(0)  # not needed after all (the server stopped, or the spare was retired)
     spec = got[0]
     plan = spec.sandbox
@@ -282,38 +295,48 @@ def run(cmd: SpawnBlank, fd: int, parent: int) -> None:
         try:
             ready_r = sandbox.split(plan.cgroups, plan if plan.userns else None)
         except OSError as exc:
-            _sandbox_failed(exc, channel)
-    _become(spec, channel, ready_r)
+            sandbox_failed(exc, channel)
+    if isinstance(spec, SpawnLayerZygote):
+        layer_zygote.become(spec, sock, ready_r)
+    else:
+        become(spec, channel, ready_r)
 
 
-def _become(spec: SpawnZygote, channel: Channel[ZygoteCommand], ready_r: int) -> None:
-    """Finish the sandbox, import the module, serve forks; never returns."""
-    if spec.sandbox is not None:
+def ready_message(
+    started: float, anon_before: int, warnings: list[str], output: str
+) -> ZygoteReady:
+    return ZygoteReady(
+        pid=os.getpid(),
+        import_ms=(time.perf_counter() - started) * 1000,
+        import_anon_kb=max(0, limits.anon_kb() - anon_before),
+        warnings=warnings,
+        output=_clip(output),
+    )
+
+
+def become(
+    spec: SpawnZygote, channel: Channel[ZygoteCommand], ready_r: int, inside: str = ""
+) -> None:
+    """Finish the sandbox (unless forked `inside` a layer zygote's), import the module, serve
+    forks; never returns."""
+    if spec.sandbox is not None and not inside:
         try:
             sandbox.finish(
                 spec.sandbox, spec.code_dir, spec.network == "none", ready_r, spec.layer_dir
             )
         except OSError as exc:
-            _sandbox_failed(exc, channel)
+            sandbox_failed(exc, channel)
     channel.send(ZygoteStarted(pid=os.getpid()))
     started = time.perf_counter()
     anon_before = limits.anon_kb()
-    handler, output, foreign_hooks = _import(spec, channel)
+    handler, output, foreign_hooks = _import(spec, channel, inside)
     # Young generations only: a full collection after importing numpy + pandas walks ~50,000
     # objects for ~13 ms and finds nothing. Freezing keeps instances from touching (and so
     # copying) the zygote's pages when they collect.
     prepared = instance.Prepared(spec, handler)
     gc.collect(1)
     gc.freeze()
-    channel.send(
-        ZygoteReady(
-            pid=os.getpid(),
-            import_ms=(time.perf_counter() - started) * 1000,
-            import_anon_kb=max(0, limits.anon_kb() - anon_before),
-            warnings=_warnings(),
-            output=_clip(output),
-        )
-    )
+    channel.send(ready_message(started, anon_before, thread_warnings(), output))
     plain = forking.single_threaded() and not foreign_hooks
     try:
         Zygote(channel, spec, handler, prepared, plain).serve()

@@ -67,6 +67,30 @@ class SpawnBlank(_Msg, tag="blank", frozen=True):
     spare: bool = False  # report `SpareReady` once placed, before waiting for a function
 
 
+class SpawnLayerZygote(_Msg, tag="spawn-layer", frozen=True):
+    """Become a layer zygote (ember.runtime.layer_zygote), sent on a zygote-to-be's own
+    channel instead of `SpawnZygote`: enter the function's sandbox with no code at `/code`,
+    import `preload` from the layer once, then fork function zygotes on `ForkZygote`."""
+
+    label: str  # for logs: "namespace/function [layer]"
+    layer_dir: str
+    preload: list[str] = []  # top-level modules of the layer to import
+    env: dict[str, str] = {}
+    init_timeout: float = 60.0
+    network: str = "host"
+    sandbox: SandboxPlan | None = None
+
+
+class MountCode(_Msg, tag="mount-code", frozen=True):
+    """To the root zygote: show the code directory `source` read-only at `/code/NAME` in the
+    mount namespace of the layer zygote `pid` (a host pid). The answer, b"ok" or an error,
+    is written on the socket that rides along."""
+
+    pid: int
+    source: str
+    name: str
+
+
 class Shutdown(_Msg, tag="shutdown", frozen=True):
     pass
 
@@ -124,6 +148,16 @@ class ForkInstance(_Msg, tag="fork", frozen=True):
     rlimit_as: int = 0  # bytes of address space beyond the zygote's; 0 = none
 
 
+# ---- server → layer zygote; fd of the new function zygote's channel rides along ----
+
+
+class ForkZygote(_Msg, tag="fork-zygote", frozen=True):
+    """Fork a function zygote; it waits on its own channel for its `SpawnZygote`. `code`: the
+    directory its code shows at (`/code/NAME` in a sandbox, the host's path without one)."""
+
+    code: str
+
+
 # ---- server ↔ instance ----
 
 
@@ -163,11 +197,12 @@ class Log(_Msg, tag="log", frozen=True):
     data: str
 
 
-RootMessage = SpawnBlank | Shutdown
-SpareCommand = SpawnZygote | Shutdown  # what a spare waits for
+RootMessage = SpawnBlank | MountCode | Shutdown
+SpareCommand = SpawnZygote | SpawnLayerZygote | Shutdown  # what a spare waits for
 ZygoteMessage = (
     SpareReady | ZygoteStarted | ZygoteReady | ZygoteFailed | Forked | ForkFailed | InstanceExited
 )
 ZygoteCommand = ForkInstance | Shutdown
+LayerCommand = ForkZygote | Shutdown
 InstanceMessage = Result | Log
 InstanceCommand = Invoke | Shutdown

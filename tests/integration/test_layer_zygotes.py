@@ -1,0 +1,186 @@
+"""Layer zygotes: a function's requirements imported once in its sandbox; each new revision's
+zygote forks from it and imports only its own code. The package the tests install draws a
+random token when it is imported: the same token in two revisions means one import."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ember import bundle
+from tests.integration.conftest import EmberServer, make_function
+from tests.wheels import make_wheel
+
+pytestmark = pytest.mark.integration
+
+COUNTED = """
+import os
+__version__ = "1.0"
+TOKEN = os.urandom(8).hex()
+with open("/tmp/emberdep-counted.log", "a") as f:
+    f.write(TOKEN + "\\n")
+"""
+
+HANDLER = """
+import os, sys
+import emberdep_counted
+
+VERSION = {version!r}
+
+def handle(req, ctx):
+    out = {{"version": VERSION, "token": emberdep_counted.TOKEN, "cwd": os.getcwd(),
+            "path": sys.path[:2], "file": __file__}}
+    with open("/tmp/emberdep-counted.log") as f:
+        out["imports"] = f.read().split()
+    out["read_only"] = bool(os.statvfs(os.getcwd()).f_flag & os.ST_RDONLY)
+    out["code"] = sorted(os.listdir("/code")) if os.path.isdir("/code") else None
+    try:
+        with open("/run/secrets/token") as f:
+            out["secret"] = f.read()
+    except OSError:
+        out["secret"] = None
+    return out
+"""
+
+
+@pytest.fixture(scope="module")
+def house(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    h = tmp_path_factory.mktemp("wheelhouse")
+    make_wheel(h, "emberdep-counted", "1.0", extra={"emberdep_counted/__init__.py": COUNTED})
+    return h
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory, house: Path) -> Iterator[EmberServer]:
+    home = tmp_path_factory.mktemp("ember-layer-zygotes")
+    s = EmberServer(home, ["--find-links", str(house), "--no-index"]).start()
+    yield s
+    s.stop()
+    s.http.close()
+    s.api.close()
+
+
+def deploy(
+    srv: EmberServer, src: Path, name: str, version: int, namespace: str = "default", **extra: str
+) -> httpx.Response:
+    files = {"requirements.txt": b"emberdep-counted\n"}
+    files.update({k: v.encode() for k, v in extra.items()})
+    directory = make_function(src, name, HANDLER.format(version=version), files=files)
+    return srv.api.post(
+        "/api/v1/deploy",
+        params={"name": name, "namespace": namespace},
+        content=bundle.pack(directory),
+        headers={"Content-Type": "application/gzip"},
+    )
+
+
+def call(srv: EmberServer, name: str, namespace: str = "default") -> dict[str, object]:
+    path = f"/fn/{name}" if namespace == "default" else f"/fn/{namespace}/{name}"
+    r = srv.http.get(path)
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def zygotes(srv: EmberServer) -> list[dict[str, object]]:
+    r = srv.api.get("/api/v1/layers")
+    assert r.status_code == 200, r.text
+    return r.json()["zygotes"]  # type: ignore[no-any-return]
+
+
+def test_a_new_revision_forks_from_the_layer_zygote_and_imports_only_its_code(
+    srv: EmberServer, tmp_path: Path
+) -> None:
+    assert deploy(srv, tmp_path, "lz-one", 1).status_code == 201
+    first = call(srv, "lz-one")
+    assert deploy(srv, tmp_path, "lz-one", 2).status_code == 201
+    second = call(srv, "lz-one")
+    assert (first["version"], second["version"]) == (1, 2)
+    # one import of the package, in the layer zygote, for both revisions
+    assert second["token"] == first["token"]
+    assert second["imports"] == [first["token"]]
+    (lz,) = [z for z in zygotes(srv) if z["function"] == "lz-one"]
+    assert lz["preload"] == ["emberdep_counted"]  # found in the handler's imports
+    assert lz["forks"] == 2
+    # each revision's code, read-only, where its zygote works
+    assert first["cwd"] != second["cwd"]
+    assert str(second["cwd"]).startswith("/code/") and second["path"][1] == "/layer"
+    assert str(second["file"]).replace("/./", "/") == f"{second['cwd']}/handler.py"
+    assert second["read_only"] is True
+    # only this function's revisions show under /code
+    assert second["code"] == sorted({str(first["cwd"])[6:], str(second["cwd"])[6:]})
+
+
+def test_layer_zygotes_are_never_shared_between_functions_or_namespaces(
+    srv: EmberServer, tmp_path: Path
+) -> None:
+    assert deploy(srv, tmp_path / "a", "lz-a", 1).status_code == 201
+    assert deploy(srv, tmp_path / "b", "lz-b", 1).status_code == 201
+    assert deploy(srv, tmp_path / "c", "lz-a", 1, namespace="lz-other").status_code == 201
+    a, b, c = call(srv, "lz-a"), call(srv, "lz-b"), call(srv, "lz-a", "lz-other")
+    assert len({a["token"], b["token"], c["token"]}) == 3
+    for out in (a, b, c):  # each its own /tmp: one import each
+        assert out["imports"] == [out["token"]]
+    mine = {(z["namespace"], z["function"]) for z in zygotes(srv)}
+    assert {("default", "lz-a"), ("default", "lz-b"), ("lz-other", "lz-a")} <= mine
+
+
+def test_new_secrets_give_a_new_layer_zygote(srv: EmberServer, tmp_path: Path) -> None:
+    r = srv.api.put("/api/v1/secrets/token", content=b"one")
+    assert r.status_code == 201, r.text
+    yaml = "functions:\n  lz-secret:\n    secrets: [token]\n"
+    assert deploy(srv, tmp_path, "lz-secret", 1, **{"ember.yaml": yaml}).status_code == 201
+    first = call(srv, "lz-secret")
+    assert first["secret"] == "one"
+    assert srv.api.put("/api/v1/secrets/token", content=b"two").status_code == 200
+    second = call(srv, "lz-secret")
+    assert second["secret"] == "two"  # not the first layer zygote's /run/secrets
+    assert second["token"] != first["token"]
+
+
+def test_without_layer_zygotes_each_revision_imports_its_packages(
+    house: Path, tmp_path: Path, server_factory: Callable[..., EmberServer]
+) -> None:
+    srv = server_factory("--find-links", str(house), "--no-index", "--layer-zygotes", "0")
+    assert deploy(srv, tmp_path, "lz-off", 1).status_code == 201
+    first = call(srv, "lz-off")
+    assert deploy(srv, tmp_path, "lz-off", 2).status_code == 201
+    second = call(srv, "lz-off")
+    assert second["token"] != first["token"]
+    assert second["cwd"] == "/code"
+    assert zygotes(srv) == []
+
+
+def until(check: Callable[[], bool]) -> None:
+    """Wait for something the server does on its own (its keep-alive step), at most 30 s."""
+    deadline = time.monotonic() + 30
+    while not check():
+        assert time.monotonic() < deadline, "the server did not get there in 30 s"
+        time.sleep(0.1)
+
+
+def test_the_least_recently_used_idle_layer_zygote_makes_room(
+    house: Path, tmp_path: Path, server_factory: Callable[..., EmberServer]
+) -> None:
+    srv = server_factory(
+        "--find-links", str(house), "--no-index", "--layer-zygotes", "1", "--zygote-keepalive", "1"
+    )
+    quick = "functions:\n  lz-first:\n    scale: {idle: 1s}\n"
+    assert deploy(srv, tmp_path / "a", "lz-first", 1, **{"ember.yaml": quick}).status_code == 201
+    first = call(srv, "lz-first")
+    # its instance and function zygote go after a second of idleness; its layer zygote stays
+    until(lambda: [(z["function"], z["running"]) for z in zygotes(srv)] == [("lz-first", 0)])
+    assert deploy(srv, tmp_path / "b", "lz-second", 1).status_code == 201
+    assert [z["function"] for z in zygotes(srv)] == ["lz-second"]  # the idle one made room
+    assert call(srv, "lz-second")["token"] != first["token"]
+
+
+def test_a_removed_functions_layer_zygote_goes(srv: EmberServer, tmp_path: Path) -> None:
+    assert deploy(srv, tmp_path, "lz-gone", 1).status_code == 201
+    call(srv, "lz-gone")
+    assert "lz-gone" in [z["function"] for z in zygotes(srv)]
+    assert srv.api.delete("/api/v1/functions/lz-gone").status_code == 200
+    until(lambda: "lz-gone" not in [z["function"] for z in zygotes(srv)])
