@@ -315,7 +315,7 @@ class Ember(_Process):
 
     def tree(self) -> dict[str, list[psutil.Process]]:
         """Every process below the root zygote, by kind: zygote, instance, keeper, spare
-        zygote, other.
+        zygote, layer zygote, other.
 
         Found by shape, not by asking the server. With the sandbox a function zygote is pid 1
         of a pid namespace of its own, working in its code (`/code`); a spare zygote is such a
@@ -361,12 +361,26 @@ class Ember(_Process):
 
 
 def _zygote_kind(proc: psutil.Process, root_child: bool) -> str:
-    """PROC's kind if it is a zygote ("zygote", "spare zygote" for a zygote-to-be), else ""."""
+    """PROC's kind if it is a zygote ("zygote", "spare zygote" for a zygote-to-be, "layer
+    zygote" for one a function's zygotes fork from), else ""."""
     cwd = proc.cwd()
     in_code = cwd == "/code" or "/code/" in cwd
     if _pid_one(proc.pid):
+        if _in_layer_cgroup(proc.pid):
+            return "layer zygote"
         return "zygote" if in_code else "spare zygote"
+    if cwd.startswith("/code/") and not root_child:  # forked from a layer zygote
+        return "zygote"
     return "zygote" if root_child and in_code else ""
+
+
+def _in_layer_cgroup(pid: int) -> bool:
+    """A layer zygote's cgroups are named layer.NAMESPACE.FUNCTION.* (pool/zygotes.py)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            return "/layer." in f.read()
+    except OSError:
+        return False
 
 
 def _pid_one(pid: int) -> bool:
@@ -380,6 +394,6 @@ def kind_by_place(parent: str, kept: set[str]) -> str:
     """The kind of a process that is no zygote, from its parent's kind and its children's."""
     if parent == "zygote":
         return "instance"
-    if "zygote" in kept:
+    if kept & {"zygote", "layer zygote"}:
         return "keeper"
     return "spare zygote" if kept == {"spare zygote"} else "other"

@@ -34,11 +34,16 @@ from bench.common import (
     verdict,
     wait_for,
 )
-from bench.servers import SANDBOX_VARIANTS, Ember, bench_env
+from bench.servers import SANDBOX_VARIANTS, Ember, bench_env, route_name
+from ember.bundle import pack
 
 # (function, specialize samples, import samples)
 CASES = [("noop", 30, 10), ("numpy_pandas", 15, 5)]
 BEYOND_IMPORT_MS = 25.0
+# A third server without layer zygotes: numpy + pandas imported by every new zygote.
+NO_LAYER_ZYGOTES = ("ember, sandbox, --layer-zygotes 0", ["--layer-zygotes", "0"])
+BEYOND_TRIVIAL_MS = 15.0  # numpy + pandas through its layer zygote, beyond noop's specialize
+NEW_REVISIONS = 6  # deploys of a new revision (code changed) + first call, per server
 SPACING = 0.1  # the second series waits this long before each request, as on a quiet host
 TIMER = (
     "import sys, time\n"
@@ -118,14 +123,20 @@ def run(scale: float = 1.0) -> dict[str, Any]:
     modes: dict[str, bool] = {}
     target = f"p50 - import p50 <= {BEYOND_IMPORT_MS:g}"
     (label_a, extra_a), (label_b, extra_b) = SANDBOX_VARIANTS
-    with Ember(extra_a, label_a) as first, Ember(extra_b, label_b) as second:
-        embers = [first, second]
+    label_c, extra_c = NO_LAYER_ZYGOTES
+    p50: dict[tuple[str, str], float] = {}  # (function, server) -> specialize p50, back to back
+    with (
+        Ember(extra_a, label_a) as first,
+        Ember(extra_b, label_b) as second,
+        Ember(extra_c, label_c) as third,
+    ):
+        embers = [first, second, third]
         for function, n_spec, n_imp in CASES:
             deployed = [ember.deploy(function) for ember in embers]
             name = deployed[0]["name"]
             for ember in embers:
                 modes[ember.label] = ember.sandboxed(name)
-            if modes != {label_a: True, label_b: False}:
+            if modes != {label_a: True, label_b: False, label_c: True}:
                 log(f"WARNING: zygotes in the sandbox: {modes} (not root? not Linux?)")
             n = max(5, int(n_spec * scale))
             log(f"specialize start {name}: {n} samples on each of {len(embers)} servers, twice")
@@ -138,6 +149,8 @@ def run(scale: float = 1.0) -> dict[str, Any]:
                 for ember, values, gone in zip(embers, spec, lost, strict=True):
                     dropped[f"{name} {ember.label}{when}"] = gone
                     rows.append(latency_row(name, f"{ember.label} specialize start{when}", values))
+                    if not when:
+                        p50[(function, ember.label)] = summary(values)["p50"]
             rows.append(latency_row(name, "import in fresh python, root pre-imports", imp))
             for when, (spec, _) in runs.items():
                 for ember, values in zip(embers, spec, strict=True):
@@ -172,8 +185,71 @@ def run(scale: float = 1.0) -> dict[str, Any]:
                 )
             plain = import_ms(function, max(3, int(n_imp * scale)), preimport=False)
             rows.append(latency_row(name, "import in fresh python, nothing pre-imported", plain))
+        rows += _layer_rows(p50, label_a, label_c)
+        for ember in (first, third):
+            values = new_revisions(ember, "numpy_pandas", max(3, int(NEW_REVISIONS * scale)))
+            what = f"{ember.label}: deploy (API) of a new revision + first call"
+            rows.append(latency_row("numpy-pandas", what, values))
+        rows.append(_layer_zygotes(first))
     rows.append(latency_row("-", "python -c pass (interpreter start)", interpreter_start_ms(10)))
     return report("specialize_start", rows, dropped_not_specialize=dropped, sandboxed=modes)
+
+
+def _layer_rows(p50: dict[tuple[str, str], float], with_lz: str, without: str) -> list[Row]:
+    """numpy + pandas through its layer zygote (the default) and without one, each beyond a
+    trivial function's specialize start on the same server."""
+    rows: list[Row] = []
+    for label, target in ((with_lz, BEYOND_TRIVIAL_MS), (without, None)):
+        beyond = p50[("numpy_pandas", label)] - p50[("noop", label)]
+        row: Row = {
+            "function": "numpy-pandas",
+            "measurement": f"{label} specialize start, beyond noop's (p50)",
+            "p50_ms": round(beyond, 3),
+        }
+        if target is not None:
+            row["target"] = f"<= {target:g} ms"
+            row["verdict"] = verdict(beyond, target, unit=" ms")
+        rows.append(row)
+    return rows
+
+
+def new_revisions(ember: Ember, function: str, n: int) -> list[float]:
+    """Deploy (API) a new revision of `function` (its code changed by a comment, its
+    requirements not) and call it: ms each, after one unmeasured."""
+    name = route_name(function)
+    client = KeepAlive(ember.port)
+    out: list[float] = []
+    try:
+        for i in range(n + 1):
+            bundle = ember.bundle(function, name)
+            src = ember.tmp / "src" / name / "handler.py"
+            src.write_text(src.read_text() + f"# revision {i} {time.time()}\n")
+            bundle = pack(src.parent)
+            t0 = time.perf_counter()
+            ember.post_bundle(name, bundle)
+            got = client.get(f"/fn/{name}")
+            ms = (time.perf_counter() - t0) * 1000.0
+            if got.status != 200:
+                raise RuntimeError(f"{name} answered {got.status}")
+            if i:
+                out.append(ms)
+    finally:
+        client.close()
+    return out
+
+
+def _layer_zygotes(ember: Ember) -> Row:
+    """What the server says of its layer zygotes (their imports, forks)."""
+    zygotes = ember.http.get("/api/v1/layers").json()["zygotes"]
+    mine = [z for z in zygotes if z["function"] == "numpy-pandas"]
+    return {
+        "function": "numpy-pandas",
+        "measurement": f"{ember.label}: layer zygotes (preloaded, import ms, forks)",
+        "n": len(mine),
+        "detail": "; ".join(
+            f"{z['preload']} {z['import_ms']:.1f} ms, {z['forks']} forks" for z in mine
+        ),
+    }
 
 
 if __name__ == "__main__":

@@ -109,6 +109,7 @@ def test_every_setting() -> None:
             scale: {min: 1, max: 4, idle: 500ms, target: 2.5, window: 2m, panic_window: 10s,
                     down_rate: 4}
             env: {LOG_LEVEL: debug, RETRIES: 3, RATIO: 0.5, DEBUG: true, QUIET: false, EMPTY: ""}
+            preload: [numpy, scipy.signal]
     """)
     assert load_manifest(text, "ignored") == [
         FunctionSpec(
@@ -129,6 +130,7 @@ def test_every_setting() -> None:
                 "QUIET": "false",
                 "EMPTY": "",
             },
+            preload=["numpy", "scipy.signal"],
         )
     ]
 
@@ -200,10 +202,22 @@ BAD_MANIFESTS = {
         "function name 'h\u0435llo' is invalid",
     ),
     "trailing dash name": ("functions:\n  hello-: {}\n", "function name 'hello-' is invalid"),
+    "preload not a list": (
+        "functions:\n  f: {preload: numpy}\n",
+        "functions.f.preload: expected a list of at most 64 module names, got a string",
+    ),
+    "preload not a module": (
+        "functions:\n  f: {preload: [numpy, ../x]}\n",
+        "functions.f.preload[1]: '../x' is not a module name",
+    ),
+    "preload twice": (
+        "functions:\n  f: {preload: [numpy, numpy]}\n",
+        "functions.f.preload: lists a module twice",
+    ),
     "settings not a mapping": (
         "functions:\n  f: handler.handle\n",
         "functions.f: expected a mapping of handler, source, memory, timeout, concurrency, "
-        "scale, env, network, access, cpu, pids, tmp, secrets, got a string",
+        "scale, env, network, access, cpu, pids, tmp, secrets, preload, got a string",
     ),
     "unknown function key": (
         "functions:\n  f:\n    memroy: 1\n",

@@ -77,21 +77,19 @@ def _top_level(layer: Path) -> set[str]:
     return names
 
 
-def _imports(tree: ast.Module) -> list[str]:
-    """Top-level names the module imports, in order, outside functions (run at import)."""
+def _imports(node: ast.AST) -> list[str]:
+    """Top-level names the module imports, in order, outside functions (what runs at import)."""
     found: list[str] = []
-    stack: list[ast.AST] = [tree]
-    while stack:
-        node = stack.pop()
-        for child in reversed(list(ast.iter_child_nodes(node))):
-            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
-                continue
-            if isinstance(child, ast.Import):
-                found += [alias.name.partition(".")[0] for alias in child.names]
-            elif isinstance(child, ast.ImportFrom) and child.module and not child.level:
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            continue
+        if isinstance(child, ast.Import):
+            found += [alias.name.partition(".")[0] for alias in child.names]
+        elif isinstance(child, ast.ImportFrom):
+            if child.module and not child.level:
                 found.append(child.module.partition(".")[0])
-            else:
-                stack.append(child)
+        else:
+            found += _imports(child)
     return list(dict.fromkeys(found))
 
 

@@ -87,8 +87,11 @@ class ZygoteStarter:
         zygote.channel.send(spec_message(target, self.config.init_timeout, plan))
         return zygote
 
-    async def _blank(self, target: Target, plan: SandboxPlan | None) -> tuple[socket.socket, str]:
-        """A zygote-to-be for `target` and the name of its cgroups ("": none).
+    async def _blank(
+        self, target: Target, plan: SandboxPlan | None, slug: str = ""
+    ) -> tuple[socket.socket, str]:
+        """A zygote-to-be for `target` and the name of its cgroups ("": none), named after
+        `slug` (the revision's by default).
 
         Each zygote gets cgroups of its own (a directory per zygote start, so no name is ever
         reused); its instances' memory leaves go below them. In the root sandbox a spare,
@@ -98,11 +101,12 @@ class ZygoteStarter:
         """
         cgroups = self.placement.cgroups
         directory = ""
+        slug = slug or target.slug
         if cgroups is None:
             sock = self._spawn([], split=False)
         elif plan is None or self.probe.mode != "root":
             # The zygote stays in the server's cgroups; its instances still get memory leaves.
-            directory = f"{target.slug}.{secrets.token_hex(3)}"
+            directory = f"{slug}.{secrets.token_hex(3)}"
             await self.placement.run(cgroups.parent_for_instances, directory)
             sock = self._spawn([], split=False)
         else:
@@ -111,7 +115,7 @@ class ZygoteStarter:
             if spare is not None:
                 sock, directory = spare.sock, spare.slug
             else:
-                directory = f"{target.slug}.{secrets.token_hex(3)}"
+                directory = f"{slug}.{secrets.token_hex(3)}"
                 joins = await self.placement.run(
                     cgroups.revision, directory, _zygote_mb(target), spec.pids, spec.cpu
                 )
@@ -170,7 +174,8 @@ class ZygoteStarter:
         self, target: Target, plan: SandboxPlan | None, key: LayerKey
     ) -> LayerZygote:
         names = await asyncio.to_thread(preload_names, target)
-        sock, directory = await self._blank(target, plan)
+        slug = f"layer.{target.namespace}.{target.function}"  # not a revision's: tools tell
+        sock, directory = await self._blank(target, plan, slug)
         lz = LayerZygote(sock, key, target)
         lz.cgroup_dir = directory
         lz.preload = names
