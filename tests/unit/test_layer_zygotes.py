@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from ember.config import ServerConfig
 from ember.errors import QuotaReached
 from ember.pool.layer_zygotes import LayerZygote, LayerZygotes, layer_key, preload_names
+from ember.pool.manager import Pool
 from ember.pool.quotas import check_quota
 from ember.pool.target import Target
 from ember.spec import FunctionSpec, Quota
+from ember.telemetry.buffer import TelemetryBuffer
 from ember.wire.messages import SandboxPlan, ZygoteReady
 
 MODULE = """
@@ -163,5 +166,32 @@ def test_an_unused_one_goes_when_its_function_is_gone_or_after_its_keepalive(
         assert [lz.function for lz in layers.by_key.values()] == ["default/live"]
         for sock in keep:
             sock.close()
+
+    asyncio.run(main())
+
+
+def test_a_key_whose_layer_zygote_failed_gets_none_for_a_while() -> None:
+    layers = LayerZygotes(8, 3600.0, lambda: None)
+    key = ("default", "fn", "/l", "d")
+    assert not layers.backing_off(key, 100.0)
+    layers.failed(key, 100.0)
+    assert layers.backing_off(key, 159.0)
+    assert not layers.backing_off(key, 161.0)
+
+
+def test_one_is_made_only_from_free_memory_and_quota(tmp_path: Path) -> None:
+    async def main() -> None:
+        pool = Pool(ServerConfig(home=tmp_path, memory_budget_mb=1000), TelemetryBuffer(64))
+        try:
+            assert pool.layers in list(pool.budget._occupants())  # what it may evict
+            target = _target(tmp_path, memory=400)
+            assert pool._room_for_layer(target)  # 400 of 1,000 MB
+            assert not pool._room_for_layer(_target(tmp_path, memory=1200))
+            pool.set_quotas({"default": Quota(memory_mb=1000)})
+            assert not pool._room_for_layer(target)  # it, a zygote and an instance: 1,200
+            pool.set_quotas({"default": Quota(memory_mb=1200)})
+            assert pool._room_for_layer(target)
+        finally:
+            pool.placement.shutdown()
 
     asyncio.run(main())

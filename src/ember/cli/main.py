@@ -674,7 +674,12 @@ def doctor(
         server = {"url": url, "reachable": reachable, "detail": detail}
         out: dict[str, object] = {"checks": found, "server": server}
         if layers is not None:
-            out["layers"] = {"count": layers.count, "bytes": layers.bytes}
+            out["layers"] = {
+                "count": layers.count,
+                "bytes": layers.bytes,
+                "zygotes": len(layers.zygotes),
+                "zygotes_kb": sum(z.memory_kb for z in layers.zygotes),
+            }
         render.write_json(out)
         return
     table = [*checks, ("server", reachable, detail)]
@@ -684,7 +689,9 @@ def doctor(
                 "layers",
                 True,
                 f"{layers.count} layer(s) of installed requirements, "
-                f"{layers.bytes / (1024 * 1024):.1f} MB on the server's disk",
+                f"{layers.bytes / (1024 * 1024):.1f} MB on the server's disk; "
+                f"{len(layers.zygotes)} layer zygote(s) running, "
+                f"{sum(z.memory_kb for z in layers.zygotes) / 1024:.1f} MB measured",
             )
         )
     render.out().print(render.doctor_table(table))

@@ -116,9 +116,14 @@ class FunctionList(msgspec.Struct, frozen=True):
     functions: list[FunctionInfo]
 
 
+class LayerZygoteBrief(msgspec.Struct, frozen=True):
+    memory_kb: int = 0
+
+
 class LayerList(msgspec.Struct, frozen=True):
     count: int
     bytes: int
+    zygotes: list[LayerZygoteBrief] = []
 
 
 class LayerInfo(msgspec.Struct, frozen=True):

@@ -46,6 +46,7 @@ from ember.wire.messages import (
 
 log = logging.getLogger("ember.pool")
 LayerKey = tuple[str, str, str, str]  # namespace, function, layer directory, sandbox digest
+BACKOFF = 60.0  # seconds without a layer zygote for a key after one failed
 
 
 def layer_key(target: Target, env: dict[str, str], plan: SandboxPlan | None) -> LayerKey:
@@ -95,20 +96,18 @@ def _imports(node: ast.AST) -> list[str]:
 
 def preload_names(target: Target) -> list[str]:
     """What a layer zygote imports: the layer's packages the handler's module imports, then
-    the function's `preload:` list. Reads files: on a worker thread."""
+    the function's `preload:` list. Reads files: on a worker thread. A module that cannot be
+    read or parsed (its own import will say why) gives only the list."""
     spec = target.spec
     base = Path(target.code_dir, spec.source, *spec.module.split("."))
     names: list[str] = []
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         try:
-            tree = ast.parse(path.read_bytes(), str(path))
-        except (OSError, SyntaxError, ValueError):
-            continue
-        try:
+            found = _imports(ast.parse(path.read_bytes(), str(path)))
             provided = _top_level(Path(target.layer_dir))
-        except OSError:
-            provided = set()
-        names = [name for name in _imports(tree) if name in provided]
+        except (OSError, SyntaxError, ValueError, RecursionError, MemoryError):
+            continue
+        names = [name for name in found if name in provided]
         break
     return list(dict.fromkeys([*names, *spec.preload]))
 
@@ -212,6 +211,18 @@ class LayerZygotes:
         self._changed = changed  # what the budget counts of them may have changed
         self.by_key: dict[LayerKey, LayerZygote] = {}
         self.memory_mb = 0  # of the one being asked about (budget messages only)
+        self._failed: dict[LayerKey, float] = {}  # when one last failed (the loop's clock)
+
+    def failed(self, key: LayerKey, now: float) -> None:
+        """One failed (its import, its sandbox, showing code to it): its function's zygotes
+        start the usual way for BACKOFF seconds, instead of paying for another try each."""
+        self._failed[key] = now
+        for old in [k for k, when in self._failed.items() if now - when > BACKOFF]:
+            del self._failed[old]
+
+    def backing_off(self, key: LayerKey, now: float) -> bool:
+        when = self._failed.get(key)
+        return when is not None and now - when <= BACKOFF
 
     def get(self, key: LayerKey) -> LayerZygote | None:
         lz = self.by_key.get(key)

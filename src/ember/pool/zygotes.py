@@ -55,6 +55,7 @@ class ZygoteStarter:
         self.room_for_layer = room_for_layer  # within the memory budget and the quota
         self.probe = SandboxProbe("off")  # what the host allows, set when the pool starts
         self._joining: set[asyncio.Task[None]] = set()
+        self._layer_starts: dict[LayerKey, asyncio.Task[LayerZygote]] = {}
 
     @property
     def sandboxed(self) -> bool:
@@ -135,9 +136,9 @@ class ZygoteStarter:
         key = layer_key(target, function_env(target), plan)
         lz = self.layers.get(key)
         if lz is None:
-            if not self.layers.make_room() or not self.room_for_layer(target):
+            lz = await self._layer_for(target, plan, key)
+            if lz is None:
                 return None
-            lz = await self._start_layer(target, plan, key)
         try:
             async with asyncio.timeout(self.config.init_timeout + 5.0):
                 ready = await asyncio.shield(lz.ready)
@@ -156,6 +157,7 @@ class ZygoteStarter:
             sock = lz.fork(code)
         except (EmberError, TimeoutError) as exc:
             log.warning("layer zygote of %s not used: %s", lz.label, exc)
+            self.layers.failed(key, asyncio.get_running_loop().time())
             self.layers.evict(lz)
             return None
         if directory:
@@ -169,6 +171,27 @@ class ZygoteStarter:
             self._joining.add(task)
             task.add_done_callback(self._joining.discard)
         return zygote
+
+    async def _layer_for(
+        self, target: Target, plan: SandboxPlan | None, key: LayerKey
+    ) -> LayerZygote | None:
+        """A new layer zygote for `key`, one however many starts ask at once; None: no room,
+        or one failed for it lately."""
+        starting = self._layer_starts.get(key)
+        if starting is None:
+            now = asyncio.get_running_loop().time()
+            if self.layers.backing_off(key, now):
+                return None
+            if not self.layers.make_room() or not self.room_for_layer(target):
+                return None
+            starting = asyncio.get_running_loop().create_task(self._start_layer(target, plan, key))
+            self._layer_starts[key] = starting
+            starting.add_done_callback(lambda _: self._layer_starts.pop(key, None))
+        try:
+            return await asyncio.shield(starting)
+        except OSError as exc:  # the root zygote is gone: the usual start handles that
+            log.warning("no layer zygote for %s: %s", target.label, exc)
+            return None
 
     async def _start_layer(
         self, target: Target, plan: SandboxPlan | None, key: LayerKey
