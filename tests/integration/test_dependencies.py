@@ -336,6 +336,50 @@ def test_a_streamed_deploy_reports_each_step_then_its_outcome(
     assert failed[-1]["error"]["code"] == "requirements_unresolvable"
 
 
+def test_a_large_download_is_shown_with_its_size(
+    fn: Callable[..., Path], server_factory: Callable[..., EmberServer], tmp_path: Path
+) -> None:
+    """uv names downloads over about a megabyte: the deploy streams each, with its size."""
+    import http.server
+    import threading
+
+    house = tmp_path / "served"
+    blob = os.urandom(1_500_000).hex()  # 3 MB of hex digits: a wheel of ~1.7 MB
+    make_wheel(house, "emberdep-large", "1.0", extra={"emberdep_large/blob.txt": blob})
+    wheel = next(house.glob("*.whl"))
+
+    class Served(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, directory=str(house), **kwargs)  # type: ignore[arg-type]
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    index = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Served)
+    threading.Thread(target=index.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{index.server_address[1]}/"
+        srv = server_factory("--find-links", url, "--no-index")
+        with srv.api.stream(
+            "POST",
+            "/api/v1/deploy",
+            params={"name": "large"},
+            content=bundle.pack(
+                fn("large", "emberdep-large\n", code="def handle(req, ctx):\n    return 1\n")
+            ),
+            headers={"Content-Type": "application/gzip", "Accept": "application/x-ndjson"},
+        ) as r:
+            events = [json.loads(line) for line in r.iter_lines() if line]
+    finally:
+        index.shutdown()
+        index.server_close()
+    (got,) = [e for e in events if e.get("phase") == "downloading"]
+    assert got["packages"] == ["emberdep-large"]
+    size = wheel.stat().st_size  # uv says it in MiB with one decimal
+    assert abs(got["bytes"] - size) <= 0.05 * 2**20, (got["bytes"], size)
+    assert events[-1]["event"] == "DeployDone", events[-1]
+
+
 def test_the_cli_shows_progress_on_stderr_and_stays_scriptable(
     srv: EmberServer, fn: Callable[..., Path]
 ) -> None:

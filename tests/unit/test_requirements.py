@@ -100,3 +100,13 @@ def test_the_operators_index_settings_become_uvs_arguments() -> None:
         "--no-index",
         "--offline",
     ]
+
+
+def test_the_downloads_uv_names_are_read_with_their_size() -> None:
+    from ember.layers.uv import downloading
+
+    assert downloading("Downloading pillow (6.8MiB)") == ("pillow", int(6.8 * 2**20))
+    assert downloading("Downloading numpy (15.1MiB)") == ("numpy", int(15.1 * 2**20))
+    assert downloading("Downloading tiny (900KiB)") == ("tiny", 900 * 1024)
+    assert downloading(" Downloaded pillow") is None
+    assert downloading("Resolved 6 packages in 256ms") is None

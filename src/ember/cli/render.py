@@ -332,6 +332,8 @@ def step(event: DeployProgress) -> str | None:
             f"{name}: built from source in the namespace's sandbox in {millis(event.ms)}, "
             f"{size}: {shown}"
         )
+    if event.phase == "downloading" and event.packages:
+        return f"{name}: downloading {event.packages[0]}, {event.bytes / (1024 * 1024):.1f} MB"
     if event.phase == "installed":
         size = f"{event.bytes / (1024 * 1024):.1f} MB"
         if event.reused:

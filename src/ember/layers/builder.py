@@ -50,14 +50,27 @@ META = "layer.json"
 class Progress(msgspec.Struct, frozen=True, omit_defaults=True):
     """One step of a build, as `ember deploy` shows it while it runs."""
 
-    phase: str  # resolving | resolved | installing | installed; from source: building | built
+    # resolving | resolved | installing | downloading (a package over ~1 MB, its size; uv names
+    # no smaller ones) | installed; from source: building | built
+    phase: str
     packages: list[str] = []  # resolved: "name==version"
     reused: bool = False  # resolved: the lock of an earlier deploy; installed: the layer was there
-    bytes: int = 0  # installed: the layer's size
+    bytes: int = 0  # installed: the layer's size; downloading: the package's
     ms: float = 0.0  # time the step took
 
 
 Report = Callable[[Progress], None]
+
+
+def _downloads(report: Report) -> Callable[[str], None]:
+    """What uv says, heard for the downloads it names: each reported as it starts (while
+    resolving, when the index offers no metadata alone; or while installing)."""
+
+    def heard(line: str) -> None:
+        if (download := uv.downloading(line)) is not None:
+            report(Progress("downloading", [download[0]], bytes=download[1]))
+
+    return heard
 
 
 def _ignore(_: Progress) -> None:
@@ -190,7 +203,7 @@ class Layers:
         t0 = time.perf_counter()
         log: list[str] = []
         report(Progress("resolving"))
-        lock, reused = await self._lock(reqs, key, log)
+        lock, reused = await self._lock(reqs, key, log, report)
         digest = hashlib.sha256(f"{_platform()}\0{lock}".encode()).hexdigest()
         packages = tuple(uv.pins(lock))
         t1 = time.perf_counter()
@@ -198,7 +211,7 @@ class Layers:
         built = not self.path(digest).is_dir()
         if built:
             report(Progress("installing", list(packages)))
-            await self._install(reqs, lock, digest, packages, log)
+            await self._install(reqs, lock, digest, packages, log, report)
         else:
             log.append(f"layer {digest} is installed already: nothing to install")
         meta = await asyncio.to_thread(self.meta, digest)
@@ -272,12 +285,14 @@ class Layers:
         async with self._one_at_a_time(f"layer {digest}"):
             if not self.path(digest).is_dir():
                 log.warning("layer %s is missing: installing it again from its lock", digest)
-                await self._install(reqs, lock, digest, packages, [])
+                await self._install(reqs, lock, digest, packages, [], _ignore)
 
     def meta(self, digest: str) -> LayerMeta:
         return msgspec.json.decode((self.path(digest) / META).read_bytes(), type=LayerMeta)
 
-    async def _lock(self, reqs: Requirements, key: str, log: list[str]) -> tuple[str, bool]:
+    async def _lock(
+        self, reqs: Requirements, key: str, log: list[str], report: Report
+    ) -> tuple[str, bool]:
         """The lock of `reqs`, and whether it is one an earlier deploy made."""
         saved = self.locks / f"{key}.txt"
         if saved.is_file():
@@ -296,6 +311,7 @@ class Layers:
                     "--no-annotate",
                     "--output-file",
                     "lock.txt",
+                    heard=_downloads(report),
                 )
             )
             lock = (Path(work) / "lock.txt").read_text()
@@ -303,7 +319,13 @@ class Layers:
         return lock, False
 
     async def _install(
-        self, reqs: Requirements, lock: str, digest: str, packages: tuple[str, ...], log: list[str]
+        self,
+        reqs: Requirements,
+        lock: str,
+        digest: str,
+        packages: tuple[str, ...],
+        log: list[str],
+        report: Report,
     ) -> None:
         async with self._staging_dir() as staging:
             t0 = time.perf_counter()
@@ -320,6 +342,7 @@ class Layers:
                 "--compile-bytecode",
                 "-r",
                 "lock.txt",
+                heard=_downloads(report),
             )
             log.append(said)
             await self._publish(staging, digest, packages, lock, t0, keep_lock=True)

@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,9 +64,16 @@ class Uv:
     cache: Path
     timeout: float
 
-    async def run(self, reqs: Requirements, cwd: str, command: str, *args: str) -> str:
+    async def run(
+        self,
+        reqs: Requirements,
+        cwd: str,
+        command: str,
+        *args: str,
+        heard: Callable[[str], None] | None = None,
+    ) -> str:
         """Run `uv pip COMMAND`: what it said (its summary lines), or its message as a
-        `RequirementsError` when it fails."""
+        `RequirementsError` when it fails. `heard` gets each line as uv says it."""
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": cwd,
@@ -94,7 +102,10 @@ class Uv:
             stderr=asyncio.subprocess.PIPE,
         )
         try:
-            _, err = await asyncio.wait_for(proc.communicate(), self.timeout)
+            err, _, _ = await asyncio.wait_for(
+                asyncio.gather(_lines(proc.stderr, heard), _drain(proc.stdout), proc.wait()),
+                self.timeout,
+            )
         except TimeoutError:
             proc.kill()
             await proc.wait()
@@ -112,6 +123,38 @@ class Uv:
         if proc.returncode != 0:
             raise failure(reqs, command, said)
         return f"$ uv pip {command}\n{said}"
+
+
+async def _lines(
+    stream: asyncio.StreamReader | None, heard: Callable[[str], None] | None
+) -> bytes:
+    """All of `stream`, each line passed to `heard` as it comes."""
+    if stream is None:
+        return b""
+    got = bytearray()
+    while line := await stream.readline():
+        got += line
+        if heard is not None:
+            heard(_ANSI.sub("", line.decode(errors="replace")).strip())
+    return bytes(got)
+
+
+async def _drain(stream: asyncio.StreamReader | None) -> None:
+    if stream is not None:
+        await stream.read()
+
+
+_DOWNLOADING = re.compile(r"^Downloading (\S+) \(([\d.]+)(B|KiB|MiB|GiB)\)$")
+_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+def downloading(line: str) -> tuple[str, int] | None:
+    """A package uv starts to download and its size, from its line about it. uv names only
+    downloads over about a megabyte (the ones worth waiting for)."""
+    found = _DOWNLOADING.match(line)
+    if found is None:
+        return None
+    return found[1], int(float(found[2]) * _UNITS[found[3]])
 
 
 def needs_building(exc: RequirementsError) -> bool:
