@@ -125,9 +125,7 @@ class Uv:
         return f"$ uv pip {command}\n{said}"
 
 
-async def _lines(
-    stream: asyncio.StreamReader | None, heard: Callable[[str], None] | None
-) -> bytes:
+async def _lines(stream: asyncio.StreamReader | None, heard: Callable[[str], None] | None) -> bytes:
     """All of `stream`, each line passed to `heard` as it comes."""
     if stream is None:
         return b""
