@@ -4,6 +4,7 @@ random token when it is imported: the same token in two revisions means one impo
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,8 +22,16 @@ COUNTED = """
 import os
 __version__ = "1.0"
 TOKEN = os.urandom(8).hex()
+print("emberdep-counted imported")
 with open("/tmp/emberdep-counted.log", "a") as f:
     f.write(TOKEN + "\\n")
+"""
+
+HOOKED = """
+import os
+__version__ = "1.0"
+CHILDREN = []
+os.register_at_fork(after_in_child=lambda: CHILDREN.append(os.getpid()))
 """
 
 HANDLER = """
@@ -51,6 +60,7 @@ def handle(req, ctx):
 def house(tmp_path_factory: pytest.TempPathFactory) -> Path:
     h = tmp_path_factory.mktemp("wheelhouse")
     make_wheel(h, "emberdep-counted", "1.0", extra={"emberdep_counted/__init__.py": COUNTED})
+    make_wheel(h, "emberdep-hooked", "1.0", extra={"emberdep_hooked/__init__.py": HOOKED})
     return h
 
 
@@ -112,6 +122,15 @@ def test_a_new_revision_forks_from_the_layer_zygote_and_imports_only_its_code(
     assert second["read_only"] is True
     # only this function's revisions show under /code
     assert second["code"] == sorted({str(first["cwd"])[6:], str(second["cwd"])[6:]})
+    # what the package printed when the layer zygote imported it, once, in the function's log
+
+    def said() -> list[str]:
+        r = srv.api.get("/api/v1/functions/lz-one/logs", params={"limit": 1000})
+        lines = [json.loads(line)["message"] for line in r.text.splitlines()]
+        return [line for line in lines if "emberdep-counted imported" in line]
+
+    until(lambda: bool(said()))
+    assert len(said()) == 1
 
 
 def test_layer_zygotes_are_never_shared_between_functions_or_namespaces(
@@ -184,3 +203,27 @@ def test_a_removed_functions_layer_zygote_goes(srv: EmberServer, tmp_path: Path)
     assert "lz-gone" in [z["function"] for z in zygotes(srv)]
     assert srv.api.delete("/api/v1/functions/lz-gone").status_code == 200
     until(lambda: "lz-gone" not in [z["function"] for z in zygotes(srv)])
+
+
+def test_an_at_fork_hook_of_a_preloaded_package_runs_in_each_instance(
+    srv: EmberServer, tmp_path: Path
+) -> None:
+    """A package the layer zygote imported registered it: the instances (forks of a function
+    zygote that did not register it) still run it, as `os.fork()` does."""
+    code = (
+        "import os\nimport emberdep_hooked\n\n"
+        "def handle(req, ctx):\n    return {'pid': os.getpid(), 'ran': emberdep_hooked.CHILDREN}\n"
+    )
+    directory = make_function(
+        tmp_path, "lz-hooked", code, files={"requirements.txt": b"emberdep-hooked\n"}
+    )
+    r = srv.api.post(
+        "/api/v1/deploy",
+        params={"name": "lz-hooked"},
+        content=bundle.pack(directory),
+        headers={"Content-Type": "application/gzip"},
+    )
+    assert r.status_code == 201, r.text
+    assert "lz-hooked" in [z["function"] for z in zygotes(srv)]
+    out = call(srv, "lz-hooked")
+    assert out["ran"][-1] == out["pid"]  # the hook ran in this instance

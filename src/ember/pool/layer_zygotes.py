@@ -133,6 +133,7 @@ class LayerZygote:
         self.measured_kb = 0
         self.cgroup_dir = ""
         self.shown: set[str] = set()  # code directories mounted in its sandbox
+        self.told = False  # its import's warnings and output are in the function's log
         self.on_close: Callable[[LayerZygote], None] | None = None
         self.channel: AsyncChannel[ZygoteMessage] = AsyncChannel(
             sock, ZygoteMessage, self._on_message, self._on_close

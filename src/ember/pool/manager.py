@@ -94,7 +94,13 @@ class Pool:
             config.layer_zygotes, config.layer_zygote_keepalive, self._layers_changed
         )
         self.zygotes = ZygoteStarter(
-            config, self.root, self.placement, self.spares, self.layers, self._room_for_layer
+            config,
+            self.root,
+            self.placement,
+            self.spares,
+            self.layers,
+            self._room_for_layer,
+            self.system_log,
         )
         self.activity_of = Activity(config.zygote_keepalive)
         self.sandboxed = False

@@ -46,6 +46,7 @@ class ZygoteStarter:
         spares: Spares,
         layers: LayerZygotes,
         room_for_layer: Callable[[Target], bool],
+        system_log: Callable[[Target, str], None],
     ) -> None:
         self.config = config
         self.root = root
@@ -53,9 +54,11 @@ class ZygoteStarter:
         self.spares = spares
         self.layers = layers
         self.room_for_layer = room_for_layer  # within the memory budget and the quota
+        self.system_log = system_log  # a line in a function's log
         self.probe = SandboxProbe("off")  # what the host allows, set when the pool starts
         self._joining: set[asyncio.Task[None]] = set()
         self._layer_starts: dict[LayerKey, asyncio.Task[LayerZygote]] = {}
+        self._code_mounts = True  # False once the kernel refused to mount code into one
 
     @property
     def sandboxed(self) -> bool:
@@ -126,9 +129,9 @@ class ZygoteStarter:
 
     # ---- from a layer zygote (layer_zygotes.py) ----
     def _layered(self, target: Target) -> bool:
-        return (
-            bool(target.layer_dir) and self.layers.most > 0 and self.probe.mode in ("root", "off")
-        )
+        if not target.layer_dir or self.layers.most <= 0:
+            return False
+        return self.probe.mode == "off" or (self.probe.mode == "root" and self._code_mounts)
 
     async def _from_layer(self, target: Target, plan: SandboxPlan | None) -> FunctionZygote | None:
         """A function zygote forked from the function's layer zygote (made first if there is
@@ -142,6 +145,12 @@ class ZygoteStarter:
         try:
             async with asyncio.timeout(self.config.init_timeout + 5.0):
                 ready = await asyncio.shield(lz.ready)
+            if not lz.told:  # what its imports said, once, in the log of the function
+                lz.told = True
+                for warning in ready.warnings:
+                    self.system_log(target, f"[ember] layer zygote: {warning}\n")
+                if ready.output:
+                    self.system_log(target, ready.output)
             if ready.import_anon_kb // 1024 > target.spec.memory:  # as a zygote's import
                 raise PlatformError(f"its packages use more than memory: {target.spec.memory}")
             code, made = await asyncio.gather(
@@ -153,6 +162,9 @@ class ZygoteStarter:
             if isinstance(code, BaseException):
                 if directory:
                     self.placement.drop_tree(directory)
+                if "open_tree" in str(code) or "mount_setattr" in str(code):
+                    self._code_mounts = False  # this kernel cannot (Linux < 5.12): none again
+                    log.warning("layer zygotes are off: %s", code)
                 raise code
             sock = lz.fork(code)
         except (EmberError, TimeoutError) as exc:

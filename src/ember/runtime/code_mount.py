@@ -73,7 +73,7 @@ def mount_code(pid: int, source: str, name: str) -> None:
             ctypes.byref(attr),
             ctypes.sizeof(attr),
         ),
-        "making the code read-only",
+        "mount_setattr (making the code read-only)",
     )
     namespace = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     try:

@@ -90,23 +90,25 @@ def become(cmd: SpawnLayerZygote, sock: socket.socket, ready_r: int) -> None:
     os.environ.update(cmd.env)
     started = time.perf_counter()
     anon_before = limits.anon_kb()
-    output, warnings = _preload(cmd, channel)
+    with forking.ForkHooks() as hooks:
+        output, warnings = _preload(cmd, channel)
     gc.collect(1)
     gc.freeze()
     channel.send(
         zygote.ready_message(started, anon_before, warnings + zygote.thread_warnings(), output)
     )
     try:
-        LayerZygote(channel, layer).serve()
+        LayerZygote(channel, layer, hooks.foreign).serve()
     finally:
         os._exit(0)
 
 
 class LayerZygote:
-    def __init__(self, channel: Channel[LayerCommand], layer: str) -> None:
+    def __init__(self, channel: Channel[LayerCommand], layer: str, foreign_hooks: int) -> None:
         self.channel = channel
         self.layer = layer
-        self.plain = forking.single_threaded()
+        self.plain = forking.single_threaded() and not foreign_hooks
+        self.foreign_hooks = foreign_hooks  # at-fork hooks its packages registered
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
 
@@ -152,7 +154,7 @@ class LayerZygote:
         if got is None or not isinstance(got[0], SpawnZygote):
             os._exit(0)
         channel: Channel[ZygoteCommand] = Channel(sock, ZygoteCommand)
-        zygote.become(got[0], channel, -1, inside=cmd.code)
+        zygote.become(got[0], channel, -1, inside=cmd.code, hooks=self.foreign_hooks)
 
 
 def _reap() -> None:

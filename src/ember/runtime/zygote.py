@@ -315,10 +315,15 @@ def ready_message(
 
 
 def become(
-    spec: SpawnZygote, channel: Channel[ZygoteCommand], ready_r: int, inside: str = ""
+    spec: SpawnZygote,
+    channel: Channel[ZygoteCommand],
+    ready_r: int,
+    inside: str = "",
+    hooks: int = 0,
 ) -> None:
     """Finish the sandbox (unless forked `inside` a layer zygote's), import the module, serve
-    forks; never returns."""
+    forks; never returns. `hooks`: at-fork hooks registered before it (by a layer zygote's
+    imports), which plain forks would skip."""
     if spec.sandbox is not None and not inside:
         try:
             sandbox.finish(
@@ -337,7 +342,7 @@ def become(
     gc.collect(1)
     gc.freeze()
     channel.send(ready_message(started, anon_before, thread_warnings(), output))
-    plain = forking.single_threaded() and not foreign_hooks
+    plain = forking.single_threaded() and not (foreign_hooks or hooks)
     try:
         Zygote(channel, spec, handler, prepared, plain).serve()
     finally:
