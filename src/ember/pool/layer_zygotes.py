@@ -206,10 +206,17 @@ class LayerZygotes:
     within_min = False
     zygote_alive = True  # what it starts counts at once (budget.make_room never asks for it)
 
-    def __init__(self, most: int, keepalive: float, changed: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        most: int,
+        keepalive: float,
+        changed: Callable[[], None],
+        measure: Callable[[], None] = lambda: None,
+    ) -> None:
         self.most = most
         self.keepalive = keepalive
         self._changed = changed  # what the budget counts of them may have changed
+        self._measure = measure  # one is ready: measure them soon
         self.by_key: dict[LayerKey, LayerZygote] = {}
         self.memory_mb = 0  # of the one being asked about (budget messages only)
         self._failed: dict[LayerKey, float] = {}  # when one last failed (the loop's clock)
@@ -237,6 +244,7 @@ class LayerZygotes:
             self._changed()
 
         lz.on_close = closed
+        lz.ready.add_done_callback(lambda _: self._measure())
         self.by_key[lz.key] = lz
         self._changed()
 

@@ -91,7 +91,10 @@ class Pool:
         self.placement = Placement(None)
         self.spares = Spares(self.root, self.placement)
         self.layers = LayerZygotes(
-            config.layer_zygotes, config.layer_zygote_keepalive, self._layers_changed
+            config.layer_zygotes,
+            config.layer_zygote_keepalive,
+            lambda: self.budget.account(self.layers),
+            lambda: self.usage.measure(self.layers, time.monotonic()),
         )
         self.zygotes = ZygoteStarter(
             config,
@@ -307,11 +310,6 @@ class Pool:
         used = sum(rp.occupancy.declared_mb() for rp in mine)
         used += self.layers.declared_mb(target.namespace)
         return used + 3 * target.spec.memory <= quota.memory_mb  # it, the zygote, an instance
-
-    def _layers_changed(self) -> None:
-        self.budget.account(self.layers)
-        if self.layers.by_key:
-            self.usage.measure(self.layers, time.monotonic())
 
     # ---- the memory budget, for revision pools ----
     async def make_room(self, rp: RevisionPool, loop_deadline: float | None) -> None:
