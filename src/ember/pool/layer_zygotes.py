@@ -252,8 +252,8 @@ class LayerZygotes:
         """Below `most` once the least recently used idle one is gone, if needed."""
         if len(self.by_key) < self.most:
             return True
-        idle = [lz for lz in self.by_key.values() if not lz.children]
-        if not idle:
+        idle = [lz for lz in self.by_key.values() if lz.usable and not lz.children]
+        if not idle:  # in use, or starting for someone
             return False
         self.evict(min(idle, key=lambda lz: lz.last_used))
         return True
@@ -270,8 +270,8 @@ class LayerZygotes:
         return sum(lz.memory_mb for lz in self.by_key.values() if lz.namespace == namespace)
 
     def tick(self, now: float, live: Callable[[str], bool]) -> None:
-        """Stop those no function zygote uses whose function is gone, or that were not used
-        for the zygote keep-alive."""
+        """Stop those no function zygote uses whose function is gone, or that no function
+        zygote used for `keepalive` seconds (`--layer-zygote-keepalive`)."""
         for lz in list(self.by_key.values()):
             if lz.children or not lz.ready.done():
                 continue
