@@ -227,3 +227,77 @@ def test_an_at_fork_hook_of_a_preloaded_package_runs_in_each_instance(
     assert "lz-hooked" in [z["function"] for z in zygotes(srv)]
     out = call(srv, "lz-hooked")
     assert out["ran"][-1] == out["pid"]  # the hook ran in this instance
+
+
+ORPHANING = """
+import os, time
+import emberdep_counted
+
+def handle(req, ctx):
+    if req.query.get("check"):
+        pid = int(open("/tmp/orphan.pid").read())
+        return {"orphan_alive": os.path.exists(f"/proc/{pid}")}
+    if os.fork() == 0:  # a daemon: the middle process exits, the grandchild lives on
+        if os.fork() == 0:
+            with open("/tmp/orphan.pid", "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(3600)
+        os._exit(0)
+    while not os.path.exists("/tmp/orphan.pid"):
+        time.sleep(0.01)
+    return {"started": True}
+"""
+
+
+def test_what_a_revisions_instances_leave_behind_ends_with_it(
+    srv: EmberServer, tmp_path: Path
+) -> None:
+    """Its zygote is not pid 1 of a namespace of its own (the layer zygote is): it adopts
+    and ends what its instances left running, as the kernel did for it before."""
+
+    def deploy_orphaning(version: int) -> None:
+        code = ORPHANING + f"\nVERSION = {version}\n"
+        directory = make_function(
+            tmp_path, "lz-orphans", code, files={"requirements.txt": b"emberdep-counted\n"}
+        )
+        r = srv.api.post(
+            "/api/v1/deploy",
+            params={"name": "lz-orphans"},
+            content=bundle.pack(directory),
+            headers={"Content-Type": "application/gzip"},
+        )
+        assert r.status_code == 201, r.text
+
+    deploy_orphaning(1)
+    assert call(srv, "lz-orphans") == {"started": True}
+    deploy_orphaning(2)  # revision 1 drains and its zygote goes; its daemon sleeps an hour
+
+    def gone() -> bool:
+        return srv.http.get("/fn/lz-orphans", params={"check": "1"}).json() == {
+            "orphan_alive": False
+        }
+
+    until(gone)
+
+
+def test_a_module_of_the_function_is_never_hidden_by_a_preloaded_one(
+    srv: EmberServer, tmp_path: Path
+) -> None:
+    code = "import emberdep_counted\n\ndef handle(req, ctx):\n    return emberdep_counted.TOKEN\n"
+    directory = make_function(
+        tmp_path,
+        "lz-own",
+        code,
+        files={
+            "requirements.txt": b"emberdep-counted\n",
+            "emberdep_counted.py": b"TOKEN = 'its own'\n",  # as without a layer zygote
+        },
+    )
+    r = srv.api.post(
+        "/api/v1/deploy",
+        params={"name": "lz-own"},
+        content=bundle.pack(directory),
+        headers={"Content-Type": "application/gzip"},
+    )
+    assert r.status_code == 201, r.text
+    assert srv.http.get("/fn/lz-own").text == "its own"

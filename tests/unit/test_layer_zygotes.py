@@ -4,6 +4,8 @@ preloads, how they are keyed, counted, evicted and stopped."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from ember.pool.quotas import check_quota
 from ember.pool.target import Target
 from ember.spec import FunctionSpec, Quota
 from ember.telemetry.buffer import TelemetryBuffer
-from ember.wire.messages import SandboxPlan, ZygoteReady
+from ember.wire.messages import SandboxPlan, ZygoteReady, ZygoteStarted
 
 MODULE = """
 import os, json
@@ -195,3 +197,67 @@ def test_one_is_made_only_from_free_memory_and_quota(tmp_path: Path) -> None:
             pool.placement.shutdown()
 
     asyncio.run(main())
+
+
+def test_only_its_first_report_names_it(tmp_path: Path) -> None:
+    """Later reports could come from the packages it imported (any process holding its
+    channel): they never change which process is mounted into or killed."""
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        target = _target(tmp_path)
+        lz = LayerZygote(ours, layer_key(target, {}, None), target)
+        lz._on_message(ZygoteStarted(pid=1), os.getpid())
+        first = lz.pidfd
+        assert lz.pid == os.getpid() and first >= 0
+        lz._on_message(ZygoteStarted(pid=1), os.getppid())
+        assert (lz.pid, lz.pidfd) == (os.getpid(), first)
+        lz.channel.close()
+        assert lz.pidfd == -1  # closed with it
+        theirs.close()
+
+    asyncio.run(main())
+
+
+def test_an_idle_one_gives_way_to_its_namespaces_quota(tmp_path: Path) -> None:
+    async def main() -> None:
+        pool = Pool(ServerConfig(home=tmp_path), TelemetryBuffer(64))
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            target = _target(tmp_path, memory=300)
+            lz = LayerZygote(ours, layer_key(target, {}, None), target)
+            _ready(lz, 1)
+            pool.layers.add(lz, lambda _gone: None)
+            pool.set_quotas({"default": Quota(memory_mb=700)})
+            pool.check_quota(target)  # 300 + 600 > 700: the idle layer zygote went
+            assert lz.channel.closed and not pool.layers.by_key
+            ours2, theirs2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            lz2 = LayerZygote(ours2, layer_key(target, {}, None), target)
+            _ready(lz2, 2)
+            pool.layers.add(lz2, lambda _gone: None)
+            lz2.fork("/code/x").close()  # in use: it stays, and the start is refused
+            with pytest.raises(QuotaReached):
+                pool.check_quota(target)
+            lz2.channel.close()
+            theirs.close()
+            theirs2.close()
+        finally:
+            pool.placement.shutdown()
+
+    asyncio.run(main())
+
+
+def test_the_root_zygotes_helper_answers_with_the_errno_when_it_fails(tmp_path: Path) -> None:
+    from ember.runtime import root
+    from ember.wire.messages import MountCode
+
+    answer, reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    not_a_pidfd_r, not_a_pidfd_w = os.pipe()
+    os.close(not_a_pidfd_w)
+    root._mount_code(MountCode(source=str(tmp_path), name="abc"), [answer.detach(), not_a_pidfd_r])
+    report = reader.recv(4096)
+    os.wait()
+    reader.close()
+    number, _, message = report.decode().partition(" ")
+    assert int(number) == errno.EINVAL, report  # setns refused the fd: no success by default
+    assert "entering the layer zygote's mounts" in message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import struct
 from collections import deque
@@ -47,12 +48,15 @@ class AsyncChannel(Generic[T]):
         self._on_message = on_message
         self._on_close = on_close
         self.closed = False
-        self._out: deque[tuple[bytes, socket.socket | None]] = deque()
+        self._out: deque[tuple[bytes, socket.socket | None, int]] = deque()
         self._writing = False
         self._loop.add_reader(sock.fileno(), self._readable)
 
-    def send(self, msg: msgspec.Struct, passing: socket.socket | None = None) -> None:
-        """Queue a message (and a socket whose fd rides along; the channel closes it once sent).
+    def send(
+        self, msg: msgspec.Struct, passing: socket.socket | None = None, also: int = -1
+    ) -> None:
+        """Queue a message (and a socket whose fd rides along; the channel closes it once sent;
+        and, after it, a copy of the fd `also`, which stays the caller's).
 
         Never blocks the event loop: what the kernel does not take now is sent when the socket
         is writable again. Raises ConnectionError when the peer is gone.
@@ -67,7 +71,7 @@ class AsyncChannel(Generic[T]):
                 f"a {type(msg).__name__} message of {len(data)} bytes exceeds "
                 f"the {MAX_CONTROL_PACKET} byte limit of a control message"
             )
-        self._out.append((data, passing))
+        self._out.append((data, passing, os.dup(also) if also >= 0 else -1))
         if len(self._out) == 1:
             self._flush()
         if self.closed:
@@ -75,12 +79,13 @@ class AsyncChannel(Generic[T]):
 
     def _flush(self) -> None:
         while self._out:
-            data, passing = self._out[0]
+            data, passing, also = self._out[0]
             try:
                 if passing is None:
                     self.sock.send(data)
                 else:
-                    socket.send_fds(self.sock, [data], [passing.fileno()])
+                    fds = [passing.fileno(), *([also] if also >= 0 else [])]
+                    socket.send_fds(self.sock, [data], fds)
             except BlockingIOError:
                 if not self._writing:
                     self._loop.add_writer(self.sock.fileno(), self._flush)
@@ -95,6 +100,8 @@ class AsyncChannel(Generic[T]):
             self._out.popleft()
             if passing is not None:
                 passing.close()
+            if also >= 0:
+                os.close(also)
         if self._writing:
             self._loop.remove_writer(self.sock.fileno())
             self._writing = False
@@ -133,9 +140,11 @@ class AsyncChannel(Generic[T]):
         self._loop.remove_reader(self.sock.fileno())
         if self._writing:
             self._loop.remove_writer(self.sock.fileno())
-        for _data, passing in self._out:
+        for _data, passing, also in self._out:
             if passing is not None:
                 passing.close()
+            if also >= 0:
+                os.close(also)
         self._out.clear()
         self.sock.close()
         self._on_close()

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -47,15 +48,17 @@ from ember.wire.messages import (
 log = logging.getLogger("ember.pool")
 LayerKey = tuple[str, str, str, str]  # namespace, function, layer directory, sandbox digest
 BACKOFF = 60.0  # seconds without a layer zygote for a key after one failed
+MAX_PARSED = 256 * 1024  # bytes of a handler's module the server reads for its imports
 
 
 def layer_key(target: Target, env: dict[str, str], plan: SandboxPlan | None) -> LayerKey:
-    """What a layer zygote's process tree holds that its function zygotes inherit."""
+    """What a layer zygote's process tree holds that its function zygotes inherit: the whole
+    sandbox plan but its cgroups (uid, secrets, `/tmp`, binds, hostname, …), the environment,
+    and the limits and preload list of the function."""
     spec = target.spec
     held = (
         env,
-        plan.secrets if plan is not None else {},
-        plan.uid if plan is not None else 0,
+        msgspec.structs.replace(plan, cgroups=[]) if plan is not None else None,
         spec.network,
         spec.tmp,
         spec.memory,
@@ -97,12 +100,14 @@ def _imports(node: ast.AST) -> list[str]:
 def preload_names(target: Target) -> list[str]:
     """What a layer zygote imports: the layer's packages the handler's module imports, then
     the function's `preload:` list. Reads files: on a worker thread. A module that cannot be
-    read or parsed (its own import will say why) gives only the list."""
+    read or parsed (its own import will say why), or over MAX_PARSED, gives only the list."""
     spec = target.spec
     base = Path(target.code_dir, spec.source, *spec.module.split("."))
     names: list[str] = []
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         try:
+            if path.stat().st_size > MAX_PARSED:
+                break  # the server's time is not the tenant's: `preload:` alone
             found = _imports(ast.parse(path.read_bytes(), str(path)))
             provided = _top_level(Path(target.layer_dir))
         except (OSError, SyntaxError, ValueError, RecursionError, MemoryError):
@@ -126,13 +131,16 @@ class LayerZygote:
         self.ready: asyncio.Future[ZygoteReady] = asyncio.get_running_loop().create_future()
         self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.pid = 0
+        self.pidfd = -1
         self.dead = False
         self.children = 0  # function zygotes forked from it, alive
+        self.pending = 0  # starts that chose it and have not forked from it yet
         self.forks = 0  # function zygotes forked from it, ever
         self.last_used = time.monotonic()
         self.measured_kb = 0
         self.cgroup_dir = ""
-        self.shown: set[str] = set()  # code directories mounted in its sandbox
+        # Code directories mounted in its sandbox (or being mounted), by name.
+        self.shown: dict[str, asyncio.Future[None]] = {}
         self.told = False  # its import's warnings and output are in the function's log
         self.on_close: Callable[[LayerZygote], None] | None = None
         self.channel: AsyncChannel[ZygoteMessage] = AsyncChannel(
@@ -141,8 +149,16 @@ class LayerZygote:
 
     def _on_message(self, msg: ZygoteMessage, sender: int) -> None:
         if isinstance(msg, ZygoteStarted):
+            if self.pid:  # only its first report, sent before any tenant code ran, counts
+                return
             if not sender:  # a pid it cannot prove is never signalled
                 self._fail(PlatformError(f"the layer zygote of {self.label} sent no credentials"))
+                self.channel.close()
+                return
+            try:  # it, for good: the code is mounted and the kill sent through this
+                self.pidfd = os.pidfd_open(sender)
+            except OSError:
+                self._fail(PlatformError(f"the layer zygote of {self.label} is gone"))
                 self.channel.close()
                 return
             self.pid = sender
@@ -160,8 +176,16 @@ class LayerZygote:
     def _on_close(self) -> None:
         self.dead = True
         self._fail(PlatformError(f"the layer zygote of {self.label} exited"))
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
         if self.on_close is not None:
             self.on_close(self)
+
+    @property
+    def in_use(self) -> bool:
+        """A function zygote forked from it runs, or a start is about to fork one."""
+        return bool(self.children or self.pending)
 
     @property
     def usable(self) -> bool:
@@ -185,9 +209,9 @@ class LayerZygote:
         self.last_used = time.monotonic()
 
     def stop(self) -> None:
-        if not self.ready.done() and self.pid:  # stuck importing: it cannot listen
+        if not self.ready.done() and self.pidfd >= 0:  # stuck importing: it cannot listen
             try:
-                os.kill(self.pid, 9)
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         if not self.channel.closed:
@@ -238,32 +262,46 @@ class LayerZygotes:
 
     def add(self, lz: LayerZygote, on_close: Callable[[LayerZygote], None]) -> None:
         def closed(gone: LayerZygote) -> None:
-            if self.by_key.get(gone.key) is gone:
-                del self.by_key[gone.key]
+            self._forget(gone)
             on_close(gone)
-            self._changed()
 
         lz.on_close = closed
         lz.ready.add_done_callback(lambda _: self._measure())
         self.by_key[lz.key] = lz
         self._changed()
 
-    def make_room(self) -> bool:
-        """Below `most` once the least recently used idle one is gone, if needed."""
-        if len(self.by_key) < self.most:
+    def _forget(self, lz: LayerZygote) -> None:
+        if self.by_key.get(lz.key) is lz:
+            del self.by_key[lz.key]
+            self._changed()
+
+    def make_room(self, starting: int = 0) -> bool:
+        """Room for one more beside those running and `starting`, once the least recently
+        used idle one is gone if needed."""
+        if len(self.by_key) + starting < self.most:
             return True
-        idle = [lz for lz in self.by_key.values() if lz.usable and not lz.children]
+        idle = [lz for lz in self.by_key.values() if lz.usable and not lz.in_use]
         if not idle:  # in use, or starting for someone
             return False
         self.evict(min(idle, key=lambda lz: lz.last_used))
-        return True
+        return len(self.by_key) + starting < self.most
 
     def evict(self, lz: LayerZygote) -> bool:
-        if lz.children:
+        """Stop it unless a function zygote uses it (or is about to); it counts no more."""
+        if lz.in_use:
             return False
         log.info("layer zygote of %s stopped", lz.label)
+        self._forget(lz)
         lz.stop()
         return True
+
+    def evict_idle(self, namespace: str) -> int:
+        """Stop every idle one of `namespace` (its quota needs the room); MB they counted."""
+        freed = 0
+        for lz in list(self.by_key.values()):
+            if lz.namespace == namespace and lz.ready.done() and self.evict(lz):
+                freed += lz.memory_mb
+        return freed
 
     def declared_mb(self, namespace: str) -> int:
         """What its namespace's quota counts of them: each at its function's `memory:`."""
@@ -273,7 +311,7 @@ class LayerZygotes:
         """Stop those no function zygote uses whose function is gone, or that no function
         zygote used for `keepalive` seconds (`--layer-zygote-keepalive`)."""
         for lz in list(self.by_key.values()):
-            if lz.children or not lz.ready.done():
+            if lz.in_use or not lz.ready.done():
                 continue
             if not live(lz.function) or now - lz.last_used > self.keepalive:
                 self.evict(lz)
@@ -299,7 +337,7 @@ class LayerZygotes:
                 functools.partial(self.evict, lz),
             )
             for lz in self.by_key.values()
-            if not lz.children and lz.usable
+            if not lz.in_use and lz.usable
         ]
 
     # ---- the measurer's Measurable ----

@@ -29,7 +29,7 @@ import psutil
 from ember.autoscaler.histogram import Windows
 from ember.autoscaler.keepalive import Action, next_edges, zygote_action
 from ember.config import ServerConfig
-from ember.errors import IsolationUnavailable
+from ember.errors import IsolationUnavailable, QuotaReached
 from ember.pool.activity import Activity
 from ember.pool.budget import KB, MemoryBudget
 from ember.pool.capabilities import Check, SandboxProbe, missing, probe_sandbox, protections
@@ -295,7 +295,12 @@ class Pool:
         if quota is None or not (quota.instances or quota.memory_mb):
             return  # no list of the namespace's revisions per start (1,000 in `default`)
         mine = [self.revisions[key] for key in self._of_namespace.get(target.namespace, ())]
-        check_quota(quota, target, mine, self.layers.declared_mb(target.namespace))
+        try:
+            check_quota(quota, target, mine, self.layers.declared_mb(target.namespace))
+        except QuotaReached:  # idle layer zygotes give way to the namespace's instances
+            if not self.layers.evict_idle(target.namespace):
+                raise
+            check_quota(quota, target, mine, self.layers.declared_mb(target.namespace))
 
     # ---- layer zygotes (layer_zygotes.py) ----
     def _room_for_layer(self, target: Target) -> bool:

@@ -16,6 +16,14 @@ from ember.wire.messages import MountCode, SandboxPlan, Shutdown, SpawnBlank, Sp
 log = logging.getLogger("ember.pool")
 
 
+class CodeMountFailed(PlatformError):
+    """A revision's code could not be shown to a layer zygote; `errno` says why (0: unknown)."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(f"could not show the code to a layer zygote: {message}")
+        self.errno = errno
+
+
 def function_env(target: Target) -> dict[str, str]:
     """The function's variables, plus the secrets it asked to see as variables."""
     env = dict(target.spec.env)
@@ -89,25 +97,25 @@ class RootZygote:
             raise
         return parent
 
-    async def mount_code(self, pid: int, source: str, name: str) -> None:
+    async def mount_code(self, pidfd: int, source: str, name: str) -> None:
         """Show the code directory `source` read-only at `/code/NAME` in the sandbox of the
-        layer zygote `pid` (ember.runtime.code_mount, done by a child of the root zygote)."""
+        layer zygote `pidfd` (ember.runtime.code_mount, done by a child of the root zygote);
+        `CodeMountFailed` with the errno when it could not."""
         if self.channel is None or self.channel.closed:
-            raise PlatformError("the root zygote is gone; retry")
+            raise CodeMountFailed(0, "the root zygote is gone; retry")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.channel.send(MountCode(pid=pid, source=source, name=name), theirs)
+            self.channel.send(MountCode(source=source, name=name), theirs, also=pidfd)
             ours.setblocking(False)
             async with asyncio.timeout(10):
                 report = await asyncio.get_running_loop().sock_recv(ours, 4096)
         except (OSError, TimeoutError) as exc:
-            raise PlatformError(f"could not show the code to a layer zygote: {exc}") from exc
+            raise CodeMountFailed(0, f"no answer from the root zygote: {exc!r}") from exc
         finally:
             ours.close()
         if report != b"ok":
-            raise PlatformError(
-                f"could not show the code to a layer zygote: {report.decode(errors='replace')}"
-            )
+            number, _, message = report.decode(errors="replace").partition(" ")
+            raise CodeMountFailed(int(number) if number.isdigit() else 0, message or "no answer")
 
     async def stop(self) -> None:
         self._stopping = True

@@ -7,17 +7,20 @@ the zygote's own channel.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import secrets
 import socket
+import time
 from collections.abc import Callable
 
 from ember.config import ServerConfig
-from ember.errors import EmberError, PlatformError
+from ember.errors import PlatformError
 from ember.pool.capabilities import SandboxProbe
 from ember.pool.layer_zygotes import LayerKey, LayerZygote, LayerZygotes, layer_key, preload_names
 from ember.pool.placement import Placement
-from ember.pool.root import RootZygote, function_env, spec_message
+from ember.pool.root import CodeMountFailed, RootZygote, function_env, spec_message
 from ember.pool.spares import Spares
 from ember.pool.target import Target
 from ember.pool.zygote import FunctionZygote
@@ -30,6 +33,23 @@ log = logging.getLogger("ember.pool")
 # the zygote's limit is `memory` plus this much per instance of `scale.max`, at most the cap.
 PRE_MOVE_MB = 4
 PRE_MOVE_CAP_MB = 256
+
+
+class _Shadowed(Exception):
+    """The revision's own modules have names the layer zygote imported from the layer."""
+
+
+def _shadowed(target: Target, preloaded: list[str]) -> list[str]:
+    """Top-level names the layer zygote imported that the revision's code also has: with the
+    layer's in `sys.modules` already, its own would not be imported. Reads the disk."""
+    source = os.path.join(target.code_dir, target.spec.source)
+    names = dict.fromkeys(name.partition(".")[0] for name in preloaded)
+    return [
+        name
+        for name in names
+        if os.path.exists(os.path.join(source, f"{name}.py"))
+        or os.path.isdir(os.path.join(source, name))
+    ]
 
 
 def _zygote_mb(target: Target) -> int:
@@ -92,10 +112,11 @@ class ZygoteStarter:
         return zygote
 
     async def _blank(
-        self, target: Target, plan: SandboxPlan | None, slug: str = ""
+        self, target: Target, plan: SandboxPlan | None, slug: str = "", zygote_mb: int = 0
     ) -> tuple[socket.socket, str]:
         """A zygote-to-be for `target` and the name of its cgroups ("": none), named after
-        `slug` (the revision's by default).
+        `slug` (the revision's by default), its memory cap `zygote_mb` (by default the
+        revision's zygote's).
 
         Each zygote gets cgroups of its own (a directory per zygote start, so no name is ever
         reused); its instances' memory leaves go below them. In the root sandbox a spare,
@@ -106,6 +127,7 @@ class ZygoteStarter:
         cgroups = self.placement.cgroups
         directory = ""
         slug = slug or target.slug
+        zygote_mb = zygote_mb or _zygote_mb(target)
         if cgroups is None:
             sock = self._spawn([], split=False)
         elif plan is None or self.probe.mode != "root":
@@ -115,13 +137,13 @@ class ZygoteStarter:
             sock = self._spawn([], split=False)
         else:
             spec = target.spec
-            spare = await self.spares.take(spec, _zygote_mb(target))
+            spare = await self.spares.take(spec, zygote_mb)
             if spare is not None:
                 sock, directory = spare.sock, spare.slug
             else:
                 directory = f"{slug}.{secrets.token_hex(3)}"
                 joins = await self.placement.run(
-                    cgroups.revision, directory, _zygote_mb(target), spec.pids, spec.cpu
+                    cgroups.revision, directory, zygote_mb, spec.pids, spec.cpu
                 )
                 sock = self._spawn(joins, split=True)
             self.spares.replenish()
@@ -135,43 +157,32 @@ class ZygoteStarter:
 
     async def _from_layer(self, target: Target, plan: SandboxPlan | None) -> FunctionZygote | None:
         """A function zygote forked from the function's layer zygote (made first if there is
-        none and there is room for one); None: start it the usual way."""
+        none and there is room for one); None: start it the usual way. Whatever goes wrong
+        here only costs the start its layer zygote."""
         key = layer_key(target, function_env(target), plan)
         lz = self.layers.get(key)
         if lz is None:
             lz = await self._layer_for(target, plan, key)
             if lz is None:
                 return None
+        lz.pending += 1  # not evicted while this start uses it
+        lz.last_used = time.monotonic()
         try:
-            async with asyncio.timeout(self.config.init_timeout + 5.0):
-                ready = await asyncio.shield(lz.ready)
-            if not lz.told:  # what its imports said, once, in the log of the function
-                lz.told = True
-                for warning in ready.warnings:
-                    self.system_log(target, f"[ember] layer zygote: {warning}\n")
-                if ready.output:
-                    self.system_log(target, ready.output)
-            if ready.import_anon_kb // 1024 > target.spec.memory:  # as a zygote's import
-                raise PlatformError(f"its packages use more than memory: {target.spec.memory}")
-            code, made = await asyncio.gather(
-                self._show(lz, target, plan), self._cgroups_for(target), return_exceptions=True
-            )
-            if isinstance(made, BaseException):
-                raise made
-            directory, joins = made
-            if isinstance(code, BaseException):
-                if directory:
-                    self.placement.drop_tree(directory)
-                if "open_tree" in str(code) or "mount_setattr" in str(code):
-                    self._code_mounts = False  # this kernel cannot (Linux < 5.12): none again
-                    log.warning("layer zygotes are off: %s", code)
-                raise code
-            sock = lz.fork(code)
-        except (EmberError, TimeoutError) as exc:
+            sock, directory, joins = await self._fork_from(lz, target, plan)
+        except _Shadowed as exc:
+            log.info("layer zygote of %s not used for %s: %s", lz.label, target.label, exc)
+            return None
+        except Exception as exc:
             log.warning("layer zygote of %s not used: %s", lz.label, exc)
+            if isinstance(exc, CodeMountFailed) and exc.errno == errno.ENOSYS:
+                self._code_mounts = False  # this kernel cannot (Linux < 5.12): none again
+                log.warning("layer zygotes are off: this kernel cannot mount code into them")
             self.layers.failed(key, asyncio.get_running_loop().time())
+            lz.pending -= 1
             self.layers.evict(lz)
             return None
+        else:
+            lz.pending -= 1
         if directory:
             self.placement.zygote_dir(target.key, directory)
         zygote = FunctionZygote(sock, target)
@@ -184,33 +195,79 @@ class ZygoteStarter:
             task.add_done_callback(self._joining.discard)
         return zygote
 
+    async def _fork_from(
+        self, lz: LayerZygote, target: Target, plan: SandboxPlan | None
+    ) -> tuple[socket.socket, str, list[str]]:
+        """Fork from `lz` once it is ready, the revision's code shown to it and its cgroups
+        made: the new zygote's channel, the cgroups' name and what it joins."""
+        async with asyncio.timeout(self.config.init_timeout + 5.0):
+            ready = await asyncio.shield(lz.ready)
+        if ready.import_anon_kb // 1024 > target.spec.memory:  # as a zygote's own import
+            raise PlatformError(f"its packages use more than memory: {target.spec.memory}")
+        if not lz.told:  # what its imports said, once, in the log of the function
+            lz.told = True
+            for warning in ready.warnings:
+                self.system_log(target, f"[ember] layer zygote: {warning}\n")
+            if ready.output:
+                self.system_log(target, ready.output)
+        if shadowed := await asyncio.to_thread(_shadowed, target, lz.preload):
+            raise _Shadowed(f"its code has modules of the names {', '.join(shadowed)}")
+        made = asyncio.ensure_future(self._cgroups_for(target))  # meanwhile, the code
+        try:
+            code = await self._show(lz, target, plan)
+            directory, joins = await asyncio.shield(made)
+        except BaseException:
+            made.add_done_callback(self._drop_made)
+            raise
+        try:
+            return lz.fork(code), directory, joins
+        except BaseException:
+            if directory:
+                self.placement.drop_tree(directory)
+            raise
+
+    def _drop_made(self, made: asyncio.Future[tuple[str, list[str]]]) -> None:
+        """Cgroups made for a start that failed: removed by the next sweep."""
+        if not made.cancelled() and made.exception() is None and made.result()[0]:
+            self.placement.drop_tree(made.result()[0])
+
     async def _layer_for(
         self, target: Target, plan: SandboxPlan | None, key: LayerKey
     ) -> LayerZygote | None:
         """A new layer zygote for `key`, one however many starts ask at once; None: no room,
-        or one failed for it lately."""
+        or one failed for it lately, or this one could not be started."""
         starting = self._layer_starts.get(key)
         if starting is None:
             now = asyncio.get_running_loop().time()
             if self.layers.backing_off(key, now):
                 return None
-            if not self.layers.make_room() or not self.room_for_layer(target):
+            if not self.layers.make_room(len(self._layer_starts)):
+                return None
+            if not self.room_for_layer(target):
                 return None
             starting = asyncio.get_running_loop().create_task(self._start_layer(target, plan, key))
             self._layer_starts[key] = starting
-            starting.add_done_callback(lambda _: self._layer_starts.pop(key, None))
+            starting.add_done_callback(lambda t: self._layer_started(key, t))
         try:
             return await asyncio.shield(starting)
-        except OSError as exc:  # the root zygote is gone: the usual start handles that
+        except Exception as exc:  # the root zygote is gone, or stopping: the usual start
             log.warning("no layer zygote for %s: %s", target.label, exc)
             return None
+
+    def _layer_started(self, key: LayerKey, task: asyncio.Task[LayerZygote]) -> None:
+        self._layer_starts.pop(key, None)
+        if not task.cancelled() and task.exception() is not None:  # seen, and backed off
+            self.layers.failed(key, asyncio.get_running_loop().time())
 
     async def _start_layer(
         self, target: Target, plan: SandboxPlan | None, key: LayerKey
     ) -> LayerZygote:
         names = await asyncio.to_thread(preload_names, target)
         slug = f"layer.{target.namespace}.{target.function}"  # not a revision's: tools tell
-        sock, directory = await self._blank(target, plan, slug)
+        # Its own import, one function zygote's import before the server moves it out, and
+        # that zygote's first instances before they are moved (PRE_MOVE_CAP_MB).
+        zygote_mb = 2 * target.spec.memory + PRE_MOVE_CAP_MB
+        sock, directory = await self._blank(target, plan, slug, zygote_mb)
         lz = LayerZygote(sock, key, target)
         lz.cgroup_dir = directory
         lz.preload = names
@@ -230,17 +287,28 @@ class ZygoteStarter:
         return lz
 
     def _layer_gone(self, lz: LayerZygote) -> None:
+        for showing in lz.shown.values():
+            showing.cancel()
         if lz.cgroup_dir and self.placement.cgroups is not None:
             self.placement.drop_tree(lz.cgroup_dir)
 
     async def _show(self, lz: LayerZygote, target: Target, plan: SandboxPlan | None) -> str:
-        """The revision's code in the layer zygote's sandbox, mounted there once."""
+        """The revision's code in the layer zygote's sandbox, mounted there once (starts of
+        one revision at once share the mount)."""
         if plan is None:  # no sandbox: where it is
             return target.code_dir
         name = target.sha256[:32]
-        if name not in lz.shown:
-            await self.root.mount_code(lz.pid, target.code_dir, name)
-            lz.shown.add(name)
+        showing = lz.shown.get(name)
+        if showing is None:
+            showing = asyncio.ensure_future(self.root.mount_code(lz.pidfd, target.code_dir, name))
+            lz.shown[name] = showing
+            showing.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            await asyncio.shield(showing)
+        except Exception:
+            if lz.shown.get(name) is showing:
+                del lz.shown[name]  # the next start tries again
+            raise
         return f"{sandbox_code_dir}/{name}"
 
     async def _cgroups_for(self, target: Target) -> tuple[str, list[str]]:

@@ -37,6 +37,7 @@ _MOUNT_ATTR_RDONLY = 0x1
 _MOUNT_ATTR_NOSUID = 0x2
 _MOUNT_ATTR_NODEV = 0x4
 _CLONE_NEWNS = 0x00020000
+_MS_PRIVATE = 0x40000  # its copy joins no peer group: nothing propagates in or out
 NAME = re.compile(r"^[0-9a-z][0-9a-z.-]{0,63}$")
 
 
@@ -49,9 +50,10 @@ class _MountAttr(ctypes.Structure):
     ]
 
 
-def mount_code(pid: int, source: str, name: str) -> None:
+def mount_code(pidfd: int, source: str, name: str) -> None:
     """Steps 1-3 above, in the calling process (a throw-away fork of the root zygote: it
-    changes mount namespace for good)."""
+    changes mount namespace for good). `pidfd` names the layer zygote (the server opened it
+    when the layer zygote reported, before any tenant code ran): a pid could be reused."""
     if not NAME.match(name):
         raise SandboxError(0, f"sandbox: {name!r} is not a code directory's name")
     libc = _libc()
@@ -63,7 +65,9 @@ def mount_code(pid: int, source: str, name: str) -> None:
     )
     if tree < 0:
         _check(-1, f"open_tree of {source}")
-    attr = _MountAttr(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, 0, 0, 0)
+    attr = _MountAttr(
+        _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, 0, _MS_PRIVATE, 0
+    )
     _check(
         libc.syscall(
             _SYSCALLS["mount_setattr"],
@@ -75,11 +79,7 @@ def mount_code(pid: int, source: str, name: str) -> None:
         ),
         "mount_setattr (making the code read-only)",
     )
-    namespace = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _check(libc.setns(namespace, _CLONE_NEWNS), "entering the layer zygote's mounts")
-    finally:
-        os.close(namespace)
+    _check(libc.setns(pidfd, _CLONE_NEWNS), "entering the layer zygote's mounts")  # 5.8+
     target = f"{CODE_DIR}/{name}"
     os.makedirs(target, 0o755, exist_ok=True)
     if os.path.ismount(target):

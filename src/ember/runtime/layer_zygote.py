@@ -109,6 +109,7 @@ class LayerZygote:
         self.layer = layer
         self.plain = forking.single_threaded() and not foreign_hooks
         self.foreign_hooks = foreign_hooks  # at-fork hooks its packages registered
+        self.zygotes: set[int] = set()  # function zygotes forked, alive
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
 
@@ -124,7 +125,8 @@ class LayerZygote:
             for fd, _ in poller.poll():
                 if fd != commands:
                     os.read(self.wake_r, 4096)
-                    _reap()
+                    if self.zygotes & _reap():
+                        self._end_orphans()
                     continue
                 got = self.channel.recv()
                 if got is None or isinstance(got[0], Shutdown):
@@ -145,6 +147,20 @@ class LayerZygote:
             finally:
                 os._exit(1)
         os.close(fd)
+        self.zygotes.add(pid)
+
+    def _end_orphans(self) -> None:
+        """A function zygote ended: what its processes left behind was reparented to us (pid 1
+        of the pid namespace) and goes too, as it would have with a namespace of its own."""
+        self.zygotes = {pid for pid in self.zygotes if _alive(pid)}
+        if os.getpid() != 1:  # no sandbox: the root zygote adopts them
+            return
+        for pid in limits.own_children():
+            if pid not in self.zygotes:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def _become_function_zygote(self, cmd: ForkZygote, fd: int) -> None:
         parent = os.getppid()
@@ -157,11 +173,22 @@ class LayerZygote:
         zygote.become(got[0], channel, -1, inside=cmd.code, hooks=self.foreign_hooks)
 
 
-def _reap() -> None:
+def _reap() -> set[int]:
+    """Every child that ended; their pids."""
+    gone: set[int] = set()
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return gone
         if pid == 0:
-            return
+            return gone
+        gone.add(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -57,6 +57,16 @@ def become_subreaper() -> None:
         _subreaper = os.getpid()
 
 
+def own_children() -> list[int]:
+    """This process's children now, from /proc (empty where it cannot tell)."""
+    pid = os.getpid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(word) for word in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
 def parent_is_subreaper() -> bool:
     """Whether this process was forked by one that called `become_subreaper` (the flag is
     remembered across fork, the pid says whose it was)."""

@@ -129,8 +129,8 @@ def serve(fd: int, nofile: int = 0) -> None:
         msg, fds = got
         if isinstance(msg, SpawnBlank) and fds:
             _spawn(msg, fds[0])
-        elif isinstance(msg, MountCode) and fds:
-            _mount_code(msg, fds[0])
+        elif isinstance(msg, MountCode):
+            _mount_code(msg, fds)
 
 
 def _spawn(msg: SpawnBlank, fd: int) -> None:
@@ -150,27 +150,38 @@ def _spawn(msg: SpawnBlank, fd: int) -> None:
     os.close(fd)
 
 
-def _mount_code(msg: MountCode, fd: int) -> None:
+def _mount_code(msg: MountCode, fds: list[int]) -> None:
     """A revision's code into a layer zygote's sandbox, by a throw-away child (it leaves the
-    root's mount namespace for good); it answers on `fd`. The root never waits for it."""
+    root's mount namespace for good); it answers on the first fd, b"ok" or "ERRNO message";
+    the second is the layer zygote's pidfd. The root never waits for it."""
+    if len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        return
+    answer, pidfd = fds
     try:
         pid = forking.fork(forking.single_threaded())
     except OSError as exc:
-        os.write(fd, f"fork failed: {exc}".encode())
-        os.close(fd)
+        os.write(answer, f"{exc.errno or 0} fork failed: {exc}".encode())
+        os.close(answer)
+        os.close(pidfd)
         return
     if pid == 0:
-        report = b"ok"
+        report = b"0 the helper failed"
         try:
-            code_mount.mount_code(msg.pid, msg.source, msg.name)
+            code_mount.mount_code(pidfd, msg.source, msg.name)
+            report = b"ok"
         except OSError as exc:
-            report = str(exc).encode(errors="replace")[:4000]
+            report = f"{exc.errno or 0} {exc}".encode(errors="replace")[:4000]
+        except BaseException as exc:
+            report = f"0 {exc!r}".encode(errors="replace")[:4000]
         finally:
             try:
-                os.write(fd, report)
+                os.write(answer, report)
             finally:
                 os._exit(0)
-    os.close(fd)
+    os.close(answer)
+    os.close(pidfd)
 
 
 def _refuse(fd: int, exc: OSError) -> None:

@@ -103,7 +103,9 @@ class Zygote:
         self.prepared = prepared
         self.plain = plain  # fork without CPython's after-fork work (`forking`)
         self.children: set[int] = set()
-        self.pid = os.getpid()  # 1 in a sandbox's pid namespace; the instances' parent
+        # The instances' parent: 1 in a sandbox's pid namespace of its own; forked from a
+        # layer zygote, a child subreaper in the layer zygote's.
+        self.pid = os.getpid()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
 
@@ -135,7 +137,7 @@ class Zygote:
         instance.run(fd, self.handler, self.spec, self.prepared)
 
     def reap(self) -> None:
-        while True:  # in a sandbox, orphans of instances are reparented to us (pid 1) too
+        while True:  # orphans of instances are reparented to us too (pid 1, or subreaper)
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -173,7 +175,9 @@ class Zygote:
                     self.reap()
                 elif not self.on_command():
                     running = False
-        for pid in self.children:
+        # Its instances, and what they left behind (adopted as a subreaper; as pid 1 of its
+        # own pid namespace, the kernel ends those with it anyway).
+        for pid in {*self.children, *limits.own_children()}:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -331,6 +335,8 @@ def become(
             )
         except OSError as exc:
             sandbox_failed(exc, channel)
+    if inside:  # not pid 1: what its instances leave behind comes to it, and goes with it
+        limits.become_subreaper()
     channel.send(ZygoteStarted(pid=os.getpid()))
     started = time.perf_counter()
     anon_before = limits.anon_kb()

@@ -83,10 +83,9 @@ class SpawnLayerZygote(_Msg, tag="spawn-layer", frozen=True):
 
 class MountCode(_Msg, tag="mount-code", frozen=True):
     """To the root zygote: show the code directory `source` read-only at `/code/NAME` in the
-    mount namespace of the layer zygote `pid` (a host pid). The answer, b"ok" or an error,
-    is written on the socket that rides along."""
+    mount namespace of a layer zygote. Two fds ride along: a socket for the answer (b"ok", or
+    "ERRNO message") and the layer zygote's pidfd."""
 
-    pid: int
     source: str
     name: str
 
