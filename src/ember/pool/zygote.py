@@ -74,6 +74,8 @@ class FunctionZygote:
             if inst is not None and not inst.exit_status.done():
                 inst.exit_status.set_result(msg.status)
         elif isinstance(msg, ZygoteStarted):
+            if self.pid:  # its first report names it; user code may send more
+                return
             if not sender:
                 if not self.ready.done():
                     self.ready.set_exception(_uncredited(self.target, "zygote"))
