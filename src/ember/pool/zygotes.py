@@ -241,9 +241,9 @@ class ZygoteStarter:
             now = asyncio.get_running_loop().time()
             if self.layers.backing_off(key, now):
                 return None
-            if not self.layers.make_room(len(self._layer_starts)):
+            if not self.room_for_layer(target):  # first: room made for nothing is lost
                 return None
-            if not self.room_for_layer(target):
+            if not self.layers.make_room(len(self._layer_starts)):
                 return None
             starting = asyncio.get_running_loop().create_task(self._start_layer(target, plan, key))
             self._layer_starts[key] = starting
