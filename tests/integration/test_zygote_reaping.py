@@ -43,4 +43,7 @@ def test_an_instance_that_exits_is_reaped_and_replaced(
         assert server.http.get("/fn/crashy", params={"exit": "1"}).status_code == 502
         wait_for(lambda: not _zombies(server), 5, "the zygote to reap the instance that exited")
     again = server.http.get("/fn/crashy")
-    assert again.status_code == 200 and again.headers["x-ember-start"] == "fork"
+    # A new instance serves: forked for this request, or already by the autoscaler's tick,
+    # which may replace a lost instance first (it did once under CI's load).
+    assert again.status_code == 200
+    assert again.json()["pid"] != first.json()["pid"]
