@@ -254,12 +254,12 @@ class Ember(_Process):
         return int(resp.json()["instances"])
 
     def sandboxed(self, name: str) -> bool:
-        """Whether NAME's zygote is in the sandbox: pid 1 of a pid namespace of its own (with
-        or without a keeper between it and the root zygote)."""
+        """Whether NAME's zygote is in the sandbox: in a pid namespace below ours (pid 1 of
+        its own, or a fork of its layer zygote, pid 1 of the layer zygote's)."""
         zygote = self.function_zygote(name)
         if zygote is None:
             raise LookupError(f"{self.label}: no zygote of {name}")
-        return _pid_one(zygote.pid) or zygote.ppid() != self.root_zygote().pid
+        return len(_nspid(zygote.pid)) > 1
 
     # ---- the process tree ----
     def root_zygote(self) -> psutil.Process:
@@ -383,10 +383,15 @@ def _in_layer_cgroup(pid: int) -> bool:
         return False
 
 
+def _nspid(pid: int) -> list[str]:
+    """PID's pids, from ours to its innermost pid namespace's."""
+    with open(f"/proc/{pid}/status") as f:
+        return next((line.split()[1:] for line in f if line.startswith("NSpid:")), [])
+
+
 def _pid_one(pid: int) -> bool:
     """Whether PID is pid 1 of a pid namespace below ours (as a sandboxed zygote is)."""
-    with open(f"/proc/{pid}/status") as f:
-        nspid = next((line.split()[1:] for line in f if line.startswith("NSpid:")), [])
+    nspid = _nspid(pid)
     return len(nspid) > 1 and nspid[-1] == "1"
 
 
