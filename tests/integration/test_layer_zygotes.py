@@ -301,3 +301,6 @@ def test_a_module_of_the_function_is_never_hidden_by_a_preloaded_one(
     )
     assert r.status_code == 201, r.text
     assert srv.http.get("/fn/lz-own").text == "its own"
+    # the start that passed it by holds it no longer: it goes with its function
+    assert srv.api.delete("/api/v1/functions/lz-own").status_code == 200
+    until(lambda: "lz-own" not in [z["function"] for z in zygotes(srv)])

@@ -167,22 +167,24 @@ class ZygoteStarter:
                 return None
         lz.pending += 1  # not evicted while this start uses it
         lz.last_used = time.monotonic()
+        failure: Exception | None = None
         try:
             sock, directory, joins = await self._fork_from(lz, target, plan)
         except _Shadowed as exc:
             log.info("layer zygote of %s not used for %s: %s", lz.label, target.label, exc)
             return None
         except Exception as exc:
-            log.warning("layer zygote of %s not used: %s", lz.label, exc)
-            if isinstance(exc, CodeMountFailed) and exc.errno == errno.ENOSYS:
+            failure = exc
+        finally:
+            lz.pending -= 1  # forked (it has a child now), or given up
+        if failure is not None:
+            log.warning("layer zygote of %s not used: %s", lz.label, failure)
+            if isinstance(failure, CodeMountFailed) and failure.errno == errno.ENOSYS:
                 self._code_mounts = False  # this kernel cannot (Linux < 5.12): none again
                 log.warning("layer zygotes are off: this kernel cannot mount code into them")
             self.layers.failed(key, asyncio.get_running_loop().time())
-            lz.pending -= 1
             self.layers.evict(lz)
             return None
-        else:
-            lz.pending -= 1
         if directory:
             self.placement.zygote_dir(target.key, directory)
         zygote = FunctionZygote(sock, target)
