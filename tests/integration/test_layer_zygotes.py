@@ -80,6 +80,13 @@ def deploy(
     files = {"requirements.txt": b"emberdep-counted\n"}
     files.update({k: v.encode() for k, v in extra.items()})
     directory = make_function(src, name, HANDLER.format(version=version), files=files)
+    return post(srv, directory, name, namespace)
+
+
+def post(
+    srv: EmberServer, directory: Path, name: str, namespace: str = "default"
+) -> httpx.Response:
+    """`POST /api/v1/deploy` of DIRECTORY's bundle as NAME."""
     return srv.api.post(
         "/api/v1/deploy",
         params={"name": name, "namespace": namespace},
@@ -217,12 +224,7 @@ def test_an_at_fork_hook_of_a_preloaded_package_runs_in_each_instance(
     directory = make_function(
         tmp_path, "lz-hooked", code, files={"requirements.txt": b"emberdep-hooked\n"}
     )
-    r = srv.api.post(
-        "/api/v1/deploy",
-        params={"name": "lz-hooked"},
-        content=bundle.pack(directory),
-        headers={"Content-Type": "application/gzip"},
-    )
+    r = post(srv, directory, "lz-hooked")
     assert r.status_code == 201, r.text
     assert "lz-hooked" in [z["function"] for z in zygotes(srv)]
     out = call(srv, "lz-hooked")
@@ -260,12 +262,7 @@ def test_what_a_revisions_instances_leave_behind_ends_with_it(
         directory = make_function(
             tmp_path, "lz-orphans", code, files={"requirements.txt": b"emberdep-counted\n"}
         )
-        r = srv.api.post(
-            "/api/v1/deploy",
-            params={"name": "lz-orphans"},
-            content=bundle.pack(directory),
-            headers={"Content-Type": "application/gzip"},
-        )
+        r = post(srv, directory, "lz-orphans")
         assert r.status_code == 201, r.text
 
     deploy_orphaning(1)
@@ -293,12 +290,7 @@ def test_a_module_of_the_function_is_never_hidden_by_a_preloaded_one(
             "emberdep_counted.py": b"TOKEN = 'its own'\n",  # as without a layer zygote
         },
     )
-    r = srv.api.post(
-        "/api/v1/deploy",
-        params={"name": "lz-own"},
-        content=bundle.pack(directory),
-        headers={"Content-Type": "application/gzip"},
-    )
+    r = post(srv, directory, "lz-own")
     assert r.status_code == 201, r.text
     assert srv.http.get("/fn/lz-own").text == "its own"
     # the start that passed it by holds it no longer: it goes with its function

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -35,10 +36,10 @@ from ember.errors import EmberError, PlatformError
 from ember.pool.budget import KB, Eviction
 from ember.pool.channel import AsyncChannel
 from ember.pool.target import Target
+from ember.pool.zygote import shut_down
 from ember.wire.messages import (
     ForkZygote,
     SandboxPlan,
-    Shutdown,
     ZygoteFailed,
     ZygoteMessage,
     ZygoteReady,
@@ -210,16 +211,9 @@ class LayerZygote:
 
     def stop(self) -> None:
         if not self.ready.done() and self.pidfd >= 0:  # stuck importing: it cannot listen
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if not self.channel.closed:
-            try:
-                self.channel.send(Shutdown())
-            except OSError:
-                pass
-            self.channel.close()
+        shut_down(self.channel)
 
 
 class LayerZygotes:

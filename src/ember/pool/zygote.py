@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -150,16 +151,17 @@ class FunctionZygote:
 
     def stop(self) -> None:
         if not self.ready.done() and self.pid:  # stuck in the user's import: it cannot listen
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if not self.channel.closed:
-            try:
-                self.channel.send(Shutdown())
-            except OSError:
-                pass
-            self.channel.close()
+        shut_down(self.channel)
+
+
+def shut_down(channel: AsyncChannel[ZygoteMessage]) -> None:
+    """Tell a zygote (or layer zygote) to stop, and close its channel: it exits at EOF."""
+    if not channel.closed:
+        with contextlib.suppress(OSError):
+            channel.send(Shutdown())
+        channel.close()
 
 
 def _platform_failure(target: Target, msg: ZygoteFailed) -> PlatformError:

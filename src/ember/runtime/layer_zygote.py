@@ -23,7 +23,6 @@ import gc
 import importlib
 import io
 import os
-import select
 import signal
 import socket
 import sys
@@ -110,30 +109,23 @@ class LayerZygote:
         self.plain = forking.single_threaded() and not foreign_hooks
         self.foreign_hooks = foreign_hooks  # at-fork hooks its packages registered
         self.zygotes: set[int] = set()  # function zygotes forked, alive
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_w, False)
 
     def serve(self) -> None:
         """Forks on command; reaps every child (as pid 1 of its pid namespace, orphans too)."""
-        signal.set_wakeup_fd(self.wake_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        poller = select.poll()
-        commands = self.channel.sock.fileno()
-        poller.register(commands, select.POLLIN)
-        poller.register(self.wake_r, select.POLLIN)
-        while True:
-            for fd, _ in poller.poll():
-                if fd != commands:
-                    os.read(self.wake_r, 4096)
-                    if self.zygotes & _reap():
-                        self._end_orphans()
-                    continue
-                got = self.channel.recv()
-                if got is None or isinstance(got[0], Shutdown):
-                    return  # its function zygotes die with it (their death signal)
-                cmd, fds = got
-                if isinstance(cmd, ForkZygote) and fds:
-                    self.fork(cmd, fds[0])
+        zygote.serve_commands(self.channel.sock.fileno(), self.on_command, self.on_child)
+
+    def on_command(self) -> bool:
+        got = self.channel.recv()
+        if got is None or isinstance(got[0], Shutdown):
+            return False  # its function zygotes die with it (their death signal)
+        cmd, fds = got
+        if isinstance(cmd, ForkZygote) and fds:
+            self.fork(cmd, fds[0])
+        return True
+
+    def on_child(self) -> None:
+        if self.zygotes & _reap():
+            self._end_orphans()
 
     def fork(self, cmd: ForkZygote, fd: int) -> None:
         try:

@@ -106,8 +106,6 @@ class Zygote:
         # The instances' parent: 1 in a sandbox's pid namespace of its own; forked from a
         # layer zygote, a child subreaper in the layer zygote's.
         self.pid = os.getpid()
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_w, False)
 
     def fork(self, cmd: ForkInstance, fd: int) -> None:
         try:
@@ -159,22 +157,8 @@ class Zygote:
         return True
 
     def serve(self) -> None:
-        """Wait for commands and SIGCHLD. A bare poll(), not `selectors`: whatever the zygote
-        does after a fork writes pages its new instance then keeps as private copies."""
-        signal.set_wakeup_fd(self.wake_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        poller = select.poll()
-        commands = self.channel.sock.fileno()
-        poller.register(commands, select.POLLIN)
-        poller.register(self.wake_r, select.POLLIN)
-        running = True
-        while running:
-            for fd, _ in poller.poll():
-                if fd != commands:
-                    os.read(self.wake_r, 4096)
-                    self.reap()
-                elif not self.on_command():
-                    running = False
+        """Fork on command and reap on SIGCHLD until told to stop (`serve_commands`)."""
+        serve_commands(self.channel.sock.fileno(), self.on_command, self.reap)
         # Its instances, and what they left behind (adopted as a subreaper; as pid 1 of its
         # own pid namespace, the kernel ends those with it anyway).
         for pid in {*self.children, *limits.own_children()}:
@@ -182,6 +166,28 @@ class Zygote:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def serve_commands(
+    commands: int, on_command: Callable[[], bool], on_child: Callable[[], None]
+) -> None:
+    """A zygote's loop: `on_command` when its channel (`commands`) is readable, until it
+    returns False; `on_child` after a SIGCHLD. A bare poll(), not `selectors`: whatever the
+    zygote does after a fork writes pages its new child then keeps as private copies."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    poller = select.poll()
+    poller.register(commands, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    while True:
+        for fd, _ in poller.poll():
+            if fd != commands:
+                os.read(wake_r, 4096)
+                on_child()
+            elif not on_command():
+                return
 
 
 def _clip(text: str, limit: int = MAX_TEXT) -> str:
