@@ -67,6 +67,12 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     layer_zygotes: int = 32
     # Seconds a layer zygote no function zygote uses is kept (its function still deployed).
     layer_zygote_keepalive: float = 3600.0
+    # Where async invocations wait (ember.queue): "" = SQLite in EMBER_HOME/queue.db;
+    # nats://HOST:PORT = a NATS JetStream server.
+    queue: str = ""
+    async_max_body_bytes: int = 1024 * 1024  # an async invocation's body; larger → 413
+    # Seconds an ended async invocation (its result, its Idempotency-Key) is kept.
+    async_retention: float = 7 * 24 * 3600.0
     # The only variables of the server's environment that reach functions (the CLI fills it).
     base_env: dict[str, str] = {}
 
@@ -101,6 +107,19 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
             ("build_disk_mb", self.build_disk_mb, self.build_disk_mb >= 16, "must be >= 16"),
             ("layer_zygotes", self.layer_zygotes, self.layer_zygotes >= 0, "must be >= 0"),
             (
+                "queue",
+                self.queue,
+                self.queue == "" or self.queue.startswith(("nats://", "tls://")),
+                "must be empty (SQLite in EMBER_HOME) or a nats:// URL",
+            ),
+            (
+                "async_max_body_bytes",
+                self.async_max_body_bytes,
+                0 < self.async_max_body_bytes <= self.max_body_bytes,
+                f"must be > 0 and at most max_body_bytes ({self.max_body_bytes})",
+            ),
+            ("async_retention", self.async_retention, self.async_retention > 0, "must be > 0"),
+            (
                 "layer_zygote_keepalive",
                 self.layer_zygote_keepalive,
                 self.layer_zygote_keepalive >= 0,
@@ -133,6 +152,10 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def db_path(self) -> Path:
         return self.home / "ember.db"
+
+    @property
+    def queue_path(self) -> Path:
+        return self.home / "queue.db"
 
     @property
     def blob_dir(self) -> Path:

@@ -57,6 +57,13 @@ class TooLarge(UserError):
     code = "too_large"
 
 
+class Conflict(UserError):
+    """The thing is not in a state that allows this (an invocation already running)."""
+
+    status = 409
+    code = "conflict"
+
+
 class RequirementsError(UserError):
     """A function's requirements cannot be taken, resolved or installed (nothing is deployed)."""
 

@@ -11,13 +11,23 @@ import keyword
 import math
 import re
 import reprlib
+import urllib.parse
 from collections.abc import Callable, Mapping
 
 import msgspec
 import yaml
 
 from ember.errors import UserError
-from ember.spec import MAX_TIMEOUT_S, FunctionSpec, ScaleSpec, SecretRef
+from ember.spec import (
+    MAX_TIMEOUT_S,
+    RETRYABLE,
+    AsyncSpec,
+    BackoffSpec,
+    Destination,
+    FunctionSpec,
+    ScaleSpec,
+    SecretRef,
+)
 
 NAME_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 SECRET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
@@ -55,6 +65,20 @@ _EXAMPLES = {
     "window": "60s",
     "panic_window": "6s",
     "down_rate": "2",
+    "async": "{retries: 5, on_failure: {function: failed}}",
+    "retries": "5",
+    "backoff": "{initial: 1s, max: 5m, factor: 2, jitter: 0.5}",
+    "initial": "1s",
+    "backoff.max": "5m",  # a parent.key entry wins over the key's own (scale.max is a count)
+    "factor": "2",
+    "jitter": "0.5",
+    "retry_on": "[5xx, 429, timeout, crash]",
+    "max_age": "6h",
+    "on_success": "{function: audit}",
+    "on_failure": "{url: 'https://hooks.example.com/failed'}",
+    "function": "audit",
+    "url": "https://hooks.example.com/done",
+    "subject": "ember.results.resize",
 }
 
 _Parser = Callable[[object, str], object]
@@ -83,7 +107,7 @@ def parse_duration(value: object, key: str) -> float:
     """Seconds from a number (seconds) or a string such as "500ms", "30s", "15m", "1h", "90"."""
     seconds = _seconds(value)
     if seconds is None:
-        example = f"{_leaf(key)}: {_EXAMPLES.get(_leaf(key), '30s')}"
+        example = _example(key, "30s")
         raise UserError(
             f"{key}: {_show(value)} is not a duration; write e.g. {example} ({_DURATION_RULE})",
             code="bad_manifest",
@@ -141,8 +165,13 @@ def _parse_yaml(text: str) -> object:
 def _function(key: object, body: object) -> FunctionSpec:
     if not isinstance(key, str) or not NAME_RE.match(key):
         raise _fail("functions", f"function name {_show(key)} is invalid: {NAME_RULE}")
-    changes = _parse_fields({} if body is None else body, f"functions.{key}", _FUNCTION_PARSERS)
-    return msgspec.structs.replace(FunctionSpec(name=key), **changes)
+    path = f"functions.{key}"
+    changes = _parse_fields({} if body is None else body, path, _FUNCTION_PARSERS)
+    spec = msgspec.structs.replace(
+        FunctionSpec(name=key), **{_ATTRIBUTES[field]: item for field, item in changes.items()}
+    )
+    _refuse_self_destinations(spec, _join(path, "async"))
+    return spec
 
 
 def _parse_fields(value: object, path: str, parsers: Mapping[str, _Parser]) -> dict[str, object]:
@@ -162,7 +191,7 @@ def _fields(value: object, path: str, allowed: tuple[str, ...]) -> dict[str, obj
 
 def _field(parser: _Parser, value: object, path: str) -> object:
     if value is None:
-        example = f"{_leaf(path)}: {_EXAMPLES[_leaf(path)]}"
+        example = _example(path)
         raise _fail(path, f"has no value; write e.g. {example}, or remove the key for the default")
     return parser(value, path)
 
@@ -197,7 +226,7 @@ def _source(value: object, path: str) -> str:
 
 
 def _whole(value: object, path: str, low: int, high: int, unit: str = "") -> int:
-    example = f"{_leaf(path)}: {_EXAMPLES[_leaf(path)]}"
+    example = _example(path)
     if isinstance(value, bool) or not isinstance(value, int):
         of_unit = f" of {unit}" if unit else ""
         raise _fail(path, f"{_show(value)} is not a whole number{of_unit}; write e.g. {example}")
@@ -253,8 +282,7 @@ def _number(value: object, path: str, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
         raise _fail(
             path,
-            f"{_show(value)} is not a number from {low:g} to {high:g}; write e.g. "
-            f"{_leaf(path)}: {_EXAMPLES[_leaf(path)]}",
+            f"{_show(value)} is not a number from {low:g} to {high:g}; write e.g. {_example(path)}",
         )
     return float(value)
 
@@ -265,7 +293,7 @@ def _window(value: object, path: str, low: float, high: float) -> float:
         raise _fail(
             path,
             f"{_show(value)} is out of range; use {low:g}s to {high / 60:g}m, e.g. "
-            f"{_leaf(path)}: {_EXAMPLES[_leaf(path)]}",
+            f"{_example(path)}",
         )
     return seconds
 
@@ -374,6 +402,165 @@ def _preload(value: object, path: str) -> list[str]:
     return list(value)
 
 
+MAX_RETRIES = 1_000_000
+MAX_URL = 2048
+MAX_SUBJECT = 255
+_STATUS_RE = re.compile(r"[1-9][0-9]{2}")
+_SUBJECT_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+_URL_CHARS_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
+_RETRY_ON_RULE = (
+    f"write {', '.join(RETRYABLE)} or a status code from 400 to 599, e.g. "
+    f"retry_on: {_EXAMPLES['retry_on']}"
+)
+
+
+def _async(value: object, path: str) -> AsyncSpec:
+    changes = _parse_fields(value, path, _ASYNC_PARSERS)
+    return msgspec.structs.replace(AsyncSpec(), **changes)
+
+
+def _backoff(value: object, path: str) -> BackoffSpec:
+    written = _fields(value, path, tuple(_BACKOFF_PARSERS))
+    changes = _parse_fields(written, path, _BACKOFF_PARSERS)
+    backoff = msgspec.structs.replace(BackoffSpec(), **changes)
+    if backoff.max < backoff.initial:
+        cap = _show(written["max"]) if "max" in written else f"the default {backoff.max:g} s"
+        raise _fail(
+            _join(path, "max"),
+            f"{cap} is shorter than initial ({_show(written['initial'])}); every wait is "
+            f"capped at max, so write a max of at least initial, e.g. max: {written['initial']}, "
+            "or lower initial",
+        )
+    return backoff
+
+
+def _span(value: object, path: str, low: float, high: float) -> float:
+    """A duration from `low` to `high` seconds."""
+    seconds = _duration(value, path)
+    if not low <= seconds <= high:
+        raise _fail(
+            path,
+            f"{_show(value)} is out of range; use {_unit(low)} to {_unit(high)}, e.g. "
+            f"{_example(path)}",
+        )
+    return seconds
+
+
+def _unit(seconds: float) -> str:
+    """`seconds` as one would write it in ember.yaml: 0.001 -> 1ms, 3600 -> 1h."""
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and seconds % size == 0:
+            days = f" ({seconds / 86400:g} days)" if seconds > 86400 and unit == "h" else ""
+            return f"{seconds / size:g}{unit}{days}"
+    return f"{seconds * 1000:g}ms"
+
+
+def _retry_on(value: object, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _fail(
+            path,
+            f"expected a list of outcomes to retry, got {_kind(value)}; {_RETRY_ON_RULE}, "
+            "or retry_on: [] to never retry",
+        )
+    outcomes: dict[str, None] = {}  # insertion-ordered: duplicates removed, order kept
+    for i, item in enumerate(value):
+        outcomes[_outcome(item, f"{path}[{i}]")] = None
+    return tuple(outcomes)
+
+
+def _outcome(value: object, path: str) -> str:
+    if isinstance(value, str) and value in RETRYABLE:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        code = value
+    elif isinstance(value, str) and _STATUS_RE.fullmatch(value):
+        code = int(value)
+    else:
+        raise _fail(path, f"{_show(value)} is not an outcome to retry; {_RETRY_ON_RULE}")
+    if not 400 <= code <= 599:
+        raise _fail(path, f"{_show(value)} is not an error status code; {_RETRY_ON_RULE}")
+    return str(code)
+
+
+def _destination(value: object, path: str) -> Destination:
+    if not isinstance(value, dict):
+        raise _fail(
+            path,
+            f"expected a mapping with one of {', '.join(_DESTINATION_PARSERS)}, got "
+            f"{_kind(value)}; write e.g. {_example(path)}",
+        )
+    changes = _parse_fields(value, path, _DESTINATION_PARSERS)
+    if len(changes) != 1:
+        given = f"sets {', '.join(changes)}" if changes else "sets no target"
+        raise _fail(
+            path,
+            f"{given}; set exactly one of {', '.join(_DESTINATION_PARSERS)}, e.g. {_example(path)}",
+        )
+    return msgspec.structs.replace(Destination(), **changes)
+
+
+def _target_function(value: object, path: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise _fail(
+            path,
+            f"{_show(value)} is not a function name: {NAME_RULE}; name a function of the "
+            f"same namespace, e.g. {_example(path)}",
+        )
+    return value
+
+
+def _url(value: object, path: str) -> str:
+    if not isinstance(value, str) or not _URL_CHARS_RE.fullmatch(value):
+        raise _fail(
+            path,
+            f"{_show(value)} is not a URL; write e.g. {_example(path)} "
+            "(percent-encode spaces and non-ASCII characters)",
+        )
+    if len(value) > MAX_URL:
+        raise _fail(path, f"is {len(value)} characters long; use at most {MAX_URL}")
+    try:
+        parts = urllib.parse.urlsplit(value)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 -- raises ValueError when out of range or not a number
+    except ValueError:
+        ok = False
+    if not ok:
+        raise _fail(
+            path,
+            f"{_show(value)} is not an absolute http:// or https:// URL with a host; "
+            f"write e.g. {_example(path)}",
+        )
+    return value
+
+
+def _subject(value: object, path: str) -> str:
+    if not isinstance(value, str) or not _SUBJECT_RE.fullmatch(value) or len(value) > MAX_SUBJECT:
+        raise _fail(
+            path,
+            f"{_show(value)} is not a NATS subject: use at most {MAX_SUBJECT} letters, digits, "
+            "'_' and '-' in tokens separated by '.', without wildcards (* or >); write e.g. "
+            f"{_example(path)}",
+        )
+    return value
+
+
+def _refuse_self_destinations(spec: FunctionSpec, path: str) -> None:
+    """A function may not be its own destination: each run would start another, forever."""
+    why = {
+        "on_success": "each success would invoke it again, forever",
+        "on_failure": "each failure would invoke it again, past its retries and max_age "
+        "(to retry more, raise retries)",
+    }
+    for key, because in why.items():
+        destination: Destination | None = getattr(spec.async_, key)
+        if destination is not None and destination.function == spec.name:
+            raise _fail(
+                f"{path}.{key}.function",
+                f"{_show(spec.name)} is the function itself: {because}; name another "
+                "function, or send the result to a url or subject",
+            )
+
+
 def _env_key(key: object, path: str) -> str:
     if not isinstance(key, str) or not _ENV_KEY_RE.fullmatch(key):
         raise _fail(
@@ -432,6 +619,15 @@ def _leaf(path: str) -> str:
     return path.rpartition(".")[2]
 
 
+def _example(path: str, default: str | None = None) -> str:
+    """`key: value` to show for the key at `path`: `max: 5m` for `functions.f.async.backoff.max`."""
+    parent, _, leaf = path.rpartition(".")
+    value = _EXAMPLES.get(f"{_leaf(parent)}.{leaf}") or _EXAMPLES.get(leaf, default)
+    if value is None:
+        raise KeyError(leaf)
+    return f"{leaf}: {value}"
+
+
 def _error(message: str) -> UserError:
     return UserError(f"ember.yaml: {message}", code="bad_manifest")
 
@@ -449,6 +645,26 @@ _SCALE_PARSERS: dict[str, _Parser] = {
     "panic_window": lambda value, path: _window(value, path, 1, 600),
     "down_rate": lambda value, path: _number(value, path, 1.01, 1000),
 }
+_BACKOFF_PARSERS: dict[str, _Parser] = {
+    "initial": lambda value, path: _span(value, path, 0.001, 3600),
+    "max": lambda value, path: _span(value, path, 0.001, 24 * 3600),
+    "factor": lambda value, path: _number(value, path, 1, 10),
+    "jitter": lambda value, path: _number(value, path, 0, 1),
+}
+_DESTINATION_PARSERS: dict[str, _Parser] = {
+    "function": _target_function,
+    "url": _url,
+    "subject": _subject,
+}
+_ASYNC_PARSERS: dict[str, _Parser] = {
+    "retries": lambda value, path: _whole(value, path, 0, MAX_RETRIES),
+    "backoff": _backoff,
+    "retry_on": _retry_on,
+    "max_age": lambda value, path: _span(value, path, 1, 7 * 24 * 3600),
+    "concurrency": lambda value, path: _whole(value, path, 0, 10000),
+    "on_success": _destination,
+    "on_failure": _destination,
+}
 _FUNCTION_PARSERS: dict[str, _Parser] = {
     "handler": _handler,
     "source": _source,
@@ -464,4 +680,7 @@ _FUNCTION_PARSERS: dict[str, _Parser] = {
     "tmp": lambda value, path: _whole(value, path, 1, 16384, "MB"),
     "secrets": _secrets,
     "preload": _preload,
+    "async": _async,
 }
+# The FunctionSpec attribute of each key of ember.yaml: `async` is a keyword, so `async_`.
+_ATTRIBUTES = {field.encode_name: field.name for field in msgspec.structs.fields(FunctionSpec)}

@@ -22,6 +22,40 @@ class SecretRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     env: str = ""  # also as this environment variable, when set
 
 
+class BackoffSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The wait before retry N (N = 1, 2, ...): `initial * factor ** (N - 1)`, capped at `max`,
+    then drawn uniformly from [wait * (1 - jitter), wait] (ember.queue.policy)."""
+
+    initial: float = 1.0  # seconds
+    max: float = 300.0  # seconds; every wait is capped
+    factor: float = 2.0
+    jitter: float = 0.5  # 0: none; 1: "full jitter"
+
+
+class Destination(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where an async invocation's result record goes when it ends: exactly one is set."""
+
+    function: str = ""  # another function of the same namespace, invoked asynchronously
+    url: str = ""  # POSTed with bounded retries
+    subject: str = ""  # a NATS subject (only with `ember up --queue nats://...`)
+
+
+RETRYABLE = ("5xx", "429", "timeout", "crash")
+
+
+class AsyncSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How the function's async invocations are retried, aged and bounded (docs/async.md)."""
+
+    retries: int = 2  # attempts after the first
+    backoff: BackoffSpec = BackoffSpec()
+    # Outcomes retried: "5xx", "429", "timeout", "crash", or a status code such as "503".
+    retry_on: tuple[str, ...] = RETRYABLE
+    max_age: float = 6 * 3600.0  # seconds from acceptance; older ones expire instead of running
+    concurrency: int = 0  # of its async invocations running at once; 0: scale.max x concurrency
+    on_success: Destination | None = None
+    on_failure: Destination | None = None
+
+
 class FunctionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     handler: str = "handler.handle"  # module.function, relative to `source`
@@ -40,6 +74,7 @@ class FunctionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Modules its layer zygote imports once, beside the layer's packages its handler's module
     # imports (ember.pool.layer_zygotes); [] = only those.
     preload: list[str] = []
+    async_: AsyncSpec = msgspec.field(default_factory=AsyncSpec, name="async")
 
     @property
     def module(self) -> str:
@@ -63,11 +98,11 @@ def _without_defaults(struct: msgspec.Struct) -> dict[str, object]:
         if isinstance(value, msgspec.Struct):
             nested = _without_defaults(value)
             if nested:
-                out[field.name] = nested
+                out[field.encode_name] = nested
         elif value != field.default and not (
             field.default_factory is not msgspec.NODEFAULT and value == field.default_factory()
         ):
-            out[field.name] = msgspec.to_builtins(value, order="sorted")
+            out[field.encode_name] = msgspec.to_builtins(value, order="sorted")
     return dict(sorted(out.items()))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -20,15 +21,19 @@ from ember.api.control import Control
 from ember.api.names import DEFAULT_NS, validate_namespace
 from ember.api.openapi import document
 from ember.auth import KeyTable, Principal
-from ember.errors import EmberError, Forbidden, UserError
+from ember.errors import Conflict, EmberError, Forbidden, NotFound, UserError
 from ember.layers.builder import Progress
 from ember.pool.target import Target
+from ember.queue.base import DEAD, STATUSES, Invocation
+from ember.queue.dispatcher import Dispatcher
+from ember.queue.views import InvocationList, info
 from ember.secretbox import MAX_SECRET_BYTES
 from ember.spec import Quota
 from ember.telemetry.metrics import Metrics
 
 log = logging.getLogger("ember.api")
 _json = msgspec.json.Encoder()
+_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def _ok(body: object, status: int = 200) -> Response:
@@ -44,9 +49,10 @@ def _error(exc: EmberError) -> Response:
 class Api:
     """Every handler first authenticates: a key, its scope for the namespace, its rate."""
 
-    def __init__(self, control: Control, metrics: Metrics) -> None:
+    def __init__(self, control: Control, metrics: Metrics, invocations: Dispatcher) -> None:
         self.control = control
         self.metrics = metrics
+        self.invocations = invocations
         self._deploying: set[asyncio.Task[None]] = set()  # streamed deploys under way
 
     @property
@@ -369,6 +375,87 @@ class Api:
         total = sum(x.bytes for x in out)
         return _ok(s.LayerList(layers=out, count=len(out), bytes=total, zygotes=zygotes))
 
+    # ---- async invocations ----
+    async def _invocation(self, request: Request, action: str) -> Invocation:
+        """The invocation of the path, if the key may `action` in its namespace (else 404:
+        whether an id exists is not told to who may not see it)."""
+        principal = self._who(request)
+        id = request.path_params["id"]
+        inv = await self.invocations.queue.get(id) if _ID.fullmatch(id) else None
+        if inv is not None:
+            try:
+                self._keys.require(principal, action, inv.function.partition("/")[0])
+            except Forbidden:
+                inv = None
+        if inv is None:
+            raise NotFound(
+                f"no async invocation {id!r} (ended ones are kept for "
+                f"{self.control.config.async_retention / 3600:g} h)",
+                code="no_invocation",
+            )
+        return inv
+
+    async def invocation(self, request: Request) -> Response:
+        return _ok(info(await self._invocation(request, "read")))
+
+    async def cancel_invocation(self, request: Request) -> Response:
+        inv = await self._invocation(request, "invoke")
+        cancelled = await self.invocations.queue.cancel(inv.id, time.time())
+        if cancelled is None:
+            raise Conflict(
+                f"invocation {inv.id} is {inv.status}; only a queued one can be cancelled",
+                code="not_queued",
+            )
+        return _ok(info(cancelled))
+
+    async def replay_invocation(self, request: Request) -> Response:
+        inv = await self._invocation(request, "deploy")
+        if inv.status != DEAD:
+            raise Conflict(
+                f"invocation {inv.id} is {inv.status}; only a dead one can be replayed",
+                code="not_dead",
+            )
+        replayed = await self.invocations.queue.replay(inv.function, [inv.id], time.time())
+        if not replayed:
+            raise Conflict(f"invocation {inv.id} was replayed meanwhile", code="not_dead")
+        self.invocations.wake(inv.function)
+        return _ok(info(replayed[0]))
+
+    async def function_invocations(self, request: Request) -> Response:
+        target = self._target(request, "read")
+        status = request.query_params.get("status") or None
+        if status is not None and status not in STATUSES:
+            raise UserError(
+                f"status={status!r} is not one of {', '.join(STATUSES)}", code="bad_request"
+            )
+        limit = params.integer(request, "limit", 50, 1, 10_000)
+        found = await self.invocations.queue.list(target.qualified, status, limit)
+        return _ok(InvocationList([info(inv) for inv in found]))
+
+    async def dead_letters(self, request: Request) -> Response:
+        target = self._target(request, "read")
+        limit = params.integer(request, "limit", 50, 1, 10_000)
+        found = await self.invocations.queue.list(target.qualified, DEAD, limit)
+        return _ok(InvocationList([info(inv) for inv in found]))
+
+    async def replay_dead(self, request: Request) -> Response:
+        target = self._target(request, "deploy")
+        body = await params.body(request, s.ReplayRequest)
+        if body.all == bool(body.ids):
+            raise UserError(
+                'send either {"all": true} or {"ids": [...]}, not both or neither',
+                code="bad_request",
+            )
+        ids = None if body.all else body.ids
+        replayed = await self.invocations.queue.replay(target.qualified, ids, time.time())
+        if replayed:
+            self.invocations.wake(target.qualified)
+        return _ok(s.Replayed([inv.id for inv in replayed]))
+
+    async def purge_dead(self, request: Request) -> Response:
+        target = self._target(request, "deploy")
+        return _ok(s.Purged(await self.invocations.queue.purge(target.qualified)))
+
     async def openapi(self, request: Request) -> Response:
         self._who(request)
         return _ok(document())
@@ -383,8 +470,8 @@ class Api:
         return Response(body, media_type="text/plain; version=0.0.4")
 
 
-def build(control: Control, metrics: Metrics) -> Starlette:
-    api = Api(control, metrics)
+def build(control: Control, metrics: Metrics, invocations: Dispatcher) -> Starlette:
+    api = Api(control, metrics, invocations)
     routes = [
         Route("/healthz", api.healthz),
         Route("/metrics", api.metrics_endpoint),
@@ -402,6 +489,13 @@ def build(control: Control, metrics: Metrics) -> Starlette:
         Route("/api/v1/functions/{name}/rollback", api.rollback, methods=["POST"]),
         Route("/api/v1/functions/{name}/logs", api.logs),
         Route("/api/v1/functions/{name}/activations", api.activations),
+        Route("/api/v1/functions/{name}/invocations", api.function_invocations),
+        Route("/api/v1/functions/{name}/dlq", api.dead_letters),
+        Route("/api/v1/functions/{name}/dlq", api.purge_dead, methods=["DELETE"]),
+        Route("/api/v1/functions/{name}/dlq/replay", api.replay_dead, methods=["POST"]),
+        Route("/api/v1/invocations/{id}", api.invocation),
+        Route("/api/v1/invocations/{id}", api.cancel_invocation, methods=["DELETE"]),
+        Route("/api/v1/invocations/{id}/replay", api.replay_invocation, methods=["POST"]),
         Route("/api/v1/namespaces", api.namespaces),
         Route("/api/v1/namespaces/{namespace}/quota", api.set_quota, methods=["PUT"]),
         Route("/api/v1/keys", api.keys),

@@ -231,9 +231,24 @@ class Deploys:
         self.namespaces.check_names(namespace, specs)
         for spec in specs:
             self.secrets.check_listed(namespace, spec)
+            self._check_destinations(spec)
         self.namespaces.check_deploy_quota(namespace, specs)
         if canary is not None:
             self.traffic.check_canary(namespace, specs, canary)
+
+    def _check_destinations(self, spec: FunctionSpec) -> None:
+        """A NATS subject as a destination needs the NATS queue (docs/async.md)."""
+        if self.config.queue.startswith(("nats://", "tls://")):
+            return
+        for which in ("on_success", "on_failure"):
+            dest = getattr(spec.async_, which)
+            if dest is not None and dest.subject:
+                raise UserError(
+                    f"function '{spec.name}': async.{which}.subject {dest.subject!r} needs the "
+                    "NATS queue, and this server keeps its queue in SQLite; start it with "
+                    "ember up --queue nats://HOST:4222, or send to a function or url instead",
+                    code="bad_manifest",
+                )
 
     def _plan(self, staging: Path, spec: FunctionSpec) -> Plan:
         source = staging / spec.source

@@ -14,6 +14,8 @@ from typing import Any
 import msgspec
 
 from ember.api import schemas as s
+from ember.queue.base import STATUSES
+from ember.queue.views import InvocationInfo, InvocationList
 from ember.secretbox import MAX_SECRET_BYTES
 from ember.spec import Quota
 
@@ -67,7 +69,8 @@ ERRORS = {
     401: "No API key, or one that is unknown, revoked or malformed",
     403: "The key lacks the scope this call needs (or a namespace quota would be exceeded)",
     404: "No such function, secret or key",
-    409: "A name conflict (a namespace against a function of namespace default, a secret in use)",
+    409: "A conflict: a namespace against a function of namespace default, a secret in use, "
+    "an invocation not in the state the call needs",
     413: "The body is too large",
     415: "A JSON body sent as another Content-Type",
     422: "The deploy was rejected: the code failed to import, or a listed secret is missing",
@@ -111,6 +114,7 @@ NAMESPACE = _param(
 )
 FUNCTION = _param("name", "path", {"type": "string", "pattern": NAME_PATTERN}, "Function name")
 SECRET = _param("name", "path", {"type": "string", "pattern": SECRET_PATTERN}, "Secret name")
+INVOCATION = _param("id", "path", {"type": "string"}, "Async invocation id (X-Call-Id)")
 
 
 def _limit(default: int, maximum: int) -> dict[str, Any]:
@@ -331,6 +335,82 @@ OPERATIONS: list[Op] = [
         s.ActivationList,
         _READ,
         (FUNCTION, NAMESPACE, _limit(50, 10_000)),
+    ),
+    Op(
+        "get",
+        "/api/v1/functions/{name}/invocations",
+        "functionInvocations",
+        "The function's async invocations, newest first",
+        "invocations",
+        InvocationList,
+        _READ,
+        (
+            FUNCTION,
+            NAMESPACE,
+            _param("status", "query", {"type": "string", "enum": list(STATUSES)}, "Only these"),
+            _limit(50, 10_000),
+        ),
+    ),
+    Op(
+        "get",
+        "/api/v1/functions/{name}/dlq",
+        "deadLetters",
+        "The function's dead async invocations (retries exhausted), newest first",
+        "invocations",
+        InvocationList,
+        _READ,
+        (FUNCTION, NAMESPACE, _limit(50, 10_000)),
+    ),
+    Op(
+        "delete",
+        "/api/v1/functions/{name}/dlq",
+        "purgeDeadLetters",
+        "Forget the function's dead async invocations; needs deploy:NS",
+        "invocations",
+        s.Purged,
+        _READ,
+        (FUNCTION, NAMESPACE),
+    ),
+    Op(
+        "post",
+        "/api/v1/functions/{name}/dlq/replay",
+        "replayDeadLetters",
+        "Queue dead async invocations again (these ids, or all); needs deploy:NS",
+        "invocations",
+        s.Replayed,
+        (415, *_READ),
+        (FUNCTION, NAMESPACE),
+        body=s.ReplayRequest,
+    ),
+    Op(
+        "get",
+        "/api/v1/invocations/{id}",
+        "getInvocation",
+        "One async invocation: status, attempts, result; needs read:NS",
+        "invocations",
+        InvocationInfo,
+        (404, *_AUTH),
+        (INVOCATION,),
+    ),
+    Op(
+        "delete",
+        "/api/v1/invocations/{id}",
+        "cancelInvocation",
+        "Cancel an async invocation that has not started; needs invoke:NS",
+        "invocations",
+        InvocationInfo,
+        (404, 409, *_AUTH),
+        (INVOCATION,),
+    ),
+    Op(
+        "post",
+        "/api/v1/invocations/{id}/replay",
+        "replayInvocation",
+        "Queue a dead async invocation again; needs deploy:NS",
+        "invocations",
+        InvocationInfo,
+        (404, 409, *_AUTH),
+        (INVOCATION,),
     ),
     Op(
         "get",

@@ -275,3 +275,18 @@ class SecretList(msgspec.Struct, frozen=True):
 class SecretSet(msgspec.Struct, frozen=True):
     namespace: str
     name: str
+
+
+class ReplayRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Dead invocations to queue again: these ids, or all of the function's."""
+
+    ids: list[str] = []
+    all: bool = False
+
+
+class Replayed(msgspec.Struct, frozen=True):
+    replayed: list[str]
+
+
+class Purged(msgspec.Struct, frozen=True):
+    purged: int

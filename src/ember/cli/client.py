@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Protocol, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -218,16 +219,94 @@ def choose_method(method: str | None, has_body: bool) -> str:
     return method.upper()
 
 
-def function_path(name: str, sub: str = "", namespace: str = "default") -> str:
-    """/fn/[NAMESPACE/]NAME plus a sub-path (and query), with a '/' added when it lacks one."""
+def function_path(
+    name: str, sub: str = "", namespace: str = "default", *, queued: bool = False
+) -> str:
+    """/fn/[NAMESPACE/]NAME plus a sub-path (and query), with a '/' added when it lacks one;
+    `queued`: the same under /fn-async/, which queues the call instead."""
     if sub and sub[0] not in "/?":
         sub = "/" + sub
     prefix = "" if namespace == "default" else f"{quote(namespace, safe='')}/"
-    return f"/fn/{prefix}{quote(name, safe='')}{sub}"
+    return f"/fn{'-async' if queued else ''}/{prefix}{quote(name, safe='')}{sub}"
 
 
 def api_path(name: str, *rest: str) -> str:
     return "/".join(("/api/v1/functions", quote(name, safe=""), *rest))
+
+
+def invocation_path(invocation_id: str, *rest: str) -> str:
+    return "/".join(("/api/v1/invocations", quote(invocation_id, safe=""), *rest))
+
+
+# Waiting for an async invocation to end: pure (the poll, clock and sleep are given), tested in
+# tests/unit/test_cli_async.py.
+
+ENDED = ("succeeded", "failed", "dead", "expired", "cancelled")
+FIRST_POLL = 0.02  # seconds before the second poll; doubled each time, up to LONGEST_POLL
+LONGEST_POLL = 1.0
+
+
+class WaitTimeout(EmberError):
+    """`--wait --timeout S` ran out before the invocation ended (exit code 4)."""
+
+    code = "wait_timeout"
+    exit_code = 4
+
+
+class _Polled(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def status(self) -> str: ...
+
+
+PolledT = TypeVar("PolledT", bound=_Polled)
+
+
+def wait_for_end(
+    poll: Callable[[], PolledT],
+    timeout: float | None,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> PolledT:
+    """Poll until the invocation's status is one of `ENDED` and return that last answer; the
+    pause starts at 20 ms and doubles up to 1 s. Past `timeout` seconds (None: no limit),
+    `WaitTimeout`."""
+    deadline = None if timeout is None else clock() + timeout
+    pause = FIRST_POLL
+    while True:
+        polled = poll()
+        if polled.status in ENDED:
+            return polled
+        now = clock()
+        if deadline is not None and now >= deadline:
+            raise WaitTimeout(
+                f"invocation {polled.id} is still {polled.status} after {timeout:g}s; "
+                f"'ember invocations get {polled.id} --wait' waits again"
+            )
+        sleep(pause if deadline is None else min(pause, deadline - now))
+        pause = min(pause * 2, LONGEST_POLL)
+
+
+def wait_exit_code(status: str) -> int:
+    """How `--wait` ends: 0 succeeded, 3 failed/dead/expired, 1 cancelled."""
+    if status == "succeeded":
+        return 0
+    if status == "cancelled":
+        return 1
+    return FunctionError.exit_code
+
+
+def not_found_hint(exc: EmberError, invocation_id: str) -> EmberError:
+    """A 404 for a shortened id (tables show 8 characters) says where the full one is."""
+    if exc.status == 404 and len(invocation_id) < 32:
+        exc.message += (
+            f" ({invocation_id!r} is shorter than an invocation id, 32 hex characters; "
+            "'ember invocations NAME --json' lists the full ones)"
+        )
+    return exc
 
 
 # The client.
@@ -288,6 +367,61 @@ class Client:
         if resp.status_code == 401 and self.key and resp.headers.get("x-ember-auth") == "required":
             resp = self.request(method, path, content=content, headers=headers)
         return resp
+
+    def invoke_async(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None,
+        headers: Sequence[tuple[str, str]],
+        callback_url: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> tuple[bytes, str]:
+        """Queue a call (`path` under /fn-async/): the accept body (`{"id", "status"}`) and its
+        Location; any error status raises."""
+        extra = [("X-Callback-Url", callback_url)] if callback_url else []
+        extra += [("Idempotency-Key", idempotency_key)] if idempotency_key else []
+        resp = self.invoke(method, path, content=content, headers=[*headers, *extra])
+        if resp.is_error:
+            raise error_from_response(resp.status_code, resp.content)
+        return resp.content, resp.headers.get("location", "")
+
+    # Async invocations and the dead-letter queue: each answers the server's JSON as bytes.
+
+    def invocation(self, invocation_id: str) -> bytes:
+        return self._about(invocation_id, "GET", invocation_path(invocation_id))
+
+    def cancel_invocation(self, invocation_id: str) -> bytes:
+        return self._about(invocation_id, "DELETE", invocation_path(invocation_id))
+
+    def replay_invocation(self, invocation_id: str) -> bytes:
+        return self._about(invocation_id, "POST", invocation_path(invocation_id, "replay"))
+
+    def invocations(self, name: str, namespace: str, status: str | None, limit: int) -> bytes:
+        params = {"namespace": namespace, "limit": str(limit)}
+        if status:
+            params["status"] = status
+        return self.fetch("GET", api_path(name, "invocations"), params=params)
+
+    def dead_letters(self, name: str, namespace: str, limit: int) -> bytes:
+        params = {"namespace": namespace, "limit": str(limit)}
+        return self.fetch("GET", api_path(name, "dlq"), params=params)
+
+    def replay_dead_letters(self, name: str, namespace: str) -> bytes:
+        params = {"namespace": namespace}
+        return self.fetch(
+            "POST", api_path(name, "dlq", "replay"), params=params, json={"all": True}
+        )
+
+    def purge_dead_letters(self, name: str, namespace: str) -> bytes:
+        return self.fetch("DELETE", api_path(name, "dlq"), params={"namespace": namespace})
+
+    def _about(self, invocation_id: str, method: str, path: str) -> bytes:
+        try:
+            return self.fetch(method, path)
+        except EmberError as exc:
+            raise not_found_hint(exc, invocation_id) from None
 
     def fetch(
         self,

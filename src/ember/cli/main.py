@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 import msgspec
 import typer
 from rich.console import RenderableType
+from typer.core import TyperGroup
 
 from ember.cli import render
 from ember.config import ServerConfig
@@ -260,6 +261,20 @@ def up(
             "is deployed."
         ),
     ] = server_default("layer_zygote_keepalive"),
+    queue: Annotated[
+        str,
+        typer.Option(
+            help="Where async invocations wait: empty for SQLite in EMBER_HOME, or a NATS "
+            "JetStream server (nats://127.0.0.1:4222)."
+        ),
+    ] = server_default("queue"),
+    async_max_body_mb: Annotated[
+        float, typer.Option(help="MB of body an async invocation may have (then 413).")
+    ] = server_default("async_max_body_bytes") / (1024 * 1024),
+    async_retention: Annotated[
+        float,
+        typer.Option(help="Seconds an ended async invocation and its Idempotency-Key are kept."),
+    ] = server_default("async_retention"),
 ) -> None:
     """Run an Ember server in the foreground until Ctrl-C or SIGTERM."""
     from ember.server.main import serve
@@ -294,6 +309,9 @@ def up(
         build_disk_mb=build_disk_mb,
         layer_zygotes=layer_zygotes,
         layer_zygote_keepalive=layer_zygote_keepalive,
+        queue=queue,
+        async_max_body_bytes=int(async_max_body_mb * 1024 * 1024),
+        async_retention=async_retention,
         base_env={k: v for k, v in os.environ.items() if k in PASSED_ENV},
     ).validate()
     raise typer.Exit(serve(config, list(deploy or [])))
@@ -409,23 +427,94 @@ def invoke(
         str | None, typer.Option("--data", "-d", help="Body: a string, @FILE, or @- for stdin.")
     ] = None,
     method: Annotated[
-        str | None, typer.Option("--method", "-X", help="Default: POST with --data, else GET.")
+        str | None,
+        typer.Option(
+            "--method",
+            "-X",
+            help="Default: POST with --data or --async, else GET.",
+            show_default=False,
+        ),
     ] = None,
     path: Annotated[str, typer.Option(help="Sub-path (and query) after /fn/NAME.")] = "",
     header: Annotated[
         list[str] | None, typer.Option("--header", "-H", help="'Name: value'; repeatable.")
     ] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print status, headers, body and Ember headers as JSON.")
+        bool,
+        typer.Option(
+            "--json",
+            help="Print status, headers, body and Ember headers as JSON (--async: the accepted "
+            "id, status and location; --wait: the ended invocation).",
+        ),
     ] = False,
     namespace: Namespace = "default",
+    queued: Annotated[
+        bool,
+        typer.Option(
+            "--async", help="Queue the call (/fn-async/NAME) and print its invocation id."
+        ),
+    ] = False,
+    callback_url: Annotated[
+        str | None,
+        typer.Option(
+            help="--async: sent as X-Callback-Url; the result is POSTed there when it ends.",
+            show_default=False,
+        ),
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            help="--async: sent as Idempotency-Key, so a retried submit is not queued twice.",
+            show_default=False,
+        ),
+    ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="--async: wait for the end and print the result body; exit 0 succeeded, "
+            "3 failed/dead/expired, 1 cancelled, 4 --timeout.",
+        ),
+    ] = False,
+    timeout: Annotated[
+        float | None,
+        typer.Option(min=0, help="--wait: give up after this many seconds.", show_default=False),
+    ] = None,
 ) -> None:
-    """Call a function over HTTP and print its response body."""
+    """Call a function over HTTP and print its response body; with --async, queue the call and
+    print its invocation id."""
     from ember.cli import client
 
+    if not queued:
+        given = {
+            "--callback-url": callback_url,
+            "--idempotency-key": idempotency_key,
+            "--wait": wait or None,
+            "--timeout": timeout,
+        }
+        if flags := [flag for flag, value in given.items() if value is not None]:
+            raise _usage(", ".join(flags), "needs --async")
+    elif timeout is not None and not wait:
+        raise _usage("--timeout", "needs --wait")
     body = client.parse_data(data, sys.stdin.buffer)
-    verb = client.choose_method(method, body is not None)
     headers = [client.parse_header(h) for h in header or []]
+    if queued:
+        verb = client.choose_method(method or "POST", body is not None)
+        _invoke_async(
+            name,
+            verb,
+            path,
+            namespace,
+            body,
+            headers,
+            callback_url=callback_url,
+            idempotency_key=idempotency_key,
+            as_json=as_json,
+            wait=wait,
+            timeout=timeout,
+        )
+        return
+    verb = client.choose_method(method, body is not None)
     with _connect(timeout=None) as api:  # the server enforces the function's own timeout
         fn_path = client.function_path(name, path, namespace)
         resp = api.invoke(verb, fn_path, content=body, headers=headers)
@@ -439,6 +528,92 @@ def invoke(
     else:
         render.write_bytes(resp.content, stderr=True)
     raise typer.Exit(code)
+
+
+def _invoke_async(
+    name: str,
+    verb: str,
+    path: str,
+    namespace: str,
+    body: bytes | None,
+    headers: list[tuple[str, str]],
+    *,
+    callback_url: str | None,
+    idempotency_key: str | None,
+    as_json: bool,
+    wait: bool,
+    timeout: float | None,
+) -> None:
+    """`invoke --async`: the id on stdout (and, in a terminal, how to follow it on stderr); with
+    --wait, the result body as a plain invoke prints it, and the wait's exit code."""
+    from ember.cli import client
+
+    with _connect() as api:
+        raw, location = api.invoke_async(
+            verb,
+            client.function_path(name, path, namespace, queued=True),
+            content=body,
+            headers=headers,
+            callback_url=callback_url,
+            idempotency_key=idempotency_key,
+        )
+        accepted = client.decode(raw, render.Accepted)
+        if not wait:
+            if as_json:
+                render.write_json({**client.decode(raw, dict[str, Any]), "location": location})
+                return
+            render.write_bytes(accepted.id.encode(), newline=True)
+            if render.err().is_terminal:
+                render.err().print(
+                    f"{accepted.status}; follow it with 'ember invocations get {accepted.id} "
+                    "--wait'",
+                    style="dim",
+                    markup=False,
+                )
+            return
+        raw, inv = _wait(api, accepted.id, timeout)
+    code = client.wait_exit_code(inv.status)
+    if as_json:
+        render.write_bytes(raw, newline=True)
+        raise typer.Exit(code)
+    result = inv.result
+    data = b"" if result is None else render.body_bytes(result.body, result.body_base64)
+    if code == 0:
+        render.write_bytes(data)
+        raise typer.Exit(0)
+    if data and client.ember_error(data) is None:
+        render.write_bytes(data, stderr=True)
+    why = f": {inv.reason}" if inv.reason else ""
+    render.print_error(EmberError(f"invocation {inv.id} {inv.status}{why}"))
+    raise typer.Exit(code)
+
+
+def _wait(
+    api: "client.Client", invocation_id: str, timeout: float | None
+) -> tuple[bytes, render.Invocation]:
+    """Poll the invocation until it ends (in a terminal, its status on a line of stderr): the
+    server's last answer, raw and decoded."""
+    from ember.cli import client
+
+    last = [b""]
+    err = render.err()
+    with err.status("waiting …") if err.is_terminal else contextlib.nullcontext() as status:
+
+        def poll() -> render.Invocation:
+            last[0] = api.invocation(invocation_id)
+            inv = client.decode(last[0], render.Invocation)
+            if status is not None:
+                status.update(render.waiting(inv))
+            return inv
+
+        inv = client.wait_for_end(poll, timeout)
+    return last[0], inv
+
+
+def _usage(hint: str, message: str) -> typer.BadParameter:
+    """A wrong combination of arguments: 'Usage: …', "Invalid value for HINT: MESSAGE", exit
+    code 2. (typer's own class: typer 0.28 carries its own click.)"""
+    return typer.BadParameter(message, param_hint=hint)
 
 
 @command
@@ -699,12 +874,36 @@ def doctor(
 
 # Keys, secrets, namespaces and quotas.
 
+
+class _DefaultsToLs(TyperGroup):
+    """A group whose first argument, when it names no subcommand, is `ls`'s: `ember invocations
+    NAME` is `ember invocations ls NAME`. (A function named like a subcommand: `ls NAME`, or
+    `--function NAME`.)"""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # typer's or click's Context
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["ls", *args]
+        return super().parse_args(ctx, args)
+
+
 keys_app = typer.Typer(help="API keys: create (shown once), list, revoke. Needs an admin key.")
 secrets_app = typer.Typer(help="Secrets of a namespace, encrypted at rest; values are write-only.")
 quota_app = typer.Typer(help="Quotas of a namespace (admin).")
 app.add_typer(keys_app, name="keys")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(quota_app, name="quota")
+invocations_app = typer.Typer(
+    cls=_DefaultsToLs,
+    no_args_is_help=True,
+    help="Async invocations (invoke --async): 'ember invocations NAME' lists a function's (short "
+    "for 'ls NAME'; a function named get, ls or cancel: --function NAME); get ID shows one.",
+)
+dlq_app = typer.Typer(
+    no_args_is_help=True,
+    help="Dead-letter queue: a function's async invocations that ran out of retries.",
+)
+app.add_typer(invocations_app, name="invocations")
+app.add_typer(dlq_app, name="dlq")
 
 
 def subcommand(group: typer.Typer, name: str) -> Callable[[Callable[P, None]], Callable[P, None]]:
@@ -828,6 +1027,198 @@ def quota_set(
         f"memory {memory or '∞'} MB",
         markup=False,
     )
+
+
+# Async invocations and the dead-letter queue.
+
+InvocationId = Annotated[
+    str,
+    typer.Argument(
+        metavar="ID",
+        help="Invocation id (what invoke --async printed; --json listings have it whole).",
+        show_default=False,
+    ),
+]
+Limit = Annotated[int, typer.Option(min=1, help="Most recent invocations to show.")]
+Timeout = Annotated[
+    float | None,
+    typer.Option(
+        min=0, help="--wait: give up after this many seconds (exit 4).", show_default=False
+    ),
+]
+
+
+@subcommand(invocations_app, "ls")
+def invocations_ls(
+    name: Annotated[
+        str | None, typer.Argument(metavar="NAME", help="Function name.", show_default=False)
+    ] = None,
+    function: Annotated[
+        str | None,
+        typer.Option("--function", help="Function name, e.g. one named 'get'.", show_default=False),
+    ] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(
+            help="Only these: queued, running, succeeded, failed, dead, expired or cancelled.",
+            show_default=False,
+        ),
+    ] = None,
+    limit: Limit = 20,
+    as_json: JsonFlag = False,
+    namespace: Namespace = "default",
+) -> None:
+    """List a function's async invocations, newest first (the default of 'ember invocations')."""
+    if name is None and function is None:
+        raise _usage("NAME", "missing; give a function's name, or --function NAME")
+    if name is not None and function is not None:
+        raise _usage("NAME / --function", "give the function's name once, not both")
+    with _connect() as api:
+        raw = api.invocations(name or function or "", namespace, status, limit)
+    _show(
+        raw,
+        as_json,
+        render.InvocationList,
+        lambda r: render.invocations_table(r.invocations, time.time()),
+    )
+
+
+@subcommand(invocations_app, "get")
+def invocations_get(
+    invocation_id: InvocationId,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="Poll until it ends; exit 0 succeeded, 3 failed/dead/expired, 1 cancelled.",
+        ),
+    ] = False,
+    timeout: Timeout = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show one async invocation: status, why it ended, when, each attempt, the result."""
+    from ember.cli import client
+
+    if timeout is not None and not wait:
+        raise _usage("--timeout", "needs --wait")
+    with _connect() as api:
+        raw, ended = (
+            _wait(api, invocation_id, timeout) if wait else (api.invocation(invocation_id), None)
+        )
+    _show(raw, as_json, render.Invocation, lambda i: render.invocation_detail(i, time.time()))
+    if ended is not None:
+        raise typer.Exit(client.wait_exit_code(ended.status))
+
+
+@subcommand(invocations_app, "cancel")
+def invocations_cancel(invocation_id: InvocationId, as_json: JsonFlag = False) -> None:
+    """Cancel a queued invocation (one running or ended cannot be: exit 2)."""
+    from ember.cli import client
+
+    with _connect() as api:
+        raw = api.cancel_invocation(invocation_id)
+    if as_json:
+        render.write_bytes(raw, newline=True)
+        return
+    inv = client.decode(raw, render.Invocation)
+    render.out().print(f"cancelled {inv.id}", markup=False)
+
+
+@subcommand(dlq_app, "ls")
+def dlq_ls(
+    name: Name, limit: Limit = 20, as_json: JsonFlag = False, namespace: Namespace = "default"
+) -> None:
+    """List a function's dead invocations (retries exhausted), newest first."""
+    with _connect() as api:
+        raw = api.dead_letters(name, namespace, limit)
+    _show(
+        raw,
+        as_json,
+        render.InvocationList,
+        lambda r: render.invocations_table(
+            r.invocations, time.time(), empty=f"no dead invocations of {name}"
+        ),
+    )
+
+
+@subcommand(dlq_app, "show")
+def dlq_show(invocation_id: InvocationId, as_json: JsonFlag = False) -> None:
+    """Show a dead invocation as 'invocations get' does, with the request that was sent."""
+    with _connect() as api:
+        raw = api.invocation(invocation_id)
+    _show(
+        raw,
+        as_json,
+        render.Invocation,
+        lambda i: render.invocation_detail(i, time.time(), request=True),
+    )
+
+
+@subcommand(dlq_app, "replay")
+def dlq_replay(
+    target: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="ID|NAME",
+            help="A dead invocation's id; with --all, the function's name.",
+            show_default=False,
+        ),
+    ] = None,
+    every: Annotated[
+        bool, typer.Option("--all", help="Queue every dead invocation of function NAME again.")
+    ] = False,
+    as_json: JsonFlag = False,
+    namespace: Namespace = "default",
+) -> None:
+    """Queue dead invocations again, from a first attempt: one by id, or --all of a function."""
+    from ember.cli import client
+
+    if target is None:
+        raise _usage(
+            "ID|NAME", "missing; give a dead invocation's ID, or --all and a function NAME"
+        )
+    with _connect() as api:
+        raw = api.replay_dead_letters(target, namespace) if every else api.replay_invocation(target)
+    if as_json:
+        render.write_bytes(raw, newline=True)
+        return
+    if not every:
+        inv = client.decode(raw, render.Invocation)
+        render.out().print(f"replayed {inv.id} ({inv.status})", markup=False)
+        return
+    replayed = client.decode(raw, render.Replayed).replayed
+    lines = [f"replayed {len(replayed)} dead invocation(s) of {target}", *replayed]
+    render.out().print("\n".join(lines), markup=False)
+
+
+def _interactive() -> bool:
+    """Someone can answer a question: standard input is a terminal."""
+    return sys.stdin.isatty()
+
+
+@subcommand(dlq_app, "purge")
+def dlq_purge(
+    name: Name,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+    as_json: JsonFlag = False,
+    namespace: Namespace = "default",
+) -> None:
+    """Delete every dead invocation of a function for good; in a terminal it asks first."""
+    from ember.cli import client
+
+    if not yes and not as_json and _interactive():
+        typer.confirm(
+            f"Delete every dead invocation of {name} (namespace {namespace})? They cannot be "
+            "replayed after",
+            abort=True,
+        )
+    with _connect() as api:
+        raw = api.purge_dead_letters(name, namespace)
+    if as_json:
+        render.write_bytes(raw, newline=True)
+        return
+    purged = client.decode(raw, render.Purged).purged
+    render.out().print(f"purged {purged} dead invocation(s) of {name}", markup=False)
 
 
 @command

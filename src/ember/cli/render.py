@@ -223,6 +223,67 @@ class Scaled(msgspec.Struct, frozen=True):
     instances: int
 
 
+class InvocationAttempt(msgspec.Struct, frozen=True):
+    number: int
+    request_id: str | None = None
+    started: float = 0.0
+    duration_ms: float = 0.0
+    status: int = 0
+    outcome: str = ""  # ok | error | 5xx | 429 | timeout | crash | interrupted
+    error: str | None = None
+
+
+class InvocationRequest(msgspec.Struct, frozen=True):
+    method: str = ""
+    path: str = ""
+    query: str = ""
+    headers: list[tuple[str, str]] = []
+    body: str = ""
+    body_base64: bool = False
+
+
+class InvocationResult(msgspec.Struct, frozen=True):
+    status: int
+    headers: list[tuple[str, str]] = []
+    body: str = ""
+    body_base64: bool = False
+
+
+class Invocation(msgspec.Struct, frozen=True):
+    """One async invocation, as GET /api/v1/invocations/{id} answers it."""
+
+    id: str
+    status: str  # queued | running | succeeded | failed | dead | expired | cancelled
+    function: str = ""
+    namespace: str = "default"
+    accepted: float = 0.0
+    not_before: float = 0.0
+    ended: float = 0.0
+    reason: str | None = None
+    callback: str | None = None
+    idempotency_key: str | None = None
+    attempts: list[InvocationAttempt] = []
+    request: InvocationRequest | None = None
+    result: InvocationResult | None = None
+
+
+class InvocationList(msgspec.Struct, frozen=True):
+    invocations: list[Invocation]
+
+
+class Accepted(msgspec.Struct, frozen=True):
+    id: str
+    status: str = "queued"
+
+
+class Replayed(msgspec.Struct, frozen=True):
+    replayed: list[str]
+
+
+class Purged(msgspec.Struct, frozen=True):
+    purged: int
+
+
 _STREAM_STYLES = {"stderr": "red", "log": "cyan"}
 
 
@@ -285,6 +346,10 @@ def ago(ts: float, now: float) -> str:
         if delta >= size:
             return f"{int(delta // size)}{unit} ago"
     return f"{int(delta)}s ago"
+
+
+def until(ts: float, now: float) -> str:
+    return "now" if ts <= now else "in " + ago(now, ts).removesuffix(" ago")
 
 
 def seconds(value: float) -> str:
@@ -532,6 +597,134 @@ def activations_table(activations: Sequence[Activation]) -> RenderableType:
             Text(act.error or "", style="red"),
         )
     return table
+
+
+_STATUS_STYLES = {
+    "queued": "cyan",
+    "running": "yellow",
+    "succeeded": "green",
+    "failed": "red",
+    "dead": "bold red",
+    "expired": "magenta",
+    "cancelled": "dim",
+}
+BODY_SHOWN = 4000  # characters of a body the detail view shows; --json has it all
+
+
+def status_text(status: str) -> Text:
+    return Text(status, style=_STATUS_STYLES.get(status, ""))
+
+
+def body_bytes(body: str, is_base64: bool) -> bytes:
+    """A request's or result's body as it was: JSON carries binary ones base64-encoded."""
+    return base64.b64decode(body) if is_base64 else body.encode()
+
+
+def body_text(data: bytes) -> Text:
+    """A body for people: its text (the first `BODY_SHOWN` characters), or its size if binary."""
+    if not data:
+        return Text("(empty body)", style="dim")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return Text(f"({len(data)} bytes of binary data; --json shows them base64)", style="dim")
+    shown = Text(text[:BODY_SHOWN].rstrip("\n"))
+    if len(text) > BODY_SHOWN:
+        shown.append(f"\n… {len(text) - BODY_SHOWN} more characters; --json shows all", "dim")
+    return shown
+
+
+def invocations_table(
+    invocations: Sequence[Invocation], now: float, empty: str = "no async invocations"
+) -> RenderableType:
+    """ID (8 characters), status, attempts, accepted, the last attempt's duration, the result's
+    HTTP status and why it ended, newest first as the server lists them."""
+    if not invocations:
+        return Text(empty, style="dim")
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("ID", "STATUS", "ATTEMPTS", "ACCEPTED", "DURATION", "RESULT"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("REASON")
+    for inv in invocations:
+        last = inv.attempts[-1] if inv.attempts else None
+        table.add_row(
+            inv.id[:8],
+            status_text(inv.status),
+            str(len(inv.attempts)),
+            ago(inv.accepted, now),
+            "-" if last is None else millis(last.duration_ms),
+            "-" if inv.result is None else str(inv.result.status),
+            Text(inv.reason or ""),
+        )
+    return table
+
+
+def attempt_line(attempt: InvocationAttempt) -> Text:
+    """'#N HH:MM:SS.mmm OUTCOME STATUS DURATION request ID[:8] [ERROR]', columns aligned."""
+    line = Text.assemble(
+        f"#{attempt.number:<3}",
+        (clock(attempt.started), "dim"),
+        "  ",
+        (attempt.outcome.ljust(11), "green" if attempt.outcome == "ok" else "red"),
+        f"  {attempt.status:>3}  {millis(attempt.duration_ms):>8}",
+        "  request ",
+        ((attempt.request_id or "-")[:8], "magenta"),
+    )
+    if attempt.error:
+        line.append(f"  {attempt.error}", style="red")
+    return line
+
+
+def invocation_detail(inv: Invocation, now: float, *, request: bool = False) -> RenderableType:
+    """An invocation: status, why it ended, when, each attempt, (`request`: what was sent,) then
+    the result's status and body."""
+    rows: list[tuple[str, Text]] = [
+        ("function", Text(f"{inv.function} (namespace {inv.namespace})")),
+        ("status", status_text(inv.status)),
+    ]
+    if inv.reason:
+        rows.append(("reason", Text(inv.reason)))
+    rows.append(("accepted", Text(f"{stamp(inv.accepted)} ({ago(inv.accepted, now)})")))
+    if inv.status == "queued" and inv.not_before > now:
+        next_at = f"{stamp(inv.not_before)} ({until(inv.not_before, now)})"
+        rows.append(("next attempt", Text(next_at)))
+    if inv.ended:
+        rows.append(("ended", Text(f"{stamp(inv.ended)} ({ago(inv.ended, now)})")))
+    if inv.callback:
+        rows.append(("callback", Text(inv.callback)))
+    if inv.idempotency_key:
+        rows.append(("idempotency key", Text(inv.idempotency_key)))
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for key, value in rows:
+        grid.add_row(key, value)
+    parts: list[RenderableType] = [Text(f"invocation {inv.id}", style="bold"), grid, Text()]
+    if inv.attempts:
+        parts.append(Text(f"attempts ({len(inv.attempts)})", style="bold"))
+        parts.extend(attempt_line(a) for a in inv.attempts)
+    else:
+        parts.append(Text("no attempts yet", style="dim"))
+    if request and inv.request is not None:
+        sent = inv.request
+        target = (sent.path or "/") + (f"?{sent.query}" if sent.query else "")
+        parts += [Text(), Text.assemble(("request", "bold"), f"  {sent.method} {target}")]
+        parts.extend(Text(f"{name}: {value}", style="dim") for name, value in sent.headers)
+        parts.append(body_text(body_bytes(sent.body, sent.body_base64)))
+    parts.append(Text())
+    if inv.result is None:
+        parts.append(Text.assemble(("result", "bold"), ("  none", "dim")))
+    else:
+        result = inv.result
+        parts.append(Text.assemble(("result", "bold"), f"  HTTP {result.status}"))
+        parts.append(body_text(body_bytes(result.body, result.body_base64)))
+    return Group(*parts)
+
+
+def waiting(inv: Invocation) -> str:
+    """The status line while `--wait` polls."""
+    tried = f", {len(inv.attempts)} attempt(s)" if inv.attempts else ""
+    return f"waiting for {inv.id[:8]}: {inv.status}{tried} …"
 
 
 def doctor_table(rows: Sequence[tuple[str, bool, str]]) -> Table:

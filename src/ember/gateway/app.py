@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import msgspec
 
@@ -30,6 +30,19 @@ from ember.wire.messages import Headers, Invoke, Result
 
 log = logging.getLogger("ember.gateway")
 _json = msgspec.json.Encoder()
+
+# How a request is handled: answered by the function (SYNC), queued for later with a 202
+# (ACCEPT: /fn-async/, /async-function/, or X-Ember-Invocation-Type: async), or an attempt of
+# a queued invocation (RUN), which takes the same route, checks and records as a SYNC one.
+SYNC, ACCEPT, RUN = 0, 1, 2
+ASYNC_PREFIXES = ("/fn-async/", "/async-function/")
+
+
+class AsyncSink(Protocol):
+    """Who takes ACCEPT exchanges once their body is whole (ember.queue.dispatcher): it stores
+    the invocation durably, then calls `exchange.reply` with the 202."""
+
+    def accept(self, exchange: Exchange) -> None: ...
 
 
 class Response(NamedTuple):
@@ -52,8 +65,11 @@ class Gateway:
         max_body_bytes: int,
         outcomes: Outcomes,
         max_buffered_bytes: int,
+        max_async_body_bytes: int = 1024 * 1024,
     ) -> None:
         self.outcomes = outcomes
+        self.max_async_body = max_async_body_bytes
+        self.sink: AsyncSink | None = None  # set when the server runs a queue
         self.routes = routes
         self.keys = keys
         self.pool = pool
@@ -71,11 +87,50 @@ class Gateway:
     ) -> Exchange:
         """A request whose head has arrived: routed and admitted (or already answered, when
         `response` is set: unknown function, no key, a declared body over the limit)."""
-        exchange = Exchange(self, method, path, raw_path, query, headers)
+        mode = SYNC
+        if not path.startswith(PREFIX):  # an async prefix: the rest as /fn/ would have it
+            path = PREFIX + path.split("/", 2)[2]
+            raw_path = b"/fn/" + raw_path.split(b"/", 2)[2]
+            mode = ACCEPT
+        exchange = Exchange(self, method, path, raw_path, query, headers, mode)
         try:
             exchange.admit()
         except EmberError as exc:
             exchange.fail(exc)
+        return exchange
+
+    def run(
+        self,
+        method: str,
+        path: str,
+        raw_path: bytes,
+        query: bytes,
+        headers: Headers,
+        body: bytes,
+        authorized: bool,
+        call_id: str,
+        attempt: int,
+        done: Callable[[Exchange, Response], None],
+    ) -> Exchange:
+        """One attempt of a queued invocation, as a request to the function: routed, checked
+        and recorded as one, its answer (or Ember's error) to `reply`. `authorized`: the
+        caller showed an invoke key for the namespace when the invocation was accepted (the
+        key itself is never stored). `done` gets the exchange (its request id, error code,
+        times) and the response, once."""
+        exchange = Exchange(self, method, path, raw_path, query, headers, RUN)
+        exchange.trusted, exchange.call_id, exchange.attempt = authorized, call_id, attempt
+
+        def reply(response: Response) -> None:
+            done(exchange, response)
+
+        exchange.reply = reply
+        try:
+            exchange.admit()
+        except EmberError as exc:
+            reply(exchange.fail(exc))
+            return exchange
+        exchange.chunks = [body]
+        exchange.start(reply)
         return exchange
 
     def _authorize(self, target: Target, headers: Headers) -> Headers:
@@ -114,6 +169,8 @@ class Gateway:
                 peak_memory_kb=ex.peak,
                 billed_ms=billed_ms(ms),
                 error=error,
+                attempt=ex.attempt,
+                call_id=ex.call_id,
             )
         )
         self.metrics.observe(target.qualified, status, elapsed, ex.tier)
@@ -127,15 +184,19 @@ class Exchange:
     __slots__ = (
         "alias",
         "asked_timeout",
+        "attempt",
         "authorized",
+        "call_id",
         "caller",
         "chunks",
+        "error",
         "gateway",
         "headers",
         "held",
         "instance",
         "key",
         "method",
+        "mode",
         "name",
         "path",
         "peak",
@@ -153,6 +214,7 @@ class Exchange:
         "t0",
         "target",
         "tier",
+        "trusted",
     )
 
     def __init__(
@@ -163,9 +225,14 @@ class Exchange:
         raw_path: bytes,
         query: bytes,
         headers: Headers,
+        mode: int = SYNC,
     ) -> None:
         self.started, self.t0 = time.time(), time.perf_counter()
         self.gateway = gateway
+        self.mode = mode
+        self.trusted = False  # RUN: the key was checked when the invocation was accepted
+        self.call_id, self.attempt = "", 0
+        self.error = ""  # Ember's error code when Ember answered instead of the function
         self.method, self.path, self.raw_path, self.query = method, path, raw_path, query
         self.sent = self.headers = headers  # as sent; once admitted, without Ember's key
         self.rid = rules.request_id()
@@ -188,30 +255,37 @@ class Exchange:
         route = self.route = gateway.routes.get(self.key)
         if route is None:
             raise rules.no_function(self.key, self.name)
-        key_sent = length = False
+        key_sent = False
+        length = 0
         sticky = None
         for name, value in self.headers:
             if name == b"authorization":
                 key_sent = key_sent or is_ember_token(value)
             elif name == b"content-length":
-                length = value.isdigit() and int(value) > gateway.max_body
+                length = int(value) if value.isdigit() else 0
             elif name == b"x-ember-timeout":
                 self.asked_timeout = value
             elif name == b"x-request-id":
                 sticky = value[:200] or None
+            elif name == b"x-ember-invocation-type" and self.mode == SYNC:  # (not RUN's)
+                self.mode = ACCEPT if value.lower() == b"async" else SYNC
         target, self.served_alias = rules.choose(
             route, self.alias, sticky or self.rid.encode(), self.name
         )
         self.target = target
         self.authorized = rules.private(route, target)
-        if self.authorized:
+        if self.authorized and not self.trusted:
             self.headers = gateway._authorize(target, self.headers)
-        elif key_sent:  # an Ember key sent to a public function: never shown to it
+        elif key_sent:  # an Ember key sent to a public function (or queued): never shown to it
             self.headers = rules.without_authorization(self.headers)
-        if length:
-            raise rules.too_large(
-                int(rules.header(self.headers, b"content-length") or 0), gateway.max_body
-            )
+        if length > self.limit:
+            raise rules.too_large(length, self.limit, self.mode == ACCEPT)
+
+    @property
+    def limit(self) -> int:
+        """Bytes of body this request may send."""
+        gateway = self.gateway
+        return gateway.max_async_body if self.mode == ACCEPT else gateway.max_body
 
     def feed(self, chunk: bytes) -> None:
         """A piece of the body; over the body limit or the server's budget of held bodies it
@@ -220,8 +294,8 @@ class Exchange:
             return
         self.size += len(chunk)
         try:
-            if self.size > self.gateway.max_body:
-                raise rules.too_large(self.size, self.gateway.max_body)
+            if self.size > self.limit:
+                raise rules.too_large(self.size, self.limit, self.mode == ACCEPT)
             self.gateway._hold(len(chunk))
         except EmberError as exc:
             self.fail(exc)
@@ -234,7 +308,13 @@ class Exchange:
         from whatever callback ends the call (at once for a refusal). Never raises."""
         self.reply = reply
         try:
-            self._submit()
+            if self.mode == ACCEPT:
+                sink = self.gateway.sink
+                if sink is None:
+                    raise PlatformError("this server runs no queue for async invocations")
+                sink.accept(self)
+            else:
+                self._submit()
         except Exception as exc:
             self.failed(exc)
 
@@ -249,8 +329,8 @@ class Exchange:
                 route, self.alias, sticky or self.rid.encode(), self.name
             )
             self.target = target
-            if rules.private(route, target) and not self.authorized:  # it became private meanwhile
-                headers = gateway._authorize(target, self.sent)
+            if rules.private(route, target) and not (self.authorized or self.trusted):
+                headers = gateway._authorize(target, self.sent)  # it became private meanwhile
         timeout = rules.timeout(self.asked_timeout, target)
         body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
         msg = Invoke(
@@ -313,6 +393,7 @@ class Exchange:
         headers = [(b"content-type", b"application/json")]
         headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
         body = _json.encode({"error": rules.error_body(exc, self.rid)})
+        self.error = exc.code
         self.response = Response(exc.status, headers + self._ember_headers(""), body)
         if self.target is not None:
             self.gateway._record(self, self.target, exc.status, exc.code)

@@ -141,10 +141,12 @@ _random = bytearray(4096)
 _random_at = len(_random)
 
 
-def too_large(size: int, limit: int) -> TooLarge:
+def too_large(size: int, limit: int, queued: bool = False) -> TooLarge:
+    what = "an async invocation's limit" if queued else "limit"
+    where = " (ember up --async-max-body-mb)" if queued else ""
     return TooLarge(
-        f"request body of {size} bytes exceeds the {limit // (1024 * 1024)} MB limit; "
-        "send large payloads by reference (e.g. a URL)",
+        f"request body of {size} bytes exceeds the {limit / (1024 * 1024):g} MB {what}"
+        f"{where}; send large payloads by reference (e.g. a URL)",
         code="body_too_large",
     )
 

@@ -404,6 +404,14 @@ class Pool:
         if not busy and rp is not None:
             self.usage.measure(rp.occupancy, now)
 
+    def set_backlog(self, target: Target, due: int) -> None:
+        """Async invocations of `target`'s function waiting to run on it: the autoscaler
+        counts them as demand (ember.queue.dispatcher sets this every second)."""
+        rp = self.revisions.get(target.key)
+        if rp is not None and rp.backlog != due:
+            rp.backlog = due
+            self.due.wake(target.key)
+
     def keepalive_windows(self, function: str) -> Windows:
         return self.activity_of.windows(function)
 

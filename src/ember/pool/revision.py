@@ -72,6 +72,10 @@ class RevisionPool:
         self._mark = self._sampled = time.monotonic()
         self.window = Window(self.spec.scale.window)
         self.asleep = False  # quiet at its last step: the pool stopped stepping it until woken
+        # Async invocations of the function that are due and could run here now (its queue
+        # depth within its async concurrency, set by ember.queue.dispatcher): demand the
+        # autoscaler counts beside the calls in flight.
+        self.backlog = 0
 
     # ---- the hot path (call.py) ----
     def submit(self, call: Call) -> None:
@@ -93,6 +97,15 @@ class RevisionPool:
         awaited = Awaited(asyncio.get_running_loop())
         self.submit(Call(msg, loop_deadline, awaited, caller_deadline))
         return await awaited.future
+
+    def has_room(self) -> bool:
+        """Whether a call submitted now runs at once (an idle instance, or a start within
+        scale.max) and no synchronous call waits: async work takes only free capacity."""
+        if self.waiters:
+            return False
+        if self.count < self.spec.scale.max:
+            return True
+        return any(inst.has_room and not inst.dead for inst in self.idle)
 
     def _dispatch(self, call: Call) -> None:
         inst = self._take_idle()
@@ -375,6 +388,7 @@ class RevisionPool:
         span = now - self._sampled
         mean = self._area / span if span > 0 else float(self.demand)
         self._area, self._mark, self._sampled = 0.0, now, now
+        mean += self.backlog
         self.window.add(now, mean, self.count, active=self.demand > 0 or mean > 0)
         scale = self.spec.scale
         if self.standby and scale.min:
@@ -396,6 +410,8 @@ class RevisionPool:
         """Nothing to sample, start or stop until something happens to it (a request, a lost
         instance, `ember scale`, a route change, its zygote or spare): it need not be stepped."""
         if self.demand or self.waiters or self.starting or self._tasks or self.spare.pending:
+            return False
+        if self.backlog:
             return False
         if self.slot.starting:
             return False

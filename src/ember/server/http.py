@@ -30,8 +30,10 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from ember.gateway.app import Exchange, Gateway, Response
+from ember.gateway.app import ASYNC_PREFIXES, Exchange, Gateway, Response
 from ember.gateway.rules import PREFIX
+
+PREFIXES = (PREFIX, *ASYNC_PREFIXES)  # served by the gateway, not by ASGI
 
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers; more is a 431
 
@@ -173,7 +175,7 @@ class Front(HttpToolsProtocol):
         path = url.path.decode("ascii")
         if "%" in path:
             path = urllib.parse.unquote(path)
-        if not path.startswith(PREFIX) or self.parser.should_upgrade():
+        if not path.startswith(PREFIXES) or self.parser.should_upgrade():
             self._asgi_scope()
             super().on_headers_complete()
             return

@@ -25,6 +25,9 @@ from ember.errors import EmberError
 from ember.gateway.app import Gateway
 from ember.gateway.router import RouteTable
 from ember.pool.manager import Pool
+from ember.queue.base import Queue
+from ember.queue.dispatcher import Dispatcher
+from ember.queue.sqlite import SQLiteQueue
 from ember.secretbox import SecretBox
 from ember.server.heap import Heap
 from ember.server.http import front_protocol
@@ -73,14 +76,20 @@ class Server:
             config.max_body_bytes,
             self.outcomes,
             config.max_buffered_bytes,
+            config.async_max_body_bytes,
         )
-        self.app = build(self.control, self.metrics)  # all but /fn/, which the front serves
+        self.queue = _queue(config)
+        self.dispatcher = Dispatcher(self.queue, self.gateway, config.async_retention)
+        self.metrics.queue = self.dispatcher.statistics
+        # All but /fn/, which the front serves.
+        self.app = build(self.control, self.metrics, self.dispatcher)
         self._flusher: asyncio.Task[None] | None = None
 
     def forget_function(self, function: str) -> None:
         """`ember rm`: what the data plane keeps per function ("namespace/name") goes with it:
         keep-alive state, metric series, log accounting, rollout outcomes."""
         self.pool.forget_function(function)
+        self.dispatcher.forget(function)
         self.metrics.forget(function)
         self.telemetry.forget(function)
         self.outcomes.forget(function)
@@ -91,6 +100,7 @@ class Server:
         await self.store.open()
         await self.pool.start()
         await self.control.start()
+        await self.dispatcher.start()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def _flush_loop(self) -> None:
@@ -113,14 +123,24 @@ class Server:
 
     async def stop(self) -> None:
         self.heap.stop()
+        self.dispatcher.stop_taking()
         await self.control.stop()
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         await self.pool.shutdown()
+        await self.dispatcher.close()
         await self.flush()
         await self.store.close()
+
+
+def _queue(config: ServerConfig) -> Queue:
+    if config.queue:
+        from ember.queue.nats import NatsQueue
+
+        return NatsQueue(config.queue)
+    return SQLiteQueue(config.queue_path)
 
 
 class _Uvicorn(uvicorn.Server):

@@ -84,6 +84,11 @@ MIGRATIONS = [
         built INTEGER NOT NULL, log TEXT NOT NULL, created_at REAL NOT NULL,
         PRIMARY KEY (function, revision));
     """,
+    # Async invocations: each attempt's activation names its invocation and number.
+    """
+    ALTER TABLE activations ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE activations ADD COLUMN call_id TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 _spec_decoder = msgspec.json.Decoder(FunctionSpec)

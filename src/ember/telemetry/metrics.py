@@ -169,6 +169,38 @@ def _heap_text(heap: HeapCounts) -> list[str]:
     return [*pauses, *longest, frozen, full]
 
 
+QueueCounts = tuple[str, int, float, dict[str, int]]  # function, depth, oldest age, totals
+
+
+def _queue_text(rows: list[QueueCounts]) -> list[str]:
+    """Async invocations: what waits, for how long, and how many were accepted and ended."""
+    depth = [_header("ember_async_queue_depth", "gauge", "Async invocations queued")]
+    age = [
+        _header(
+            "ember_async_oldest_age_seconds",
+            "gauge",
+            "Seconds since the oldest queued async invocation was accepted",
+        )
+    ]
+    totals = [
+        _header(
+            "ember_async_invocations_total",
+            "counter",
+            "Async invocations accepted, and ended by status, since the server started",
+        )
+    ]
+    for function, queued, oldest, counts in rows:
+        ns, _, name = function.partition("/")
+        both = f'function="{escape(name)}",namespace="{escape(ns)}"'
+        depth.append(f"ember_async_queue_depth{{{both}}} {number(queued)}\n")
+        age.append(f"ember_async_oldest_age_seconds{{{both}}} {number(oldest)}\n")
+        totals += [
+            f'ember_async_invocations_total{{{both},status="{what}"}} {number(n)}\n'
+            for what, n in sorted(counts.items())
+        ]
+    return [*depth, *age, *totals] if rows else []
+
+
 Steps = Generator[None, None, T]  # work done in steps: it yields where it may pause
 
 
@@ -254,6 +286,8 @@ class Metrics:
         self._heap = heap
         self._series: dict[str, FunctionSeries] = {}  # "namespace/name" -> its series
         self._gauges: dict[str, tuple[Counts, tuple[str, str]]] = {}  # text per counts
+        # The async queue per function (ember.queue.dispatcher's `statistics`), when one runs.
+        self.queue: Callable[[], list[QueueCounts]] | None = None
 
     def observe(self, qualified: str, code: int, seconds: float, tier: str) -> None:
         """`qualified` is "namespace/name"; once per request."""
@@ -302,6 +336,8 @@ class Metrics:
                 tail.append(f"{_header(name, 'gauge', help_text)}{name} {value}\n")
         if self._heap is not None:
             tail += _heap_text(self._heap())
+        if self.queue is not None:
+            tail += _queue_text(self.queue())
         return Scrape(chunks, todo, tail)
 
     def _instance_gauges(self) -> Steps[list[str]]:

@@ -17,6 +17,8 @@ class ActivationRecord(msgspec.Struct, frozen=True):
     peak_memory_kb: int
     billed_ms: int
     error: str | None = None
+    attempt: int = 0  # of an async invocation (1, 2, ...); 0: a synchronous request
+    call_id: str = ""  # the async invocation's id (X-Call-Id)
 
 
 class LogRecord(msgspec.Struct, frozen=True):
