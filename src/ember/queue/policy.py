@@ -4,6 +4,7 @@ invocation, what the attempt answered, the time and a random draw (for the jitte
 from __future__ import annotations
 
 import email.utils
+import math
 from typing import NamedTuple
 
 from ember.queue.base import DEAD, EXPIRED, FAILED, QUEUED, SUCCEEDED, Invocation
@@ -45,8 +46,11 @@ def retried(spec: AsyncSpec, kind: str, status: int) -> bool:
 
 def backoff(spec: BackoffSpec, retry: int, draw: float) -> float:
     """Seconds before retry number `retry` (1, 2, ...): exponential, capped, jittered down."""
-    wait = spec.initial * spec.factor ** min(retry - 1, 1000) if spec.factor > 1 else spec.initial
-    wait = min(wait, spec.max)
+    growth = (retry - 1) * math.log(spec.factor) if spec.factor > 1 else 0.0
+    if spec.initial <= 0 or growth >= math.log(spec.max / spec.initial):
+        wait = spec.max  # (compared as logarithms: factor ** (retry - 1) may not fit a float)
+    else:
+        wait = min(spec.initial * spec.factor ** (retry - 1), spec.max)
     return wait * (1.0 - spec.jitter * draw)
 
 
