@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from bench import (
+    async_invoke,
     autoscale,
     burst,
     cpu_per_request,
@@ -50,6 +51,7 @@ SUITE: dict[str, Callable[[float], dict[str, Any]]] = {
     "keepalive_sim": keepalive_sim.run,
     "density": density.run,
     "deps": deps.run,
+    "async_invoke": async_invoke.run,
 }
 
 

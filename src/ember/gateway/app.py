@@ -113,7 +113,7 @@ class Gateway:
         done: Callable[[Exchange, Response], None],
     ) -> Exchange:
         """One attempt of a queued invocation, as a request to the function: routed, checked
-        and recorded as one, its answer (or Ember's error) to `reply`. `authorized`: the
+        and recorded as one, its answer (or Ember's error) to `done`. `authorized`: the
         caller showed an invoke key for the namespace when the invocation was accepted (the
         key itself is never stored). `done` gets the exchange (its request id, error code,
         times) and the response, once."""

@@ -80,6 +80,8 @@ class Queue(Protocol):
     loop; what a write returns from is durable (fsync'd, or acknowledged by the broker)."""
 
     name: str  # "sqlite" | "nats"
+    # Bytes one stored invocation may take (request and result), known once open; 0: no limit.
+    max_record: int
 
     async def open(self) -> None:
         """Open, and put every invocation left `running` by a previous server back to `queued`

@@ -50,7 +50,9 @@ TICK = 1.0  # seconds between backlog reads
 PRUNE_EVERY = 60.0
 BLOCKED_POLL = 0.01  # seconds between looks at a revision that had no free capacity
 MAX_WAIT = 5.0  # a lane looks at its queue at least this often while it has work
+MIN_WAIT = 0.002  # ... and at most this often when nothing it took was due
 MAX_KEY = 256  # bytes of an Idempotency-Key
+RECORD_OVERHEAD = 64 * 1024  # bytes of a stored invocation beside its body and its result's
 MAX_URL = 2048
 _DEFAULT = AsyncSpec()
 _json = msgspec.json.Encoder()
@@ -131,8 +133,8 @@ class Lane:
                 wait = MAX_WAIT
                 if blocked:
                     wait = BLOCKED_POLL
-                elif due is not None and room > 0:
-                    wait = min(MAX_WAIT, max(0.0, due - time.time()))
+                elif due is not None and room > 0:  # (due already: it was put meanwhile)
+                    wait = min(MAX_WAIT, max(MIN_WAIT, due - time.time()))
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await self.kicked.wait()
@@ -204,6 +206,18 @@ class Dispatcher:
 
     async def start(self) -> None:
         await self.queue.open()
+        if self.queue.max_record:  # a body and a result must fit in one stored record
+            fits = (self.queue.max_record - RECORD_OVERHEAD) // 2
+            if fits < self.gateway.max_async_body:
+                log.warning(
+                    "the %s queue stores at most %d bytes per invocation (its max_payload): "
+                    "async bodies and stored results are limited to %d bytes; raise the "
+                    "server's max_payload for larger ones",
+                    self.queue.name,
+                    self.queue.max_record,
+                    fits,
+                )
+                self.gateway.max_async_body = fits
         self.gateway.sink = self
         for inv in await self.queue.unsent():  # ended before a stop, not yet reported
             self._spawn(self.notifier.send(inv, async_spec(self.gateway.routes.get(inv.function))))
@@ -312,7 +326,7 @@ class Dispatcher:
                 error=ex.error,
             )
         )
-        inv.result = Result(response.status, response.headers, response.body)
+        inv.result = self._result(response)
         route = self.gateway.routes.get(inv.function)
         spec = async_spec(route)
         if kind == "interrupted":
@@ -325,6 +339,15 @@ class Dispatcher:
             self._spawn(self._save(inv))
         else:
             self.end(inv, step, now, spec)
+
+    def _result(self, response: Response) -> Result:
+        """The answer as it is kept: a body beyond the async body limit is cut there, and
+        `X-Ember-Result-Truncated` says how long it was."""
+        limit = self.gateway.max_async_body
+        if len(response.body) <= limit:
+            return Result(response.status, response.headers, response.body)
+        cut = (b"x-ember-result-truncated", str(len(response.body)).encode())
+        return Result(response.status, [*response.headers, cut], response.body[:limit])
 
     def end(self, inv: Invocation, step: policy.Step, now: float, spec: AsyncSpec) -> None:
         inv.status, inv.reason, inv.ended = step.status, step.reason, now

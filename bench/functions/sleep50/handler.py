@@ -1,0 +1,6 @@
+import time
+
+
+def handle(req, ctx):
+    time.sleep(0.05)
+    return {"ok": True}
