@@ -3,15 +3,18 @@ NATS JetStream (`ember up --queue nats://...`, a real nats-server started here).
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import itertools
 import json
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.integration.conftest import GATED, EmberServer, Gate, make_function, wait_for
@@ -488,3 +491,47 @@ def test_a_result_beyond_the_async_limit_is_kept_cut_and_says_so(
     assert headers["x-ember-result-truncated"] == str(3 * 1024 * 1024)
     kept = len(inv["result"]["body"])
     assert 0 < kept <= 1024 * 1024
+
+
+def test_a_graceful_stop_with_a_backlog_exits_and_queues_it_again_untouched(
+    deploy: Callable[..., str], tmp_path: Path, server: EmberServer
+) -> None:
+    """Invocations a lane took ahead of running are queued again as they were: no attempt."""
+    with contextlib.ExitStack() as stack:
+        queue = []
+        if server.extra:  # a NATS server of its own: one Ember server owns a queue
+            queue = ["--queue", stack.enter_context(NatsServer(tmp_path / "nats")).url]
+        own = EmberServer(tmp_path / "own-home", queue).start()
+        stack.callback(own.api.close)
+        stack.callback(own.http.close)
+        stack.callback(own.stop, signal.SIGKILL)
+        _stop_and_restart_with_a_backlog(own, tmp_path)
+
+
+def _answers(server: EmberServer) -> bool:
+    try:
+        server.http.get("/healthz", timeout=1)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def _stop_and_restart_with_a_backlog(own: EmberServer, tmp_path: Path) -> None:
+    manifest = "functions:\n  held:\n    scale: {max: 1}\n"
+    code = GATED + "def handle(req, ctx):\n    gate(req)\n    time.sleep(1.5)\n    return 'ok'\n"
+    own.deploy(make_function(tmp_path / "own", "held", code, manifest))
+    with Gate() as gate:
+        # Held, then 1.5 s more: it is still running when the server reaches its pool's stop.
+        first = accept(own, f"/fn-async/held?gate={gate.port}")
+        gate.wait(1)
+        waiting = [accept(own, "/fn-async/held") for _ in range(5)]
+        assert own.proc is not None
+        own.proc.send_signal(signal.SIGTERM)  # no new attempt from now on
+        wait_for(lambda: not _answers(own), 10, "the server to stop accepting connections")
+    # The gate is open: the attempt under way ends within the grace, then the server exits.
+    assert own.stop(timeout=20) == 0, own.output()
+    own.start()
+    assert [a["outcome"] for a in ended(own, first)["attempts"]] == ["ok"]
+    for call in waiting:
+        inv = ended(own, call)
+        assert [a["outcome"] for a in inv["attempts"]] == ["ok"], inv

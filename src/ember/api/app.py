@@ -396,11 +396,11 @@ class Api:
         return inv
 
     async def invocation(self, request: Request) -> Response:
-        return _ok(info(await self._invocation(request, "read")))
+        return _ok(info(self.invocations.shown(await self._invocation(request, "read"))))
 
     async def cancel_invocation(self, request: Request) -> Response:
         inv = await self._invocation(request, "invoke")
-        cancelled = await self.invocations.queue.cancel(inv.id, time.time())
+        cancelled = await self.invocations.cancel(inv)
         if cancelled is None:
             raise Conflict(
                 f"invocation {inv.id} is {inv.status}; only a queued one can be cancelled",
@@ -430,13 +430,13 @@ class Api:
             )
         limit = params.integer(request, "limit", 50, 1, 10_000)
         found = await self.invocations.queue.list(target.qualified, status, limit)
-        return _ok(InvocationList([info(inv) for inv in found]))
+        return _ok(InvocationList([info(self.invocations.shown(inv)) for inv in found]))
 
     async def dead_letters(self, request: Request) -> Response:
         target = self._target(request, "read")
         limit = params.integer(request, "limit", 50, 1, 10_000)
         found = await self.invocations.queue.list(target.qualified, DEAD, limit)
-        return _ok(InvocationList([info(inv) for inv in found]))
+        return _ok(InvocationList([info(self.invocations.shown(inv)) for inv in found]))
 
     async def replay_dead(self, request: Request) -> Response:
         target = self._target(request, "deploy")

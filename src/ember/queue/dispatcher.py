@@ -16,14 +16,14 @@ the retention.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import random
 import time
 import urllib.parse
-from collections import Counter
-from collections.abc import Coroutine
-from typing import Any
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -33,7 +33,9 @@ from ember.gateway.app import Exchange, Gateway, Response
 from ember.gateway.router import Route
 from ember.queue import policy
 from ember.queue.base import (
+    CANCELLED,
     QUEUED,
+    RUNNING,
     Attempt,
     Backlog,
     Invocation,
@@ -44,6 +46,7 @@ from ember.queue.notify import Notifier
 from ember.spec import AsyncSpec
 
 log = logging.getLogger("ember.queue")
+T = TypeVar("T")
 
 BATCH = 64  # invocations one take asks for at most
 TICK = 1.0  # seconds between backlog reads
@@ -86,6 +89,11 @@ def idempotency_key(value: bytes) -> str:
     return value.decode("latin-1")
 
 
+def _ignore(result: object, error: BaseException | None) -> None:
+    if error is not None:
+        log.error("saving an invocation at stop failed", exc_info=error)
+
+
 def async_spec(route: Route | None) -> AsyncSpec:
     return route.main.spec.async_ if route is not None else _DEFAULT
 
@@ -100,16 +108,26 @@ def lane_limit(route: Route) -> int:
 
 
 class Lane:
-    """One function's queued work: takes what is due while there is room, runs it."""
+    """One function's queued work. It keeps up to two rounds of its concurrency taken ahead
+    (`ready`: running in the queue, not yet begun), taking more in the background as they go,
+    so a take's round trip to the queue (a group commit) is not between one attempt's end and
+    the next one's start. It begins what is ready while the function has room."""
 
     def __init__(self, dispatcher: Dispatcher, function: str) -> None:
         self.dispatcher = dispatcher
         self.function = function
         self.inflight = 0
+        self.ready: deque[Invocation] = deque()
+        self.more = True  # the queue may hold due work (a take came back short: no)
+        self.puts = 0  # wakes for new work, so a short take racing one does not clear `more`
+        self.due_at: float | None = None  # when its earliest invocation not yet due comes due
         self.kicked = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.taking: asyncio.Task[None] | None = None
 
-    def kick(self) -> None:
+    def kick(self, more: bool = False) -> None:
+        if more:
+            self.more, self.puts = True, self.puts + 1
         self.kicked.set()
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._run())
@@ -121,27 +139,44 @@ class Lane:
                 self.kicked.clear()
                 route = d.gateway.routes.get(self.function)
                 room, blocked = self._room(route)
-                if room > 0:
-                    batch = await d.queue.take(self.function, min(room, BATCH))
-                    for inv in batch:
-                        self._begin(inv, route)
-                    if batch:
-                        continue
-                due = await d.queue.next_due(self.function)
-                if due is None and self.inflight == 0 and not self.kicked.is_set():
-                    return
-                wait = MAX_WAIT
-                if blocked:
-                    wait = BLOCKED_POLL
-                elif due is not None and room > 0:  # (due already: it was put meanwhile)
-                    wait = min(MAX_WAIT, max(MIN_WAIT, due - time.time()))
-                with contextlib.suppress(TimeoutError):
+                while room > 0 and self.ready:
+                    room -= self._begin(self.ready.popleft(), route)
+                limit = lane_limit(route) if route is not None else BATCH
+                if self.more and self.taking is None and len(self.ready) < limit:
+                    ahead = min(BATCH, 2 * limit) - len(self.ready)
+                    self.taking = asyncio.get_running_loop().create_task(self._take(ahead))
+                idle = self.taking is None and not self.ready and not self.inflight
+                if idle and self.due_at is None and not self.kicked.is_set():
+                    return  # nothing queued: the next put starts the lane again
+                wait = BLOCKED_POLL if blocked else MAX_WAIT
+                if self.due_at is not None:
+                    wait = min(wait, max(MIN_WAIT, self.due_at - time.time()))
+                try:
                     async with asyncio.timeout(wait):
                         await self.kicked.wait()
+                except TimeoutError:
+                    if self.due_at is not None and time.time() >= self.due_at:
+                        self.more, self.due_at = True, None  # a retry came due
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("the async lane of %s failed; the next tick restarts it", self.function)
+
+    async def _take(self, n: int) -> None:
+        d, puts = self.dispatcher, self.puts
+        try:
+            batch = await d.queue.take(self.function, n)
+            self.ready.extend(batch)
+            if len(batch) < n and self.puts == puts:
+                self.more = False
+                self.due_at = await d.queue.next_due(self.function)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("taking async invocations of %s failed", self.function)
+        finally:
+            self.taking = None
+            self.kicked.set()
 
     def _room(self, route: Route | None) -> tuple[int, bool]:
         """How many more may start now, and whether the revision's capacity (not the lane's
@@ -155,13 +190,14 @@ class Lane:
             return 0, True
         return room, False
 
-    def _begin(self, inv: Invocation, route: Route | None) -> None:
+    def _begin(self, inv: Invocation, route: Route | None) -> int:
+        """Start its next attempt (1), or expire it (0)."""
         d = self.dispatcher
         spec = async_spec(route)
         now = time.time()
         if policy.expired(spec, inv, now):
             d.end(inv, policy.expiry(spec), now, spec)
-            return
+            return 0
         number = len(inv.attempts) + 1
         self.inflight += 1
         headers = [
@@ -187,6 +223,7 @@ class Lane:
             number,
             done,
         )
+        return 1
 
 
 class Dispatcher:
@@ -201,7 +238,7 @@ class Dispatcher:
         self.counts: Counter[tuple[str, str]] = Counter()  # (function, accepted|status)
         self.notifier = Notifier(queue, self.enqueue)
         self.stopping = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -224,7 +261,9 @@ class Dispatcher:
         self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
 
     def stop_taking(self) -> None:
-        """The server is stopping: no new attempts (what runs finishes within the grace)."""
+        """The server is stopping: no new attempts (what runs may finish: `drain`)."""
+        if self.stopping:
+            return
         self.stopping = True
         self.gateway.sink = None
         if self._ticker is not None:
@@ -233,10 +272,22 @@ class Dispatcher:
             if lane.task is not None:
                 lane.task.cancel()
 
+    async def drain(self, until: float) -> None:
+        """Wait (until the loop's clock reads `until`) for the attempts under way to end."""
+        loop = asyncio.get_running_loop()
+        while any(lane.inflight for lane in self.lanes.values()) and loop.time() < until:
+            await asyncio.sleep(0.02)
+
     async def close(self) -> None:
-        """After the pool stopped: the attempts' saves written, then the queue closed."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        """After the pool stopped: the attempts' saves written, what lanes had taken but not
+        begun queued again as it was, then the queue closed."""
+        for lane in self.lanes.values():
+            while lane.ready:
+                inv = lane.ready.popleft()
+                inv.status = QUEUED
+                self._follow(self.queue.save(inv), _ignore)
+        while pending := [t for t in self._tasks if not t.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)
         await self.notifier.close()
         await self.queue.close()
 
@@ -263,13 +314,23 @@ class Dispatcher:
             idempotency_key=key,
             not_before=exchange.started,
         )
-        self._spawn(self._accept(exchange, inv))
+        self._follow(self.queue.put(inv), functools.partial(self._accepted, exchange, inv))
 
-    async def _accept(self, exchange: Exchange, inv: Invocation) -> None:
-        try:
-            stored = await self.queue.put(inv)
-        except Exception as exc:
-            log.exception("storing async invocation %s of %s failed", inv.id, inv.function)
+    def _accepted(
+        self,
+        exchange: Exchange,
+        inv: Invocation,
+        stored: Invocation | None,
+        exc: BaseException | None,
+    ) -> None:
+        """The put is durable (or failed): answer the request."""
+        if stored is None:
+            log.error(
+                "storing async invocation %s of %s failed",
+                inv.id,
+                inv.function,
+                exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None,
+            )
             error = PlatformError(
                 f"the invocation could not be queued ({type(exc).__name__}); nothing was "
                 "stored, retry later",
@@ -300,13 +361,39 @@ class Dispatcher:
         self.wake(inv.function)
         return stored
 
+    def _held(self, inv: Invocation) -> Invocation | None:
+        """The lane's own copy of an invocation it took ahead and has not begun."""
+        lane = self.lanes.get(inv.function)
+        return next((held for held in lane.ready if held.id == inv.id), None) if lane else None
+
+    def shown(self, inv: Invocation) -> Invocation:
+        """The invocation as callers see it: taken ahead is still queued to them."""
+        if inv.status == RUNNING and self._held(inv) is not None:
+            inv.status = QUEUED
+        return inv
+
+    async def cancel(self, inv: Invocation) -> Invocation | None:
+        """Cancel it if no attempt of it has begun; None (nothing changed) otherwise."""
+        now = time.time()
+        cancelled = await self.queue.cancel(inv.id, now)
+        held = self._held(inv) if cancelled is None else None
+        if held is not None:
+            self.lanes[inv.function].ready.remove(held)
+            held.status, held.ended, held.reason = CANCELLED, now, "cancelled before it ran"
+            await self.queue.save(held)
+            cancelled = held
+        if cancelled is not None:
+            self.counts[(inv.function, CANCELLED)] += 1
+        return cancelled
+
     def wake(self, function: str) -> None:
+        """New or newly due work for the function's lane."""
         if self.stopping:
             return
         lane = self.lanes.get(function)
         if lane is None:
             lane = self.lanes[function] = Lane(self, function)
-        lane.kick()
+        lane.kick(more=True)
 
     # ---- attempts ----
     def attempted(self, inv: Invocation, number: int, ex: Exchange, response: Response) -> None:
@@ -336,7 +423,7 @@ class Dispatcher:
             step = policy.after(spec, inv, kind, response.status, asked, now, random.random())
         if step.status == QUEUED:
             inv.status, inv.not_before = QUEUED, step.not_before
-            self._spawn(self._save(inv))
+            self._save(inv, spec)
         else:
             self.end(inv, step, now, spec)
 
@@ -353,18 +440,42 @@ class Dispatcher:
         inv.status, inv.reason, inv.ended = step.status, step.reason, now
         inv.notify = self.notifier.wanted(inv, spec)
         self.counts[(inv.function, inv.status)] += 1
-        self._spawn(self._save(inv, spec))
+        self._save(inv, spec)
 
-    async def _save(self, inv: Invocation, spec: AsyncSpec | None = None) -> None:
-        try:
-            await self.queue.save(inv)
-        except Exception:  # it stays running in the store: the next start runs it again
-            log.exception("saving async invocation %s of %s failed", inv.id, inv.function)
-            return
-        if inv.status == QUEUED:
+    def _save(self, inv: Invocation, spec: AsyncSpec) -> None:
+        self._follow(self.queue.save(inv), functools.partial(self._saved, inv, spec))
+
+    def _saved(self, inv: Invocation, spec: AsyncSpec, _: None, exc: BaseException | None) -> None:
+        if exc is not None:  # it stays running in the store: the next start runs it again
+            log.error(
+                "saving async invocation %s of %s failed",
+                inv.id,
+                inv.function,
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
+        elif inv.status == QUEUED:
             self.wake(inv.function)
-        elif inv.notify and spec is not None:
-            await self.notifier.send(inv, spec)
+        elif inv.notify:
+            self._spawn(self.notifier.send(inv, spec))
+
+    def _follow(
+        self, pending: Awaitable[T], then: Callable[[T | None, BaseException | None], None]
+    ) -> None:
+        """Call `then(result, None)` or `then(None, error)` when `pending` is done; kept so
+        `close` waits for it. A backend's future costs no task; a coroutine gets one."""
+        future = asyncio.ensure_future(pending)
+        self._tasks.add(future)
+
+        def done(f: asyncio.Future[T]) -> None:
+            self._tasks.discard(f)
+            if f.cancelled():
+                then(None, asyncio.CancelledError())
+            elif (error := f.exception()) is not None:
+                then(None, error)
+            else:
+                then(f.result(), None)
+
+        future.add_done_callback(done)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -385,11 +496,19 @@ class Dispatcher:
                 log.exception("the async queue's tick failed")
 
     async def tick(self) -> None:
-        self.backlogs = backlogs = await self.queue.backlog()
+        backlogs = await self.queue.backlog()
+        for function, lane in self.lanes.items():  # what a lane took ahead waits too
+            if lane.ready:
+                stored = backlogs.get(function, Backlog(0, 0.0))
+                oldest = min(inv.accepted for inv in lane.ready)
+                if stored.depth:
+                    oldest = min(oldest, stored.oldest)
+                backlogs[function] = Backlog(stored.depth + len(lane.ready), oldest)
+        self.backlogs = backlogs
         pool = self.gateway.pool
         for function in backlogs:
-            lane = self.lanes.get(function)
-            if lane is None or lane.task is None or lane.task.done():
+            running = self.lanes.get(function)
+            if running is None or running.task is None or running.task.done():
                 self.wake(function)
         for function in list(self.lanes):
             lane = self.lanes[function]
@@ -397,7 +516,8 @@ class Dispatcher:
             depth = backlogs[function].depth if function in backlogs else 0
             if route is not None:
                 pool.set_backlog(route.main, min(depth, max(0, lane_limit(route) - lane.inflight)))
-            if not depth and not lane.inflight and (lane.task is None or lane.task.done()):
+            done = lane.task is None or lane.task.done()
+            if not depth and not lane.inflight and not lane.ready and done:
                 del self.lanes[function]
 
     def statistics(self) -> list[tuple[str, int, float, dict[str, int]]]:

@@ -80,6 +80,7 @@ class SQLiteQueue:
         self._rdb: sqlite3.Connection | None = None
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._committing: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop  # set by open
 
     # ---- the thread ----
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -89,13 +90,15 @@ class SQLiteQueue:
 
         return await asyncio.get_running_loop().run_in_executor(self._reader, call)
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` in the next group commit; returns once that commit is durable."""
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Run `fn` in the next group commit; the future is done once that commit is durable.
+        (A future, not a coroutine: the dispatcher adds callbacks to it, no task per call.)"""
+        loop = self._loop  # kept: asyncio.get_running_loop() costs a getpid() each call
+        future: asyncio.Future[T] = loop.create_future()
         self._pending.append((fn, future))
         if self._committing is None:
-            self._committing = asyncio.get_running_loop().create_task(self._commit_rounds())
-        return await future
+            self._committing = loop.create_task(self._commit_rounds())
+        return future
 
     async def _commit_rounds(self) -> None:
         loop = asyncio.get_running_loop()
@@ -128,19 +131,33 @@ class SQLiteQueue:
     def _commit(
         self, batch: list[tuple[Callable[[sqlite3.Connection], Any], Any]]
     ) -> list[tuple[bool, Any]]:
+        """The batch in one transaction. Operations fail only on a bug or a full disk: when
+        one does, the transaction is rolled back and each is run again in a transaction of
+        its own, so only it fails (cheaper than a savepoint around each, every time)."""
         db = self._db
         assert db is not None
+        try:
+            return self._transaction(db, batch, alone=False)
+        except _OperationFailed:
+            return [self._transaction(db, [op], alone=True)[0] for op in batch]
+
+    def _transaction(
+        self,
+        db: sqlite3.Connection,
+        batch: list[tuple[Callable[[sqlite3.Connection], Any], Any]],
+        alone: bool,
+    ) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
         db.execute("BEGIN IMMEDIATE")
         try:
             for fn, _ in batch:
-                db.execute("SAVEPOINT op")
                 try:
                     outcomes.append((True, fn(db)))
-                except Exception as exc:  # this one's fault only: the others still commit
-                    db.execute("ROLLBACK TO op")
-                    outcomes.append((False, exc))
-                db.execute("RELEASE op")
+                except Exception as exc:
+                    if not alone:
+                        raise _OperationFailed from exc
+                    db.execute("ROLLBACK")
+                    return [(False, exc)]
             db.execute("COMMIT")  # synchronous=FULL: on disk when this returns
         except BaseException:
             if db.in_transaction:
@@ -164,7 +181,7 @@ class SQLiteQueue:
             rdb.execute("PRAGMA busy_timeout=5000")
             self._rdb = rdb
 
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._thread, connect)
         await loop.run_in_executor(self._reader, connect_reader)
         await self._write(_recover)
@@ -182,7 +199,7 @@ class SQLiteQueue:
         self._reader.shutdown(wait=True)
         self._thread.shutdown(wait=True)
 
-    async def put(self, inv: Invocation) -> Invocation:
+    def put(self, inv: Invocation) -> asyncio.Future[Invocation]:
         def insert(db: sqlite3.Connection) -> Invocation:
             if inv.idempotency_key:
                 first = db.execute(
@@ -210,10 +227,10 @@ class SQLiteQueue:
             inv.seq = cur.lastrowid or 0
             return inv
 
-        return await self._write(insert)
+        return self._write(insert)
 
-    async def take(self, function: str, limit: int, now: float | None = None) -> Invocations:
-        due = time.time() if now is None else now
+    async def take(self, function: str, limit: int) -> Invocations:
+        due = time.time()
 
         def claim(db: sqlite3.Connection) -> Invocations:
             rows = db.execute(
@@ -238,7 +255,7 @@ class SQLiteQueue:
         )
         return None if row is None or row[0] is None else float(row[0])
 
-    async def save(self, inv: Invocation) -> None:
+    def save(self, inv: Invocation) -> asyncio.Future[None]:
         record = _encode(inv)
 
         def update(db: sqlite3.Connection) -> None:
@@ -248,7 +265,7 @@ class SQLiteQueue:
                 (inv.status, inv.not_before, inv.ended, int(inv.notify), record, inv.seq),
             )
 
-        await self._write(update)
+        return self._write(update)
 
     async def get(self, id: str) -> Invocation | None:
         row = await self._read(
@@ -352,6 +369,10 @@ class SQLiteQueue:
             return db.execute("DELETE FROM invocations WHERE function = ?", (function,)).rowcount
 
         return await self._write(forget)
+
+
+class _OperationFailed(Exception):
+    """One operation of a group commit raised: the batch is run again one by one."""
 
 
 def _recover(db: sqlite3.Connection) -> int:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import resource
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -84,6 +85,7 @@ class Server:
         # All but /fn/, which the front serves.
         self.app = build(self.control, self.metrics, self.dispatcher)
         self._flusher: asyncio.Task[None] | None = None
+        self.stop_deadline = 0.0  # the loop's clock: when attempts under way stop being awaited
 
     def forget_function(self, function: str) -> None:
         """`ember rm`: what the data plane keeps per function ("namespace/name") goes with it:
@@ -121,9 +123,16 @@ class Server:
                 "writing %d activations and %d log lines failed", len(activations), len(logs)
             )
 
+    def stopping(self) -> None:
+        """A signal came: async invocations start no new attempts from now on."""
+        self.dispatcher.stop_taking()
+        self.stop_deadline = asyncio.get_running_loop().time() + self.config.grace_period
+
     async def stop(self) -> None:
         self.heap.stop()
-        self.dispatcher.stop_taking()
+        if not self.dispatcher.stopping:
+            self.stopping()
+        await self.dispatcher.drain(self.stop_deadline)  # the grace for attempts under way
         await self.control.stop()
         if self._flusher is not None:
             self._flusher.cancel()
@@ -146,12 +155,16 @@ def _queue(config: ServerConfig) -> Queue:
 class _Uvicorn(uvicorn.Server):
     """Ends log-follow streams as soon as a signal arrives, so shutdown is not held up by them."""
 
-    def __init__(self, config: uvicorn.Config, stopping: asyncio.Event) -> None:
+    def __init__(
+        self, config: uvicorn.Config, stopping: asyncio.Event, on_stop: Callable[[], None]
+    ) -> None:
         super().__init__(config)
         self._stopping = stopping
+        self._on_stop = on_stop
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._stopping.set()
+        self._on_stop()
         super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
@@ -199,6 +212,8 @@ async def run(config: ServerConfig, deploy: list[Path]) -> int:
             server_header=False,
         ),
         server.control.stopping,
+        # From the signal handler: on the loop, between its callbacks, not inside one.
+        functools.partial(asyncio.get_running_loop().call_soon_threadsafe, server.stopping),
     )
     serving = asyncio.get_running_loop().create_task(uv.serve())
     try:

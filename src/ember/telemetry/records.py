@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 
 
-class ActivationRecord(msgspec.Struct, frozen=True):
+class ActivationRecord(msgspec.Struct, frozen=True, gc=False):
     id: str  # the request id
     function: str
     revision: int
@@ -21,7 +21,7 @@ class ActivationRecord(msgspec.Struct, frozen=True):
     call_id: str = ""  # the async invocation's id (X-Call-Id)
 
 
-class LogRecord(msgspec.Struct, frozen=True):
+class LogRecord(msgspec.Struct, frozen=True, gc=False):
     ts: float
     function: str
     revision: int
