@@ -52,8 +52,6 @@ BATCH = 64  # invocations one take asks for at most
 TICK = 1.0  # seconds between backlog reads
 PRUNE_EVERY = 60.0
 BLOCKED_POLL = 0.01  # seconds between looks at a revision that had no free capacity
-MAX_WAIT = 5.0  # a lane looks at its queue at least this often while it has work
-MIN_WAIT = 0.002  # ... and at most this often when nothing it took was due
 MAX_KEY = 256  # bytes of an Idempotency-Key
 RECORD_OVERHEAD = 64 * 1024  # bytes of a stored invocation beside its body and its result's
 MAX_URL = 2048
@@ -108,59 +106,76 @@ def lane_limit(route: Route) -> int:
 
 
 class Lane:
-    """One function's queued work. It keeps up to two rounds of its concurrency taken ahead
-    (`ready`: running in the queue, not yet begun), taking more in the background as they go,
-    so a take's round trip to the queue (a group commit) is not between one attempt's end and
-    the next one's start. It begins what is ready while the function has room."""
+    """One function's queued work, driven by callbacks (no task of its own): `kick` schedules
+    one `_step` on the loop, however many kicks come before it runs. A step begins what is
+    ready while the function has room, and takes more when it runs low. It keeps up to two
+    rounds of its concurrency taken ahead (`ready`: running in the queue, not yet begun),
+    taken in the background, so a take's round trip to the queue (a group commit) is not
+    between one attempt's end and the next one's start."""
 
     def __init__(self, dispatcher: Dispatcher, function: str) -> None:
         self.dispatcher = dispatcher
         self.function = function
+        self.loop = dispatcher.loop
         self.inflight = 0
         self.ready: deque[Invocation] = deque()
         self.more = True  # the queue may hold due work (a take came back short: no)
         self.puts = 0  # wakes for new work, so a short take racing one does not clear `more`
         self.due_at: float | None = None  # when its earliest invocation not yet due comes due
-        self.kicked = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
+        self.scheduled = False
+        self.timer: asyncio.TimerHandle | None = None
         self.taking: asyncio.Task[None] | None = None
+
+    @property
+    def idle(self) -> bool:
+        return not (self.inflight or self.ready or self.taking or self.due_at is not None)
 
     def kick(self, more: bool = False) -> None:
         if more:
             self.more, self.puts = True, self.puts + 1
-        self.kicked.set()
-        if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(self._run())
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self._step)
 
-    async def _run(self) -> None:
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.taking is not None:
+            self.taking.cancel()
+
+    def _step(self) -> None:
+        self.scheduled = False
         d = self.dispatcher
+        if d.stopping:
+            return
         try:
-            while not d.stopping:
-                self.kicked.clear()
-                route = d.gateway.routes.get(self.function)
-                room, blocked = self._room(route)
-                while room > 0 and self.ready:
-                    room -= self._begin(self.ready.popleft(), route)
-                limit = lane_limit(route) if route is not None else BATCH
-                if self.more and self.taking is None and len(self.ready) < limit:
-                    ahead = min(BATCH, 2 * limit) - len(self.ready)
-                    self.taking = asyncio.get_running_loop().create_task(self._take(ahead))
-                idle = self.taking is None and not self.ready and not self.inflight
-                if idle and self.due_at is None and not self.kicked.is_set():
-                    return  # nothing queued: the next put starts the lane again
-                wait = BLOCKED_POLL if blocked else MAX_WAIT
-                if self.due_at is not None:
-                    wait = min(wait, max(MIN_WAIT, self.due_at - time.time()))
-                try:
-                    async with asyncio.timeout(wait):
-                        await self.kicked.wait()
-                except TimeoutError:
-                    if self.due_at is not None and time.time() >= self.due_at:
-                        self.more, self.due_at = True, None  # a retry came due
-        except asyncio.CancelledError:
-            raise
+            route = d.gateway.routes.get(self.function)
+            room, blocked = self._room(route)
+            while room > 0 and self.ready:
+                room -= self._begin(self.ready.popleft(), route)
+            limit = lane_limit(route) if route is not None else BATCH
+            if self.more and self.taking is None and len(self.ready) < limit:
+                ahead = min(BATCH, 2 * limit) - len(self.ready)
+                self.taking = self.loop.create_task(self._take(ahead))
+            if blocked and self.ready:  # capacity frees without telling us: look again soon
+                self._wake_at(self.loop.time() + BLOCKED_POLL)
+            elif self.due_at is not None:
+                self._wake_at(self.loop.time() + max(0.0, self.due_at - time.time()))
         except Exception:
-            log.exception("the async lane of %s failed; the next tick restarts it", self.function)
+            log.exception("the async lane of %s failed; the next tick kicks it", self.function)
+
+    def _wake_at(self, when: float) -> None:
+        if self.timer is not None:
+            if self.timer.when() <= when:
+                return
+            self.timer.cancel()
+        self.timer = self.loop.call_at(when, self._timed)
+
+    def _timed(self) -> None:
+        self.timer = None
+        if self.due_at is not None and time.time() >= self.due_at:
+            self.more, self.due_at = True, None  # a retry came due
+        self.kick()
 
     async def _take(self, n: int) -> None:
         d, puts = self.dispatcher, self.puts
@@ -176,7 +191,7 @@ class Lane:
             log.exception("taking async invocations of %s failed", self.function)
         finally:
             self.taking = None
-            self.kicked.set()
+            self.kick()
 
     def _room(self, route: Route | None) -> tuple[int, bool]:
         """How many more may start now, and whether the revision's capacity (not the lane's
@@ -208,7 +223,7 @@ class Lane:
 
         def done(exchange: Exchange, response: Response) -> None:
             self.inflight -= 1
-            self.kicked.set()
+            self.kick()
             d.attempted(inv, number, exchange, response)
 
         d.gateway.run(
@@ -238,6 +253,7 @@ class Dispatcher:
         self.counts: Counter[tuple[str, str]] = Counter()  # (function, accepted|status)
         self.notifier = Notifier(queue, self.enqueue)
         self.stopping = False
+        self.loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Future[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
 
@@ -269,8 +285,7 @@ class Dispatcher:
         if self._ticker is not None:
             self._ticker.cancel()
         for lane in self.lanes.values():
-            if lane.task is not None:
-                lane.task.cancel()
+            lane.stop()
 
     async def drain(self, until: float) -> None:
         """Wait (until the loop's clock reads `until`) for the attempts under way to end."""
@@ -506,18 +521,15 @@ class Dispatcher:
                 backlogs[function] = Backlog(stored.depth + len(lane.ready), oldest)
         self.backlogs = backlogs
         pool = self.gateway.pool
-        for function in backlogs:
-            running = self.lanes.get(function)
-            if running is None or running.task is None or running.task.done():
-                self.wake(function)
+        for function in backlogs:  # a new lane, or one whose retries came due
+            self.wake(function)
         for function in list(self.lanes):
             lane = self.lanes[function]
             route = self.gateway.routes.get(function)
             depth = backlogs[function].depth if function in backlogs else 0
             if route is not None:
                 pool.set_backlog(route.main, min(depth, max(0, lane_limit(route) - lane.inflight)))
-            done = lane.task is None or lane.task.done()
-            if not depth and not lane.inflight and not lane.ready and done:
+            if not depth and lane.idle:
                 del self.lanes[function]
 
     def statistics(self) -> list[tuple[str, int, float, dict[str, int]]]:

@@ -57,6 +57,7 @@ CREATE INDEX IF NOT EXISTS invocations_queued
 CREATE INDEX IF NOT EXISTS invocations_unsent ON invocations (seq) WHERE notify = 1;
 """
 
+DELETE_STEP = 2000  # rows one transaction of a purge, prune or forget deletes at most
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Invocation).decode
 _COLUMNS = "seq, status, record"
@@ -329,13 +330,7 @@ class SQLiteQueue:
         return await self._write(replay)
 
     async def purge(self, function: str) -> int:
-        def purge(db: sqlite3.Connection) -> int:
-            cur = db.execute(
-                f"DELETE FROM invocations WHERE function = ? AND status = '{DEAD}'", (function,)
-            )
-            return cur.rowcount
-
-        return await self._write(purge)
+        return await self._delete(f"function = ? AND status = '{DEAD}'", (function,))
 
     async def backlog(self) -> dict[str, Backlog]:
         rows = await self._read(
@@ -355,20 +350,24 @@ class SQLiteQueue:
         return [_row(r) for r in rows]
 
     async def prune(self, ended_before: float) -> int:
-        def prune(db: sqlite3.Connection) -> int:
-            cur = db.execute(
-                "DELETE FROM invocations WHERE ended > 0 AND ended < ? AND notify = 0",
-                (ended_before,),
-            )
-            return cur.rowcount
-
-        return await self._write(prune)
+        return await self._delete("ended > 0 AND ended < ? AND notify = 0", (ended_before,))
 
     async def forget(self, function: str) -> int:
-        def forget(db: sqlite3.Connection) -> int:
-            return db.execute("DELETE FROM invocations WHERE function = ?", (function,)).rowcount
+        return await self._delete("function = ?", (function,))
 
-        return await self._write(forget)
+    async def _delete(self, where: str, args: tuple[Any, ...]) -> int:
+        """Delete in transactions of DELETE_STEP rows, so removing a backlog of 100,000
+        holds the writer (every acceptance) up for milliseconds at a time, not a second."""
+        sql = (
+            f"DELETE FROM invocations WHERE seq IN (SELECT seq FROM invocations WHERE {where}"
+            f" LIMIT {DELETE_STEP})"
+        )
+        total = 0
+        while True:
+            gone = await self._write(lambda db: db.execute(sql, args).rowcount)
+            total += gone
+            if gone < DELETE_STEP:
+                return total
 
 
 class _OperationFailed(Exception):
