@@ -3,6 +3,7 @@ NATS JetStream (`ember up --queue nats://...`, a real nats-server started here).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.server
 import itertools
@@ -535,3 +536,53 @@ def _stop_and_restart_with_a_backlog(own: EmberServer, tmp_path: Path) -> None:
     for call in waiting:
         inv = ended(own, call)
         assert [a["outcome"] for a in inv["attempts"]] == ["ok"], inv
+
+
+class Subscriber:
+    """Messages on a NATS subject, collected by a thread of its own (nats-py on its loop)."""
+
+    def __init__(self, url: str, subject: str) -> None:
+        self.messages: list[bytes] = []
+        ready = threading.Event()
+
+        async def listen() -> None:
+            import nats
+
+            nc = await nats.connect(url)
+            await nc.subscribe(subject, cb=self._got)
+            await nc.flush()
+            ready.set()
+            while True:
+                await asyncio.sleep(3600)
+
+        threading.Thread(target=lambda: asyncio.run(listen()), daemon=True).start()
+        assert ready.wait(10), "the subscription"
+
+    async def _got(self, msg: Any) -> None:
+        self.messages.append(msg.data)
+
+
+def test_a_subject_destination_is_published_on_nats_and_refused_without_it(
+    server: EmberServer, deploy: Callable[..., str], nats: NatsServer, tmp_path: Path
+) -> None:
+    manifest = "async: {on_success: {subject: ember-test.done}}"
+    if not server.extra:  # SQLite: no NATS to publish to
+        code = ECHO
+        src = make_function(
+            tmp_path / "src", "subj", code, f"functions:\n  subj:\n    {manifest}\n"
+        )
+        refused = server.cli("deploy", str(src), check=False)
+        assert refused.returncode != 0
+        assert b"needs the NATS queue" in refused.stderr, refused.stderr
+        return
+    listener = Subscriber(server.extra[1], "ember-test.done")
+    fn = deploy(ECHO, manifest)
+    call = accept(server, f"/fn-async/{fn}", b"published")
+    assert ended(server, call)["status"] == "succeeded"
+    wait_for(lambda: len(listener.messages) == 1, 10, "the record on the subject")
+    record = json.loads(listener.messages[0])
+    assert (record["id"], record["status"], record["request"]["body"]) == (
+        call,
+        "succeeded",
+        "published",
+    )

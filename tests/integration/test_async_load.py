@@ -149,3 +149,33 @@ def test_a_backlog_of_100000_holds_up_no_one_else(queue_args: list[str], tmp_pat
         server.stop(signal.SIGKILL)
         server.http.close()
         server.api.close()
+
+
+def test_ended_invocations_are_forgotten_after_the_retention(
+    queue_args: list[str], tmp_path: Path
+) -> None:
+    server = EmberServer(tmp_path / "home", ["--async-retention", "1", *queue_args]).start()
+    try:
+        server.deploy(
+            make_function(tmp_path / "src", "brief", "def handle(req, ctx):\n    return 'ok'\n")
+        )
+        call = server.http.post("/fn-async/brief", headers={"Idempotency-Key": "once"}).json()["id"]
+        wait_for(
+            lambda: (
+                server.api.get(f"/api/v1/invocations/{call}").json().get("status") == "succeeded"
+            ),
+            10,
+            "the invocation to succeed",
+        )
+        wait_for(
+            lambda: server.api.get(f"/api/v1/invocations/{call}").status_code == 404,
+            10,
+            "the record to be forgotten",
+        )
+        # ... and its Idempotency-Key with it: the same key queues a new invocation.
+        again = server.http.post("/fn-async/brief", headers={"Idempotency-Key": "once"})
+        assert again.status_code == 202 and again.json()["id"] != call
+    finally:
+        server.stop(signal.SIGKILL)
+        server.http.close()
+        server.api.close()

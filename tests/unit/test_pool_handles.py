@@ -360,3 +360,43 @@ def test_the_caller_is_answered_before_the_revision_turns_idle() -> None:
         assert rp.demand == 0
 
     asyncio.run(main())
+
+
+def test_async_work_takes_only_free_capacity() -> None:
+    """`has_room`: an idle instance, or a start within scale.max, and no synchronous caller
+    waiting (ember.queue's lanes submit only then)."""
+
+    async def main() -> None:
+        one = Target(
+            "fn", 1, "0" * 64, "/nonexistent", FunctionSpec(name="fn", scale=ScaleSpec(max=1))
+        )
+        rp, _ = _revision_with_an_instance(concurrency=1, target=one)
+        assert rp.has_room()  # its one instance is idle
+        deadline = asyncio.get_running_loop().time() + 30
+        busy, waiting = _Caller(), _Caller()
+        rp.submit(_call(0, deadline, busy))
+        assert not rp.has_room()  # at scale.max, its instance busy
+        rp.submit(_call(1, deadline, waiting))
+        assert len(rp.waiters) == 1
+        rp.instances.clear()  # (as if the instance had died: a start would be allowed again)
+        assert not rp.has_room()  # ... but a synchronous call waits, and goes first
+        rp.waiters.clear()
+        assert rp.has_room()
+
+    asyncio.run(main())
+
+
+def test_a_backlog_of_async_work_is_demand_for_the_autoscaler() -> None:
+    async def main() -> None:
+        spec = FunctionSpec(name="fn", scale=ScaleSpec(min=1, max=10))  # (none to stop)
+        target = Target("fn", 1, "0" * 64, "/nonexistent", spec)
+        plain, backlogged = (_revision_with_an_instance(1, target)[0] for _ in range(2))
+        backlogged.backlog = 6
+        now = asyncio.get_running_loop().time()
+        for rp in (plain, backlogged):
+            rp.backoff_until = math.inf  # decide only: no start
+        assert not backlogged.quiet(now)
+        assert plain.autoscale(now, 0.25).desired == 1
+        assert backlogged.autoscale(now, 0.25).desired >= 6
+
+    asyncio.run(main())

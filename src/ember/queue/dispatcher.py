@@ -255,6 +255,7 @@ class Dispatcher:
         self.stopping = False
         self.loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._sending: set[asyncio.Task[None]] = set()  # callbacks and destinations
         self._ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -273,7 +274,7 @@ class Dispatcher:
                 self.gateway.max_async_body = fits
         self.gateway.sink = self
         for inv in await self.queue.unsent():  # ended before a stop, not yet reported
-            self._spawn(self.notifier.send(inv, async_spec(self.gateway.routes.get(inv.function))))
+            self._send(inv, async_spec(self.gateway.routes.get(inv.function)))
         self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
 
     def stop_taking(self) -> None:
@@ -301,6 +302,8 @@ class Dispatcher:
                 inv = lane.ready.popleft()
                 inv.status = QUEUED
                 self._follow(self.queue.save(inv), _ignore)
+        for sending in self._sending:  # still marked to send: the next start sends them
+            sending.cancel()
         while pending := [t for t in self._tasks if not t.done()]:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.notifier.close()
@@ -471,7 +474,7 @@ class Dispatcher:
         elif inv.status == QUEUED:
             self.wake(inv.function)
         elif inv.notify:
-            self._spawn(self.notifier.send(inv, spec))
+            self._send(inv, spec)
 
     def _follow(
         self, pending: Awaitable[T], then: Callable[[T | None, BaseException | None], None]
@@ -492,6 +495,12 @@ class Dispatcher:
 
         future.add_done_callback(done)
 
+    def _send(self, inv: Invocation, spec: AsyncSpec) -> None:
+        """Its callback and destination, in a task a stop may cancel (they stay marked)."""
+        task = self.loop.create_task(self.notifier.send(inv, spec))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -504,7 +513,7 @@ class Dispatcher:
             await asyncio.sleep(TICK)
             try:
                 await self.tick()
-                if time.monotonic() - pruned > PRUNE_EVERY:
+                if time.monotonic() - pruned > min(PRUNE_EVERY, self.retention / 2):
                     await self.queue.prune(time.time() - self.retention)
                     pruned = time.monotonic()
             except Exception:

@@ -11,8 +11,10 @@
   delivers it again then; a running one's message is held until `save` acks it (ended) or naks
   it (a retry). The message goes first and the record after: a crash between leaves a message
   `take` drops, never a queued record nothing would deliver.
-- stream `P-ended`: an entry (function, id, ended) per invocation that ended, in the order they
-  ended, which `prune` reads from the oldest.
+- stream `P-ended`: entries (function, id, ended) of invocations that ended, in the order they
+  ended, which `prune` reads from the oldest. Saves write them in groups (`_Log`): a message
+  holds the entries added while the one before it was being stored, and each save waits for
+  its entry's message before writing the ended record.
 
 One Ember server owns a prefix: the schedule of queued invocations (`next_due`, `backlog`, and
 whether `take` need ask the server at all) is kept in memory, and `open` rebuilds it by deleting
@@ -20,6 +22,13 @@ the consumers (what a previous server held is delivered again at once) and readi
 message. Everything written is acknowledged by JetStream before the call returns. A record is
 one message, so the server's `max_payload` (1 MB unless configured) bounds an invocation's
 request and result together.
+
+Under load, the cost is per invocation: a put is two publishes (message, record), a take one
+record write (running; the pull is shared by a batch), a save one record write, a share of an
+ended-log message and an ack. So the hot writes go through `_Replies`, a leaner request path
+than nats-py's `request` and JetStream `publish`, and a take finds what this server put or
+queued again in a bounded cache (`_keep`) rather than reading it back: every write names the
+revision it replaces, so a cached copy that is no longer the record fails to write and is read.
 """
 
 from __future__ import annotations
@@ -37,11 +46,18 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api
-from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import (
+    APIError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoStreamResponseError,
+    NotFoundError,
+)
 from nats.js.kv import KeyValue
 
 from ember.queue.base import (
@@ -69,12 +85,23 @@ ACK_WAIT = 3600.0  # s a taken message stays with us unanswered: longer than any
 PULL = 256  # messages one request asks for when a whole consumer is read
 WIDTH = 256  # requests in flight at once when many records are read or written
 TIMEOUT = 5.0  # s for the server's answer
+CACHE = 64 * 2**20  # bytes of queued invocations kept in memory, to be taken without a read
+CACHED = 2048  # bytes an invocation held in memory takes beside its stored size (a guess)
 START_ATTEMPTS = 3  # to connect at open, 2 s apart: `ember up` with a wrong URL fails soon
 
 _TOKEN = re.compile(r"[-/=_A-Za-z0-9]+")  # what a KV key's part may hold (but '.')
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Invocation).decode
-_decode_ended = msgspec.msgpack.Decoder(tuple[str, str, float]).decode
+_decode_entries = msgspec.msgpack.Decoder(list[tuple[str, str, float]]).decode
+_decode_entry = msgspec.msgpack.Decoder(tuple[str, str, float]).decode
+
+
+def _decode_ended(data: bytes) -> list[tuple[str, str, float]]:
+    """An ended log message: its entries (a lone entry, as earlier versions logged them)."""
+    try:
+        return _decode_entries(data)
+    except msgspec.ValidationError:
+        return [_decode_entry(data)]
 
 
 def _fx(function: str) -> str:
@@ -196,6 +223,115 @@ class _Puller:
             await self._sub.unsubscribe()
 
 
+class _Error(msgspec.Struct):
+    code: int
+    err_code: int = 0
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct):
+    """JetStream's answer to a publish: the message's sequence in its stream, or an error."""
+
+    seq: int = 0
+    error: _Error | None = None
+
+
+_decode_ack = msgspec.json.Decoder(_PubAck).decode
+_WRONG_LAST = (10071, 10164)  # JetStream's "wrong last sequence" error codes
+
+
+class _Replies:
+    """Requests whose answers all come to one subscription (`<inbox>.<n>`), each awaited as a
+    plain future with a timer for its timeout: what nats-py's `request` and JetStream
+    `publish` do, without their per-call task, token and JSON parsing, which were most of the
+    queue's CPU under load."""
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._prefix = ""
+        self._next = 0
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+
+    async def start(self) -> None:
+        self._prefix = self._nc.new_inbox() + "."
+        await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._waiting.pop(msg.subject[len(self._prefix) :], None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def request(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None = None
+    ) -> Msg:
+        self._next += 1
+        token = str(self._next)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg] = loop.create_future()
+        self._waiting[token] = future
+        timer = loop.call_later(TIMEOUT, self._expire, token)
+        try:
+            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            return await future
+        finally:
+            timer.cancel()
+            self._waiting.pop(token, None)
+
+    def _expire(self, token: str) -> None:
+        future = self._waiting.pop(token, None)
+        if future is not None and not future.done():
+            future.set_exception(nats.errors.TimeoutError())
+
+    async def publish(self, subject: str, payload: bytes, last: int | None = None) -> int:
+        """A JetStream publish (if `last` is given, only while `subject`'s last message is that
+        sequence, 0: none); its sequence once the stream stored it."""
+        headers = None if last is None else {"Nats-Expected-Last-Subject-Sequence": str(last)}
+        reply = await self.request(subject, payload, headers)
+        if reply.headers and "Status" in reply.headers:  # 503: no stream takes the subject
+            raise NoStreamResponseError
+        ack = _decode_ack(reply.data)
+        if ack.error is not None:
+            if ack.error.err_code in _WRONG_LAST:
+                raise KeyWrongLastSequenceError(description=ack.error.description)
+            APIError.from_error(msgspec.structs.asdict(ack.error))
+        return ack.seq
+
+
+class _Log:
+    """The ended log written in groups: entries added while one message is being stored go
+    together in the next, and each `add` returns once the message holding its entry is
+    stored (a group commit: one publish for many saves under load)."""
+
+    def __init__(self, replies: _Replies, subject: str) -> None:
+        self._replies, self._subject = replies, subject
+        self._pending: list[tuple[str, str, float]] = []
+        self._stored: asyncio.Future[None] | None = None  # of the pending entries' message
+        self._writer: asyncio.Task[None] | None = None
+
+    async def add(self, function: str, id: str, ended: float) -> None:
+        if self._stored is None:
+            self._stored = asyncio.get_running_loop().create_future()
+        stored = self._stored
+        self._pending.append((function, id, ended))
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+        await asyncio.shield(stored)
+
+    async def _write(self) -> None:
+        try:
+            while self._stored is not None:
+                entries, stored = self._pending, self._stored
+                self._pending, self._stored = [], None
+                try:
+                    await self._replies.publish(self._subject, _encode(entries))
+                except Exception as exc:
+                    stored.set_exception(exc)
+                else:
+                    stored.set_result(None)
+        finally:
+            self._writer = None
+
+
 @dataclass(slots=True)
 class _Held:
     """A running invocation's work message, and the revision of its record we wrote."""
@@ -224,6 +360,13 @@ class NatsQueue:
         self._writing: dict[str, asyncio.Future[None]] = {}  # ids whose message is out first
         self._pullers: dict[str, _Puller] = {}
         self._pullers_lock = asyncio.Lock()
+        self._replies = _Replies(self._nc)
+        self._log = _Log(self._replies, self._ended_subject)
+        # Queued invocations as this server last wrote them, and their revision, so a take
+        # need not read them back (a write with that revision as the expected last one fails
+        # if the record changed since: then it is read); `_cached` bytes of them at most CACHE.
+        self._cache: dict[str, tuple[Invocation, int, int]] = {}  # by id: and its size
+        self._cached = 0
 
     # ---- names ----
     def _subject(self, function: str) -> str:
@@ -248,6 +391,7 @@ class NatsQueue:
         )
         self._nc.options["max_reconnect_attempts"] = -1  # once up, a server restart is waited out
         self.max_record = self._nc.max_payload
+        await self._replies.start()
         await self._js.add_stream(
             name=self._work,
             subjects=[f"{self.prefix}.work.*"],
@@ -274,10 +418,11 @@ class NatsQueue:
                 first = await self._first_with_key(inv)
                 if first is not None:
                     return first
-            ack = await self._js.publish(self._subject(inv.function), inv.id.encode())
-            inv.seq = ack.seq
-            await self._kv.create(self._record(inv.function, inv.id), _encode(inv))
+            inv.seq = await self._replies.publish(self._subject(inv.function), inv.id.encode())
+            data = _encode(inv)
+            revision = await self._replies.publish(self._subject_of(inv), data, last=0)
             self._queued_of(inv.function).add(inv)
+            self._keep(inv, revision, len(data))
             return inv
 
     async def take(self, function: str, limit: int) -> Invocations:
@@ -309,9 +454,10 @@ class NatsQueue:
             return
         if inv.status in ENDED:
             await self._ending(inv)
+        data = _encode(inv)
         try:
-            held.revision = await self._kv.update(
-                self._record(inv.function, inv.id), _encode(inv), last=held.revision
+            held.revision = await self._replies.publish(
+                self._subject_of(inv), data, last=held.revision
             )
         except KeyWrongLastSequenceError:
             if await self._entry(inv.function, inv.id) is not None:
@@ -321,6 +467,7 @@ class NatsQueue:
         if inv.status == QUEUED:
             del self._held[inv.id]
             self._queued_of(inv.function).add(inv)
+            self._keep(inv, held.revision, len(data))
             await self._nak(held.msg, inv.not_before - time.time())
         elif inv.status in ENDED:
             del self._held[inv.id]
@@ -341,6 +488,7 @@ class NatsQueue:
             if found is None or found[0].status != QUEUED:
                 return None
             inv, revision = found
+            self._drop(id)
             inv.status, inv.ended, inv.reason = CANCELLED, now, "cancelled before it ran"
             await self._ending(inv)
             try:
@@ -390,7 +538,8 @@ class NatsQueue:
         forgotten = await self._purge(self._kv_stream, f"{self._kv_prefix}r.{fx}.*")
         await self._purge(self._kv_stream, f"{self._kv_prefix}*.{fx}.*")  # keys and markers
         await self._purge(self._work, self._subject(function))
-        self._queued.pop(function, None)
+        for id in self._queued.pop(function, _Queued()).items:
+            self._drop(id)
         return forgotten
 
     async def publish(self, subject: str, data: bytes) -> None:
@@ -476,7 +625,7 @@ class NatsQueue:
         await asyncio.gather(*writes)
 
     async def _log_ended(self, inv: Invocation) -> None:
-        await self._js.publish(self._ended_subject, _encode((inv.function, inv.id, inv.ended)))
+        await self._log.add(inv.function, inv.id, inv.ended)
 
     async def _save_ended(self, inv: Invocation) -> None:
         """The save of one not running here: an ended one whose callback and destinations
@@ -530,11 +679,11 @@ class NatsQueue:
         async with contextlib.aclosing(scan) as batches:
             async for batch in batches:
                 for msg in batch:
-                    function, id, ended = _decode_ended(msg.data)
                     seq = msg.metadata.sequence.stream
-                    if ended >= cutoff or seq > end:
-                        return entries, last
-                    entries.append((function, id))
+                    for function, id, ended in _decode_ended(msg.data):
+                        if ended >= cutoff or seq > end:
+                            return entries, last  # (a message's first entries come again)
+                        entries.append((function, id))
                     last = seq
         return entries, last
 
@@ -575,6 +724,26 @@ class NatsQueue:
         return int(answer["purged"])
 
     # ---- work messages ----
+    def _subject_of(self, inv: Invocation) -> str:
+        """Its record's subject in the bucket's stream."""
+        return self._kv_prefix + self._record(inv.function, inv.id)
+
+    def _keep(self, inv: Invocation, revision: int, size: int) -> None:
+        """Cache a queued invocation just written (a copy: the caller keeps its own)."""
+        size += CACHED
+        if self._cached + size <= CACHE:
+            self._cached += size
+            copy = msgspec.structs.replace(inv, attempts=list(inv.attempts))
+            self._cache[inv.id] = (copy, revision, size)
+
+    def _drop(self, id: str) -> Found | None:
+        """A cached invocation taken out of the cache, or None."""
+        cached = self._cache.pop(id, None)
+        if cached is None:
+            return None
+        self._cached -= cached[2]
+        return cached[0], cached[1]
+
     def _queued_of(self, function: str) -> _Queued:
         queued = self._queued.get(function)
         if queued is None:
@@ -612,7 +781,7 @@ class NatsQueue:
                 if held.msg.metadata.sequence.stream != msg.metadata.sequence.stream:
                     await msg.ack()  # a second message for a running one
                 return None  # else its own message again, after ACK_WAIT: still held
-            found = await self._entry(function, id)
+            found = self._drop(id) or await self._entry(function, id)
             if found is None or found[0].status != QUEUED:
                 await msg.ack()
                 return None
@@ -622,8 +791,8 @@ class NatsQueue:
                 return None
             inv.status = RUNNING
             try:
-                revision = await self._kv.update(
-                    self._record(function, id), _encode(inv), last=revision
+                revision = await self._replies.publish(
+                    self._kv_prefix + self._record(function, id), _encode(inv), last=revision
                 )
             except KeyWrongLastSequenceError:
                 continue  # cancelled, forgotten or claimed through a second message: again
@@ -637,7 +806,7 @@ class NatsQueue:
         payload = b"-NAK"
         if delay > 0:
             payload += b" " + msgspec.json.encode({"delay": int(delay * 1e9)})
-        await self._nc.request(msg.reply, payload, timeout=TIMEOUT)
+        await self._replies.request(msg.reply, payload)
 
     async def _recover(self) -> None:
         """Every work message read afresh, through one consumer made for it once the others

@@ -156,7 +156,7 @@ class _Uvicorn(uvicorn.Server):
     """Ends log-follow streams as soon as a signal arrives, so shutdown is not held up by them."""
 
     def __init__(
-        self, config: uvicorn.Config, stopping: asyncio.Event, on_stop: Callable[[], None]
+        self, config: uvicorn.Config, stopping: asyncio.Event, on_stop: Callable[[], object]
     ) -> None:
         super().__init__(config)
         self._stopping = stopping
