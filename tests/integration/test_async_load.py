@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,14 @@ from pathlib import Path
 import pytest
 from bench.producer import Produced, produce, request
 
-from tests.integration.conftest import GATED, EmberServer, Gate, make_function, wait_for
+from tests.integration.conftest import (
+    GATED,
+    EmberServer,
+    Gate,
+    ember_cmd,
+    make_function,
+    wait_for,
+)
 from tests.natsserver import NatsServer
 
 BACKENDS = ["sqlite", "nats"]
@@ -179,3 +188,26 @@ def test_ended_invocations_are_forgotten_after_the_retention(
         server.stop(signal.SIGKILL)
         server.http.close()
         server.api.close()
+
+
+def test_a_queue_that_cannot_be_opened_stops_the_start_with_its_reason(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nobody = s.getsockname()[1]  # nothing listens there once it is closed
+    done = subprocess.run(
+        [
+            *ember_cmd(),
+            "up",
+            "--home",
+            str(tmp_path / "home"),
+            "--port",
+            "0",
+            "--queue",
+            f"nats://127.0.0.1:{nobody}",
+        ],
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert b"queue of async invocations could not be opened" in done.stderr, done.stderr
+    assert b"Traceback" not in done.stderr

@@ -49,6 +49,7 @@ log = logging.getLogger("ember.queue")
 T = TypeVar("T")
 
 BATCH = 64  # invocations one take asks for at most
+AHEAD = 2  # rounds of its concurrency a lane takes ahead (at most BATCH)
 TICK = 1.0  # seconds between backlog reads
 PRUNE_EVERY = 60.0
 BLOCKED_POLL = 0.01  # seconds between looks at a revision that had no free capacity
@@ -155,7 +156,7 @@ class Lane:
                 room -= self._begin(self.ready.popleft(), route)
             limit = lane_limit(route) if route is not None else BATCH
             if self.more and self.taking is None and len(self.ready) < limit:
-                ahead = min(BATCH, 2 * limit) - len(self.ready)
+                ahead = min(BATCH, AHEAD * limit) - len(self.ready)
                 self.taking = self.loop.create_task(self._take(ahead))
             if blocked and self.ready:  # capacity frees without telling us: look again soon
                 self._wake_at(self.loop.time() + BLOCKED_POLL)
@@ -253,13 +254,23 @@ class Dispatcher:
         self.counts: Counter[tuple[str, str]] = Counter()  # (function, accepted|status)
         self.notifier = Notifier(queue, self.enqueue)
         self.stopping = False
+        self.opened = False
         self.loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Future[Any]] = set()
         self._sending: set[asyncio.Task[None]] = set()  # callbacks and destinations
         self._ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self.queue.open()
+        try:
+            await self.queue.open()
+        except Exception as exc:
+            raise PlatformError(
+                f"the {self.queue.name} queue of async invocations could not be opened "
+                f"({type(exc).__name__}: {exc}); check ember up --queue, or leave it out for "
+                "SQLite in EMBER_HOME",
+                code="queue_unavailable",
+            ) from exc
+        self.opened = True
         if self.queue.max_record:  # a body and a result must fit in one stored record
             fits = (self.queue.max_record - RECORD_OVERHEAD) // 2
             if fits < self.gateway.max_async_body:
@@ -307,7 +318,8 @@ class Dispatcher:
         while pending := [t for t in self._tasks if not t.done()]:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.notifier.close()
-        await self.queue.close()
+        if self.opened:
+            await self.queue.close()
 
     # ---- accepting (the gateway's AsyncSink) ----
     def accept(self, exchange: Exchange) -> None:

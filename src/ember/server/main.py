@@ -89,7 +89,8 @@ class Server:
 
     def forget_function(self, function: str) -> None:
         """`ember rm`: what the data plane keeps per function ("namespace/name") goes with it:
-        keep-alive state, metric series, log accounting, rollout outcomes."""
+        keep-alive state, its async invocations, metric series, log accounting, rollout
+        outcomes."""
         self.pool.forget_function(function)
         self.dispatcher.forget(function)
         self.metrics.forget(function)
