@@ -469,7 +469,6 @@ class Dispatcher:
     def end(self, inv: Invocation, step: policy.Step, now: float, spec: AsyncSpec) -> None:
         inv.status, inv.reason, inv.ended = step.status, step.reason, now
         inv.notify = self.notifier.wanted(inv, spec)
-        self.counts[(inv.function, inv.status)] += 1
         self._save(inv, spec)
 
     def _save(self, inv: Invocation, spec: AsyncSpec) -> None:
@@ -485,8 +484,10 @@ class Dispatcher:
             )
         elif inv.status == QUEUED:
             self.wake(inv.function)
-        elif inv.notify:
-            self._send(inv, spec)
+        else:  # counted once stored: /metrics never says more ended than the API shows
+            self.counts[(inv.function, inv.status)] += 1
+            if inv.notify:
+                self._send(inv, spec)
 
     def _follow(
         self, pending: Awaitable[T], then: Callable[[T | None, BaseException | None], None]
