@@ -441,12 +441,7 @@ class Api:
     async def replay_dead(self, request: Request) -> Response:
         target = self._target(request, "deploy")
         body = await params.body(request, s.ReplayRequest)
-        if body.all == bool(body.ids):
-            raise UserError(
-                'send either {"all": true} or {"ids": [...]}, not both or neither',
-                code="bad_request",
-            )
-        ids = None if body.all else body.ids
+        ids = None if body.all else body.ids  # all: every dead one, whatever ids lists
         replayed = await self.invocations.queue.replay(target.qualified, ids, time.time())
         if replayed:
             self.invocations.wake(target.qualified)

@@ -278,7 +278,8 @@ class SecretSet(msgspec.Struct, frozen=True):
 
 
 class ReplayRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Dead invocations to queue again: these ids, or all of the function's."""
+    """Dead invocations to queue again: all of the function's (`all`, whatever `ids` lists),
+    or these ids (none: nothing)."""
 
     ids: list[str] = []
     all: bool = False
