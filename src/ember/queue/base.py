@@ -63,6 +63,23 @@ class Invocation(msgspec.Struct, kw_only=True, gc=False):
     notify: bool = False  # ended, and its callback and destinations are not all sent yet
     seq: int = 0  # the backend's order of acceptance
 
+    def interrupted(self, now: float) -> None:
+        """Queued again after a server stopped while it ran (it may have run: at least once),
+        with an `interrupted` attempt, which spends no retry. Both backends' recovery."""
+        self.attempts = [
+            *self.attempts,
+            Attempt(
+                number=len(self.attempts) + 1,
+                request_id="",
+                started=now,
+                duration_ms=0.0,
+                status=0,
+                outcome="interrupted",
+                error="the server stopped while it ran",
+            ),
+        ]
+        self.status, self.not_before = QUEUED, now
+
     @property
     def counted_attempts(self) -> int:
         """Attempts that spent a retry: one the server's stop interrupted does not."""

@@ -66,7 +66,6 @@ from ember.queue.base import (
     ENDED,
     QUEUED,
     RUNNING,
-    Attempt,
     Backlog,
     Invocation,
     Invocations,
@@ -106,23 +105,6 @@ def _decode_ended(data: bytes) -> list[tuple[str, str, float]]:
 
 def _fx(function: str) -> str:
     return function.encode().hex()
-
-
-def _interrupted(inv: Invocation, now: float) -> None:
-    """Queued again after a server stopped while it ran: the attempt does not count."""
-    inv.attempts = [
-        *inv.attempts,
-        Attempt(
-            number=len(inv.attempts) + 1,
-            request_id="",
-            started=now,
-            duration_ms=0.0,
-            status=0,
-            outcome="interrupted",
-            error="the server stopped while it ran",
-        ),
-    ]
-    inv.status, inv.not_before = QUEUED, now
 
 
 def _reader(
@@ -846,7 +828,7 @@ class NatsQueue:
             return
         inv, revision = found
         if inv.status == RUNNING:
-            _interrupted(inv, now)
+            inv.interrupted(now)
             await self._kv.update(self._record(function, id), _encode(inv), last=revision)
         self._queued_of(function).add(inv)
 

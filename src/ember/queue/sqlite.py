@@ -26,7 +26,6 @@ from ember.queue.base import (
     DEAD,
     QUEUED,
     RUNNING,
-    Attempt,
     Backlog,
     Invocation,
     Invocations,
@@ -380,19 +379,7 @@ def _recover(db: sqlite3.Connection) -> int:
     rows = db.execute(f"SELECT {_COLUMNS} FROM invocations WHERE status = '{RUNNING}'").fetchall()
     for row in rows:
         inv = _row(row)
-        inv.attempts = [
-            *inv.attempts,
-            Attempt(
-                number=len(inv.attempts) + 1,
-                request_id="",
-                started=now,
-                duration_ms=0.0,
-                status=0,
-                outcome="interrupted",
-                error="the server stopped while it ran",
-            ),
-        ]
-        inv.status, inv.not_before = QUEUED, now
+        inv.interrupted(now)
         db.execute(
             "UPDATE invocations SET status = ?, not_before = ?, record = ? WHERE seq = ?",
             (QUEUED, now, _encode(inv), inv.seq),
