@@ -34,6 +34,7 @@ from bench import (
     keepalive_sim,
     memory,
     specialize_start,
+    triggers_nats,
     warm,
 )
 from bench.common import RESULTS, log
@@ -52,6 +53,7 @@ SUITE: dict[str, Callable[[float], dict[str, Any]]] = {
     "density": density.run,
     "deps": deps.run,
     "async_invoke": async_invoke.run,
+    "triggers_nats": triggers_nats.run,
 }
 
 

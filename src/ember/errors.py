@@ -71,6 +71,13 @@ class RequirementsError(UserError):
     code = "bad_requirements"
 
 
+class BadTrigger(UserError):
+    """A trigger's settings are wrong or its broker cannot be reached (at deploy or add)."""
+
+    status = 422
+    code = "bad_trigger"
+
+
 class FunctionError(EmberError):
     """The function's own code failed: import errors, crashes, timeouts, memory."""
 

@@ -13,6 +13,7 @@ import re
 import reprlib
 import urllib.parse
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import msgspec
 import yaml
@@ -27,6 +28,7 @@ from ember.spec import (
     FunctionSpec,
     ScaleSpec,
     SecretRef,
+    TriggerSpec,
 )
 
 NAME_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
@@ -45,6 +47,7 @@ _DURATION_RULE = "a number of seconds, or with a unit: 500ms, 30s, 15m, 1h"
 _FUNCTIONS_EXAMPLE = "functions: {hello: {handler: handler.handle}}"
 _EXAMPLES = {
     "handler": "handler.handle",
+    "triggers": "[{type: cron, schedule: '*/5 * * * *'}]",
     "source": "src",
     "memory": "256",
     "timeout": "30s",
@@ -414,6 +417,62 @@ _RETRY_ON_RULE = (
 )
 
 
+_RUNNER_KEYS = ("type", "name", "filter", "delivery")
+
+
+def _triggers(value: object, path: str) -> list[TriggerSpec]:
+    """The list's shape only: each entry's type, settings, filter and delivery are checked at
+    deploy (ember.triggers.plan), where `--allow-trigger-errors` may keep a wrong one."""
+    if not isinstance(value, list):
+        raise _fail(path, f"expected a list of triggers, got {_kind(value)}; {_TRIGGER_EXAMPLE}")
+    triggers: list[TriggerSpec] = []
+    for index, entry in enumerate(value):
+        where = f"{path}[{index}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+            raise _fail(where, f"expected a mapping with a type:, got {_kind(entry)}")
+        name = entry.get("name", trigger_name(entry["type"], index, value))
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise _fail(f"{where}.name", f"{_show(name)} is invalid: {NAME_RULE}")
+        if any(t.name == name for t in triggers):
+            raise _fail(f"{where}.name", f"{name!r} is taken by another trigger; name each one")
+        try:
+            config = msgspec.json.decode(msgspec.json.encode(entry))
+        except (TypeError, msgspec.EncodeError):
+            raise _fail(
+                where, "holds a value that is not text, a number, a list or a mapping"
+            ) from None
+        triggers.append(
+            TriggerSpec(
+                name=name,
+                type=entry["type"],
+                config={k: v for k, v in config.items() if k not in _RUNNER_KEYS},
+                filter=config.get("filter") or [],
+                delivery=config.get("delivery") or {},
+            )
+        )
+    return triggers
+
+
+def trigger_spec(entry: object) -> TriggerSpec:
+    """One trigger as `ember triggers add` sends it (the shape of a `triggers:` entry)."""
+    try:
+        return _triggers([entry], "trigger")[0]
+    except UserError as exc:
+        message = exc.message.replace("ember.yaml: trigger[0]", "trigger", 1)
+        raise UserError(message, code="bad_trigger") from None
+
+
+def trigger_name(type_: str, index: int, entries: list[Any]) -> str:
+    """A trigger without `name:`: its type, or `type-N` (N from 1 in the list) when the list
+    has several of that type."""
+    same = [i for i, e in enumerate(entries) if isinstance(e, dict) and e.get("type") == type_]
+    base = re.sub(r"[^a-z0-9-]", "-", type_.lower())[:40] or "trigger"
+    return base if len(same) == 1 else f"{base}-{same.index(index) + 1}"
+
+
+_TRIGGER_EXAMPLE = "write e.g. triggers: [{type: cron, schedule: '*/5 * * * *'}]"
+
+
 def _async(value: object, path: str) -> AsyncSpec:
     changes = _parse_fields(value, path, _ASYNC_PARSERS)
     return msgspec.structs.replace(AsyncSpec(), **changes)
@@ -681,6 +740,7 @@ _FUNCTION_PARSERS: dict[str, _Parser] = {
     "secrets": _secrets,
     "preload": _preload,
     "async": _async,
+    "triggers": lambda value, path: _triggers(value, path),
 }
 # The FunctionSpec attribute of each key of ember.yaml: `async` is a keyword, so `async_`.
 _ATTRIBUTES = {field.encode_name: field.name for field in msgspec.structs.fields(FunctionSpec)}

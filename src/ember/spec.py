@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 MAX_TIMEOUT_S = 15 * 60.0
@@ -56,6 +58,17 @@ class AsyncSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     on_failure: Destination | None = None
 
 
+class TriggerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One entry of `triggers:` as declared; checked when it is deployed or added, not here,
+    so `--allow-trigger-errors` can keep a wrong one (ember.triggers.plan)."""
+
+    name: str
+    type: str
+    config: dict[str, Any] = {}  # the source's own keys (url, subject, schedule, ...)
+    filter: list[Any] = []  # [{attribute, exact | prefix | suffix}]
+    delivery: dict[str, Any] = {}  # {mode, concurrency, order_by, batch, structured}
+
+
 class FunctionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     handler: str = "handler.handle"  # module.function, relative to `source`
@@ -75,6 +88,7 @@ class FunctionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # imports (ember.pool.layer_zygotes); [] = only those.
     preload: list[str] = []
     async_: AsyncSpec = msgspec.field(default_factory=AsyncSpec, name="async")
+    triggers: list[TriggerSpec] = []
 
     @property
     def module(self) -> str:

@@ -411,3 +411,24 @@ def test_a_save_after_forget_stores_nothing_and_forget_counts(factory: Factory) 
         assert "default/a" not in await q.backlog()
 
     run(factory, body)
+
+
+def test_an_ended_put_is_stored_ended_never_taken_and_kept_to_send(factory: Factory) -> None:
+    """A trigger's event whose one attempt settled it (dead with retries: 0) is stored ended."""
+
+    async def body(q: Queue) -> None:
+        now = time.time()
+        dead = invocation(status=DEAD, ended=now, reason="no retries left", notify=True)
+        dead.attempts = [Attempt(1, "r1", now, 1.0, 500, "5xx")]
+        await q.put(dead)
+        assert await q.take("default/a", 10) == []
+        assert await q.next_due("default/a") is None
+        assert "default/a" not in await q.backlog()
+        (listed,) = await q.list("default/a", DEAD)
+        assert (listed.id, listed.reason, listed.attempts) == (dead.id, dead.reason, dead.attempts)
+        assert [inv.id for inv in await q.unsent()] == [dead.id]
+        (replayed,) = await q.replay("default/a", [dead.id], now)
+        assert (replayed.id, replayed.status) == (dead.id, QUEUED)
+        assert [inv.id for inv in await q.take("default/a", 10)] == [dead.id]
+
+    run(factory, body)

@@ -7,6 +7,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import cast
 
 import msgspec
 from starlette.applications import Starlette
@@ -20,6 +21,7 @@ from ember.api import schemas as s
 from ember.api.control import Control
 from ember.api.names import DEFAULT_NS, validate_namespace
 from ember.api.openapi import document
+from ember.api.triggers import TriggerApi
 from ember.auth import KeyTable, Principal
 from ember.errors import Conflict, EmberError, Forbidden, NotFound, UserError
 from ember.layers.builder import Progress
@@ -30,6 +32,7 @@ from ember.queue.views import InvocationList, info
 from ember.secretbox import MAX_SECRET_BYTES
 from ember.spec import Quota
 from ember.telemetry.metrics import Metrics
+from ember.triggers.manager import Triggers
 
 log = logging.getLogger("ember.api")
 _json = msgspec.json.Encoder()
@@ -162,17 +165,18 @@ class Api:
                 code="bad_bundle",
             )
         canary = params.canary_plan(request)
+        allow = params.boolean(request, "allow_trigger_errors", False)
         if "application/x-ndjson" in request.headers.get("accept", ""):
-            return self._deploy_stream(bytes(data), name or "function", namespace, canary)
+            return self._deploy_stream(bytes(data), name or "function", namespace, canary, allow)
         deployed = await self.control.deploys.deploy(
-            bytes(data), name or "function", namespace, canary
+            bytes(data), name or "function", namespace, canary, allow_trigger_errors=allow
         )
         return _ok(
             s.DeployResponse(functions=deployed), 201 if any(d.created for d in deployed) else 200
         )
 
     def _deploy_stream(
-        self, data: bytes, name: str, namespace: str, canary: s.CanaryPlan | None
+        self, data: bytes, name: str, namespace: str, canary: s.CanaryPlan | None, allow: bool
     ) -> StreamingResponse:
         """The deploy's steps as they happen, one JSON per line, and its outcome last. The
         deploy runs to its end even if the client goes away (it is never cut half-way)."""
@@ -187,7 +191,9 @@ class Api:
         async def deploy() -> None:
             last: s.DeployDone | s.DeployFailed
             try:
-                done = await self.control.deploys.deploy(data, name, namespace, canary, report)
+                done = await self.control.deploys.deploy(
+                    data, name, namespace, canary, report, allow_trigger_errors=allow
+                )
                 status = 201 if any(d.created for d in done) else 200
                 last = s.DeployDone(status, s.DeployResponse(functions=done))
             except EmberError as exc:
@@ -465,8 +471,11 @@ class Api:
         return Response(body, media_type="text/plain; version=0.0.4")
 
 
-def build(control: Control, metrics: Metrics, invocations: Dispatcher) -> Starlette:
+def build(
+    control: Control, metrics: Metrics, invocations: Dispatcher, triggers: Triggers | None = None
+) -> Starlette:
     api = Api(control, metrics, invocations)
+    hooks = TriggerApi(api, cast(Triggers, triggers))
     routes = [
         Route("/healthz", api.healthz),
         Route("/metrics", api.metrics_endpoint),
@@ -499,6 +508,13 @@ def build(control: Control, metrics: Metrics, invocations: Dispatcher) -> Starle
         Route("/api/v1/secrets", api.secrets),
         Route("/api/v1/secrets/{name}", api.set_secret, methods=["PUT"]),
         Route("/api/v1/secrets/{name}", api.delete_secret, methods=["DELETE"]),
+        Route("/api/v1/triggers", hooks.all),
+        Route("/api/v1/functions/{name}/triggers", hooks.of_function),
+        Route("/api/v1/functions/{name}/triggers", hooks.add, methods=["POST"]),
+        Route("/api/v1/functions/{name}/triggers/{trigger}", hooks.remove, methods=["DELETE"]),
+        Route("/api/v1/functions/{name}/triggers/{trigger}/pause", hooks.pause, methods=["POST"]),
+        Route("/api/v1/functions/{name}/triggers/{trigger}/resume", hooks.resume, methods=["POST"]),
+        Route("/hooks/{trigger_id}", hooks.hook, methods=["POST"]),
     ]
     return Starlette(
         routes=routes,

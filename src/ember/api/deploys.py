@@ -8,7 +8,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -29,7 +29,7 @@ from ember.layers import requirements
 from ember.layers.builder import Layer, Layers, Progress
 from ember.layers.requirements import Requirements
 from ember.pool.target import Target
-from ember.spec import FunctionSpec, canonical
+from ember.spec import FunctionSpec, TriggerSpec, canonical
 from ember.store.base import BuildRecord, RevisionRecord, Store
 from ember.wire.messages import ZygoteReady
 
@@ -52,6 +52,16 @@ class DeployPool(Protocol):
     def discard(self, target: Target) -> None: ...
 
     async def scale(self, target: Target, instances: int) -> int: ...
+
+
+class TriggerHooks(Protocol):
+    """ember.triggers.manager.Triggers, as a deploy sees it."""
+
+    async def check(
+        self, function: str, specs: Sequence[TriggerSpec], allow_errors: bool
+    ) -> None: ...
+
+    async def apply(self, function: str, specs: Sequence[TriggerSpec]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +132,7 @@ class Deploys:
         # What the data plane keeps per function ("namespace/name"): pool, metrics, logs.
         self.forget_function = forget_function
         self.delayed = Delayed()  # clean-ups after a grace period
+        self.triggers: TriggerHooks | None = None  # set by the server once its queue runs
 
     async def deploy(
         self,
@@ -130,8 +141,11 @@ class Deploys:
         namespace: str,
         canary: CanaryPlan | None = None,
         report: Report = _quiet,
+        allow_trigger_errors: bool = False,
     ) -> list[Deployed]:
-        """`report` hears of each step (of builds and imports) as it happens."""
+        """`report` hears of each step (of builds and imports) as it happens. Triggers are
+        checked (their brokers reached) first; `allow_trigger_errors` keeps wrong ones,
+        failing, instead of refusing the deploy."""
         if len(data) > self.config.max_bundle_bytes:
             raise TooLarge(
                 f"bundle of {len(data)} bytes exceeds the "
@@ -151,6 +165,7 @@ class Deploys:
             # clean-up takes them before the revisions that use them are stored).
             staged = await asyncio.to_thread(self._stage, data, staging, default_name)
             self._check_deployable(namespace, [plan.spec for plan in staged.plans], canary)
+            await self._check_triggers(namespace, staged.plans, allow_trigger_errors)
             for plan in staged.plans:
                 built.append(await self._build(plan, namespace, report))
             async with self.writes:
@@ -161,6 +176,10 @@ class Deploys:
                 for d in deployed:  # a function with no more revisions than it keeps: none go
                     if d.created and d.revision > self.bundles.retention:
                         await self.bundles.collect(qualified(namespace, d.name))
+                if self.triggers is not None:
+                    for plan in built:
+                        key = qualified(namespace, plan.spec.name)
+                        await self.triggers.apply(key, plan.spec.triggers)
                 return deployed
         finally:
             self.layers.unpin(plan.layer.digest for plan in built if plan.layer is not None)
@@ -235,6 +254,13 @@ class Deploys:
         self.namespaces.check_deploy_quota(namespace, specs)
         if canary is not None:
             self.traffic.check_canary(namespace, specs, canary)
+
+    async def _check_triggers(self, namespace: str, plans: list[Plan], allow: bool) -> None:
+        if self.triggers is None:
+            return
+        for plan in plans:
+            key = qualified(namespace, plan.spec.name)
+            await self.triggers.check(key, plan.spec.triggers, allow)
 
     def _check_destinations(self, spec: FunctionSpec) -> None:
         """A NATS subject as a destination needs the NATS queue (docs/async.md)."""

@@ -14,10 +14,12 @@ from typing import Any
 import msgspec
 
 from ember.api import schemas as s
+from ember.api.triggers import HookAccepted, TriggerList, TriggerRequest
 from ember.queue.base import STATUSES
 from ember.queue.views import InvocationInfo, InvocationList
 from ember.secretbox import MAX_SECRET_BYTES
 from ember.spec import Quota
+from ember.triggers.manager import View as TriggerView
 
 NAME_PATTERN = "^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$"  # manifest.NAME_RE: functions, namespaces
 SECRET_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"  # manifest.SECRET_NAME_RE
@@ -73,8 +75,10 @@ ERRORS = {
     "an invocation not in the state the call needs",
     413: "The body is too large",
     415: "A JSON body sent as another Content-Type",
-    422: "The deploy was rejected: the code failed to import, or a listed secret is missing",
+    422: "The deploy was rejected: the code failed to import, a listed secret is missing, or a "
+    "trigger's settings are wrong or its broker unreachable",
     429: "The key is over its rate limit, or the namespace over its instance quota",
+    503: "The event could be neither delivered nor queued: send it again later",
 }
 
 _ERROR_HEADERS: dict[int, dict[str, Any]] = {
@@ -114,6 +118,8 @@ NAMESPACE = _param(
 )
 FUNCTION = _param("name", "path", {"type": "string", "pattern": NAME_PATTERN}, "Function name")
 SECRET = _param("name", "path", {"type": "string", "pattern": SECRET_PATTERN}, "Secret name")
+TRIGGER = _param("trigger", "path", {"type": "string", "pattern": NAME_PATTERN}, "Trigger name")
+HOOK = _param("trigger_id", "path", {"type": "string"}, "A webhook trigger's id")
 INVOCATION = _param("id", "path", {"type": "string"}, "Async invocation id (X-Call-Id)")
 
 
@@ -496,6 +502,87 @@ OPERATIONS: list[Op] = [
         s.Deleted,
         (400, 403, 404, 409, *_AUTH),
         (SECRET, NAMESPACE),
+    ),
+]
+
+
+OPERATIONS += [
+    Op(
+        "get",
+        "/api/v1/triggers",
+        "listTriggers",
+        "Every trigger of the functions the key may read (or of one namespace), with its "
+        "state and counts",
+        "triggers",
+        TriggerList,
+        (400, 403, *_AUTH),
+        (NAMESPACE,),
+    ),
+    Op(
+        "get",
+        "/api/v1/functions/{name}/triggers",
+        "functionTriggers",
+        "The function's triggers, with their state, counts and lag",
+        "triggers",
+        TriggerList,
+        _READ,
+        (FUNCTION, NAMESPACE),
+    ),
+    Op(
+        "post",
+        "/api/v1/functions/{name}/triggers",
+        "addTrigger",
+        "Add a trigger (kept across deploys); needs deploy:NS",
+        "triggers",
+        TriggerView,
+        (409, 422, *_READ),
+        (FUNCTION, NAMESPACE),
+        body=TriggerRequest,
+        status=(201,),
+    ),
+    Op(
+        "delete",
+        "/api/v1/functions/{name}/triggers/{trigger}",
+        "removeTrigger",
+        "Remove a trigger added with the API (ember.yaml ones go with a deploy); needs deploy:NS",
+        "triggers",
+        s.Deleted,
+        (409, *_READ),
+        (FUNCTION, TRIGGER, NAMESPACE),
+    ),
+    Op(
+        "post",
+        "/api/v1/functions/{name}/triggers/{trigger}/pause",
+        "pauseTrigger",
+        "Stop reading the trigger's source until resumed (kept across restarts); needs deploy:NS",
+        "triggers",
+        TriggerView,
+        _READ,
+        (FUNCTION, TRIGGER, NAMESPACE),
+    ),
+    Op(
+        "post",
+        "/api/v1/functions/{name}/triggers/{trigger}/resume",
+        "resumeTrigger",
+        "Read the trigger's source again; needs deploy:NS",
+        "triggers",
+        TriggerView,
+        _READ,
+        (FUNCTION, TRIGGER, NAMESPACE),
+    ),
+    Op(
+        "post",
+        "/hooks/{trigger_id}",
+        "webhook",
+        "An event for a webhook trigger, signed with its secret (HMAC-SHA256); answered once "
+        "the function succeeded or the event is queued durably",
+        "triggers",
+        HookAccepted,
+        (400, 401, 404, 409, 413, 503),
+        (HOOK,),
+        body=("application/octet-stream", {"type": "string"}),
+        status=(202,),
+        auth=False,
     ),
 ]
 

@@ -52,6 +52,7 @@ _INPUT_422 = frozenset(
         "build_over_disk",
         "runtime_conflict",
         "layer_too_large",
+        "bad_trigger",  # a trigger's configuration, or its broker unreachable
     }
 )
 
@@ -416,6 +417,36 @@ class Client:
 
     def purge_dead_letters(self, name: str, namespace: str) -> bytes:
         return self.fetch("DELETE", api_path(name, "dlq"), params={"namespace": namespace})
+
+    # Triggers (ember.cli.triggers): each answers the server's JSON as bytes.
+
+    def triggers(self, name: str | None, namespace: str | None) -> bytes:
+        """A function's triggers, or (no `name`) those of every function the key may read."""
+        params = {"namespace": namespace} if namespace else None
+        path = api_path(name, "triggers") if name is not None else "/api/v1/triggers"
+        return self.fetch("GET", path, params=params)
+
+    def add_trigger(
+        self, name: str, namespace: str, trigger: Mapping[str, object], allow_errors: bool
+    ) -> bytes:
+        # msgspec, not httpx's json: a YAML file may hold dates, which it writes as RFC 3339
+        body = msgspec.json.encode({"trigger": trigger, "allow_errors": allow_errors})
+        return self.fetch(
+            "POST",
+            api_path(name, "triggers"),
+            params={"namespace": namespace},
+            content=body,
+            headers=[("Content-Type", "application/json")],
+        )
+
+    def remove_trigger(self, name: str, namespace: str, trigger: str) -> bytes:
+        path = api_path(name, "triggers", quote(trigger, safe=""))
+        return self.fetch("DELETE", path, params={"namespace": namespace})
+
+    def trigger_action(self, name: str, namespace: str, trigger: str, action: str) -> bytes:
+        """`action` is pause or resume."""
+        path = api_path(name, "triggers", quote(trigger, safe=""), action)
+        return self.fetch("POST", path, params={"namespace": namespace})
 
     def _about(self, invocation_id: str, method: str, path: str) -> bytes:
         try:

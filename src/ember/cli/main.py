@@ -20,7 +20,7 @@ import typer
 from rich.console import RenderableType
 from typer.core import TyperGroup
 
-from ember.cli import render
+from ember.cli import render, triggers
 from ember.config import ServerConfig
 from ember.errors import EmberError, PlatformError
 
@@ -355,6 +355,14 @@ def deploy(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the outcome as JSON; no progress.")
     ] = False,
+    allow_trigger_errors: Annotated[
+        bool,
+        typer.Option(
+            "--allow-trigger-errors",
+            help="Deploy even when a trigger's configuration is wrong or its broker unreachable; "
+            "such triggers show as failing in 'ember triggers ls'.",
+        ),
+    ] = False,
 ) -> None:
     """Pack a directory (honouring .emberignore) and deploy the functions in it. Progress
     (requirements resolved, installed, the import) goes to stderr as it happens."""
@@ -365,6 +373,8 @@ def deploy(
     name = name or client.default_name(directory)
     load_manifest(read_manifest(directory), name)  # a bad ember.yaml fails before the upload
     params = {"name": name, "namespace": namespace}
+    if allow_trigger_errors:
+        params["allow_trigger_errors"] = "true"
     if canary is not None:
         params |= {
             "canary": str(canary),
@@ -904,6 +914,7 @@ dlq_app = typer.Typer(
 )
 app.add_typer(invocations_app, name="invocations")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(triggers.app, name="triggers")
 
 
 def subcommand(group: typer.Typer, name: str) -> Callable[[Callable[P, None]], Callable[P, None]]:

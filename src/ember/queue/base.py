@@ -111,6 +111,8 @@ class Queue(Protocol):
     def put(self, inv: Invocation) -> Awaitable[Invocation]:
         """Store a new invocation, durably. With an `idempotency_key` already stored for its
         function (within the retention), nothing is stored and the first one is returned.
+        One that already ended (a trigger's event whose only attempt settled it) is stored as
+        ended: never taken, listed, in the dead letters if dead, and `unsent` if `notify`.
         (An awaitable: a backend may answer with a future, which costs less than a task.)"""
 
     async def take(self, function: str, limit: int) -> Invocations:

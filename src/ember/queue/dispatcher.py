@@ -428,6 +428,37 @@ class Dispatcher:
     # ---- attempts ----
     def attempted(self, inv: Invocation, number: int, ex: Exchange, response: Response) -> None:
         """An attempt's answer: recorded in the invocation, and its next step taken."""
+        step, spec, now = self._decide(inv, number, ex, response)
+        if step.status == QUEUED:
+            inv.status, inv.not_before = QUEUED, step.not_before
+            self._save(inv, spec)
+        else:
+            self.end(inv, step, now, spec)
+
+    async def adopt(self, inv: Invocation, ex: Exchange, response: Response) -> Invocation:
+        """An event a trigger ran at once (`ex`, its first attempt) that did not succeed:
+        stored with that attempt, then retried, or ended (failed, dead), as the function's
+        `async:` settings say, exactly as if it had been queued first. Returns once durable."""
+        step, spec, now = self._decide(inv, 1, ex, response)
+        if step.status == QUEUED:
+            inv.status, inv.not_before = QUEUED, step.not_before
+        else:
+            inv.status, inv.reason, inv.ended = step.status, step.reason, now
+            inv.notify = self.notifier.wanted(inv, spec)
+        stored = await self.queue.put(inv)
+        self.counts[(inv.function, "accepted")] += 1
+        if stored.status == QUEUED:
+            self.wake(inv.function)
+        elif stored is inv:
+            self.counts[(inv.function, inv.status)] += 1
+            if inv.notify:
+                self._send(inv, spec)
+        return stored
+
+    def _decide(
+        self, inv: Invocation, number: int, ex: Exchange, response: Response
+    ) -> tuple[policy.Step, AsyncSpec, float]:
+        """The attempt appended to `inv` (and its answer kept), and what comes next."""
         now = time.time()
         kind = policy.outcome(response.status, ex.error)
         if self.stopping and kind != "ok" and ex.error in ("platform", "internal"):
@@ -444,18 +475,15 @@ class Dispatcher:
             )
         )
         inv.result = self._result(response)
-        route = self.gateway.routes.get(inv.function)
-        spec = async_spec(route)
+        spec = async_spec(self.gateway.routes.get(inv.function))
         if kind == "interrupted":
-            step = policy.Step(QUEUED, now, "")
-        else:
-            asked = policy.retry_after(rules.header(response.headers, b"retry-after"), now)
-            step = policy.after(spec, inv, kind, response.status, asked, now, random.random())
-        if step.status == QUEUED:
-            inv.status, inv.not_before = QUEUED, step.not_before
-            self._save(inv, spec)
-        else:
-            self.end(inv, step, now, spec)
+            return policy.Step(QUEUED, now, ""), spec, now
+        asked = policy.retry_after(rules.header(response.headers, b"retry-after"), now)
+        return (
+            policy.after(spec, inv, kind, response.status, asked, now, random.random()),
+            spec,
+            now,
+        )
 
     def _result(self, response: Response) -> Result:
         """The answer as it is kept: a body beyond the async body limit is cut there, and

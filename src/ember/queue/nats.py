@@ -400,6 +400,10 @@ class NatsQueue:
                 first = await self._first_with_key(inv)
                 if first is not None:
                     return first
+            if inv.status in ENDED:  # a trigger's event that ended at its first attempt
+                await self._ending(inv)
+                await self._replies.publish(self._subject_of(inv), _encode(inv), last=0)
+                return inv
             inv.seq = await self._replies.publish(self._subject(inv.function), inv.id.encode())
             data = _encode(inv)
             revision = await self._replies.publish(self._subject_of(inv), data, last=0)

@@ -6,8 +6,11 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
+
+if TYPE_CHECKING:
+    from ember.runtime.events import Carried, CloudEvent
 
 _fork_hooks: list[Callable[[], object]] = []
 
@@ -66,6 +69,7 @@ class Request:
     `raw_path` the same part exactly as sent, percent-encoding kept (`a%2Fb` stays one segment)."""
 
     __slots__ = (
+        "_carried",
         "_headers",
         "_query",
         "_sent",
@@ -93,6 +97,7 @@ class Request:
         self._headers: MultiDict | None = None
         self.body = body
         self._query: MultiDict | None = None
+        self._carried: Carried | None = None
 
     @property
     def headers(self) -> MultiDict:
@@ -116,6 +121,24 @@ class Request:
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+    @property
+    def event(self) -> CloudEvent | None:
+        """The CloudEvent the request carries in binary or structured mode (parsed when first
+        read); None if it carries none. ValueError if it is malformed, or a batch (`events`)."""
+        return self._cloudevents().one()
+
+    @property
+    def events(self) -> list[CloudEvent]:
+        """The events of a batch, or [event], or [] (ValueError if malformed)."""
+        return list(self._cloudevents().events)
+
+    def _cloudevents(self) -> Carried:
+        if self._carried is None:
+            from ember.runtime import events  # on first use: most requests carry none
+
+            self._carried = events.parse(self._sent, self.body)
+        return self._carried
 
 
 class Context:

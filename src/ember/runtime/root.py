@@ -18,7 +18,14 @@ import time
 
 import msgspec
 
-from ember.runtime import code_mount, forking, instance, sandbox, zygote
+from ember.runtime import (
+    code_mount,
+    events,  # noqa: F401  (req.event: parsed in every instance)
+    forking,
+    instance,
+    sandbox,
+    zygote,
+)
 from ember.runtime.api import Context, Request
 from ember.runtime.channel import Channel
 from ember.wire.frames import frame

@@ -36,6 +36,7 @@ from ember.store.sqlite import SQLiteStore
 from ember.telemetry.buffer import TelemetryBuffer
 from ember.telemetry.metrics import Metrics
 from ember.telemetry.outcomes import Outcomes
+from ember.triggers.manager import Triggers
 
 log = logging.getLogger("ember")
 PRUNE_EVERY = 60.0
@@ -82,9 +83,13 @@ class Server:
         self.queue = _queue(config)
         self.dispatcher = Dispatcher(self.queue, self.gateway, config.async_retention)
         self.metrics.queue = self.dispatcher.statistics
+        self.triggers = Triggers(self.store, self.gateway, self.dispatcher)
+        self.control.deploys.triggers = self.triggers
+        self.metrics.triggers = self.triggers.statistics
         # All but /fn/, which the front serves.
-        self.app = build(self.control, self.metrics, self.dispatcher)
+        self.app = build(self.control, self.metrics, self.dispatcher, self.triggers)
         self._flusher: asyncio.Task[None] | None = None
+        self._forgetting: set[asyncio.Task[None]] = set()
         self.stop_deadline = 0.0  # the loop's clock: when attempts under way stop being awaited
 
     def forget_function(self, function: str) -> None:
@@ -92,6 +97,7 @@ class Server:
         keep-alive state, its async invocations, metric series, log accounting, rollout
         outcomes."""
         self.pool.forget_function(function)
+        self._forgetting.add(asyncio.get_running_loop().create_task(self.triggers.forget(function)))
         self.dispatcher.forget(function)
         self.metrics.forget(function)
         self.telemetry.forget(function)
@@ -104,6 +110,7 @@ class Server:
         await self.pool.start()
         await self.control.start()
         await self.dispatcher.start()
+        await self.triggers.start()  # after the functions are routed and the queue is open
         self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def _flush_loop(self) -> None:
@@ -126,11 +133,13 @@ class Server:
 
     def stopping(self) -> None:
         """A signal came: async invocations start no new attempts from now on."""
+        self.triggers.stopping = True
         self.dispatcher.stop_taking()
         self.stop_deadline = asyncio.get_running_loop().time() + self.config.grace_period
 
     async def stop(self) -> None:
         self.heap.stop()
+        await self.triggers.stop()  # no more events read; what is unacknowledged goes back
         if not self.dispatcher.stopping:
             self.stopping()
         await self.dispatcher.drain(self.stop_deadline)  # the grace for attempts under way

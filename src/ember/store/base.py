@@ -8,6 +8,7 @@ import msgspec
 
 from ember.spec import FunctionSpec, Quota
 from ember.telemetry.records import ActivationRecord, LogRecord
+from ember.triggers.records import TriggerRecord
 
 
 class Alias(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -198,3 +199,14 @@ class Store(Protocol):
     async def secrets(self, namespace: str | None = None) -> list[SecretRecord]: ...
 
     async def delete_secret(self, namespace: str, name: str) -> bool: ...
+
+    async def triggers(self) -> list[TriggerRecord]: ...
+
+    async def put_trigger(self, rec: TriggerRecord) -> None:
+        """Insert, or replace the one with its function and name."""
+
+    async def delete_trigger(self, function: str, name: str) -> bool: ...
+
+    async def trigger_state(self, id: str) -> bytes: ...
+
+    async def set_trigger_state(self, id: str, state: bytes) -> None: ...

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from ember.spec import FunctionSpec, Quota
+from ember.spec import FunctionSpec, Quota, TriggerSpec
 from ember.store.base import (
     Alias,
     BuildRecord,
@@ -26,6 +26,7 @@ from ember.store.base import (
     effective_revision,
 )
 from ember.telemetry.records import ActivationRecord, LogRecord
+from ember.triggers.records import TriggerRecord
 
 T = TypeVar("T")
 
@@ -89,9 +90,17 @@ MIGRATIONS = [
     ALTER TABLE activations ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE activations ADD COLUMN call_id TEXT NOT NULL DEFAULT '';
     """,
+    # Event triggers, and what their sources keep across restarts (a cron's last tick).
+    """
+    CREATE TABLE triggers (
+        id TEXT PRIMARY KEY, function TEXT NOT NULL, name TEXT NOT NULL, origin TEXT NOT NULL,
+        spec BLOB NOT NULL, paused INTEGER NOT NULL, created_at REAL NOT NULL,
+        state BLOB NOT NULL DEFAULT x'', UNIQUE (function, name));
+    """,
 ]
 
 _spec_decoder = msgspec.json.Decoder(FunctionSpec)
+_trigger_decoder = msgspec.json.Decoder(TriggerSpec)
 _aliases_decoder = msgspec.json.Decoder(list[Alias])
 _rollout_decoder = msgspec.json.Decoder(Rollout)
 _FUNCTIONS = (
@@ -348,6 +357,7 @@ class SQLiteStore:
             gone = db.execute("DELETE FROM functions WHERE name = ?", (name,)).rowcount
             db.execute("DELETE FROM revisions WHERE function = ?", (name,))
             db.execute("DELETE FROM builds WHERE function = ?", (name,))
+            db.execute("DELETE FROM triggers WHERE function = ?", (name,))
             return gone > 0
 
         return await self._run(delete)
@@ -497,6 +507,51 @@ class SQLiteStore:
                 ).rowcount
                 > 0
             )
+        )
+
+    async def triggers(self) -> list[TriggerRecord]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT id, function, name, origin, spec, paused, created_at FROM triggers"
+                " ORDER BY function, name"
+            ).fetchall()
+        )
+        return [
+            TriggerRecord(id, fn, name, origin, _trigger_decoder.decode(spec), bool(p), created)
+            for id, fn, name, origin, spec, p, created in rows
+        ]
+
+    async def put_trigger(self, rec: TriggerRecord) -> None:
+        spec = msgspec.json.encode(rec.spec)
+        await self._run(
+            lambda db: db.execute(
+                "INSERT INTO triggers (id, function, name, origin, spec, paused, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(function, name) DO UPDATE SET"
+                " id = excluded.id, origin = excluded.origin, spec = excluded.spec,"
+                " paused = excluded.paused",
+                (rec.id, rec.function, rec.name, rec.origin, spec, int(rec.paused), rec.created),
+            )
+        )
+
+    async def delete_trigger(self, function: str, name: str) -> bool:
+        return await self._run(
+            lambda db: (
+                db.execute(
+                    "DELETE FROM triggers WHERE function = ? AND name = ?", (function, name)
+                ).rowcount
+                > 0
+            )
+        )
+
+    async def trigger_state(self, id: str) -> bytes:
+        row = await self._run(
+            lambda db: db.execute("SELECT state FROM triggers WHERE id = ?", (id,)).fetchone()
+        )
+        return bytes(row[0]) if row else b""
+
+    async def set_trigger_state(self, id: str, state: bytes) -> None:
+        await self._run(
+            lambda db: db.execute("UPDATE triggers SET state = ? WHERE id = ?", (state, id))
         )
 
 

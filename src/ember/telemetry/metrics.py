@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Sequence
 from itertools import accumulate
 from typing import Protocol, TypeVar
 
@@ -201,6 +201,57 @@ def _queue_text(rows: list[QueueCounts]) -> list[str]:
     return [*depth, *age, *totals] if rows else []
 
 
+class TriggerCounts(Protocol):
+    """ember.triggers.runner.Statistics, as /metrics reads it."""
+
+    @property
+    def state(self) -> str: ...
+    @property
+    def delivered(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def failed(self) -> int: ...
+    @property
+    def filtered(self) -> int: ...
+    @property
+    def lag(self) -> int: ...
+    @property
+    def oldest_age(self) -> float: ...
+
+
+_TRIGGER_STATES = ("starting", "running", "paused", "failing")
+
+
+def _trigger_text(rows: Sequence[tuple[str, str, TriggerCounts]]) -> list[str]:
+    """Event triggers: events by outcome, lag, the oldest one's age, and the state."""
+    events = [
+        _header(
+            "ember_trigger_events_total",
+            "counter",
+            "Events by outcome (delivered, queued, failed, filtered) since the trigger started",
+        )
+    ]
+    lag = [_header("ember_trigger_lag", "gauge", "Events held or still in the broker")]
+    age = [
+        _header("ember_trigger_oldest_age_seconds", "gauge", "Age of the oldest undelivered event")
+    ]
+    state = [_header("ember_trigger_state", "gauge", "1 for the trigger's current state")]
+    for function, trigger, c in rows:
+        ns, _, name = function.partition("/")
+        labels = f'function="{escape(name)}",namespace="{escape(ns)}",trigger="{escape(trigger)}"'
+        for outcome in ("delivered", "queued", "failed", "filtered"):
+            value = number(getattr(c, outcome))
+            events.append(f'ember_trigger_events_total{{{labels},outcome="{outcome}"}} {value}\n')
+        lag.append(f"ember_trigger_lag{{{labels}}} {number(c.lag)}\n")
+        age.append(f"ember_trigger_oldest_age_seconds{{{labels}}} {number(c.oldest_age)}\n")
+        state += [
+            f'ember_trigger_state{{{labels},state="{s}"}} {int(c.state == s)}\n'
+            for s in _TRIGGER_STATES
+        ]
+    return [*events, *lag, *age, *state] if rows else []
+
+
 Steps = Generator[None, None, T]  # work done in steps: it yields where it may pause
 
 
@@ -288,6 +339,8 @@ class Metrics:
         self._gauges: dict[str, tuple[Counts, tuple[str, str]]] = {}  # text per counts
         # The async queue per function (ember.queue.dispatcher's `statistics`), when one runs.
         self.queue: Callable[[], list[QueueCounts]] | None = None
+        # Event triggers (ember.triggers.manager's `statistics`).
+        self.triggers: Callable[[], Sequence[tuple[str, str, TriggerCounts]]] | None = None
 
     def observe(self, qualified: str, code: int, seconds: float, tier: str) -> None:
         """`qualified` is "namespace/name"; once per request."""
@@ -338,6 +391,8 @@ class Metrics:
             tail += _heap_text(self._heap())
         if self.queue is not None:
             tail += _queue_text(self.queue())
+        if self.triggers is not None:
+            tail += _trigger_text(self.triggers())
         return Scrape(chunks, todo, tail)
 
     def _instance_gauges(self) -> Steps[list[str]]:
