@@ -23,8 +23,8 @@ test: $(BIN)/ember
 	$(BIN)/pytest -q
 
 check: $(BIN)/ember
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
