@@ -22,6 +22,7 @@ from typing import Any
 import nats
 import pytest
 
+from tests.brokers.nats import Nats as KillableNats
 from tests.integration.conftest import EmberServer, make_function, wait_for
 from tests.natsserver import NatsServer
 
@@ -427,3 +428,30 @@ def test_a_killed_server_loses_no_event(
         srv.stop()
         srv.http.close()
         srv.api.close()
+
+
+def test_a_broker_killed_mid_stream_shows_failing_reconnects_and_loses_nothing(
+    server: EmberServer, recorder: Recorder, tmp_path: Path
+) -> None:
+    """kill -9 of nats-server while 200 events stream in: the trigger says failing (with the
+    error and since when), reconnects once the broker is back, and every event reaches the
+    function: the acked ones were stored by the broker, the others come again."""
+    with KillableNats(tmp_path / "nats") as broker:
+        stream(broker.url, "FLAKY", ["flaky.>"])
+        manifest = f"triggers: [{{type: jetstream, url: '{broker.url}', stream: FLAKY}}]"
+        assert deploy(server, tmp_path, "flaky", recorder.url, manifest).returncode == 0
+        publish(broker.url, [(f"flaky.{i}", b"x") for i in range(200)])
+
+        def seen() -> int:
+            return sum("flaky." in s["headers"].get("ce-subject", "") for s in recorder.seen)
+
+        wait_for(lambda: seen() >= 20, 20, "20 events before the kill")
+        broker.kill()
+        wait_for(lambda: triggers(server, "flaky")["jetstream"]["state"] == "failing", 20)
+        view = triggers(server, "flaky")["jetstream"]
+        assert view["error"] and view["since"] > 0
+        broker.start()
+        wait_for(lambda: triggers(server, "flaky")["jetstream"]["state"] == "running", 30)
+        for i in range(200):
+            recorder.wait(f"flaky.{i}", 1, timeout=30)
+        wait_for(lambda: unread(broker.url, "FLAKY") == 0, 20, "every event acked")

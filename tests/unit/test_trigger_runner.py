@@ -287,3 +287,18 @@ def test_a_partial_batch_goes_after_max_wait() -> None:
         assert len(json.loads(host.runs[0][1])) == 1
 
     asyncio.run(body())
+
+
+def test_structured_delivery_sends_one_cloudevents_json_document() -> None:
+    async def body() -> None:
+        host = Host()
+        t = trigger(host, {"structured": True, "path": "/events"})
+        await t.start()
+        await t.put(message(1, data=b'{"a": 1}'))
+        headers, data, _ = host.runs[0]
+        assert dict(headers)[b"content-type"].startswith(b"application/cloudevents+json")
+        document = json.loads(data)
+        assert (document["id"], document["subject"], document["specversion"]) == ("e1", "s", "1.0")
+        assert t.path == "/fn/default/fn/events"
+
+    asyncio.run(body())

@@ -194,9 +194,7 @@ class Trigger:
         future.add_done_callback(stored)
 
     def _settle(self, message: Message, ok: bool) -> None:
-        """Acknowledge (or give back) a message; room for the next one."""
-        self.held.pop(id(message), None)
-        self._room.set()
+        """Acknowledge (or give back) a message; once that is sent, room for the next one."""
         self._acks.append((ok, message))
         if self._acking is None or self._acking.done():
             self._acking = self.loop.create_task(self._ack_loop())
@@ -215,7 +213,9 @@ class Trigger:
                     raise
                 except Exception as exc:  # the broker will send it again: at least once
                     log.warning("trigger %s of %s: ack failed: %s", self.name, self.function, exc)
-        self._acks.clear()
+                self.held.pop(id(message), None)
+                self._room.set()
+        self._acks.clear()  # stopped: the broker sends them again
 
     # ---- order per key ----
     def _key(self, message: Message) -> str:
