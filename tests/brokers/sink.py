@@ -31,6 +31,11 @@ class Sink:
             self.held += 1
         self.messages.put_nowait(message)
 
+    async def free(self) -> int:
+        async with self._room:
+            await self._room.wait_for(lambda: self.held <= self.limit // 2)
+            return self.limit - self.held
+
     async def done(self) -> None:
         """A message the test has acked or nacked: room for one more."""
         async with self._room:

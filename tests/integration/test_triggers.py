@@ -37,7 +37,7 @@ def handle(req, ctx):
     seen = {{"headers": dict(req.headers), "body": req.body.decode("latin-1")}}
     request = urllib.request.Request("{url}", data=json.dumps(seen).encode(), method="POST")
     urllib.request.urlopen(request, timeout=10).read()
-    if req.headers.get("ce-subject", "").endswith("fail"):
+    if req.headers.get("ce-subject", "").endswith("fail") or req.body == b"please fail":
         return ember.Response("refused", 500)
     if req.headers.get("content-type", "").startswith("application/cloudevents-batch"):
         bad = [e["id"] for e in json.loads(req.body) if data(e) == b'"bad"']

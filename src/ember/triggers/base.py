@@ -80,6 +80,12 @@ class Events(Protocol):
         """Hand a message over; waits while the trigger is at its limit (back-pressure)."""
         ...
 
+    async def free(self) -> int:
+        """Wait until at least half the trigger's room is free, and return the room: a source
+        that pulls (JetStream, Redis) sizes its next read with it, so a busy trigger reads in
+        batches rather than one message per round trip."""
+        ...
+
     def connected(self) -> None:
         """The broker is reached and messages are read: the trigger's state is `running`."""
         ...

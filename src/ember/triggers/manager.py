@@ -340,6 +340,9 @@ class _Probe:
     async def put(self, message: object) -> None:
         raise RuntimeError("a checked source does not read")
 
+    async def free(self) -> int:
+        raise RuntimeError("a checked source does not read")
+
     def connected(self) -> None: ...
 
     def failing(self, error: str) -> None: ...

@@ -129,6 +129,13 @@ class Trigger:
         else:
             self._deliver(message)
 
+    async def free(self) -> int:
+        want = max(1, self.delivery.capacity // 2)
+        while self.room < want:
+            self._room.clear()
+            await self._room.wait()
+        return self.room
+
     def connected(self) -> None:
         if self.state != RUNNING:
             self._set(RUNNING, "")

@@ -411,7 +411,7 @@ class JetStream(_Nats):
         events.connected()
         while True:
             try:
-                msgs = await sub.fetch(max(1, events.room), timeout=FETCH_WAIT)
+                msgs = await sub.fetch(await events.free(), timeout=FETCH_WAIT)
             except TimeoutError:  # nothing came (nats-py's timeouts are TimeoutErrors too)
                 continue
             for msg in msgs:
