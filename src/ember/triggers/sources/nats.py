@@ -53,7 +53,7 @@ PING_INTERVAL, PINGS = 5, 3  # a server silent for about 15 s is taken for gone
 # What nats-py may buffer for a core subscription beyond what the trigger holds; past it the
 # client drops messages (a slow consumer).
 PENDING_MSGS, PENDING_BYTES = 1024, 16 * 2**20
-FETCH_WAIT = 1.0  # s a pull waits when the stream has nothing for us
+PULL_EXPIRES_NS = 5_000_000_000  # a pull request waits this long for messages, then ends
 MAX_ACK_PENDING = 10_000  # unacked messages JetStream lets the consumer have out at once
 WARN_EVERY = 10.0  # s between warnings about dropped core messages
 NATS_TYPE, JETSTREAM_TYPE = "io.ember.nats.message", "io.ember.jetstream.message"
@@ -172,6 +172,7 @@ class _Nats:
         self._nc = Client()  # this session's connection (acks go through it)
         self._task: asyncio.Task[None] | None = None
         self._error: Exception | None = None  # the last one nats-py reported
+        self._pulls: _Pulls | None = None  # a JetStream session's open pull requests
         self._second, self._stamp = -1, ""
 
     async def check(self) -> None:
@@ -218,6 +219,7 @@ class _Nats:
             await nc.connect(
                 self._urls,
                 error_cb=self._on_error,
+                closed_cb=self._on_closed,
                 name=f"ember-trigger-{self.events.function}-{self.events.name}",
                 allow_reconnect=False,  # a lost connection ends the session
                 connect_timeout=CONNECT_TIMEOUT,
@@ -242,6 +244,11 @@ class _Nats:
 
     async def _on_error(self, exc: Exception) -> None:
         self._error = exc
+
+    async def _on_closed(self) -> None:
+        """The connection is gone: a session waiting on its pulls ends now."""
+        if self._pulls is not None:
+            self._pulls.fail(nats.errors.ConnectionClosedError())
 
     async def _session(self) -> None:
         nc = await self._connect()
@@ -404,20 +411,37 @@ class JetStream(_Nats):
         )
 
     async def _read(self, nc: Client) -> None:
+        """Pull requests kept open on an inbox of our own, each message handed over the moment
+        it arrives, from the subscription's callback (nats-py's `fetch` returns only once its
+        whole batch came or its wait ran out, which holds the first message of a batch back).
+        At most `room` messages are asked for at once, so no more arrive than the trigger has
+        room for; the pulls are topped up as room frees."""
         js = nc.jetstream(timeout=API_TIMEOUT)
         await self._declare(js)
-        sub = await js.pull_subscribe_bind(self._consumer, self._stream)
+        pulls = self._pulls = _Pulls(
+            nc, f"$JS.API.CONSUMER.MSG.NEXT.{self._stream}.{self._consumer}"
+        )
         events, message = self.events, self._message
+
+        async def arrived(msg: Msg) -> None:
+            try:
+                if not msg.data and msg.headers and "Status" in msg.headers:
+                    if "deleted" in msg.headers.get("Description", "").lower():
+                        raise LookupError(f"the consumer {self._consumer} was deleted")
+                    pulls.ended(_unfilled(msg, pulls.asked))
+                    return
+                pulls.came()
+                await events.put(message(msg))
+                events.backlog(int(_jetstream_metadata(msg.reply)[3]))
+                await pulls.top_up(events.room)
+            except Exception as exc:  # the session ends with it
+                pulls.fail(exc)
+
+        pulls.inbox = (await nc.subscribe(nc.new_inbox(), cb=arrived)).subject
         events.connected()
         while True:
-            try:
-                msgs = await sub.fetch(await events.free(), timeout=FETCH_WAIT)
-            except TimeoutError:  # nothing came (nats-py's timeouts are TimeoutErrors too)
-                continue
-            for msg in msgs:
-                await events.put(message(msg))
-            if msgs:  # what the stream holds past the last one
-                events.backlog(int(_jetstream_metadata(msgs[-1].reply)[3]))
+            await pulls.start(await events.free() if pulls.asked == 0 else 0)
+            await pulls.wait()
 
     async def _declare(self, js: JetStreamContext) -> None:
         """Create the consumer, or update it to this config (but for where it started)."""
@@ -472,3 +496,75 @@ class JetStream(_Nats):
             await self._nc.publish(cast(str, message.token), body)
         except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError):
             pass  # not answered: JetStream sends the message again after ack_wait
+
+
+_PULL = msgspec.json.Encoder()
+
+
+def _unfilled(status: Msg, asked: int) -> int:
+    """How many messages a pull request's end (a status message) says will not come: an
+    expired or cut request's `Nats-Pending-Messages`; a heartbeat (100) ends nothing."""
+    headers = status.headers or {}
+    if headers.get("Status") == "100":
+        return 0
+    pending = headers.get("Nats-Pending-Messages")
+    return int(pending) if pending and pending.isdigit() else asked
+
+
+class _Pulls:
+    """The pull requests a JetStream session has open: how many messages they may still bring
+    (`asked`), and when none may (then the session asks again once the trigger has room)."""
+
+    def __init__(self, nc: Client, subject: str) -> None:
+        self.nc, self.subject, self.inbox = nc, subject, ""
+        self.asked = 0
+        self.most = 1  # the most room seen: top up once half of it is free
+        self.last = time.monotonic()
+        self.idle = asyncio.Event()
+        self.error: BaseException | None = None
+
+    async def start(self, n: int) -> None:
+        self.idle.clear()
+        if n > 0:
+            self.most = max(self.most, n)
+            await self._ask(n)
+
+    async def top_up(self, room: int) -> None:
+        more = room - self.asked
+        if self.asked > 0 and more >= max(1, self.most // 2):
+            await self._ask(more)
+
+    async def _ask(self, n: int) -> None:
+        self.asked += n
+        request = _PULL.encode({"batch": n, "expires": PULL_EXPIRES_NS})
+        await self.nc.publish(self.subject, request, reply=self.inbox)
+
+    def came(self) -> None:
+        self.asked -= 1
+        self.last = time.monotonic()
+        if self.asked <= 0:
+            self.asked = 0
+            self.idle.set()
+
+    def ended(self, unfilled: int) -> None:
+        """A request ended (expired, cut) with `unfilled` messages it will not bring."""
+        self.asked = max(0, self.asked - unfilled)
+        if self.asked == 0:
+            self.idle.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.idle.set()
+
+    async def wait(self) -> None:
+        """Until nothing more is asked for (or the session failed). Requests whose ends were
+        lost (nothing arrived for longer than a request lives) count as ended."""
+        patience = PULL_EXPIRES_NS / 1e9 + API_TIMEOUT
+        while not self.idle.is_set():
+            try:
+                await asyncio.wait_for(self.idle.wait(), patience)
+            except TimeoutError:
+                if time.monotonic() - self.last > patience:
+                    self.ended(self.asked)
+        if self.error is not None:
+            raise self.error
