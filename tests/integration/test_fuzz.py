@@ -68,6 +68,12 @@ CONFIG = {
             "checks": {"positive_data_acceptance": {"expected-statuses": [*ACCEPTED, 400, 422]}},
         },
         {
+            # A trigger's keys are its source type's (each type checks its own); a name is
+            # unique within the function.
+            "include-operation-id": "addTrigger",
+            "checks": {"positive_data_acceptance": {"expected-statuses": [*ACCEPTED, 400, 422]}},
+        },
+        {
             # Weights add up to 100 or to 0, alias names are unique, revisions exist.
             "include-operation-id": "setTraffic",
             "checks": {"positive_data_acceptance": {"expected-statuses": [*ACCEPTED, 400, 422]}},

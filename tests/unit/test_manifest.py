@@ -217,7 +217,8 @@ BAD_MANIFESTS = {
     "settings not a mapping": (
         "functions:\n  f: handler.handle\n",
         "functions.f: expected a mapping of handler, source, memory, timeout, concurrency, "
-        "scale, env, network, access, cpu, pids, tmp, secrets, preload, async, got a string",
+        "scale, env, network, access, cpu, pids, tmp, secrets, preload, async, triggers, got a "
+        "string",
     ),
     "unknown function key": (
         "functions:\n  f:\n    memroy: 1\n",

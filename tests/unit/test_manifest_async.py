@@ -297,4 +297,4 @@ def test_the_unknown_function_key_error_lists_async() -> None:
     with pytest.raises(UserError) as caught:
         load_manifest("functions:\n  f: {asynch: {}}\n", "ignored")
     assert caught.value.message.startswith("ember.yaml: functions.f.asynch: unknown key; ")
-    assert caught.value.message.endswith(", secrets, preload, async")
+    assert caught.value.message.endswith(", secrets, preload, async, triggers")

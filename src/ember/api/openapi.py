@@ -44,6 +44,13 @@ REFINEMENTS: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("KeyRequest", "rate"): {"anyOf": [{"const": 0}, {"minimum": 0.001, "maximum": 1_000_000}]},
     ("KeyRequest", "burst"): {"minimum": 0, "maximum": 1_000_000},
+    ("TriggerRequest", "trigger"): {
+        "required": ["type"],
+        "properties": {
+            "type": {"type": "string", "minLength": 1},
+            "name": {"type": "string", "pattern": NAME_PATTERN},
+        },
+    },
 }
 
 _ROLLOUT_PARAMS: list[tuple[str, dict[str, Any], str]] = [
