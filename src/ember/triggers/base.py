@@ -170,6 +170,9 @@ async def keep_connected(
             raise
         except Exception as exc:
             error = describe(exc)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():  # a stop whose cancel a library swallowed
+            raise asyncio.CancelledError
         events.failing(error)
         if loop.time() - began > STEADY:
             wait = first

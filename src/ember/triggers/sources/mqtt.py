@@ -190,6 +190,7 @@ class Mqtt:
 
     async def _session(self) -> None:
         while True:  # returns only by raising; a connection ends by itself after nacks
+            _stop_if_cancelled()
             await self._connection()
             await asyncio.sleep(REDELIVER_PAUSE)
 
@@ -197,6 +198,7 @@ class Mqtt:
         self._window = min(max(self._window, self._events.room, 1), 65535)
         async with self._new_client(self._client_id, persistent=True) as client:
             await self._subscribe(client)
+            _stop_if_cancelled()
             self._generation += 1
             self._client, self._handed = client, set()
             self._idle.set()
@@ -320,6 +322,15 @@ def _cloudevent(user: dict[str, str], content_type: str, payload: bytes) -> Even
         log.warning("an MQTT message is a malformed CloudEvent, taken as plain: %s", exc)
         return None
     return event
+
+
+def _stop_if_cancelled() -> None:
+    """Raise a cancellation aiomqtt lost: on Python 3.11 the `asyncio.wait_for` it waits for
+    CONNACK and SUBACK with drops a cancel that arrives as the reply does (CPython gh-86296);
+    `stop` would then wait for a session that goes on."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _extension_name(name: str) -> bool:

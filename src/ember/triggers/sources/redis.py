@@ -30,6 +30,7 @@ Backlog, every TICK seconds: the group's pending entries plus its lag (Redis 7 r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -111,6 +112,9 @@ class RedisStreams:
         self._held: set[str] = set()  # entry ids handed over and not yet settled
         self._redo_at: float | None = None  # when to read this consumer's pending entries
         self._claim_from = "0-0"  # XAUTOCLAIM's cursor
+        self._acking = 0  # XACKs under way
+        self._acked = asyncio.Event()  # set while none is
+        self._acked.set()
 
     async def check(self) -> None:
         client = self._new_client(CONNECT_TIMEOUT)
@@ -143,10 +147,16 @@ class RedisStreams:
         client = self._client
         if client is None:
             return  # pending: read again by the next session
+        self._acking += 1
+        self._acked.clear()
         try:
             await client.xack(self._stream, self._group, entry)
         except RedisError as exc:
             log.warning("XACK %s %s failed (it will come again): %s", self._stream, entry, exc)
+        finally:
+            self._acking -= 1
+            if not self._acking:
+                self._acked.set()
 
     async def nack(self, message: Message) -> None:
         self._held.discard(_entry(message))
@@ -170,15 +180,21 @@ class RedisStreams:
             await self._read(client)
         finally:
             self._client = None
-            if keeper is not None:
-                keeper.cancel()
-                await asyncio.wait({keeper})
-            await client.aclose()
+            try:
+                if keeper is not None:
+                    keeper.cancel()
+                    await asyncio.wait({keeper})
+                # XACKs under way would otherwise open connections in the closed pool
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._acked.wait(), SOCKET_TIMEOUT)
+            finally:
+                await client.aclose()
 
     async def _read(self, client: aioredis.Redis) -> None:
         loop = asyncio.get_running_loop()
         claim_at = loop.time() + TICK
         while True:
+            _stop_if_cancelled()
             if self._redo_at is not None and loop.time() >= self._redo_at:
                 await self._read_pending(client)
             if loop.time() >= claim_at:
@@ -196,6 +212,7 @@ class RedisStreams:
         self._redo_at = None
         last = b"0"
         while True:
+            _stop_if_cancelled()
             count = await self._room() + len(self._held)
             reply: Any = await client.xreadgroup(
                 self._group, self._consumer, {self._stream: last}, count
@@ -238,7 +255,7 @@ class RedisStreams:
 
     async def _keep(self, client: aioredis.Redis) -> None:
         """Every TICK: keep what is held from being taken over; report the backlog."""
-        while True:
+        while self._client is client:
             try:
                 if self._held:
                     await client.xclaim(
@@ -252,6 +269,7 @@ class RedisStreams:
                 await self._report(client)
             except RedisError as exc:  # the reading fails too, and ends the session
                 log.debug("redis trigger %s: %s", self._events.id, exc)
+            _stop_if_cancelled()
             await asyncio.sleep(TICK)
 
     async def _report(self, client: aioredis.Redis) -> None:
@@ -273,6 +291,7 @@ class RedisStreams:
         """The trigger's room, once it has some (the put after a read must not wait)."""
         while self._events.room <= 0:
             await asyncio.sleep(ROOM_POLL)
+            _stop_if_cancelled()
         return self._events.room
 
     def _new_client(self, timeout: float = SOCKET_TIMEOUT) -> aioredis.Redis:
@@ -342,6 +361,15 @@ def _address(url: str) -> str:
     if parts.scheme not in ("redis", "rediss") or not parts.hostname or not db.isdigit():
         raise TriggerError("url", f"must be redis://host:port/db, not {url!r}")
     return f"{parts.scheme}://{parts.hostname}:{port}/{db}"
+
+
+def _stop_if_cancelled() -> None:
+    """Raise a cancellation redis-py lost: on Python 3.11 its `asyncio.wait_for` around a
+    write drops a cancel that arrives as the write completes (CPython gh-86296), and the
+    command returns as if nothing happened; `stop` would then wait forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _entries(reply: Any) -> list[tuple[bytes, Fields]]:
