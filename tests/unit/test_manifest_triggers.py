@@ -54,7 +54,7 @@ def test_a_list_is_required_and_the_api_shape_is_the_same() -> None:
     with pytest.raises(UserError, match="expected a list of triggers"):
         load_manifest("functions:\n  f:\n    triggers: {type: cron}\n", "f")
     assert trigger_spec({"type": "cron", "schedule": "@daily"}).config == {"schedule": "@daily"}
-    with pytest.raises(UserError, match="^trigger: expected a mapping"):
+    with pytest.raises(UserError, match=r"^trigger: expected a mapping"):
         trigger_spec(["cron"])
 
 
