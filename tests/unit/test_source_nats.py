@@ -20,7 +20,8 @@ import pytest
 from nats.aio.client import Client
 
 from ember.triggers.base import Event, Message, TriggerError
-from ember.triggers.sources.nats import PENDING_MSGS, JetStream, NatsCore, _cloudevent
+from ember.triggers.sources.jetstream import JetStream
+from ember.triggers.sources.nats import PENDING_MSGS, NatsCore, _cloudevent
 from tests.brokers.nats import Nats
 from tests.brokers.sink import Sink
 

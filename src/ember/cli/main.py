@@ -21,6 +21,7 @@ from rich.console import RenderableType
 from typer.core import TyperGroup
 
 from ember.cli import render, triggers
+from ember.cli.commands import subcommand
 from ember.config import ServerConfig
 from ember.errors import EmberError, PlatformError
 
@@ -915,22 +916,6 @@ dlq_app = typer.Typer(
 app.add_typer(invocations_app, name="invocations")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(triggers.app, name="triggers")
-
-
-def subcommand(group: typer.Typer, name: str) -> Callable[[Callable[P, None]], Callable[P, None]]:
-    def register(fn: Callable[P, None]) -> Callable[P, None]:
-        @functools.wraps(fn)
-        def run(*args: P.args, **kwargs: P.kwargs) -> None:
-            try:
-                fn(*args, **kwargs)
-            except EmberError as exc:
-                render.print_error(exc)
-                raise typer.Exit(exc.exit_code) from None
-
-        group.command(name)(run)
-        return run
-
-    return register
 
 
 @subcommand(keys_app, "create")

@@ -7,7 +7,6 @@ ember.yaml, and the server validates it as it validates that.
 """
 
 import enum
-import functools
 import re
 import sys
 import time
@@ -18,7 +17,8 @@ from typing import IO, TYPE_CHECKING, Annotated, ParamSpec
 import typer
 
 from ember.cli import render
-from ember.errors import EmberError, UserError
+from ember.cli.commands import subcommand
+from ember.errors import UserError
 
 if TYPE_CHECKING:
     from ember.cli import client
@@ -33,22 +33,8 @@ app = typer.Typer(
 
 
 def command(name: str) -> Callable[[Callable[P, None]], Callable[P, None]]:
-    """Register `fn` as `ember triggers NAME`; an `EmberError` becomes 'error: …' and its exit
-    code, as for every other command."""
-
-    def register(fn: Callable[P, None]) -> Callable[P, None]:
-        @functools.wraps(fn)
-        def run(*args: P.args, **kwargs: P.kwargs) -> None:
-            try:
-                fn(*args, **kwargs)
-            except EmberError as exc:
-                render.print_error(exc)
-                raise typer.Exit(exc.exit_code) from None
-
-        app.command(name)(run)
-        return run
-
-    return register
+    """Register `fn` as `ember triggers NAME`."""
+    return subcommand(app, name)
 
 
 def _connect() -> "client.Client":

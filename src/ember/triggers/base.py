@@ -180,6 +180,22 @@ async def keep_connected(
         wait = min(wait * 2, most)
 
 
+def reading(
+    events: Events, session: Callable[[], Awaitable[None]], most: float = BACKOFF_MAX
+) -> asyncio.Task[None]:
+    """A source's `start`: its sessions (`keep_connected`) in a task of their own."""
+    return asyncio.create_task(
+        keep_connected(events, session, most=most), name=f"trigger {events.id}"
+    )
+
+
+async def stopped(task: asyncio.Task[None] | None) -> None:
+    """A source's `stop`: its reading task cancelled and awaited (nothing of it runs after)."""
+    if task is not None:
+        task.cancel()
+        await asyncio.wait({task})
+
+
 def describe(exc: BaseException) -> str:
     text = str(exc) or repr(exc)
     return f"{type(exc).__name__}: {text}"[:500]

@@ -57,8 +57,9 @@ from ember.triggers.base import (
     Events,
     Message,
     TriggerError,
-    keep_connected,
     only,
+    reading,
+    stopped,
     text_field,
 )
 from ember.triggers.envelope import RESERVED, content_mode, from_http, now
@@ -161,13 +162,11 @@ class Mqtt:
             ) from None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(keep_connected(self._events, self._session))
+        self._task = reading(self._events, self._session)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task})
-            self._task = None
+        await stopped(self._task)
+        self._task = None
 
     async def ack(self, message: Message) -> None:
         token = _token(message)

@@ -46,8 +46,9 @@ from ember.triggers.base import (
     Message,
     TriggerError,
     describe,
-    keep_connected,
     only,
+    reading,
+    stopped,
     text_field,
 )
 from ember.triggers.envelope import now
@@ -98,15 +99,11 @@ class Postgres:
         await _close(connection)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(
-            keep_connected(self._events, self._session, most=self.retry_max)
-        )
+        self._task = reading(self._events, self._session, self.retry_max)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task})
-            self._task = None
+        await stopped(self._task)
+        self._task = None
 
     async def ack(self, message: Message) -> None:
         """Nothing to do: NOTIFY keeps nothing."""

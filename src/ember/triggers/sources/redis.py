@@ -50,8 +50,9 @@ from ember.triggers.base import (
     Message,
     TriggerError,
     int_field,
-    keep_connected,
     only,
+    reading,
+    stopped,
     text_field,
 )
 from ember.triggers.envelope import RESERVED, from_http
@@ -133,13 +134,11 @@ class RedisStreams:
             )
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(keep_connected(self._events, self._session))
+        self._task = reading(self._events, self._session)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task})
-            self._task = None
+        await stopped(self._task)
+        self._task = None
 
     async def ack(self, message: Message) -> None:
         entry = _entry(message)
